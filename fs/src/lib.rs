@@ -1,0 +1,9 @@
+//! strata-fs: reading container images lazily.
+//!
+//! - [`format`]: the strata layer format (a leaf: bytes only).
+//! - [`reference`]: image references with Docker's defaults.
+//! - [`store`]: the local content store (an OCI image layout).
+//! - [`tree`]: the merged view of a layer stack.
+//! - [`fuse`]: the FUSE filesystem serving a tree.
+
+pub mod format;

@@ -1,0 +1,239 @@
+//! Round-trip and robustness tests of the layer format: write → read gives the same entries,
+//! the blob is a valid tar+zstd stream, and parsers survive arbitrary bytes.
+
+use std::io::Read;
+
+use proptest::prelude::*;
+use strata_fs::format::reader::parse_toc_unverified;
+use strata_fs::format::writer::FrameCompressor;
+use strata_fs::format::*;
+
+fn write_layer(entries: &[(Entry, Vec<u8>)], chunk_size: u32) -> (Vec<u8>, LayerSummary) {
+    let mut w = LayerWriter::new(Vec::new(), chunk_size, 3).unwrap();
+    let mut c = FrameCompressor::new(3).unwrap();
+    for (e, data) in entries {
+        let mut e = e.clone();
+        if e.kind == EntryKind::Regular {
+            e.size = data.len() as u64;
+        }
+        w.add_entry(e).unwrap();
+        if !data.is_empty() {
+            w.write_data(data, &mut c).unwrap();
+        }
+    }
+    w.finish().unwrap()
+}
+
+fn open(blob: &[u8]) -> Toc {
+    let footer = parse_footer(&blob[blob.len() - FOOTER_SIZE..], blob.len() as u64).unwrap();
+    let frame = &blob[footer.toc_offset as usize..(footer.toc_offset + footer.toc_size) as usize];
+    parse_toc(frame, &footer.toc_digest, footer.toc_offset).unwrap()
+}
+
+fn read_file(blob: &[u8], e: &Entry) -> Vec<u8> {
+    let mut out = Vec::new();
+    for c in &e.chunks {
+        let frame = &blob[c.compressed_offset as usize..][..c.compressed_len as usize];
+        out.extend(decode_chunk(frame, c).unwrap());
+    }
+    out
+}
+
+fn sample() -> Vec<(Entry, Vec<u8>)> {
+    let mut v = Vec::new();
+    let mut root = Entry::new(Vec::new(), EntryKind::Directory);
+    root.mtime_sec = 1_700_000_000;
+    v.push((root, vec![]));
+    v.push((Entry::new(b"etc".to_vec(), EntryKind::Directory), vec![]));
+    let mut f = Entry::new(b"etc/hosts".to_vec(), EntryKind::Regular);
+    f.mode = 0o4755;
+    f.uid = 1000;
+    f.gid = 3_000_000; // needs PAX
+    f.mtime_sec = 1_600_000_000;
+    f.mtime_nsec = 123_456_789;
+    f.xattrs = vec![(b"user.k".to_vec(), b"v\0binary".to_vec())];
+    v.push((f, b"127.0.0.1 localhost\n".repeat(100)));
+    v.push((Entry::new(b"empty".to_vec(), EntryKind::Regular), vec![]));
+    let mut s = Entry::new(b"link".to_vec(), EntryKind::Symlink);
+    s.link = b"/etc/hosts".to_vec();
+    v.push((s, vec![]));
+    let mut h = Entry::new(b"hard".to_vec(), EntryKind::Hardlink);
+    h.link = b"etc/hosts".to_vec();
+    v.push((h, vec![]));
+    let mut d = Entry::new(b"null".to_vec(), EntryKind::CharDevice);
+    d.dev_major = 1;
+    d.dev_minor = 3;
+    v.push((d, vec![]));
+    v.push((Entry::new(b"fifo".to_vec(), EntryKind::Fifo), vec![]));
+    v.push((Entry::new(vec![b'n', 0xff, 0xfe], EntryKind::Regular), b"x".to_vec()));
+    let long = [b"d/".repeat(80), b"file".to_vec()].concat();
+    v.push((Entry::new(long, EntryKind::Regular), vec![7u8; 4096 * 3 + 1]));
+    v
+}
+
+#[test]
+fn round_trip_entries_and_data() {
+    let entries = sample();
+    let (blob, summary) = write_layer(&entries, 4096);
+    assert_eq!(summary.blob_size, blob.len() as u64);
+    assert_eq!(summary.blob_digest, Sha256Digest::of(&blob));
+    let toc = open(&blob);
+    assert_eq!(toc.entries.len(), entries.len());
+    for ((want, data), got) in entries.iter().zip(&toc.entries) {
+        assert_eq!(want.path, got.path);
+        assert_eq!(want.kind, got.kind);
+        assert_eq!(want.mode, got.mode);
+        assert_eq!((want.uid, want.gid), (got.uid, got.gid));
+        assert_eq!((want.mtime_sec, want.mtime_nsec), (got.mtime_sec, got.mtime_nsec));
+        assert_eq!(want.link, got.link);
+        assert_eq!(want.xattrs, got.xattrs);
+        assert_eq!((want.dev_major, want.dev_minor), (got.dev_major, got.dev_minor));
+        assert_eq!(&read_file(&blob, got), data);
+    }
+    // The long file is split into 4 chunks at the chunk size.
+    assert_eq!(toc.entries[9].chunks.len(), 4);
+}
+
+#[test]
+fn blob_is_a_standard_tar_zstd_stream() {
+    let entries = sample();
+    let (blob, summary) = write_layer(&entries, 4096);
+    let mut tar_bytes = Vec::new();
+    zstd::stream::read::Decoder::new(&blob[..])
+        .unwrap()
+        .read_to_end(&mut tar_bytes)
+        .unwrap();
+    assert_eq!(Sha256Digest::of(&tar_bytes), summary.diff_id);
+    let mut archive = ::tar::Archive::new(&tar_bytes[..]);
+    let mut seen = 0;
+    for (item, (want, data)) in archive.entries().unwrap().zip(&entries) {
+        let mut item = item.unwrap();
+        let path = item.path_bytes().into_owned();
+        let want_path = if want.path.is_empty() {
+            b"./".to_vec()
+        } else if want.kind == EntryKind::Directory {
+            [want.path.clone(), b"/".to_vec()].concat()
+        } else {
+            want.path.clone()
+        };
+        assert_eq!(path, want_path);
+        assert_eq!(item.header().mode().unwrap(), want.mode);
+        assert_eq!(item.header().uid().unwrap(), u64::from(want.uid));
+        assert_eq!(item.header().gid().unwrap(), u64::from(want.gid));
+        if want.kind == EntryKind::Regular {
+            let mut got = Vec::new();
+            item.read_to_end(&mut got).unwrap();
+            assert_eq!(&got, data);
+        }
+        if !want.xattrs.is_empty() {
+            let pax: Vec<_> = item
+                .pax_extensions()
+                .unwrap()
+                .unwrap()
+                .map(|x| x.unwrap().key_bytes().to_vec())
+                .collect();
+            assert!(pax.contains(&b"SCHILY.xattr.user.k".to_vec()));
+        }
+        seen += 1;
+    }
+    assert_eq!(seen, entries.len());
+}
+
+#[test]
+fn flipped_byte_in_chunk_is_detected() {
+    let (mut blob, _) = write_layer(&sample(), 4096);
+    let toc = open(&blob);
+    let c = toc.entries[2].chunks[0];
+    let at = c.compressed_offset as usize + c.compressed_len as usize / 2;
+    blob[at] ^= 0x40;
+    let frame = &blob[c.compressed_offset as usize..][..c.compressed_len as usize];
+    assert!(decode_chunk(frame, &c).is_err());
+}
+
+#[test]
+fn truncated_blob_has_no_footer() {
+    let (blob, _) = write_layer(&sample(), 4096);
+    let cut = &blob[..blob.len() - 10];
+    let err = parse_footer(&cut[cut.len() - FOOTER_SIZE..], cut.len() as u64).unwrap_err();
+    assert!(err.to_string().contains("not a strata layer"), "{err}");
+}
+
+#[test]
+fn toc_offsets_outside_blob_are_refused() {
+    let (blob, _) = write_layer(&sample(), 4096);
+    let mut toc = open(&blob);
+    let footer = parse_footer(&blob[blob.len() - FOOTER_SIZE..], blob.len() as u64).unwrap();
+    toc.entries[2].chunks[0].compressed_offset = footer.toc_offset + 10_000;
+    let frame = writer::encode_toc_frame(&toc).unwrap();
+    // Even with a matching digest, the reader refuses chunks outside the data region.
+    let err = parse_toc(&frame, &Sha256Digest::of(&frame), footer.toc_offset).unwrap_err();
+    assert!(err.to_string().contains("outside the blob"), "{err}");
+}
+
+#[test]
+fn toc_digest_mismatch_is_refused() {
+    let (blob, _) = write_layer(&sample(), 4096);
+    let footer = parse_footer(&blob[blob.len() - FOOTER_SIZE..], blob.len() as u64).unwrap();
+    let frame = &blob[footer.toc_offset as usize..][..footer.toc_size as usize];
+    let wrong = Sha256Digest::of(b"other");
+    assert!(matches!(
+        parse_toc(frame, &wrong, footer.toc_offset),
+        Err(FormatError::TocDigestMismatch { .. })
+    ));
+}
+
+#[test]
+fn hostile_paths_are_refused_by_the_writer() {
+    let mut w = LayerWriter::new(Vec::new(), 4096, 3).unwrap();
+    assert!(w
+        .add_entry(Entry::new(b"../../etc/x".to_vec(), EntryKind::Regular))
+        .is_err());
+    assert!(w
+        .add_entry(Entry::new(b"/etc/x".to_vec(), EntryKind::Regular))
+        .is_err());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn footer_parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200), size in any::<u64>()) {
+        let _ = parse_footer(&bytes, size);
+    }
+
+    #[test]
+    fn toc_parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..4096), end in any::<u64>()) {
+        let _ = parse_toc_unverified(&bytes, end);
+        let _ = reader::parse_body(&bytes, end);
+    }
+
+    #[test]
+    fn mutated_toc_body_never_panics(pos in any::<prop::sample::Index>(), val in any::<u8>(), end in any::<u64>()) {
+        let (blob, _) = write_layer(&sample(), 4096);
+        let toc = open(&blob);
+        let mut body = writer::encode_toc_body(&toc).unwrap();
+        let i = pos.index(body.len());
+        body[i] = val;
+        let _ = reader::parse_body(&body, end);
+    }
+
+    #[test]
+    fn random_files_round_trip(files in proptest::collection::vec((
+        "[a-z]{1,12}", proptest::collection::vec(any::<u8>(), 0..20_000), 0u32..0o7777), 1..20)) {
+        let mut entries = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (name, data, mode) in files {
+            if !seen.insert(name.clone()) { continue; }
+            let mut e = Entry::new(name.into_bytes(), EntryKind::Regular);
+            e.mode = mode;
+            entries.push((e, data));
+        }
+        let (blob, _) = write_layer(&entries, 1000);
+        let toc = open(&blob);
+        for ((want, data), got) in entries.iter().zip(&toc.entries) {
+            prop_assert_eq!(&want.path, &got.path);
+            prop_assert_eq!(want.mode, got.mode);
+            prop_assert_eq!(&read_file(&blob, got), data);
+        }
+    }
+}
