@@ -1,1 +1,47 @@
-pub fn x(){}
+//! strata-builder: making images — conversion to the strata format and image sources.
+
+pub mod convert;
+pub mod source;
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Errors from building and converting images.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("reading source layer: {0}")]
+    Read(#[source] io::Error),
+    #[error("writing layer: {0}")]
+    Write(#[source] io::Error),
+    #[error("{0}")]
+    Source(String),
+    #[error("{0}")]
+    Layer(String),
+    #[error("refusing layer entry {path:?}: {reason}")]
+    HostilePath { path: String, reason: &'static str },
+    #[error("{what} digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    #[error(transparent)]
+    Format(#[from] strata_fs::format::FormatError),
+    #[error(transparent)]
+    Store(#[from] strata_fs::store::StoreError),
+}
+
+impl BuildError {
+    pub(crate) fn io(path: &Path, source: io::Error) -> Self {
+        BuildError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}

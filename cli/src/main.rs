@@ -1,1 +1,65 @@
-fn main(){}
+//! `strata`: lazily pulled container images. This binary parses arguments and calls the
+//! libraries; each command group lives in its own file under `commands/`.
+
+mod commands;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "strata", version, about = "Container images that start before they are downloaded")]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Flags every command takes.
+#[derive(clap::Args, Clone, Debug)]
+pub struct GlobalArgs {
+    /// Root of the local store (an OCI image layout).
+    #[arg(long, global = true, env = "STRATA_ROOT", default_value = strata_fs::store::DEFAULT_ROOT)]
+    pub root: PathBuf,
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive).
+    #[arg(long, global = true, env = "STRATA_LOG", default_value = "warn")]
+    pub log_level: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert an image into the strata lazy format.
+    Convert(commands::convert::ConvertArgs),
+    /// Mount an image read-only (lazily) at a directory.
+    Mount(commands::mount::MountArgs),
+    /// Unmount a strata mount.
+    #[command(alias = "unmount")]
+    Umount(commands::mount::UmountArgs),
+    /// List images in the local store.
+    #[command(alias = "ls")]
+    Images(commands::images::ImagesArgs),
+    /// Show an image's manifest, config and layers with TOC statistics.
+    Inspect(commands::images::InspectArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.global.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Convert(a) => commands::convert::run(&cli.global, a),
+        Command::Mount(a) => commands::mount::mount(&cli.global, a),
+        Command::Umount(a) => commands::mount::umount(&cli.global, a),
+        Command::Images(a) => commands::images::images(&cli.global, a),
+        Command::Inspect(a) => commands::images::inspect(&cli.global, a),
+    };
+    if let Err(e) = result {
+        eprintln!("strata: error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -6,4 +6,12 @@
 //! - [`tree`]: the merged view of a layer stack.
 //! - [`fuse`]: the FUSE filesystem serving a tree.
 
+pub mod blob;
 pub mod format;
+pub mod oci;
+pub mod reference;
+pub mod store;
+pub mod tree;
+pub mod chunks;
+pub mod fuse;
+pub mod image;

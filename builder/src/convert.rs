@@ -1,0 +1,527 @@
+//! Converting OCI/Docker images (tar, tar+gzip, tar+zstd layers) into strata layers.
+//!
+//! A layer streams through three stages so memory does not grow with layer size and both cores
+//! work: the calling thread decompresses and walks the source tar, a pool of workers compresses
+//! and hashes chunks, and a writer thread puts finished frames into the blob in order. A fixed
+//! number of in-flight items bounds memory.
+
+use std::collections::BTreeMap;
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+
+use sha2::{Digest as _, Sha256};
+use strata_fs::format::writer::FrameCompressor;
+use strata_fs::format::{self, Entry, EntryKind, LayerSummary, LayerWriter, Sha256Digest};
+use strata_fs::oci::{self, Descriptor, Manifest};
+use strata_fs::reference::Reference;
+use strata_fs::store::Store;
+
+use crate::source::{SourceImage, SourceLayer};
+use crate::BuildError;
+
+/// Conversion settings.
+#[derive(Clone, Debug)]
+pub struct ConvertOptions {
+    pub chunk_size: u32,
+    pub level: i32,
+    /// Compression workers; 0 = one per core.
+    pub threads: usize,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            chunk_size: format::DEFAULT_CHUNK_SIZE,
+            level: 3,
+            threads: 0,
+        }
+    }
+}
+
+/// Compression of a source layer, detected from its first bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    pub fn detect(head: &[u8]) -> Self {
+        if head.starts_with(&[0x1f, 0x8b]) {
+            Compression::Gzip
+        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            Compression::Zstd
+        } else {
+            Compression::None
+        }
+    }
+}
+
+/// A reader that hashes what passes through it.
+struct Hashing<R> {
+    inner: R,
+    hasher: Sha256,
+    count: u64,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R> Hashing<R> {
+    fn new(inner: R) -> Self {
+        Hashing {
+            inner,
+            hasher: Sha256::new(),
+            count: 0,
+        }
+    }
+    fn digest(&self) -> String {
+        Sha256Digest(self.hasher.clone().finalize().into()).oci()
+    }
+}
+
+enum Work {
+    Entry(Entry),
+    Chunk(Vec<u8>),
+}
+
+enum Done {
+    Entry(Entry),
+    Chunk {
+        frame: Vec<u8>,
+        raw: Vec<u8>,
+        digest: Sha256Digest,
+    },
+}
+
+/// What converting one layer produced.
+#[derive(Debug)]
+pub struct ConvertedLayer {
+    pub summary: LayerSummary,
+    /// sha256 of the source's uncompressed tar (checked against the config's diff ID).
+    pub source_diff_id: String,
+    /// sha256 of the source's stored bytes.
+    pub source_digest: String,
+}
+
+/// Converts one source layer stream into a strata layer written to `out`.
+pub fn convert_layer<W: Write + Send>(
+    input: impl Read,
+    out: W,
+    opts: &ConvertOptions,
+) -> Result<(W, ConvertedLayer), BuildError> {
+    let mut stored = Hashing::new(BufReader::with_capacity(1 << 20, input));
+    let compression = Compression::detect(stored.inner.fill_buf().map_err(BuildError::Read)?);
+    let decoded: Box<dyn Read + '_> = match compression {
+        Compression::None => Box::new(&mut stored),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut stored)),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(&mut stored).map_err(BuildError::Read)?),
+    };
+    let mut tar_stream = Hashing::new(decoded);
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        opts.threads
+    };
+    let in_flight = threads * 4;
+    let (work_tx, work_rx) = crossbeam_channel::bounded::<(u64, Work)>(in_flight);
+    let (done_tx, done_rx) = crossbeam_channel::bounded::<(u64, Result<Done, BuildError>)>(in_flight);
+    let (token_tx, token_rx) = crossbeam_channel::bounded::<()>(in_flight);
+    for _ in 0..in_flight {
+        let _ = token_tx.send(());
+    }
+    let writer = LayerWriter::new(
+        BufWriter::with_capacity(1 << 20, out),
+        opts.chunk_size,
+        opts.level,
+    )?;
+
+    let result = std::thread::scope(|s| {
+        for _ in 0..threads {
+            let work_rx = work_rx.clone();
+            let done_tx = done_tx.clone();
+            let level = opts.level;
+            s.spawn(move || {
+                let mut compressor = match FrameCompressor::new(level) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = done_tx.send((0, Err(e.into())));
+                        return;
+                    }
+                };
+                for (seq, work) in work_rx {
+                    let done = match work {
+                        Work::Entry(e) => Ok(Done::Entry(e)),
+                        Work::Chunk(raw) => compressor
+                            .compress(&raw)
+                            .map(|frame| Done::Chunk {
+                                frame,
+                                digest: Sha256Digest::of(&raw),
+                                raw,
+                            })
+                            .map_err(BuildError::from),
+                    };
+                    if done_tx.send((seq, done)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(done_tx);
+        drop(work_rx);
+
+        let token_tx = token_tx.clone();
+        let writer_thread = s.spawn(move || -> Result<(W, LayerSummary), BuildError> {
+            let mut writer = writer;
+            let mut next = 0u64;
+            let mut pending: BTreeMap<u64, Done> = BTreeMap::new();
+            for (seq, done) in done_rx {
+                pending.insert(seq, done?);
+                while let Some(done) = pending.remove(&next) {
+                    match done {
+                        Done::Entry(e) => writer.add_entry(e)?,
+                        Done::Chunk { frame, raw, digest } => writer.add_chunk(&frame, &raw, digest)?,
+                    }
+                    next += 1;
+                    let _ = token_tx.send(());
+                }
+            }
+            if !pending.is_empty() {
+                return Err(BuildError::Source("conversion pipeline stopped early".into()));
+            }
+            let (out, summary) = writer.finish()?;
+            let out = out
+                .into_inner()
+                .map_err(|e| BuildError::Write(e.into_error()))?;
+            Ok((out, summary))
+        });
+
+        let read_result = (|| -> Result<(), BuildError> {
+            let mut seq = 0u64;
+            let mut send = |work: Work| -> Result<(), BuildError> {
+                token_rx
+                    .recv()
+                    .map_err(|_| BuildError::Source("writer stopped".into()))?;
+                work_tx
+                    .send((seq, work))
+                    .map_err(|_| BuildError::Source("workers stopped".into()))?;
+                seq += 1;
+                Ok(())
+            };
+            let mut archive = tar::Archive::new(&mut tar_stream);
+            for item in archive.entries().map_err(BuildError::Read)? {
+                let mut item = item.map_err(|e| BuildError::Layer(format!("reading tar: {e}")))?;
+                let Some(entry) = entry_from_tar(&mut item)? else {
+                    continue;
+                };
+                let size = entry.size;
+                let is_file = entry.kind == EntryKind::Regular;
+                send(Work::Entry(entry))?;
+                if is_file {
+                    let mut left = size;
+                    while left > 0 {
+                        let n = left.min(u64::from(opts.chunk_size)) as usize;
+                        let mut buf = vec![0u8; n];
+                        item.read_exact(&mut buf).map_err(|e| {
+                            BuildError::Layer(format!("reading file data: {e} (truncated layer?)"))
+                        })?;
+                        send(Work::Chunk(buf))?;
+                        left -= n as u64;
+                    }
+                }
+            }
+            // Drain the rest (trailing zero blocks, padding) so the digests cover every byte.
+            io::copy(&mut tar_stream, &mut io::sink()).map_err(BuildError::Read)?;
+            Ok(())
+        })();
+        drop(work_tx);
+        let summary = writer_thread
+            .join()
+            .map_err(|_| BuildError::Source("writer thread panicked".into()))?;
+        read_result?;
+        summary
+    })?;
+    let (out, summary) = result;
+    let source_diff_id = tar_stream.digest();
+    drop(tar_stream);
+    io::copy(&mut stored, &mut io::sink()).map_err(BuildError::Read)?;
+    Ok((
+        out,
+        ConvertedLayer {
+            summary,
+            source_diff_id,
+            source_digest: stored.digest(),
+        },
+    ))
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Parses a PAX decimal time (`1600000000.5`, `-1.25`) into seconds and nanoseconds.
+fn parse_pax_time(v: &[u8]) -> Option<(i64, u32)> {
+    let s = std::str::from_utf8(v).ok()?;
+    let (neg, s) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, s),
+    };
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    let sec: i64 = int.parse().ok()?;
+    if !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let mut digits: String = frac.chars().take(9).collect();
+    while digits.len() < 9 {
+        digits.push('0');
+    }
+    let nsec: u32 = digits.parse().ok()?;
+    if !neg {
+        return Some((sec, nsec));
+    }
+    if nsec == 0 {
+        Some((-sec, 0))
+    } else {
+        Some((-sec - 1, 1_000_000_000 - nsec))
+    }
+}
+
+/// Builds a TOC entry from a source tar entry; `None` for entries that carry no file.
+fn entry_from_tar<R: Read>(item: &mut tar::Entry<'_, R>) -> Result<Option<Entry>, BuildError> {
+    use tar::EntryType as T;
+    let header = item.header().clone();
+    let raw_path = item.path_bytes().into_owned();
+    let path = format::normalize_path(&raw_path).map_err(|reason| BuildError::HostilePath {
+        path: lossy(&raw_path),
+        reason,
+    })?;
+    let shown = lossy(&raw_path);
+    let bad = |what: &str, e: io::Error| BuildError::Layer(format!("entry {shown:?}: bad {what}: {e}"));
+    let mut kind = match header.entry_type() {
+        T::Regular | T::Continuous | T::GNUSparse => EntryKind::Regular,
+        T::Link => EntryKind::Hardlink,
+        T::Symlink => EntryKind::Symlink,
+        T::Char => EntryKind::CharDevice,
+        T::Block => EntryKind::BlockDevice,
+        T::Directory => EntryKind::Directory,
+        T::Fifo => EntryKind::Fifo,
+        T::XGlobalHeader => return Ok(None),
+        other => {
+            return Err(BuildError::Layer(format!(
+                "entry {shown:?}: unsupported tar entry type {:?}",
+                other.as_byte() as char
+            )))
+        }
+    };
+    // Pre-POSIX tars mark directories only by a trailing slash.
+    if kind == EntryKind::Regular && raw_path.ends_with(b"/") && item.size() == 0 {
+        kind = EntryKind::Directory;
+    }
+    if path.is_empty() && kind != EntryKind::Directory {
+        return Err(BuildError::HostilePath {
+            path: shown,
+            reason: "the layer root can only be a directory",
+        });
+    }
+    let mut e = Entry::new(path, kind);
+    e.mode = header.mode().map_err(|x| bad("mode", x))? & 0o7777;
+    let id = |v: u64, what: &str| {
+        u32::try_from(v).map_err(|_| BuildError::Layer(format!("entry {shown:?}: {what} {v} too large")))
+    };
+    e.uid = id(header.uid().map_err(|x| bad("uid", x))?, "uid")?;
+    e.gid = id(header.gid().map_err(|x| bad("gid", x))?, "gid")?;
+    e.mtime_sec = header.mtime().map_err(|x| bad("mtime", x))? as i64;
+    if kind == EntryKind::Regular {
+        e.size = item.size();
+    }
+    match kind {
+        EntryKind::Hardlink => {
+            let target = item.link_name_bytes().unwrap_or_default().into_owned();
+            let norm = format::normalize_path(&target).map_err(|reason| BuildError::HostilePath {
+                path: format!("{shown} (hard link to {})", lossy(&target)),
+                reason,
+            })?;
+            if norm.is_empty() {
+                return Err(BuildError::Layer(format!("entry {shown:?}: hard link without a target")));
+            }
+            e.link = norm;
+        }
+        EntryKind::Symlink => {
+            let target = item.link_name_bytes().unwrap_or_default().into_owned();
+            if target.is_empty() || target.contains(&0) {
+                return Err(BuildError::Layer(format!("entry {shown:?}: symlink without a target")));
+            }
+            e.link = target;
+        }
+        EntryKind::CharDevice | EntryKind::BlockDevice => {
+            e.dev_major = header.device_major().map_err(|x| bad("device", x))?.unwrap_or(0);
+            e.dev_minor = header.device_minor().map_err(|x| bad("device", x))?.unwrap_or(0);
+        }
+        _ => {}
+    }
+    if let Some(exts) = item.pax_extensions().map_err(|x| bad("PAX header", x))? {
+        for ext in exts {
+            let ext = ext.map_err(|x| bad("PAX record", x))?;
+            let key = ext.key_bytes();
+            let value = ext.value_bytes();
+            let num = || std::str::from_utf8(value).ok().and_then(|v| v.parse::<u64>().ok());
+            match key {
+                b"uid" => e.uid = id(num().unwrap_or(u64::from(e.uid)), "uid")?,
+                b"gid" => e.gid = id(num().unwrap_or(u64::from(e.gid)), "gid")?,
+                b"mtime" => {
+                    if let Some((s, ns)) = parse_pax_time(value) {
+                        e.mtime_sec = s;
+                        e.mtime_nsec = ns;
+                    }
+                }
+                _ => {
+                    if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                        if !name.is_empty() {
+                            e.xattrs.push((name.to_vec(), value.to_vec()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(Some(e))
+}
+
+/// Progress of an image conversion, for a progress display.
+#[derive(Debug)]
+pub enum Progress<'a> {
+    LayerStart { index: usize, count: usize, size: u64 },
+    LayerDone { index: usize, layer: &'a ConvertedLayer },
+}
+
+/// The result of converting an image.
+#[derive(Debug)]
+pub struct ConvertReport {
+    pub manifest: Descriptor,
+    pub layers: Vec<ConvertedLayer>,
+}
+
+fn diff_ids(config: &serde_json::Value) -> Option<Vec<String>> {
+    config
+        .get("rootfs")?
+        .get("diff_ids")?
+        .as_array()?
+        .iter()
+        .map(|v| v.as_str().map(str::to_string))
+        .collect()
+}
+
+/// Converts `src` into strata layers in `store` and names the result `dst`.
+pub fn convert_image(
+    store: &Store,
+    src: &SourceImage,
+    dst: &Reference,
+    opts: &ConvertOptions,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<ConvertReport, BuildError> {
+    let mut config: serde_json::Value = serde_json::from_slice(&src.config)
+        .map_err(|e| BuildError::Source(format!("image config: {e}")))?;
+    let want_diff_ids = diff_ids(&config)
+        .ok_or_else(|| BuildError::Source("image config has no rootfs.diff_ids".into()))?;
+    if want_diff_ids.len() != src.layers.len() {
+        return Err(BuildError::Source(format!(
+            "image config lists {} layers but the manifest has {}",
+            want_diff_ids.len(),
+            src.layers.len()
+        )));
+    }
+    let mut converted = Vec::with_capacity(src.layers.len());
+    let mut descriptors = Vec::with_capacity(src.layers.len());
+    for (i, layer) in src.layers.iter().enumerate() {
+        progress(Progress::LayerStart {
+            index: i,
+            count: src.layers.len(),
+            size: layer.size,
+        });
+        let (blob, c) = convert_one(store, layer, opts)
+            .map_err(|e| BuildError::Layer(format!("layer {} of {}: {e}", i + 1, src.layers.len())))?;
+        if c.source_diff_id != want_diff_ids[i] {
+            return Err(BuildError::DigestMismatch {
+                what: format!("layer {} uncompressed content (diff ID)", i + 1),
+                expected: want_diff_ids[i].clone(),
+                actual: c.source_diff_id,
+            });
+        }
+        let s = &c.summary;
+        let digest = blob.commit(Some(&s.blob_digest.oci()))?;
+        let mut d = Descriptor::new(oci::MEDIA_TYPE_LAYER_ZSTD, digest, s.blob_size);
+        d.annotations.insert(format::ANNOTATION_TOC_DIGEST.into(), s.footer.toc_digest.oci());
+        d.annotations.insert(format::ANNOTATION_TOC_OFFSET.into(), s.footer.toc_offset.to_string());
+        d.annotations.insert(format::ANNOTATION_TOC_SIZE.into(), s.footer.toc_size.to_string());
+        descriptors.push(d);
+        progress(Progress::LayerDone { index: i, layer: &c });
+        converted.push(c);
+    }
+    config["rootfs"]["diff_ids"] = serde_json::Value::Array(
+        converted
+            .iter()
+            .map(|c| serde_json::Value::String(c.summary.diff_id.oci()))
+            .collect(),
+    );
+    let config_bytes = serde_json::to_vec(&config).map_err(|e| BuildError::Source(e.to_string()))?;
+    let config_digest = store.put_blob(&config_bytes)?;
+    let manifest = Manifest {
+        schema_version: 2,
+        media_type: Some(oci::MEDIA_TYPE_MANIFEST.into()),
+        config: Descriptor::new(oci::MEDIA_TYPE_CONFIG, config_digest, config_bytes.len() as u64),
+        layers: descriptors,
+        annotations: src.annotations.clone(),
+        extra: Default::default(),
+    };
+    let manifest_bytes =
+        serde_json::to_vec(&manifest).map_err(|e| BuildError::Source(e.to_string()))?;
+    let manifest_digest = store.put_blob(&manifest_bytes)?;
+    let descriptor = Descriptor::new(
+        oci::MEDIA_TYPE_MANIFEST,
+        manifest_digest,
+        manifest_bytes.len() as u64,
+    );
+    store.tag(dst, descriptor.clone())?;
+    Ok(ConvertReport {
+        manifest: descriptor,
+        layers: converted,
+    })
+}
+
+fn convert_one(
+    store: &Store,
+    layer: &SourceLayer,
+    opts: &ConvertOptions,
+) -> Result<(strata_fs::store::BlobWriter, ConvertedLayer), BuildError> {
+    let input = layer.open()?;
+    let (blob, c) = convert_layer(input, store.blob_writer()?, opts)?;
+    if let Some(d) = &layer.digest {
+        if d != &c.source_digest {
+            return Err(BuildError::DigestMismatch {
+                what: "source layer blob".into(),
+                expected: d.clone(),
+                actual: c.source_digest,
+            });
+        }
+    }
+    Ok((blob, c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pax_times() {
+        assert_eq!(parse_pax_time(b"1600000000.5"), Some((1_600_000_000, 500_000_000)));
+        assert_eq!(parse_pax_time(b"12"), Some((12, 0)));
+        assert_eq!(parse_pax_time(b"-1.25"), Some((-2, 750_000_000)));
+        assert_eq!(parse_pax_time(b"x"), None);
+    }
+}

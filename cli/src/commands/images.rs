@@ -1,0 +1,130 @@
+use anyhow::Context;
+use serde_json::json;
+use strata_fs::format::dump::dump;
+use strata_fs::image::open_local;
+
+use super::{human_bytes, open_store};
+use crate::GlobalArgs;
+
+#[derive(clap::Args)]
+pub struct ImagesArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct InspectArgs {
+    /// Image reference or manifest digest (prefix).
+    pub image: String,
+    /// Print every layer's TOC listing instead of JSON.
+    #[arg(long)]
+    pub toc: bool,
+}
+
+pub fn images(g: &GlobalArgs, a: ImagesArgs) -> anyhow::Result<()> {
+    let store = open_store(g)?;
+    let mut rows = Vec::new();
+    for rec in store.images()? {
+        let manifest = store.manifest(&rec.descriptor.digest);
+        let (layers, size, created) = match &manifest {
+            Ok(m) => {
+                let created = store
+                    .read_blob(&m.config.digest)
+                    .ok()
+                    .and_then(|c| serde_json::from_slice::<serde_json::Value>(&c).ok())
+                    .and_then(|c| c.get("created").and_then(|v| v.as_str()).map(str::to_string))
+                    .unwrap_or_default();
+                (m.layers.len(), m.layers.iter().map(|l| l.size).sum::<u64>(), created)
+            }
+            Err(_) => (0, 0, String::new()),
+        };
+        let lazy = manifest.as_ref().is_ok_and(|m| {
+            !m.layers.is_empty()
+                && m.layers
+                    .iter()
+                    .all(|l| l.annotations.contains_key(strata_fs::format::ANNOTATION_TOC_DIGEST))
+        });
+        rows.push((rec, layers, size, created, lazy));
+    }
+    rows.sort_by(|a, b| a.0.reference.cmp(&b.0.reference));
+    if a.json {
+        let list: Vec<_> = rows
+            .iter()
+            .map(|(rec, layers, size, created, lazy)| {
+                json!({
+                    "reference": rec.reference.to_string(),
+                    "repository": rec.reference.name(),
+                    "tag": rec.reference.tag,
+                    "digest": rec.descriptor.digest,
+                    "layers": layers,
+                    "size": size,
+                    "created": created,
+                    "strata": lazy,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    println!(
+        "{:<40} {:<16} {:<19} {:>6} {:>10}  {}",
+        "REPOSITORY", "TAG", "DIGEST", "LAYERS", "SIZE", "FORMAT"
+    );
+    for (rec, layers, size, _, lazy) in &rows {
+        let r = &rec.reference;
+        let familiar = r.familiar();
+        let repo = familiar.split_once(':').map_or(familiar.as_str(), |(n, _)| n);
+        let repo = if r.registry.contains(':') { r.name() } else { repo.to_string() };
+        println!(
+            "{:<40} {:<16} {:<19} {:>6} {:>10}  {}",
+            repo,
+            r.tag.as_deref().unwrap_or("<none>"),
+            &rec.descriptor.digest[..rec.descriptor.digest.len().min(19)],
+            layers,
+            human_bytes(*size),
+            if *lazy { "strata" } else { "oci" }
+        );
+    }
+    Ok(())
+}
+
+pub fn inspect(g: &GlobalArgs, a: InspectArgs) -> anyhow::Result<()> {
+    let store = open_store(g)?;
+    let image = open_local(&store, &a.image).with_context(|| format!("opening {}", a.image))?;
+    if a.toc {
+        for (i, l) in image.layers.iter().enumerate() {
+            println!("# layer {} {}", i + 1, l.descriptor.digest);
+            print!("{}", dump(&l.toc));
+        }
+        return Ok(());
+    }
+    let layers: Vec<_> = image
+        .layers
+        .iter()
+        .map(|l| {
+            json!({
+                "digest": l.descriptor.digest,
+                "mediaType": l.descriptor.media_type,
+                "size": l.descriptor.size,
+                "annotations": l.descriptor.annotations,
+                "toc": {
+                    "entries": l.toc.entries.len(),
+                    "chunks": l.toc.chunk_count(),
+                    "chunkSize": l.toc.chunk_size,
+                    "compressedBytes": l.toc.compressed_chunk_bytes(),
+                    "uncompressedBytes": l.toc.uncompressed_bytes(),
+                }
+            })
+        })
+        .collect();
+    let out = json!({
+        "reference": image.reference.to_string(),
+        "digest": image.manifest_digest,
+        "manifest": image.manifest,
+        "config": image.config,
+        "layers": layers,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}

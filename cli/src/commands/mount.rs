@@ -1,0 +1,242 @@
+//! `strata mount` / `strata umount`: a daemon per mount, started in the background unless
+//! `--foreground`; the parent returns once the mount answers.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use nix::sys::signal::{SigSet, Signal};
+use serde::{Deserialize, Serialize};
+use strata_fs::fuse::{mount_session, MountConfig, StrataFs};
+use strata_fs::image::open_local;
+
+use super::{open_store, parse_size};
+use crate::GlobalArgs;
+
+const READY: &str = "strata-mount-ready";
+
+#[derive(clap::Args)]
+pub struct MountArgs {
+    /// Image reference or manifest digest in the local store.
+    pub image: String,
+    /// Directory to mount on.
+    pub mountpoint: PathBuf,
+    /// Stay attached and serve until unmounted (or SIGINT/SIGTERM).
+    #[arg(long)]
+    pub foreground: bool,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+    /// Memory cache of decompressed chunks (e.g. 256M).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub memory_cache: u64,
+    /// Kernel readahead for the mount in KiB (the kernel's FUSE default is 128).
+    #[arg(long, default_value_t = 1024)]
+    pub read_ahead_kb: u32,
+    /// Seconds to wait for the mount to become ready.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+    /// Internal: print a readiness line on stdout once mounted.
+    #[arg(long, hide = true)]
+    pub notify_ready: bool,
+}
+
+#[derive(clap::Args)]
+pub struct UmountArgs {
+    /// The mount point.
+    pub mountpoint: PathBuf,
+    /// Detach even if busy (MNT_DETACH).
+    #[arg(long, short = 'l')]
+    pub lazy: bool,
+}
+
+/// What a running mount daemon records under ROOT/mounts.
+#[derive(Serialize, Deserialize)]
+struct MountRecord {
+    pid: u32,
+    mountpoint: PathBuf,
+    image: String,
+    manifest: String,
+    log: PathBuf,
+}
+
+fn record_name(mountpoint: &Path) -> String {
+    let s = mountpoint.to_string_lossy();
+    let hash = strata_fs::format::Sha256Digest::of(s.as_bytes()).hex();
+    format!("{}.json", &hash[..16])
+}
+
+pub fn mount(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
+    let mountpoint = std::fs::canonicalize(&a.mountpoint)
+        .with_context(|| format!("mount point {}", a.mountpoint.display()))?;
+    if !mountpoint.is_dir() {
+        bail!("mount point {} is not a directory", mountpoint.display());
+    }
+    if a.foreground {
+        return serve(g, &a, &mountpoint);
+    }
+    let store = open_store(g)?;
+    let log = store.mounts_dir().join(record_name(&mountpoint).replace(".json", ".log"));
+    let log_file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let exe = std::env::current_exe().context("locating the strata binary")?;
+    let mut child = Command::new(exe)
+        .arg("--root")
+        .arg(&g.root)
+        .arg("--log-level")
+        .arg(&g.log_level)
+        .arg("mount")
+        .arg(&a.image)
+        .arg(&mountpoint)
+        .arg("--foreground")
+        .arg("--notify-ready")
+        .args(["--threads", &a.threads.to_string()])
+        .args(["--memory-cache", &a.memory_cache.to_string()])
+        .args(["--read-ahead-kb", &a.read_ahead_kb.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file)
+        .process_group(0)
+        .spawn()
+        .context("starting the mount daemon")?;
+    let stdout = child.stdout.take().context("daemon stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let ok = BufReader::new(stdout).read_line(&mut line).is_ok() && line.trim() == READY;
+        let _ = tx.send(ok);
+    });
+    match rx.recv_timeout(Duration::from_secs(a.timeout)) {
+        Ok(true) => {
+            println!("mounted {} at {} (pid {})", a.image, mountpoint.display(), child.id());
+            Ok(())
+        }
+        Ok(false) => {
+            let _ = child.wait();
+            let msg = std::fs::read_to_string(&log).unwrap_or_default();
+            let msg = msg.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("").to_string();
+            bail!(
+                "mount daemon failed: {}",
+                msg.trim_start_matches("strata: error: ")
+            )
+        }
+        Err(_) => {
+            let _ = child.kill();
+            bail!("mount did not become ready within {}s (log: {})", a.timeout, log.display())
+        }
+    }
+}
+
+/// The daemon: open the image, mount, serve until unmounted or signalled.
+fn serve(g: &GlobalArgs, a: &MountArgs, mountpoint: &Path) -> anyhow::Result<()> {
+    // Block termination signals in every thread; one thread waits for them and unmounts.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGHUP);
+    signals.thread_block().context("blocking signals")?;
+
+    let started = Instant::now();
+    let store = open_store(g)?;
+    let image = open_local(&store, &a.image).with_context(|| format!("opening {}", a.image))?;
+    let reference = image.reference.to_string();
+    let manifest = image.manifest_digest.clone();
+    let (tree, blobs) = image.into_tree().context("merging layers")?;
+    let entries = tree.len();
+    let config = MountConfig {
+        threads: a.threads,
+        memory_cache: a.memory_cache as usize,
+        fsname: format!("strata:{reference}"),
+    };
+    let fs = StrataFs::new(tree, blobs, &config);
+    let mut session = mount_session(fs, mountpoint, &config)
+        .with_context(|| format!("mounting FUSE at {}", mountpoint.display()))?;
+    tracing::info!(image = %reference, mountpoint = %mountpoint.display(), entries,
+        "mounted in {:.3}s", started.elapsed().as_secs_f64());
+
+    let record_path = store.mounts_dir().join(record_name(mountpoint));
+    let record = MountRecord {
+        pid: std::process::id(),
+        mountpoint: mountpoint.to_path_buf(),
+        image: reference,
+        manifest,
+        log: store.mounts_dir().join(record_name(mountpoint).replace(".json", ".log")),
+    };
+    std::fs::write(&record_path, serde_json::to_vec_pretty(&record)?)
+        .with_context(|| format!("writing {}", record_path.display()))?;
+
+    let mut unmounter = session.unmount_callable();
+    std::thread::spawn(move || {
+        if let Ok(sig) = signals.wait() {
+            tracing::info!("received {sig:?}, unmounting");
+            if let Err(e) = unmounter.unmount() {
+                tracing::warn!("unmount failed: {e}");
+            }
+        }
+    });
+    // Once the session answers, raise readahead and tell the parent we are ready.
+    let mp = mountpoint.to_path_buf();
+    let (ra, notify) = (a.read_ahead_kb, a.notify_ready);
+    std::thread::spawn(move || {
+        match std::fs::metadata(&mp) {
+            Ok(md) => set_read_ahead(md.dev(), ra),
+            Err(e) => tracing::warn!("mount does not answer: {e}"),
+        }
+        if notify {
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "{READY}");
+            let _ = out.flush();
+        } else {
+            eprintln!("mounted at {}", mp.display());
+        }
+    });
+    let result = session.run();
+    let _ = std::fs::remove_file(&record_path);
+    result.with_context(|| format!("serving {}", mountpoint.display()))
+}
+
+fn set_read_ahead(dev: u64, kb: u32) {
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&path, kb.to_string()) {
+        tracing::debug!("cannot set {path}: {e}");
+    }
+}
+
+pub fn umount(g: &GlobalArgs, a: UmountArgs) -> anyhow::Result<()> {
+    let mountpoint = std::path::absolute(&a.mountpoint)?;
+    // A dead daemon leaves a mount that cannot be stat'ed: do not canonicalize through it.
+    let mountpoint = match mountpoint.parent().map(std::fs::canonicalize) {
+        Some(Ok(p)) => p.join(mountpoint.file_name().unwrap_or_default()),
+        _ => mountpoint,
+    };
+    let flags = if a.lazy {
+        nix::mount::MntFlags::MNT_DETACH
+    } else {
+        nix::mount::MntFlags::empty()
+    };
+    nix::mount::umount2(&mountpoint, flags)
+        .with_context(|| format!("unmounting {}", mountpoint.display()))?;
+    // Wait for the daemon to finish so its exit is part of the unmount.
+    let store = open_store(g)?;
+    let record_path = store.mounts_dir().join(record_name(&mountpoint));
+    if let Ok(data) = std::fs::read(&record_path) {
+        if let Ok(rec) = serde_json::from_slice::<MountRecord>(&data) {
+            let proc_path = PathBuf::from(format!("/proc/{}", rec.pid));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while proc_path.exists() && Instant::now() < deadline {
+                if std::fs::read_to_string(proc_path.join("stat"))
+                    .is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z"))
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = std::fs::remove_file(&record_path);
+    }
+    Ok(())
+}

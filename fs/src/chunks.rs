@@ -1,0 +1,103 @@
+//! Fetching, verifying and caching decompressed chunks in memory.
+//!
+//! A chunk is read from its layer's [`BlobSource`], decompressed and checked against its sha256
+//! before anyone sees it. Verified chunks live in a byte-capped LRU keyed by digest (so equal
+//! chunks of different layers are shared), and concurrent readers of one chunk share one fetch.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use lru::LruCache;
+use parking_lot::Mutex;
+
+use crate::blob::BlobSource;
+use crate::format::{self, Chunk, Sha256Digest};
+
+/// Why a chunk could not be served.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ChunkError(pub String);
+
+type Slot = Arc<OnceLock<Result<Arc<[u8]>, ChunkError>>>;
+
+struct Lru {
+    map: LruCache<Sha256Digest, Arc<[u8]>>,
+    bytes: usize,
+}
+
+/// Memory cache of verified, decompressed chunks.
+pub struct ChunkCache {
+    lru: Mutex<Lru>,
+    capacity: usize,
+    inflight: Mutex<HashMap<Sha256Digest, Slot>>,
+}
+
+impl ChunkCache {
+    pub fn new(capacity_bytes: usize) -> Self {
+        ChunkCache {
+            lru: Mutex::new(Lru {
+                map: LruCache::unbounded(),
+                bytes: 0,
+            }),
+            capacity: capacity_bytes,
+            inflight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn contains(&self, digest: &Sha256Digest) -> bool {
+        self.lru.lock().map.contains(digest)
+    }
+
+    fn insert(&self, digest: Sha256Digest, data: Arc<[u8]>) {
+        let mut lru = self.lru.lock();
+        if lru.map.contains(&digest) {
+            return;
+        }
+        lru.bytes += data.len();
+        lru.map.put(digest, data);
+        while lru.bytes > self.capacity && lru.map.len() > 1 {
+            match lru.map.pop_lru() {
+                Some((_, old)) => lru.bytes -= old.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// Returns the verified bytes of `chunk`, fetching them from `src` if needed.
+    pub fn get(&self, src: &dyn BlobSource, chunk: &Chunk) -> Result<Arc<[u8]>, ChunkError> {
+        if let Some(d) = self.lru.lock().map.get(&chunk.digest) {
+            return Ok(d.clone());
+        }
+        let slot = self
+            .inflight
+            .lock()
+            .entry(chunk.digest)
+            .or_insert_with(|| Arc::new(OnceLock::new()))
+            .clone();
+        let result = slot
+            .get_or_init(|| {
+                let data = fetch(src, chunk)?;
+                self.insert(chunk.digest, data.clone());
+                Ok(data)
+            })
+            .clone();
+        let mut inflight = self.inflight.lock();
+        if inflight.get(&chunk.digest).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+            inflight.remove(&chunk.digest);
+        }
+        result
+    }
+}
+
+fn fetch(src: &dyn BlobSource, chunk: &Chunk) -> Result<Arc<[u8]>, ChunkError> {
+    let compressed = src
+        .read_range(chunk.compressed_offset, u64::from(chunk.compressed_len))
+        .map_err(|e| {
+            ChunkError(format!(
+                "reading chunk at {}+{}: {e}",
+                chunk.compressed_offset, chunk.compressed_len
+            ))
+        })?;
+    let data = format::decode_chunk(&compressed, chunk).map_err(|e| ChunkError(e.to_string()))?;
+    Ok(data.into())
+}

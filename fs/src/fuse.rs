@@ -1,0 +1,448 @@
+//! The FUSE adapter: kernel requests → [`Tree`] lookups and chunk reads.
+//!
+//! Layers are immutable, so the kernel may cache entries, attributes, directory listings and
+//! file pages for as long as the mount lives. Errors become errno values in one place
+//! ([`Errno`] mapping in [`FsError::errno`]).
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    SessionACL,
+};
+use parking_lot::Mutex;
+
+use crate::blob::BlobSource;
+use crate::chunks::ChunkCache;
+use crate::format::{Chunk, EntryKind};
+use crate::tree::{Ino, Node, Tree};
+
+/// How long the kernel may cache entries and attributes: layers never change.
+const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Failures a FUSE request can meet.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("no such entry")]
+    NotFound,
+    #[error("not a directory")]
+    NotDir,
+    #[error("read-only filesystem")]
+    ReadOnly,
+    #[error("no such attribute")]
+    NoAttr,
+    #[error("buffer too small")]
+    Range,
+    #[error("invalid argument")]
+    Invalid,
+    #[error("I/O error: {0}")]
+    Io(String),
+}
+
+impl FsError {
+    /// The one place errors become errno values.
+    pub fn errno(&self) -> Errno {
+        match self {
+            FsError::NotFound => Errno::ENOENT,
+            FsError::NotDir => Errno::ENOTDIR,
+            FsError::ReadOnly => Errno::EROFS,
+            FsError::NoAttr => Errno::ENODATA,
+            FsError::Range => Errno::ERANGE,
+            FsError::Invalid => Errno::EINVAL,
+            FsError::Io(_) => Errno::EIO,
+        }
+    }
+}
+
+/// Mount settings.
+#[derive(Clone, Debug)]
+pub struct MountConfig {
+    /// FUSE worker threads.
+    pub threads: usize,
+    /// Bytes of decompressed chunks kept in memory.
+    pub memory_cache: usize,
+    /// Name shown as the mount source (e.g. the image reference).
+    pub fsname: String,
+}
+
+impl Default for MountConfig {
+    fn default() -> Self {
+        MountConfig {
+            threads: 4,
+            memory_cache: 256 << 20,
+            fsname: "strata".into(),
+        }
+    }
+}
+
+struct Shared {
+    tree: Tree,
+    blobs: Vec<Arc<dyn BlobSource>>,
+    cache: ChunkCache,
+}
+
+/// A read-only filesystem serving a merged layer tree.
+pub struct StrataFs {
+    shared: Arc<Shared>,
+    prefetch: SyncSender<(u32, Chunk)>,
+    prefetch_rx: Mutex<Option<Receiver<(u32, Chunk)>>>,
+}
+
+fn system_time(sec: i64, nsec: u32) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs()) + Duration::from_nanos(u64::from(nsec))
+    }
+}
+
+fn file_type(kind: EntryKind) -> FileType {
+    match kind {
+        EntryKind::Regular | EntryKind::Hardlink => FileType::RegularFile,
+        EntryKind::Directory => FileType::Directory,
+        EntryKind::Symlink => FileType::Symlink,
+        EntryKind::CharDevice => FileType::CharDevice,
+        EntryKind::BlockDevice => FileType::BlockDevice,
+        EntryKind::Fifo => FileType::NamedPipe,
+    }
+}
+
+/// Linux `makedev` encoding, truncated to the 32 bits FUSE carries.
+fn makedev(major: u32, minor: u32) -> u32 {
+    (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
+}
+
+fn attr(ino: Ino, n: &Node) -> FileAttr {
+    let t = system_time(n.mtime_sec, n.mtime_nsec);
+    let size = match n.kind {
+        EntryKind::Symlink => n.link.len() as u64,
+        EntryKind::Directory => 4096,
+        _ => n.size,
+    };
+    FileAttr {
+        ino: INodeNo(ino),
+        size,
+        blocks: size.div_ceil(512),
+        atime: t,
+        mtime: t,
+        ctime: t,
+        crtime: t,
+        kind: file_type(n.kind),
+        perm: (n.mode & 0o7777) as u16,
+        nlink: n.nlink,
+        uid: n.uid,
+        gid: n.gid,
+        rdev: makedev(n.dev_major, n.dev_minor),
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+impl Shared {
+    fn node(&self, ino: INodeNo) -> Result<&Node, FsError> {
+        self.tree.get(ino.0).ok_or(FsError::NotFound)
+    }
+
+    fn chunks(&self, n: &Node) -> Option<(u32, &[Chunk])> {
+        let data = n.data?;
+        let e = self.tree.data_entry(data)?;
+        Some((data.layer, &e.chunks))
+    }
+
+    fn read(&self, n: &Node, offset: u64, size: u32) -> Result<(Vec<u8>, Option<(u32, Chunk)>), FsError> {
+        if offset >= n.size || size == 0 {
+            return Ok((Vec::new(), None));
+        }
+        let end = n.size.min(offset + u64::from(size));
+        let Some((layer, chunks)) = self.chunks(n) else {
+            return Err(FsError::Io("file has no data".into()));
+        };
+        let blob = self
+            .blobs
+            .get(layer as usize)
+            .ok_or_else(|| FsError::Io("layer missing".into()))?;
+        let mut i = chunks.partition_point(|c| c.file_offset + u64::from(c.uncompressed_len) <= offset);
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        let mut pos = offset;
+        let mut next = None;
+        while pos < end {
+            let c = chunks.get(i).ok_or_else(|| FsError::Io("chunk table ends early".into()))?;
+            let data = self.cache.get(blob.as_ref(), c).map_err(|e| {
+                tracing::error!(layer, offset = c.compressed_offset, "chunk read failed: {e}");
+                FsError::Io(e.0)
+            })?;
+            let from = (pos - c.file_offset) as usize;
+            let to = ((end - c.file_offset) as usize).min(data.len());
+            out.extend_from_slice(&data[from..to]);
+            pos = c.file_offset + to as u64;
+            // A read that reaches the second half of a chunk is likely sequential: warm the next.
+            if to * 2 >= data.len() {
+                next = chunks.get(i + 1).map(|c| (layer, *c));
+            }
+            i += 1;
+        }
+        Ok((out, next))
+    }
+}
+
+impl StrataFs {
+    pub fn new(tree: Tree, blobs: Vec<Arc<dyn BlobSource>>, config: &MountConfig) -> Self {
+        let (tx, rx) = sync_channel(64);
+        StrataFs {
+            shared: Arc::new(Shared {
+                tree,
+                blobs,
+                cache: ChunkCache::new(config.memory_cache),
+            }),
+            prefetch: tx,
+            prefetch_rx: Mutex::new(Some(rx)),
+        }
+    }
+
+    fn start_prefetcher(&self) {
+        let Some(rx) = self.prefetch_rx.lock().take() else {
+            return;
+        };
+        let shared = Arc::downgrade(&self.shared);
+        let _ = std::thread::Builder::new()
+            .name("strata-readahead".into())
+            .spawn(move || {
+                for (layer, chunk) in rx {
+                    let Some(s) = shared.upgrade() else { break };
+                    if s.cache.contains(&chunk.digest) {
+                        continue;
+                    }
+                    if let Some(b) = s.blobs.get(layer as usize) {
+                        let _ = s.cache.get(b.as_ref(), &chunk);
+                    }
+                }
+            });
+    }
+
+    fn reply_entry(&self, ino: Ino, reply: ReplyEntry) {
+        match self.shared.tree.get(ino) {
+            Some(n) => reply.entry(&TTL, &attr(ino, n), Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+}
+
+impl Filesystem for StrataFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_CACHE_SYMLINKS;
+        let _ = config.add_capabilities(wanted & config.capabilities());
+        let _ = config.set_max_readahead(1 << 20);
+        self.start_prefetcher();
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.shared.tree.get(parent.0) {
+            Some(p) if p.kind != EntryKind::Directory => reply.error(FsError::NotDir.errno()),
+            Some(_) => match self.shared.tree.lookup(parent.0, name.as_bytes()) {
+                Some(ino) => self.reply_entry(ino, reply),
+                None => reply.error(FsError::NotFound.errno()),
+            },
+            None => reply.error(FsError::NotFound.errno()),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.shared.node(ino) {
+            Ok(n) => reply.attr(&TTL, &attr(ino.0, n)),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.shared.node(ino) {
+            Ok(n) if n.kind == EntryKind::Symlink => reply.data(&n.link),
+            Ok(_) => reply.error(FsError::Invalid.errno()),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(FsError::ReadOnly.errno());
+        }
+        match self.shared.node(ino) {
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let n = match self.shared.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e.errno()),
+        };
+        match self.shared.read(n, offset, size) {
+            Ok((data, next)) => {
+                reply.data(&data);
+                if let Some(next) = next {
+                    if !self.shared.cache.contains(&next.1.digest) {
+                        if let Err(TrySendError::Disconnected(_)) = self.prefetch.try_send(next) {
+                            tracing::debug!("readahead worker gone");
+                        }
+                    }
+                }
+            }
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.shared.node(ino) {
+            Ok(n) if n.kind == EntryKind::Directory => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            ),
+            Ok(_) => reply.error(FsError::NotDir.errno()),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let n = match self.shared.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e.errno()),
+        };
+        let dots = [(&b"."[..], ino.0), (&b".."[..], n.parent)];
+        let mut i = offset as usize;
+        while i < 2 + n.children.len() {
+            let (name, cino) = if i < 2 {
+                dots[i]
+            } else {
+                let (nm, c) = &n.children[i - 2];
+                (nm.as_ref(), *c)
+            };
+            let kind = self.shared.tree.get(cino).map_or(FileType::Directory, |c| file_type(c.kind));
+            if reply.add(INodeNo(cino), (i + 1) as u64, kind, OsStr::from_bytes(name)) {
+                break;
+            }
+            i += 1;
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let n = match self.shared.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e.errno()),
+        };
+        let dots = [(&b"."[..], ino.0), (&b".."[..], n.parent)];
+        let mut i = offset as usize;
+        while i < 2 + n.children.len() {
+            let (name, cino) = if i < 2 {
+                dots[i]
+            } else {
+                let (nm, c) = &n.children[i - 2];
+                (nm.as_ref(), *c)
+            };
+            let Some(child) = self.shared.tree.get(cino) else {
+                i += 1;
+                continue;
+            };
+            if reply.add(
+                INodeNo(cino),
+                (i + 1) as u64,
+                OsStr::from_bytes(name),
+                &TTL,
+                &attr(cino, child),
+                Generation(0),
+            ) {
+                break;
+            }
+            i += 1;
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let bytes: u64 = self.shared.tree.layers.iter().map(|t| t.uncompressed_bytes()).sum();
+        let files = self.shared.tree.len() as u64;
+        reply.statfs(bytes.div_ceil(4096), 0, 0, files, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let n = match self.shared.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e.errno()),
+        };
+        match n.xattrs.iter().find(|(k, _)| k.as_slice() == name.as_bytes()) {
+            None => reply.error(FsError::NoAttr.errno()),
+            Some((_, v)) if size == 0 => reply.size(v.len() as u32),
+            Some((_, v)) if v.len() > size as usize => reply.error(FsError::Range.errno()),
+            Some((_, v)) => reply.data(v),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let n = match self.shared.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e.errno()),
+        };
+        let mut list = Vec::new();
+        for (k, _) in &n.xattrs {
+            list.extend_from_slice(k);
+            list.push(0);
+        }
+        if size == 0 {
+            reply.size(list.len() as u32);
+        } else if list.len() > size as usize {
+            reply.error(FsError::Range.errno());
+        } else {
+            reply.data(&list);
+        }
+    }
+}
+
+/// Mounts `fs` read-only at `mountpoint`; returns the session, ready to run.
+pub fn mount_session(
+    fs: StrataFs,
+    mountpoint: &Path,
+    config: &MountConfig,
+) -> std::io::Result<fuser::Session<StrataFs>> {
+    let mut cfg = Config::default();
+    cfg.mount_options = vec![
+        MountOption::FSName(config.fsname.clone()),
+        MountOption::Subtype("strata".into()),
+        MountOption::RO,
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::NoAtime,
+    ];
+    cfg.acl = SessionACL::All;
+    cfg.n_threads = Some(config.threads.max(1));
+    cfg.clone_fd = true;
+    fuser::Session::new(fs, mountpoint, &cfg)
+}

@@ -1,0 +1,413 @@
+//! The merged, read-only view of a layer stack, with OCI layer semantics: later layers override
+//! earlier ones, `.wh.NAME` deletes NAME from lower layers, `.wh..wh..opq` hides every lower
+//! entry of its directory, whiteout files never show, hard links share one inode.
+
+use std::collections::HashMap;
+
+use crate::format::{Entry, EntryKind, Toc};
+
+pub type Ino = u64;
+pub const ROOT_INO: Ino = 1;
+
+const WHITEOUT_PREFIX: &[u8] = b".wh.";
+const OPAQUE: &[u8] = b".wh..wh..opq";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TreeError {
+    #[error("layer {layer}: entry {path:?} {reason}")]
+    Invalid {
+        layer: usize,
+        path: String,
+        reason: String,
+    },
+}
+
+/// Where a regular file's bytes are: entry `entry` of layer `layer`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataRef {
+    pub layer: u32,
+    pub entry: u32,
+}
+
+/// One inode of the merged tree.
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub kind: EntryKind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
+    pub dev_major: u32,
+    pub dev_minor: u32,
+    pub nlink: u32,
+    pub parent: Ino,
+    /// Symlink target.
+    pub link: Vec<u8>,
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    pub data: Option<DataRef>,
+    /// Directory children, sorted by name.
+    pub children: Vec<(Box<[u8]>, Ino)>,
+}
+
+/// The merged tree of a layer stack; inode `n` is `nodes[n - 1]`.
+pub struct Tree {
+    nodes: Vec<Node>,
+    pub layers: Vec<Toc>,
+}
+
+struct Building {
+    node: Node,
+    children: HashMap<Vec<u8>, usize>,
+}
+
+fn new_node(e: &Entry, layer: usize, index: usize) -> Node {
+    Node {
+        kind: e.kind,
+        mode: e.mode & 0o7777,
+        uid: e.uid,
+        gid: e.gid,
+        size: if e.kind == EntryKind::Regular { e.size } else { 0 },
+        mtime_sec: e.mtime_sec,
+        mtime_nsec: e.mtime_nsec,
+        dev_major: e.dev_major,
+        dev_minor: e.dev_minor,
+        nlink: 1,
+        parent: 0,
+        link: if e.kind == EntryKind::Symlink {
+            e.link.clone()
+        } else {
+            Vec::new()
+        },
+        xattrs: e.xattrs.clone(),
+        data: (e.kind == EntryKind::Regular && e.size > 0).then_some(DataRef {
+            layer: layer as u32,
+            entry: index as u32,
+        }),
+        children: Vec::new(),
+    }
+}
+
+fn implicit_dir() -> Node {
+    let mut e = Entry::new(Vec::new(), EntryKind::Directory);
+    e.mode = 0o755;
+    new_node(&e, 0, 0)
+}
+
+fn split(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&[], path),
+    }
+}
+
+struct Builder {
+    nodes: Vec<Building>,
+    layer: usize,
+}
+
+impl Builder {
+    fn err(&self, path: &[u8], reason: impl Into<String>) -> TreeError {
+        TreeError::Invalid {
+            layer: self.layer,
+            path: String::from_utf8_lossy(path).into_owned(),
+            reason: reason.into(),
+        }
+    }
+
+    fn push(&mut self, node: Node) -> usize {
+        self.nodes.push(Building {
+            node,
+            children: HashMap::new(),
+        });
+        self.nodes.len() - 1
+    }
+
+    /// Finds `path`; `None` if it (or a parent) does not exist or a parent is not a directory.
+    fn lookup(&self, path: &[u8]) -> Option<usize> {
+        let mut cur = 0;
+        if path.is_empty() {
+            return Some(0);
+        }
+        for comp in path.split(|&b| b == b'/') {
+            let n = &self.nodes[cur];
+            if n.node.kind != EntryKind::Directory {
+                return None;
+            }
+            cur = *n.children.get(comp)?;
+        }
+        Some(cur)
+    }
+
+    /// Finds or creates the directory `path` (creating missing parents as plain directories).
+    fn ensure_dir(&mut self, path: &[u8], for_entry: &[u8]) -> Result<usize, TreeError> {
+        let mut cur = 0;
+        if path.is_empty() {
+            return Ok(0);
+        }
+        for comp in path.split(|&b| b == b'/') {
+            cur = match self.nodes[cur].children.get(comp) {
+                Some(&c) => {
+                    if self.nodes[c].node.kind != EntryKind::Directory {
+                        return Err(self.err(
+                            for_entry,
+                            format!(
+                                "has a parent {:?} that is not a directory (paths never follow symlinks)",
+                                String::from_utf8_lossy(path)
+                            ),
+                        ));
+                    }
+                    c
+                }
+                None => {
+                    let d = self.push(implicit_dir());
+                    self.nodes[cur].children.insert(comp.to_vec(), d);
+                    d
+                }
+            };
+        }
+        Ok(cur)
+    }
+
+    fn apply_whiteouts(&mut self, toc: &Toc) {
+        for e in &toc.entries {
+            let (dir, name) = split(&e.path);
+            if name == OPAQUE {
+                if let Some(d) = self.lookup(dir) {
+                    if self.nodes[d].node.kind == EntryKind::Directory {
+                        self.nodes[d].children.clear();
+                    }
+                }
+            } else if let Some(target) = name.strip_prefix(WHITEOUT_PREFIX) {
+                if let Some(d) = self.lookup(dir) {
+                    if self.nodes[d].node.kind == EntryKind::Directory {
+                        self.nodes[d].children.remove(target);
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply_entries(&mut self, toc: &Toc) -> Result<(), TreeError> {
+        for (index, e) in toc.entries.iter().enumerate() {
+            let (dir, name) = split(&e.path);
+            if name.starts_with(WHITEOUT_PREFIX) {
+                continue;
+            }
+            if e.path.is_empty() {
+                if e.kind == EntryKind::Directory {
+                    let keep = std::mem::take(&mut self.nodes[0].children);
+                    self.nodes[0].node = new_node(e, self.layer, index);
+                    self.nodes[0].children = keep;
+                }
+                continue;
+            }
+            let parent = self.ensure_dir(dir, &e.path)?;
+            let existing = self.nodes[parent].children.get(name).copied();
+            let id = match e.kind {
+                EntryKind::Directory => match existing {
+                    Some(x) if self.nodes[x].node.kind == EntryKind::Directory => {
+                        self.nodes[x].node = new_node(e, self.layer, index);
+                        x
+                    }
+                    _ => self.push(new_node(e, self.layer, index)),
+                },
+                EntryKind::Hardlink => {
+                    let target = self
+                        .lookup(&e.link)
+                        .ok_or_else(|| {
+                            self.err(
+                                &e.path,
+                                format!(
+                                    "is a hard link to {:?}, which does not exist",
+                                    String::from_utf8_lossy(&e.link)
+                                ),
+                            )
+                        })?;
+                    if self.nodes[target].node.kind == EntryKind::Directory {
+                        return Err(self.err(&e.path, "is a hard link to a directory"));
+                    }
+                    target
+                }
+                _ => self.push(new_node(e, self.layer, index)),
+            };
+            self.nodes[parent].children.insert(name.to_vec(), id);
+        }
+        Ok(())
+    }
+}
+
+impl Tree {
+    /// Merges `layers` (bottom first) into one tree.
+    pub fn build(layers: Vec<Toc>) -> Result<Tree, TreeError> {
+        let mut b = Builder {
+            nodes: Vec::new(),
+            layer: 0,
+        };
+        b.push(implicit_dir());
+        for (i, toc) in layers.iter().enumerate() {
+            b.layer = i;
+            b.apply_whiteouts(toc);
+            b.apply_entries(toc)?;
+        }
+        // Number reachable inodes densely in depth-first order; hard links keep one inode.
+        let mut ino_of: Vec<Ino> = vec![0; b.nodes.len()];
+        let mut nodes: Vec<Node> = Vec::new();
+        let mut stack = vec![(0usize, ROOT_INO)];
+        ino_of[0] = ROOT_INO;
+        let mut root = b.nodes[0].node.clone();
+        root.parent = ROOT_INO;
+        nodes.push(root);
+        while let Some((old, ino)) = stack.pop() {
+            let mut kids: Vec<(Vec<u8>, usize)> = b.nodes[old]
+                .children
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect();
+            kids.sort_unstable();
+            let mut children = Vec::with_capacity(kids.len());
+            let mut subdirs = 0;
+            for (name, child) in kids {
+                let cino = if ino_of[child] != 0 {
+                    let c = ino_of[child];
+                    nodes[(c - 1) as usize].nlink += 1;
+                    c
+                } else {
+                    let mut n = b.nodes[child].node.clone();
+                    n.parent = ino;
+                    n.nlink = 1;
+                    nodes.push(n);
+                    let c = nodes.len() as Ino;
+                    ino_of[child] = c;
+                    if b.nodes[child].node.kind == EntryKind::Directory {
+                        subdirs += 1;
+                        stack.push((child, c));
+                    }
+                    c
+                };
+                children.push((name.into_boxed_slice(), cino));
+            }
+            let n = &mut nodes[(ino - 1) as usize];
+            n.children = children;
+            n.nlink = 2 + subdirs;
+        }
+        Ok(Tree { nodes, layers })
+    }
+
+    pub fn get(&self, ino: Ino) -> Option<&Node> {
+        self.nodes.get(usize::try_from(ino).ok()?.checked_sub(1)?)
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Looks `name` up in directory `parent`.
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> Option<Ino> {
+        let dir = self.get(parent)?;
+        dir.children
+            .binary_search_by(|(n, _)| n.as_ref().cmp(name))
+            .ok()
+            .map(|i| dir.children[i].1)
+    }
+
+    /// Resolves a slash-separated path from the root (no symlinks followed).
+    pub fn lookup_path(&self, path: &[u8]) -> Option<Ino> {
+        let mut cur = ROOT_INO;
+        for comp in path.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
+            cur = self.lookup(cur, comp)?;
+        }
+        Some(cur)
+    }
+
+    /// The TOC entry holding a file's chunks.
+    pub fn data_entry(&self, data: DataRef) -> Option<&Entry> {
+        self.layers
+            .get(data.layer as usize)?
+            .entries
+            .get(data.entry as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn toc(entries: Vec<Entry>) -> Toc {
+        Toc {
+            chunk_size: 1024,
+            entries,
+        }
+    }
+    fn file(p: &str) -> Entry {
+        Entry::new(p.as_bytes().to_vec(), EntryKind::Regular)
+    }
+    fn dir(p: &str) -> Entry {
+        Entry::new(p.as_bytes().to_vec(), EntryKind::Directory)
+    }
+
+    #[test]
+    fn whiteouts_opaque_and_hardlinks() {
+        let l0 = toc(vec![
+            dir("a"),
+            file("a/x"),
+            file("a/y"),
+            dir("b"),
+            file("b/keep"),
+            file("b/gone"),
+            file("top"),
+        ]);
+        let mut hl = Entry::new(b"b/hl".to_vec(), EntryKind::Hardlink);
+        hl.link = b"b/keep".to_vec();
+        let l1 = toc(vec![
+            dir("a"),
+            file("a/.wh..wh..opq"),
+            file("a/new"),
+            file("b/.wh.gone"),
+            hl,
+            file(".wh.top"),
+            file("implicit/parent/f"),
+        ]);
+        let t = Tree::build(vec![l0, l1]).unwrap();
+        assert!(t.lookup_path(b"a/x").is_none());
+        assert!(t.lookup_path(b"a/new").is_some());
+        assert!(t.lookup_path(b"a/.wh..wh..opq").is_none());
+        assert!(t.lookup_path(b"b/gone").is_none());
+        assert!(t.lookup_path(b"b/.wh.gone").is_none());
+        assert!(t.lookup_path(b"top").is_none());
+        let keep = t.lookup_path(b"b/keep").unwrap();
+        assert_eq!(t.lookup_path(b"b/hl"), Some(keep));
+        assert_eq!(t.get(keep).unwrap().nlink, 2);
+        assert!(t.lookup_path(b"implicit/parent/f").is_some());
+        let root = t.get(ROOT_INO).unwrap();
+        assert_eq!(root.nlink, 2 + 3); // a, b, implicit
+    }
+
+    #[test]
+    fn same_layer_entries_survive_their_whiteouts() {
+        let l0 = toc(vec![dir("d"), file("d/old")]);
+        let l1 = toc(vec![file("d/.wh..wh..opq"), file("d/mine"), file(".wh.d")]);
+        // `.wh.d` removes the lower `d`, but `d/mine` from this layer stays.
+        let t = Tree::build(vec![l0, l1]).unwrap();
+        assert!(t.lookup_path(b"d/mine").is_some());
+        assert!(t.lookup_path(b"d/old").is_none());
+    }
+
+    #[test]
+    fn file_replaces_dir_and_symlink_parent_is_refused() {
+        let l0 = toc(vec![dir("x"), file("x/in")]);
+        let l1 = toc(vec![file("x")]);
+        let t = Tree::build(vec![l0, l1]).unwrap();
+        assert_eq!(t.get(t.lookup_path(b"x").unwrap()).unwrap().kind, EntryKind::Regular);
+        let mut s = Entry::new(b"evil".to_vec(), EntryKind::Symlink);
+        s.link = b"/etc".to_vec();
+        let l2 = toc(vec![s, file("evil/passwd")]);
+        let err = Tree::build(vec![l2]).err().unwrap();
+        assert!(err.to_string().contains("not a directory"), "{err}");
+    }
+}
