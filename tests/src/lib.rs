@@ -1,0 +1,6 @@
+//! Shared helpers for strata's end-to-end tests: a generator of sample OCI images covering every
+//! layer feature, tree snapshots for entry-by-entry comparison, and process helpers.
+
+pub mod image;
+pub mod snapshot;
+pub mod util;

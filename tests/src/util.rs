@@ -1,0 +1,120 @@
+//! Running the strata binary and system tools from tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// The `strata` binary built next to the test executable (target/<profile>/strata).
+pub fn strata_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("STRATA_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join("strata");
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build --bins` first (or set STRATA_BIN)",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs `strata --root ROOT ARGS…`.
+pub fn strata(root: &Path, args: &[&str]) -> Output {
+    Command::new(strata_bin())
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .output()
+        .expect("running strata")
+}
+
+/// Runs strata and fails the test with its output if it does not succeed.
+pub fn strata_ok(root: &Path, args: &[&str]) -> String {
+    let out = strata(root, args);
+    assert!(
+        out.status.success(),
+        "strata {args:?} failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command; returns stdout or an error with stderr.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Whether `dir` is a mount point (per /proc/self/mountinfo).
+pub fn is_mounted(dir: &Path) -> bool {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(4) == Some(dir.to_string_lossy().as_ref()))
+}
+
+/// A strata mount that is unmounted when dropped (so a failing test cleans up).
+pub struct Mounted {
+    pub root: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Mounted {
+    pub fn new(root: &Path, image: &str, dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let out = strata(root, &["mount", image, &dir.to_string_lossy()]);
+        if !out.status.success() {
+            bail!("mount failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        if !is_mounted(dir) {
+            bail!("strata mount returned but {} is not mounted", dir.display());
+        }
+        Ok(Mounted {
+            root: root.to_path_buf(),
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn unmount(mut self) -> Result<()> {
+        self.unmount_inner()
+    }
+
+    fn unmount_inner(&mut self) -> Result<()> {
+        if !is_mounted(&self.dir) {
+            return Ok(());
+        }
+        let out = strata(&self.root, &["umount", &self.dir.to_string_lossy()]);
+        if !out.status.success() {
+            bail!("umount failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while is_mounted(&self.dir) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if is_mounted(&self.dir) {
+            let _ = strata(&self.root, &["umount", "--lazy", &self.dir.to_string_lossy()]);
+        }
+    }
+}
