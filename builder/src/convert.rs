@@ -60,14 +60,17 @@ impl Compression {
 /// A reader that hashes what passes through it.
 struct Hashing<R> {
     inner: R,
-    hasher: Sha256,
+    /// `None` when another stage already hashes the same bytes.
+    hasher: Option<Sha256>,
     count: u64,
 }
 
 impl<R: Read> Read for Hashing<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
         self.count += n as u64;
         Ok(n)
     }
@@ -77,12 +80,13 @@ impl<R> Hashing<R> {
     fn new(inner: R) -> Self {
         Hashing {
             inner,
-            hasher: Sha256::new(),
+            hasher: Some(Sha256::new()),
             count: 0,
         }
     }
-    fn digest(&self) -> String {
-        Sha256Digest(self.hasher.clone().finalize().into()).oci()
+    fn digest(&self) -> Option<String> {
+        let h = self.hasher.clone()?;
+        Some(Sha256Digest(h.finalize().into()).oci())
     }
 }
 
@@ -118,10 +122,16 @@ pub fn convert_layer<W: Write + Send>(
 ) -> Result<(W, ConvertedLayer), BuildError> {
     let mut stored = Hashing::new(BufReader::with_capacity(1 << 20, input));
     let compression = Compression::detect(stored.inner.fill_buf().map_err(BuildError::Read)?);
+    if compression == Compression::None {
+        // The stored bytes are the tar stream, which is hashed below anyway.
+        stored.hasher = None;
+    }
     let decoded: Box<dyn Read + '_> = match compression {
         Compression::None => Box::new(&mut stored),
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut stored)),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(&mut stored).map_err(BuildError::Read)?),
+        Compression::Zstd => {
+            Box::new(zstd::stream::read::Decoder::new(&mut stored).map_err(BuildError::Read)?)
+        }
     };
     let mut tar_stream = Hashing::new(decoded);
     let threads = if opts.threads == 0 {
@@ -129,9 +139,10 @@ pub fn convert_layer<W: Write + Send>(
     } else {
         opts.threads
     };
-    let in_flight = threads * 4;
+    let in_flight = threads * 8;
     let (work_tx, work_rx) = crossbeam_channel::bounded::<(u64, Work)>(in_flight);
-    let (done_tx, done_rx) = crossbeam_channel::bounded::<(u64, Result<Done, BuildError>)>(in_flight);
+    let (done_tx, done_rx) =
+        crossbeam_channel::bounded::<(u64, Result<Done, BuildError>)>(in_flight);
     let (token_tx, token_rx) = crossbeam_channel::bounded::<()>(in_flight);
     for _ in 0..in_flight {
         let _ = token_tx.send(());
@@ -186,14 +197,18 @@ pub fn convert_layer<W: Write + Send>(
                 while let Some(done) = pending.remove(&next) {
                     match done {
                         Done::Entry(e) => writer.add_entry(e)?,
-                        Done::Chunk { frame, raw, digest } => writer.add_chunk(&frame, &raw, digest)?,
+                        Done::Chunk { frame, raw, digest } => {
+                            writer.add_chunk(&frame, &raw, digest)?
+                        }
                     }
                     next += 1;
                     let _ = token_tx.send(());
                 }
             }
             if !pending.is_empty() {
-                return Err(BuildError::Source("conversion pipeline stopped early".into()));
+                return Err(BuildError::Source(
+                    "conversion pipeline stopped early".into(),
+                ));
             }
             let (out, summary) = writer.finish()?;
             let out = out
@@ -248,15 +263,16 @@ pub fn convert_layer<W: Write + Send>(
         summary
     })?;
     let (out, summary) = result;
-    let source_diff_id = tar_stream.digest();
+    let source_diff_id = tar_stream.digest().unwrap_or_default();
     drop(tar_stream);
     io::copy(&mut stored, &mut io::sink()).map_err(BuildError::Read)?;
+    let source_digest = stored.digest().unwrap_or_else(|| source_diff_id.clone());
     Ok((
         out,
         ConvertedLayer {
             summary,
             source_diff_id,
-            source_digest: stored.digest(),
+            source_digest,
         },
     ))
 }
@@ -302,7 +318,8 @@ fn entry_from_tar<R: Read>(item: &mut tar::Entry<'_, R>) -> Result<Option<Entry>
         reason,
     })?;
     let shown = lossy(&raw_path);
-    let bad = |what: &str, e: io::Error| BuildError::Layer(format!("entry {shown:?}: bad {what}: {e}"));
+    let bad =
+        |what: &str, e: io::Error| BuildError::Layer(format!("entry {shown:?}: bad {what}: {e}"));
     let mut kind = match header.entry_type() {
         T::Regular | T::Continuous | T::GNUSparse => EntryKind::Regular,
         T::Link => EntryKind::Hardlink,
@@ -332,7 +349,8 @@ fn entry_from_tar<R: Read>(item: &mut tar::Entry<'_, R>) -> Result<Option<Entry>
     let mut e = Entry::new(path, kind);
     e.mode = header.mode().map_err(|x| bad("mode", x))? & 0o7777;
     let id = |v: u64, what: &str| {
-        u32::try_from(v).map_err(|_| BuildError::Layer(format!("entry {shown:?}: {what} {v} too large")))
+        u32::try_from(v)
+            .map_err(|_| BuildError::Layer(format!("entry {shown:?}: {what} {v} too large")))
     };
     e.uid = id(header.uid().map_err(|x| bad("uid", x))?, "uid")?;
     e.gid = id(header.gid().map_err(|x| bad("gid", x))?, "gid")?;
@@ -343,25 +361,36 @@ fn entry_from_tar<R: Read>(item: &mut tar::Entry<'_, R>) -> Result<Option<Entry>
     match kind {
         EntryKind::Hardlink => {
             let target = item.link_name_bytes().unwrap_or_default().into_owned();
-            let norm = format::normalize_path(&target).map_err(|reason| BuildError::HostilePath {
-                path: format!("{shown} (hard link to {})", lossy(&target)),
-                reason,
-            })?;
+            let norm =
+                format::normalize_path(&target).map_err(|reason| BuildError::HostilePath {
+                    path: format!("{shown} (hard link to {})", lossy(&target)),
+                    reason,
+                })?;
             if norm.is_empty() {
-                return Err(BuildError::Layer(format!("entry {shown:?}: hard link without a target")));
+                return Err(BuildError::Layer(format!(
+                    "entry {shown:?}: hard link without a target"
+                )));
             }
             e.link = norm;
         }
         EntryKind::Symlink => {
             let target = item.link_name_bytes().unwrap_or_default().into_owned();
             if target.is_empty() || target.contains(&0) {
-                return Err(BuildError::Layer(format!("entry {shown:?}: symlink without a target")));
+                return Err(BuildError::Layer(format!(
+                    "entry {shown:?}: symlink without a target"
+                )));
             }
             e.link = target;
         }
         EntryKind::CharDevice | EntryKind::BlockDevice => {
-            e.dev_major = header.device_major().map_err(|x| bad("device", x))?.unwrap_or(0);
-            e.dev_minor = header.device_minor().map_err(|x| bad("device", x))?.unwrap_or(0);
+            e.dev_major = header
+                .device_major()
+                .map_err(|x| bad("device", x))?
+                .unwrap_or(0);
+            e.dev_minor = header
+                .device_minor()
+                .map_err(|x| bad("device", x))?
+                .unwrap_or(0);
         }
         _ => {}
     }
@@ -370,7 +399,11 @@ fn entry_from_tar<R: Read>(item: &mut tar::Entry<'_, R>) -> Result<Option<Entry>
             let ext = ext.map_err(|x| bad("PAX record", x))?;
             let key = ext.key_bytes();
             let value = ext.value_bytes();
-            let num = || std::str::from_utf8(value).ok().and_then(|v| v.parse::<u64>().ok());
+            let num = || {
+                std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+            };
             match key {
                 b"uid" => e.uid = id(num().unwrap_or(u64::from(e.uid)), "uid")?,
                 b"gid" => e.gid = id(num().unwrap_or(u64::from(e.gid)), "gid")?,
@@ -396,8 +429,16 @@ fn entry_from_tar<R: Read>(item: &mut tar::Entry<'_, R>) -> Result<Option<Entry>
 /// Progress of an image conversion, for a progress display.
 #[derive(Debug)]
 pub enum Progress<'a> {
-    LayerStart { index: usize, count: usize, size: u64 },
-    LayerDone { index: usize, layer: &'a ConvertedLayer },
+    LayerStart {
+        index: usize,
+        count: usize,
+        size: u64,
+    },
+    LayerDone {
+        index: usize,
+        layer: &'a ConvertedLayer,
+        digest: &'a str,
+    },
 }
 
 /// The result of converting an image.
@@ -444,8 +485,9 @@ pub fn convert_image(
             count: src.layers.len(),
             size: layer.size,
         });
-        let (blob, c) = convert_one(store, layer, opts)
-            .map_err(|e| BuildError::Layer(format!("layer {} of {}: {e}", i + 1, src.layers.len())))?;
+        let (blob, c) = convert_one(store, layer, opts).map_err(|e| {
+            BuildError::Layer(format!("layer {} of {}: {e}", i + 1, src.layers.len()))
+        })?;
         if c.source_diff_id != want_diff_ids[i] {
             return Err(BuildError::DigestMismatch {
                 what: format!("layer {} uncompressed content (diff ID)", i + 1),
@@ -454,13 +496,26 @@ pub fn convert_image(
             });
         }
         let s = &c.summary;
-        let digest = blob.commit(Some(&s.blob_digest.oci()))?;
+        let digest = blob.commit(None)?;
         let mut d = Descriptor::new(oci::MEDIA_TYPE_LAYER_ZSTD, digest, s.blob_size);
-        d.annotations.insert(format::ANNOTATION_TOC_DIGEST.into(), s.footer.toc_digest.oci());
-        d.annotations.insert(format::ANNOTATION_TOC_OFFSET.into(), s.footer.toc_offset.to_string());
-        d.annotations.insert(format::ANNOTATION_TOC_SIZE.into(), s.footer.toc_size.to_string());
+        d.annotations.insert(
+            format::ANNOTATION_TOC_DIGEST.into(),
+            s.footer.toc_digest.oci(),
+        );
+        d.annotations.insert(
+            format::ANNOTATION_TOC_OFFSET.into(),
+            s.footer.toc_offset.to_string(),
+        );
+        d.annotations.insert(
+            format::ANNOTATION_TOC_SIZE.into(),
+            s.footer.toc_size.to_string(),
+        );
         descriptors.push(d);
-        progress(Progress::LayerDone { index: i, layer: &c });
+        progress(Progress::LayerDone {
+            index: i,
+            layer: &c,
+            digest: &descriptors[i].digest,
+        });
         converted.push(c);
     }
     config["rootfs"]["diff_ids"] = serde_json::Value::Array(
@@ -469,12 +524,17 @@ pub fn convert_image(
             .map(|c| serde_json::Value::String(c.summary.diff_id.oci()))
             .collect(),
     );
-    let config_bytes = serde_json::to_vec(&config).map_err(|e| BuildError::Source(e.to_string()))?;
+    let config_bytes =
+        serde_json::to_vec(&config).map_err(|e| BuildError::Source(e.to_string()))?;
     let config_digest = store.put_blob(&config_bytes)?;
     let manifest = Manifest {
         schema_version: 2,
         media_type: Some(oci::MEDIA_TYPE_MANIFEST.into()),
-        config: Descriptor::new(oci::MEDIA_TYPE_CONFIG, config_digest, config_bytes.len() as u64),
+        config: Descriptor::new(
+            oci::MEDIA_TYPE_CONFIG,
+            config_digest,
+            config_bytes.len() as u64,
+        ),
         layers: descriptors,
         annotations: src.annotations.clone(),
         extra: Default::default(),
@@ -519,7 +579,10 @@ mod tests {
 
     #[test]
     fn pax_times() {
-        assert_eq!(parse_pax_time(b"1600000000.5"), Some((1_600_000_000, 500_000_000)));
+        assert_eq!(
+            parse_pax_time(b"1600000000.5"),
+            Some((1_600_000_000, 500_000_000))
+        );
         assert_eq!(parse_pax_time(b"12"), Some((12, 0)));
         assert_eq!(parse_pax_time(b"-1.25"), Some((-2, 750_000_000)));
         assert_eq!(parse_pax_time(b"x"), None);

@@ -100,7 +100,12 @@ fn open_oci_layout(dir: &Path, tag: Option<&str>) -> Result<SourceImage, BuildEr
         Some(t) => index
             .manifests
             .iter()
-            .filter(|d| d.annotations.get(oci::ANNOTATION_REF_NAME).map(String::as_str) == Some(t))
+            .filter(|d| {
+                d.annotations
+                    .get(oci::ANNOTATION_REF_NAME)
+                    .map(String::as_str)
+                    == Some(t)
+            })
             .collect(),
         None => index.manifests.iter().collect(),
     };
@@ -128,7 +133,7 @@ fn open_oci_layout(dir: &Path, tag: Option<&str>) -> Result<SourceImage, BuildEr
         let idx: Index = parse_json(&read_blob(&desc)?, "image index")?;
         let (os, arch) = oci::host_platform();
         desc = oci::select_platform(&idx.manifests, os, arch)
-            .or_else(|| match idx.manifests.as_slice() {
+            .or(match idx.manifests.as_slice() {
                 [one] => Some(one),
                 _ => None,
             })
@@ -168,14 +173,19 @@ fn open_docker_archive(path: &Path) -> Result<SourceImage, BuildError> {
     let mut archive = tar::Archive::new(io::BufReader::new(f));
     let mut members: HashMap<Vec<u8>, (u64, u64)> = HashMap::new();
     let mut small: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
-    let bad = |e: io::Error| BuildError::Source(format!("{}: not a tar archive: {e}", path.display()));
+    let bad =
+        |e: io::Error| BuildError::Source(format!("{}: not a tar archive: {e}", path.display()));
     for entry in archive.entries().map_err(bad)? {
         let mut entry = entry.map_err(bad)?;
         let name = strata_fs::format::normalize_path(&entry.path_bytes())
             .map_err(|r| BuildError::Source(format!("archive member: {r}")))?;
         if name == b"manifest.json" || name.ends_with(b".json") {
             let mut data = Vec::new();
-            entry.by_ref().take(64 << 20).read_to_end(&mut data).map_err(bad)?;
+            entry
+                .by_ref()
+                .take(64 << 20)
+                .read_to_end(&mut data)
+                .map_err(bad)?;
             small.insert(name.clone(), data);
         }
         members.insert(name, (entry.raw_file_position(), entry.size()));

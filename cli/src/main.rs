@@ -8,7 +8,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "strata", version, about = "Container images that start before they are downloaded")]
+#[command(
+    name = "strata",
+    version,
+    about = "Container images that start before they are downloaded"
+)]
 struct Cli {
     #[command(flatten)]
     global: GlobalArgs,

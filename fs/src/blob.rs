@@ -39,12 +39,18 @@ impl BlobSource for LocalBlob {
         self.size
     }
     fn read_range(&self, offset: u64, len: u64) -> io::Result<Vec<u8>> {
-        let end = offset.checked_add(len).filter(|&e| e <= self.size).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("range {offset}+{len} is past the end of a {}-byte blob", self.size),
-            )
-        })?;
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.size)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "range {offset}+{len} is past the end of a {}-byte blob",
+                        self.size
+                    ),
+                )
+            })?;
         let mut buf = vec![0u8; (end - offset) as usize];
         self.file.read_exact_at(&mut buf, offset)?;
         Ok(buf)
@@ -103,12 +109,16 @@ pub fn open_toc(src: &dyn BlobSource, digest: &str, hint: &TocHint) -> Result<To
                     "blob of {size} bytes is too short to be a strata layer"
                 ))));
             }
-            let bytes = src.read_range(size - FOOTER_SIZE as u64, FOOTER_SIZE as u64).map_err(io)?;
+            let bytes = src
+                .read_range(size - FOOTER_SIZE as u64, FOOTER_SIZE as u64)
+                .map_err(io)?;
             format::parse_footer(&bytes, size).map_err(fmt)?
         }
     };
     let trusted = hint.digest.unwrap_or(footer.toc_digest);
-    let frame = src.read_range(footer.toc_offset, footer.toc_size).map_err(io)?;
+    let frame = src
+        .read_range(footer.toc_offset, footer.toc_size)
+        .map_err(io)?;
     let toc_end = footer.toc_offset.saturating_add(footer.toc_size);
     if toc_end + FOOTER_SIZE as u64 != size {
         return Err(fmt(format::FormatError::CorruptToc(format!(

@@ -82,7 +82,10 @@ impl ChunkCache {
             })
             .clone();
         let mut inflight = self.inflight.lock();
-        if inflight.get(&chunk.digest).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+        if inflight
+            .get(&chunk.digest)
+            .is_some_and(|s| Arc::ptr_eq(s, &slot))
+        {
             inflight.remove(&chunk.digest);
         }
         result

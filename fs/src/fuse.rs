@@ -24,6 +24,9 @@ use crate::chunks::ChunkCache;
 use crate::format::{Chunk, EntryKind};
 use crate::tree::{Ino, Node, Tree};
 
+/// Chunks decoded ahead of a sequential reader.
+const READAHEAD_CHUNKS: usize = 3;
+
 /// How long the kernel may cache entries and attributes: layers never change.
 const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -93,6 +96,9 @@ pub struct StrataFs {
     shared: Arc<Shared>,
     prefetch: SyncSender<(u32, Chunk)>,
     prefetch_rx: Mutex<Option<Receiver<(u32, Chunk)>>>,
+    readahead_threads: usize,
+    no_open: bool,
+    no_opendir: bool,
 }
 
 fn system_time(sec: i64, nsec: u32) -> SystemTime {
@@ -156,39 +162,73 @@ impl Shared {
         Some((data.layer, &e.chunks))
     }
 
-    fn read(&self, n: &Node, offset: u64, size: u32) -> Result<(Vec<u8>, Option<(u32, Chunk)>), FsError> {
+    /// Reads `size` bytes at `offset` and hands them to `reply` (without copying when they lie
+    /// in one chunk); returns the chunks a sequential reader wants next.
+    fn read(&self, n: &Node, offset: u64, size: u32, reply: ReplyData) -> Vec<(u32, Chunk)> {
         if offset >= n.size || size == 0 {
-            return Ok((Vec::new(), None));
+            reply.data(&[]);
+            return Vec::new();
         }
         let end = n.size.min(offset + u64::from(size));
         let Some((layer, chunks)) = self.chunks(n) else {
-            return Err(FsError::Io("file has no data".into()));
+            reply.error(FsError::Io("file has no data".into()).errno());
+            return Vec::new();
         };
-        let blob = self
-            .blobs
-            .get(layer as usize)
-            .ok_or_else(|| FsError::Io("layer missing".into()))?;
-        let mut i = chunks.partition_point(|c| c.file_offset + u64::from(c.uncompressed_len) <= offset);
-        let mut out = Vec::with_capacity((end - offset) as usize);
+        let Some(blob) = self.blobs.get(layer as usize) else {
+            reply.error(FsError::Io("layer missing".into()).errno());
+            return Vec::new();
+        };
+        let first =
+            chunks.partition_point(|c| c.file_offset + u64::from(c.uncompressed_len) <= offset);
+        let mut pieces = Vec::with_capacity(2);
         let mut pos = offset;
-        let mut next = None;
+        let mut i = first;
         while pos < end {
-            let c = chunks.get(i).ok_or_else(|| FsError::Io("chunk table ends early".into()))?;
-            let data = self.cache.get(blob.as_ref(), c).map_err(|e| {
-                tracing::error!(layer, offset = c.compressed_offset, "chunk read failed: {e}");
-                FsError::Io(e.0)
-            })?;
+            let Some(c) = chunks.get(i) else {
+                reply.error(FsError::Io("chunk table ends early".into()).errno());
+                return Vec::new();
+            };
+            let data = match self.cache.get(blob.as_ref(), c) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!(
+                        layer,
+                        offset = c.compressed_offset,
+                        "chunk read failed: {e}"
+                    );
+                    reply.error(FsError::Io(e.0).errno());
+                    return Vec::new();
+                }
+            };
             let from = (pos - c.file_offset) as usize;
             let to = ((end - c.file_offset) as usize).min(data.len());
-            out.extend_from_slice(&data[from..to]);
             pos = c.file_offset + to as u64;
-            // A read that reaches the second half of a chunk is likely sequential: warm the next.
-            if to * 2 >= data.len() {
-                next = chunks.get(i + 1).map(|c| (layer, *c));
-            }
+            pieces.push((data, from, to));
             i += 1;
         }
-        Ok((out, next))
+        // A read that reaches the second half of its last chunk is likely sequential: warm the
+        // next few chunks so every core decodes while the reader consumes.
+        let sequential = pieces.last().is_some_and(|(d, _, to)| to * 2 >= d.len());
+        match pieces.as_slice() {
+            [(d, from, to)] => reply.data(&d[*from..*to]),
+            _ => {
+                let mut out = Vec::with_capacity((end - offset) as usize);
+                for (d, from, to) in &pieces {
+                    out.extend_from_slice(&d[*from..*to]);
+                }
+                reply.data(&out);
+            }
+        }
+        if !sequential {
+            return Vec::new();
+        }
+        chunks
+            .iter()
+            .skip(i)
+            .take(READAHEAD_CHUNKS)
+            .filter(|c| !self.cache.contains(&c.digest))
+            .map(|c| (layer, *c))
+            .collect()
     }
 }
 
@@ -203,6 +243,9 @@ impl StrataFs {
             }),
             prefetch: tx,
             prefetch_rx: Mutex::new(Some(rx)),
+            readahead_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            no_open: false,
+            no_opendir: false,
         }
     }
 
@@ -210,11 +253,15 @@ impl StrataFs {
         let Some(rx) = self.prefetch_rx.lock().take() else {
             return;
         };
-        let shared = Arc::downgrade(&self.shared);
-        let _ = std::thread::Builder::new()
-            .name("strata-readahead".into())
-            .spawn(move || {
-                for (layer, chunk) in rx {
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..self.readahead_threads {
+            let shared = Arc::downgrade(&self.shared);
+            let rx = rx.clone();
+            let _ = std::thread::Builder::new()
+                .name(format!("strata-readahead-{i}"))
+                .spawn(move || loop {
+                    let next = rx.lock().recv();
+                    let Ok((layer, chunk)) = next else { break };
                     let Some(s) = shared.upgrade() else { break };
                     if s.cache.contains(&chunk.digest) {
                         continue;
@@ -222,8 +269,8 @@ impl StrataFs {
                     if let Some(b) = s.blobs.get(layer as usize) {
                         let _ = s.cache.get(b.as_ref(), &chunk);
                     }
-                }
-            });
+                });
+        }
     }
 
     fn reply_entry(&self, ino: Ino, reply: ReplyEntry) {
@@ -239,8 +286,15 @@ impl Filesystem for StrataFs {
         let wanted = InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_PARALLEL_DIROPS
-            | InitFlags::FUSE_CACHE_SYMLINKS;
-        let _ = config.add_capabilities(wanted & config.capabilities());
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_NO_OPEN_SUPPORT
+            | InitFlags::FUSE_NO_OPENDIR_SUPPORT;
+        let offered = config.capabilities();
+        let _ = config.add_capabilities(wanted & offered);
+        // With these, answering ENOSYS to open/opendir stops the kernel sending them at all and
+        // it keeps page and directory caches across opens (the immutable-layer case).
+        self.no_open = offered.contains(InitFlags::FUSE_NO_OPEN_SUPPORT);
+        self.no_opendir = offered.contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
         let _ = config.set_max_readahead(1 << 20);
         self.start_prefetcher();
         Ok(())
@@ -277,6 +331,7 @@ impl Filesystem for StrataFs {
             return reply.error(FsError::ReadOnly.errno());
         }
         match self.shared.node(ino) {
+            Ok(_) if self.no_open => reply.error(Errno::ENOSYS),
             Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(e.errno()),
         }
@@ -297,23 +352,18 @@ impl Filesystem for StrataFs {
             Ok(n) => n,
             Err(e) => return reply.error(e.errno()),
         };
-        match self.shared.read(n, offset, size) {
-            Ok((data, next)) => {
-                reply.data(&data);
-                if let Some(next) = next {
-                    if !self.shared.cache.contains(&next.1.digest) {
-                        if let Err(TrySendError::Disconnected(_)) = self.prefetch.try_send(next) {
-                            tracing::debug!("readahead worker gone");
-                        }
-                    }
-                }
+        for c in self.shared.read(n, offset, size, reply) {
+            if let Err(TrySendError::Disconnected(_)) = self.prefetch.try_send(c) {
+                tracing::debug!("readahead workers gone");
             }
-            Err(e) => reply.error(e.errno()),
         }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.shared.node(ino) {
+            Ok(n) if n.kind == EntryKind::Directory && self.no_opendir => {
+                reply.error(Errno::ENOSYS)
+            }
             Ok(n) if n.kind == EntryKind::Directory => reply.opened(
                 FileHandle(0),
                 FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
@@ -323,7 +373,14 @@ impl Filesystem for StrataFs {
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let n = match self.shared.node(ino) {
             Ok(n) => n,
             Err(e) => return reply.error(e.errno()),
@@ -337,7 +394,11 @@ impl Filesystem for StrataFs {
                 let (nm, c) = &n.children[i - 2];
                 (nm.as_ref(), *c)
             };
-            let kind = self.shared.tree.get(cino).map_or(FileType::Directory, |c| file_type(c.kind));
+            let kind = self
+                .shared
+                .tree
+                .get(cino)
+                .map_or(FileType::Directory, |c| file_type(c.kind));
             if reply.add(INodeNo(cino), (i + 1) as u64, kind, OsStr::from_bytes(name)) {
                 break;
             }
@@ -387,7 +448,13 @@ impl Filesystem for StrataFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let bytes: u64 = self.shared.tree.layers.iter().map(|t| t.uncompressed_bytes()).sum();
+        let bytes: u64 = self
+            .shared
+            .tree
+            .layers
+            .iter()
+            .map(|t| t.uncompressed_bytes())
+            .sum();
         let files = self.shared.tree.len() as u64;
         reply.statfs(bytes.div_ceil(4096), 0, 0, files, 0, 4096, 255, 4096);
     }
@@ -397,7 +464,11 @@ impl Filesystem for StrataFs {
             Ok(n) => n,
             Err(e) => return reply.error(e.errno()),
         };
-        match n.xattrs.iter().find(|(k, _)| k.as_slice() == name.as_bytes()) {
+        match n
+            .xattrs
+            .iter()
+            .find(|(k, _)| k.as_slice() == name.as_bytes())
+        {
             None => reply.error(FsError::NoAttr.errno()),
             Some((_, v)) if size == 0 => reply.size(v.len() as u32),
             Some((_, v)) if v.len() > size as usize => reply.error(FsError::Range.errno()),

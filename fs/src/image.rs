@@ -68,7 +68,10 @@ pub fn toc_hint(d: &Descriptor) -> Result<TocHint, OpenError> {
             .map(|v| v.parse::<u64>().map_err(|_| bad(a)))
             .transpose()
     };
-    let location = match (num(format::ANNOTATION_TOC_OFFSET)?, num(format::ANNOTATION_TOC_SIZE)?) {
+    let location = match (
+        num(format::ANNOTATION_TOC_OFFSET)?,
+        num(format::ANNOTATION_TOC_SIZE)?,
+    ) {
         (Some(o), Some(s)) => Some((o, s)),
         _ => None,
     };
@@ -112,7 +115,11 @@ pub fn open_local(store: &Store, image: &str) -> Result<OpenedImage, ImageError>
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(ImageError::BadConfig("layer".into(), "panicked".into()))))
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(ImageError::BadConfig("layer".into(), "panicked".into()))
+                })
+            })
             .collect()
     });
     let layers = opened.into_iter().collect::<Result<Vec<_>, _>>()?;

@@ -7,11 +7,11 @@
 //! - [`fuse`]: the FUSE filesystem serving a tree.
 
 pub mod blob;
+pub mod chunks;
 pub mod format;
+pub mod fuse;
+pub mod image;
 pub mod oci;
 pub mod reference;
 pub mod store;
 pub mod tree;
-pub mod chunks;
-pub mod fuse;
-pub mod image;

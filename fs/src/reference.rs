@@ -235,20 +235,36 @@ mod tests {
         assert_eq!(full("localhost:5000/app"), "localhost:5000/app:latest");
         assert_eq!(full("localhost/app:1.0"), "localhost/app:1.0");
         assert_eq!(full("ghcr.io/org/sub/app:v2"), "ghcr.io/org/sub/app:v2");
-        assert_eq!(full("index.docker.io/library/x"), "docker.io/library/x:latest");
+        assert_eq!(
+            full("index.docker.io/library/x"),
+            "docker.io/library/x:latest"
+        );
         let d = format!("sha256:{}", "a".repeat(64));
-        assert_eq!(full(&format!("alpine@{d}")), format!("docker.io/library/alpine@{d}"));
+        assert_eq!(
+            full(&format!("alpine@{d}")),
+            format!("docker.io/library/alpine@{d}")
+        );
         assert_eq!(
             full(&format!("127.0.0.1:5000/a/b:t@{d}")),
             format!("127.0.0.1:5000/a/b:t@{d}")
         );
-        assert_eq!(Reference::parse("alpine").unwrap().familiar(), "alpine:latest");
+        assert_eq!(
+            Reference::parse("alpine").unwrap().familiar(),
+            "alpine:latest"
+        );
     }
 
     #[test]
     fn rejects_bad_references() {
         for bad in [
-            "", "Upper/case", "app:", "app:-bad", "a//b", "app@sha256:zz", "-app", "app:t:t",
+            "",
+            "Upper/case",
+            "app:",
+            "app:-bad",
+            "a//b",
+            "app@sha256:zz",
+            "-app",
+            "app:t:t",
             "a/b:tag/x",
         ] {
             assert!(Reference::parse(bad).is_err(), "{bad:?} should be refused");

@@ -69,7 +69,11 @@ impl Store {
     /// Opens (creating if needed) the store at `root`.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
-        for d in [root.join("blobs/sha256"), root.join("tmp"), root.join("mounts")] {
+        for d in [
+            root.join("blobs/sha256"),
+            root.join("tmp"),
+            root.join("mounts"),
+        ] {
             fs::create_dir_all(&d).map_err(io_err(&d))?;
         }
         let store = Store { root };
@@ -79,12 +83,11 @@ impl Store {
         }
         let index = store.root.join("index.json");
         if !index.exists() {
-            let body = serde_json::to_vec_pretty(&Index::default()).map_err(|e| {
-                StoreError::Corrupt {
+            let body =
+                serde_json::to_vec_pretty(&Index::default()).map_err(|e| StoreError::Corrupt {
                     path: index.clone(),
                     reason: e.to_string(),
-                }
-            })?;
+                })?;
             store.write_atomic(&index, &body)?;
         }
         Ok(store)
@@ -199,7 +202,10 @@ impl Store {
         let mut index = self.read_index()?;
         let name = reference.to_string();
         index.manifests.retain(|d| {
-            d.annotations.get(oci::ANNOTATION_REF_NAME).map(String::as_str) != Some(name.as_str())
+            d.annotations
+                .get(oci::ANNOTATION_REF_NAME)
+                .map(String::as_str)
+                != Some(name.as_str())
         });
         descriptor
             .annotations
@@ -219,7 +225,10 @@ impl Store {
         let name = reference.to_string();
         let before = index.manifests.len();
         index.manifests.retain(|d| {
-            d.annotations.get(oci::ANNOTATION_REF_NAME).map(String::as_str) != Some(name.as_str())
+            d.annotations
+                .get(oci::ANNOTATION_REF_NAME)
+                .map(String::as_str)
+                != Some(name.as_str())
         });
         if index.manifests.len() == before {
             return Ok(false);
@@ -366,7 +375,8 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// Reads a whole stream, verifying it against `expected` (used for blobs read from elsewhere).
 pub fn read_verified(mut r: impl Read, expected: &str) -> Result<Vec<u8>> {
     let mut data = Vec::new();
-    r.read_to_end(&mut data).map_err(io_err(Path::new(expected)))?;
+    r.read_to_end(&mut data)
+        .map_err(io_err(Path::new(expected)))?;
     let actual = Sha256Digest::of(&data).oci();
     if actual != expected {
         return Err(StoreError::DigestMismatch {
@@ -389,7 +399,10 @@ mod tests {
         assert_eq!(store.read_blob(&d).unwrap(), b"hello");
         let mut w = store.blob_writer().unwrap();
         w.write_all(b"x").unwrap();
-        assert!(w.commit(Some(&d)).is_err(), "wrong expected digest must fail");
+        assert!(
+            w.commit(Some(&d)).is_err(),
+            "wrong expected digest must fail"
+        );
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
         let r = Reference::parse("app:v1").unwrap();
         store

@@ -68,7 +68,11 @@ fn new_node(e: &Entry, layer: usize, index: usize) -> Node {
         mode: e.mode & 0o7777,
         uid: e.uid,
         gid: e.gid,
-        size: if e.kind == EntryKind::Regular { e.size } else { 0 },
+        size: if e.kind == EntryKind::Regular {
+            e.size
+        } else {
+            0
+        },
         mtime_sec: e.mtime_sec,
         mtime_nsec: e.mtime_nsec,
         dev_major: e.dev_major,
@@ -214,17 +218,15 @@ impl Builder {
                     _ => self.push(new_node(e, self.layer, index)),
                 },
                 EntryKind::Hardlink => {
-                    let target = self
-                        .lookup(&e.link)
-                        .ok_or_else(|| {
-                            self.err(
-                                &e.path,
-                                format!(
-                                    "is a hard link to {:?}, which does not exist",
-                                    String::from_utf8_lossy(&e.link)
-                                ),
-                            )
-                        })?;
+                    let target = self.lookup(&e.link).ok_or_else(|| {
+                        self.err(
+                            &e.path,
+                            format!(
+                                "is a hard link to {:?}, which does not exist",
+                                String::from_utf8_lossy(&e.link)
+                            ),
+                        )
+                    })?;
                     if self.nodes[target].node.kind == EntryKind::Directory {
                         return Err(self.err(&e.path, "is a hard link to a directory"));
                     }
@@ -403,7 +405,10 @@ mod tests {
         let l0 = toc(vec![dir("x"), file("x/in")]);
         let l1 = toc(vec![file("x")]);
         let t = Tree::build(vec![l0, l1]).unwrap();
-        assert_eq!(t.get(t.lookup_path(b"x").unwrap()).unwrap().kind, EntryKind::Regular);
+        assert_eq!(
+            t.get(t.lookup_path(b"x").unwrap()).unwrap().kind,
+            EntryKind::Regular
+        );
         let mut s = Entry::new(b"evil".to_vec(), EntryKind::Symlink);
         s.link = b"/etc".to_vec();
         let l2 = toc(vec![s, file("evil/passwd")]);

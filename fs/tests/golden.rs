@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failure should abort loudly
 //! Golden test: a small fixture layer's bytes are pinned (blob digest, diff ID, footer bytes and
 //! the TOC dump), so any change to the on-disk format is deliberate and shows in review.
 //! The fixture and field offsets follow `docs/format.md`; regenerate the golden files with
@@ -48,7 +49,10 @@ fn fixture_layer_matches_golden() {
     assert_eq!(u32::from_le_bytes(footer[4..8].try_into().unwrap()), 72);
     assert_eq!(&footer[8..16], b"STRATAFT");
     assert_eq!(u16::from_le_bytes(footer[16..18].try_into().unwrap()), 1);
-    assert_eq!(u64::from_le_bytes(footer[24..32].try_into().unwrap()), summary.footer.toc_offset);
+    assert_eq!(
+        u64::from_le_bytes(footer[24..32].try_into().unwrap()),
+        summary.footer.toc_offset
+    );
     assert_eq!(&footer[40..72], &summary.footer.toc_digest.0);
     let toc = &blob[summary.footer.toc_offset as usize..];
     assert_eq!(&toc[8..16], b"STRATOC\0");
@@ -61,7 +65,7 @@ fn fixture_layer_matches_golden() {
     .unwrap();
     let text = format!(
         "blob {}\nsize {}\ndiff_id {}\ntoc {}+{} {}\nfooter {}\n{}",
-        summary.blob_digest,
+        Sha256Digest::of(&blob),
         summary.blob_size,
         summary.diff_id,
         summary.footer.toc_offset,
@@ -74,6 +78,10 @@ fn fixture_layer_matches_golden() {
     if std::env::var_os("STRATA_BLESS").is_some() {
         std::fs::write(&path, &text).unwrap();
     }
-    let want = std::fs::read_to_string(&path).expect("golden file (run with STRATA_BLESS=1 to create)");
-    assert_eq!(text, want, "layer bytes changed; if deliberate, bless and document in docs/format.md");
+    let want =
+        std::fs::read_to_string(&path).expect("golden file (run with STRATA_BLESS=1 to create)");
+    assert_eq!(
+        text, want,
+        "layer bytes changed; if deliberate, bless and document in docs/format.md"
+    );
 }

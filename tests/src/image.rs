@@ -107,7 +107,14 @@ impl LayerBuilder {
         Ok(self)
     }
 
-    pub fn file_owned(&mut self, path: &str, mode: u32, uid: u64, gid: u64, data: &[u8]) -> Result<&mut Self> {
+    pub fn file_owned(
+        &mut self,
+        path: &str,
+        mode: u32,
+        uid: u64,
+        gid: u64,
+        data: &[u8],
+    ) -> Result<&mut Self> {
         let mut h = self.header(tar::EntryType::Regular, mode, data.len() as u64);
         h.set_uid(uid);
         h.set_gid(gid);
@@ -116,8 +123,15 @@ impl LayerBuilder {
     }
 
     /// A file with PAX records (xattrs as `SCHILY.xattr.*`, sub-second mtime).
-    pub fn file_pax(&mut self, path: &str, mode: u32, data: &[u8], pax: &[(&str, &[u8])]) -> Result<&mut Self> {
-        self.b.append_pax_extensions(pax.iter().map(|(k, v)| (*k, *v)))?;
+    pub fn file_pax(
+        &mut self,
+        path: &str,
+        mode: u32,
+        data: &[u8],
+        pax: &[(&str, &[u8])],
+    ) -> Result<&mut Self> {
+        self.b
+            .append_pax_extensions(pax.iter().map(|(k, v)| (*k, *v)))?;
         self.file(path, mode, data)
     }
 
@@ -135,7 +149,13 @@ impl LayerBuilder {
         Ok(self)
     }
 
-    pub fn device(&mut self, path: &str, kind: tar::EntryType, major: u32, minor: u32) -> Result<&mut Self> {
+    pub fn device(
+        &mut self,
+        path: &str,
+        kind: tar::EntryType,
+        major: u32,
+        minor: u32,
+    ) -> Result<&mut Self> {
         let mut h = self.header(kind, 0o660, 0);
         h.set_device_major(major)?;
         h.set_device_minor(minor)?;
@@ -150,7 +170,13 @@ impl LayerBuilder {
     }
 
     /// Appends a raw entry with an arbitrary (even hostile) name.
-    pub fn raw_entry(&mut self, name: &[u8], kind: tar::EntryType, link: Option<&str>, data: &[u8]) -> Result<&mut Self> {
+    pub fn raw_entry(
+        &mut self,
+        name: &[u8],
+        kind: tar::EntryType,
+        link: Option<&str>,
+        data: &[u8],
+    ) -> Result<&mut Self> {
         let mut h = self.header(kind, 0o644, data.len() as u64);
         {
             let old = h.as_old_mut();
@@ -182,12 +208,23 @@ pub fn gnu_sparse_layer(name: &str, size: u64, data_at: &[(u64, &[u8])]) -> Resu
         f.write_all_at(bytes, *off)?;
     }
     drop(f);
-    let status = Command::new("touch").arg("-d").arg("@1700000500").arg(&path).status()?;
+    let status = Command::new("touch")
+        .arg("-d")
+        .arg("@1700000500")
+        .arg(&path)
+        .status()?;
     if !status.success() {
         bail!("touch failed");
     }
     let out = Command::new("tar")
-        .args(["--format=gnu", "--sparse", "--numeric-owner", "--owner=0", "--group=0", "-C"])
+        .args([
+            "--format=gnu",
+            "--sparse",
+            "--numeric-owner",
+            "--owner=0",
+            "--group=0",
+            "-C",
+        ])
         .arg(dir.path())
         .args(["-cf", "-", name])
         .output()
@@ -219,11 +256,15 @@ pub fn write_oci_layout(dir: &Path, tag: &str, layers: &[Layer]) -> Result<serde
     for (i, l) in layers.iter().enumerate() {
         let blob = l.compression.compress(&l.tar)?;
         let d = put(&blob)?;
-        descs.push(json!({"mediaType": l.compression.media_type(), "digest": d, "size": blob.len()}));
+        descs.push(
+            json!({"mediaType": l.compression.media_type(), "digest": d, "size": blob.len()}),
+        );
         diff_ids.push(sha256(&l.tar));
-        history.push(json!({"created": "2024-01-01T00:00:00Z", "created_by": format!("layer {i}")}));
+        history
+            .push(json!({"created": "2024-01-01T00:00:00Z", "created_by": format!("layer {i}")}));
     }
-    history.push(json!({"created": "2024-01-01T00:00:00Z", "created_by": "CMD", "empty_layer": true}));
+    history
+        .push(json!({"created": "2024-01-01T00:00:00Z", "created_by": "CMD", "empty_layer": true}));
     let config = sample_config(diff_ids, history);
     let config_bytes = serde_json::to_vec(&config)?;
     let cd = put(&config_bytes)?;
@@ -285,7 +326,8 @@ pub fn write_docker_archive(file: &Path, tag: &str, layers: &[Layer]) -> Result<
         add(&mut b, &name, &l.tar)?;
         names.push(name);
         diff_ids.push(d);
-        history.push(json!({"created": "2024-01-01T00:00:00Z", "created_by": format!("layer {i}")}));
+        history
+            .push(json!({"created": "2024-01-01T00:00:00Z", "created_by": format!("layer {i}")}));
     }
     let config = serde_json::to_vec(&sample_config(diff_ids, history))?;
     let config_name = format!("{}.json", &sha256(&config)[7..]);
@@ -313,8 +355,22 @@ pub fn noise(seed: u64, len: usize) -> Vec<u8> {
 /// Text-like bytes (compress about 3:1, like code and configs).
 pub fn text(seed: u64, len: usize) -> Vec<u8> {
     const WORDS: [&str; 16] = [
-        "import ", "def ", "return ", "self", ".value", "(x, y)", " = ", "\n", "    ", "if ",
-        "else:", "for i in range(", "None", "True", "# comment ", "print(",
+        "import ",
+        "def ",
+        "return ",
+        "self",
+        ".value",
+        "(x, y)",
+        " = ",
+        "\n",
+        "    ",
+        "if ",
+        "else:",
+        "for i in range(",
+        "None",
+        "True",
+        "# comment ",
+        "print(",
     ];
     let n = noise(seed, len);
     let mut out = Vec::with_capacity(len + 16);
@@ -386,7 +442,11 @@ pub fn feature_layers(small_files: usize) -> Result<Vec<Layer>> {
     }
     for i in 0..small_files {
         let body = format!("small file {i}\n").repeat(1 + i % 7);
-        l1.file(&format!("many/d{:02}/f{i:05}.txt", i / 1000), 0o644, body.as_bytes())?;
+        l1.file(
+            &format!("many/d{:02}/f{i:05}.txt", i / 1000),
+            0o644,
+            body.as_bytes(),
+        )?;
     }
     let l1 = l1.finish()?;
 
@@ -397,7 +457,11 @@ pub fn feature_layers(small_files: usize) -> Result<Vec<Layer>> {
         .file("opq/.wh..wh..opq", 0o644, b"")?
         .file("opq/new", 0o644, b"new in layer 2")?
         .file(".wh.removed_dir", 0o644, b"")?
-        .file("etc/hosts", 0o644, b"127.0.0.1 localhost\n10.0.0.1 layer2\n")?
+        .file(
+            "etc/hosts",
+            0o644,
+            b"127.0.0.1 localhost\n10.0.0.1 layer2\n",
+        )?
         .file("etc/localtime", 0o644, b"replaced symlink with a file")?
         .hardlink("data/hl-across", "usr/bin/su")?;
     let l2 = l2.finish()?;
@@ -413,9 +477,18 @@ pub fn feature_layers(small_files: usize) -> Result<Vec<Layer>> {
     l3.file("sparse-100M", 0o644, &sparse)?;
     let l3 = l3.finish()?;
     Ok(vec![
-        Layer { tar: l1, compression: Compression::Gzip },
-        Layer { tar: l2, compression: Compression::None },
-        Layer { tar: l3, compression: Compression::Gzip },
+        Layer {
+            tar: l1,
+            compression: Compression::Gzip,
+        },
+        Layer {
+            tar: l2,
+            compression: Compression::None,
+        },
+        Layer {
+            tar: l3,
+            compression: Compression::Gzip,
+        },
     ])
 }
 
@@ -425,6 +498,9 @@ pub fn scratch(name: &str) -> Result<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|| std::env::temp_dir().join("strata-tests"));
     fs::create_dir_all(&base)?;
-    let dir = tempfile::Builder::new().prefix(name).tempdir_in(base)?.keep();
+    let dir = tempfile::Builder::new()
+        .prefix(name)
+        .tempdir_in(base)?
+        .keep();
     Ok(dir)
 }

@@ -81,11 +81,14 @@ pub fn snapshot(root: &Path, opts: SnapshotOptions) -> Result<Snapshot> {
                 }
             }
             let sha256 = if ft.is_file() {
-                let mut f = fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+                let mut f =
+                    fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
                 let mut h = Sha256::new();
                 let mut buf = vec![0u8; 1 << 20];
                 loop {
-                    let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+                    let n = f
+                        .read(&mut buf)
+                        .with_context(|| format!("reading {}", path.display()))?;
                     if n == 0 {
                         break;
                     }

@@ -114,7 +114,10 @@ impl Mounted {
 impl Drop for Mounted {
     fn drop(&mut self) {
         if is_mounted(&self.dir) {
-            let _ = strata(&self.root, &["umount", "--lazy", &self.dir.to_string_lossy()]);
+            let _ = strata(
+                &self.root,
+                &["umount", "--lazy", &self.dir.to_string_lossy()],
+            );
         }
     }
 }

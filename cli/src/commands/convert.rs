@@ -43,9 +43,17 @@ pub fn run(g: &GlobalArgs, a: ConvertArgs) -> anyhow::Result<()> {
     let report = convert_image(&store, &src, &target, &opts, &mut |p| match p {
         Progress::LayerStart { index, count, size } => {
             layer_start = Instant::now();
-            println!("layer {}/{count}: converting {}", index + 1, human_bytes(size));
+            println!(
+                "layer {}/{count}: converting {}",
+                index + 1,
+                human_bytes(size)
+            );
         }
-        Progress::LayerDone { index, layer } => {
+        Progress::LayerDone {
+            index,
+            layer,
+            digest,
+        } => {
             let s = &layer.summary;
             let secs = layer_start.elapsed().as_secs_f64();
             println!(
@@ -57,7 +65,7 @@ pub fn run(g: &GlobalArgs, a: ConvertArgs) -> anyhow::Result<()> {
                 human_bytes(s.blob_size),
                 secs,
                 s.uncompressed_size as f64 / 1e6 / secs.max(1e-9),
-                s.blob_digest
+                digest
             );
         }
     })

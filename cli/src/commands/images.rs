@@ -33,17 +33,26 @@ pub fn images(g: &GlobalArgs, a: ImagesArgs) -> anyhow::Result<()> {
                     .read_blob(&m.config.digest)
                     .ok()
                     .and_then(|c| serde_json::from_slice::<serde_json::Value>(&c).ok())
-                    .and_then(|c| c.get("created").and_then(|v| v.as_str()).map(str::to_string))
+                    .and_then(|c| {
+                        c.get("created")
+                            .and_then(|v| v.as_str())
+                            .map(str::to_string)
+                    })
                     .unwrap_or_default();
-                (m.layers.len(), m.layers.iter().map(|l| l.size).sum::<u64>(), created)
+                (
+                    m.layers.len(),
+                    m.layers.iter().map(|l| l.size).sum::<u64>(),
+                    created,
+                )
             }
             Err(_) => (0, 0, String::new()),
         };
         let lazy = manifest.as_ref().is_ok_and(|m| {
             !m.layers.is_empty()
-                && m.layers
-                    .iter()
-                    .all(|l| l.annotations.contains_key(strata_fs::format::ANNOTATION_TOC_DIGEST))
+                && m.layers.iter().all(|l| {
+                    l.annotations
+                        .contains_key(strata_fs::format::ANNOTATION_TOC_DIGEST)
+                })
         });
         rows.push((rec, layers, size, created, lazy));
     }
@@ -68,14 +77,20 @@ pub fn images(g: &GlobalArgs, a: ImagesArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<40} {:<16} {:<19} {:>6} {:>10}  {}",
-        "REPOSITORY", "TAG", "DIGEST", "LAYERS", "SIZE", "FORMAT"
+        "{:<40} {:<16} {:<19} {:>6} {:>10}  FORMAT",
+        "REPOSITORY", "TAG", "DIGEST", "LAYERS", "SIZE"
     );
     for (rec, layers, size, _, lazy) in &rows {
         let r = &rec.reference;
         let familiar = r.familiar();
-        let repo = familiar.split_once(':').map_or(familiar.as_str(), |(n, _)| n);
-        let repo = if r.registry.contains(':') { r.name() } else { repo.to_string() };
+        let repo = familiar
+            .split_once(':')
+            .map_or(familiar.as_str(), |(n, _)| n);
+        let repo = if r.registry.contains(':') {
+            r.name()
+        } else {
+            repo.to_string()
+        };
         println!(
             "{:<40} {:<16} {:<19} {:>6} {:>10}  {}",
             repo,

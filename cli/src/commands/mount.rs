@@ -80,8 +80,11 @@ pub fn mount(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
         return serve(g, &a, &mountpoint);
     }
     let store = open_store(g)?;
-    let log = store.mounts_dir().join(record_name(&mountpoint).replace(".json", ".log"));
-    let log_file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let log = store
+        .mounts_dir()
+        .join(record_name(&mountpoint).replace(".json", ".log"));
+    let log_file =
+        std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let exe = std::env::current_exe().context("locating the strata binary")?;
     let mut child = Command::new(exe)
         .arg("--root")
@@ -111,13 +114,22 @@ pub fn mount(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
     });
     match rx.recv_timeout(Duration::from_secs(a.timeout)) {
         Ok(true) => {
-            println!("mounted {} at {} (pid {})", a.image, mountpoint.display(), child.id());
+            println!(
+                "mounted {} at {} (pid {})",
+                a.image,
+                mountpoint.display(),
+                child.id()
+            );
             Ok(())
         }
         Ok(false) => {
             let _ = child.wait();
             let msg = std::fs::read_to_string(&log).unwrap_or_default();
-            let msg = msg.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("").to_string();
+            let msg = msg
+                .lines()
+                .rfind(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .to_string();
             bail!(
                 "mount daemon failed: {}",
                 msg.trim_start_matches("strata: error: ")
@@ -125,7 +137,11 @@ pub fn mount(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
         }
         Err(_) => {
             let _ = child.kill();
-            bail!("mount did not become ready within {}s (log: {})", a.timeout, log.display())
+            bail!(
+                "mount did not become ready within {}s (log: {})",
+                a.timeout,
+                log.display()
+            )
         }
     }
 }
@@ -163,7 +179,9 @@ fn serve(g: &GlobalArgs, a: &MountArgs, mountpoint: &Path) -> anyhow::Result<()>
         mountpoint: mountpoint.to_path_buf(),
         image: reference,
         manifest,
-        log: store.mounts_dir().join(record_name(mountpoint).replace(".json", ".log")),
+        log: store
+            .mounts_dir()
+            .join(record_name(mountpoint).replace(".json", ".log")),
     };
     std::fs::write(&record_path, serde_json::to_vec_pretty(&record)?)
         .with_context(|| format!("writing {}", record_path.display()))?;

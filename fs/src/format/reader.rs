@@ -64,7 +64,9 @@ pub fn parse_footer(b: &[u8], blob_size: u64) -> Result<Footer> {
         toc_digest: Sha256Digest(digest),
     };
     let data_end = blob_size.checked_sub(FOOTER_SIZE as u64).ok_or_else(|| {
-        FormatError::NotStrata(format!("blob of {blob_size} bytes is smaller than a footer"))
+        FormatError::NotStrata(format!(
+            "blob of {blob_size} bytes is smaller than a footer"
+        ))
     })?;
     let toc_end = footer.toc_offset.checked_add(footer.toc_size);
     if footer.toc_size < (SKIPPABLE_HEADER_SIZE + TOC_HEADER_SIZE) as u64
@@ -125,7 +127,9 @@ pub fn parse_toc_unverified(frame: &[u8], toc_offset: u64) -> Result<Toc> {
     }
     let body_len = u64_at(h, 16);
     if body_len > MAX_TOC_BODY {
-        return Err(corrupt(format!("TOC body of {body_len} bytes is too large")));
+        return Err(corrupt(format!(
+            "TOC body of {body_len} bytes is too large"
+        )));
     }
     let raw = &h[TOC_HEADER_SIZE..];
     let body = if flags & TOC_FLAG_ZSTD != 0 {

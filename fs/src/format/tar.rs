@@ -110,7 +110,11 @@ pub fn encode_header(entry: &Entry) -> Result<Vec<u8>> {
     put_octal(&mut h[124..136], if size > MAX_OCTAL_11 { 0 } else { size });
     put_octal(
         &mut h[136..148],
-        if mtime_fits { entry.mtime_sec as u64 } else { 0 },
+        if mtime_fits {
+            entry.mtime_sec as u64
+        } else {
+            0
+        },
     );
     h[156] = match entry.kind {
         EntryKind::Regular => b'0',

@@ -169,7 +169,11 @@ impl Entry {
         Entry {
             path,
             kind,
-            mode: if kind == EntryKind::Directory { 0o755 } else { 0o644 },
+            mode: if kind == EntryKind::Directory {
+                0o755
+            } else {
+                0o644
+            },
             uid: 0,
             gid: 0,
             size: 0,

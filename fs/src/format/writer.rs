@@ -40,8 +40,6 @@ pub fn compress_frame(raw: &[u8], level: i32) -> Result<Vec<u8>> {
 /// What a finished layer is: its digests and where its TOC sits.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LayerSummary {
-    /// sha256 of the whole blob (the OCI layer digest).
-    pub blob_digest: Sha256Digest,
     pub blob_size: u64,
     /// sha256 of the uncompressed tar stream (the OCI diff ID).
     pub diff_id: Sha256Digest,
@@ -51,11 +49,11 @@ pub struct LayerSummary {
     pub uncompressed_size: u64,
 }
 
-/// Streams a strata layer to `out`.
+/// Streams a strata layer to `out`. The blob digest is the caller's to compute (a content
+/// store hashes what it is given anyway; hashing twice costs convert throughput).
 pub struct LayerWriter<W: Write> {
     out: W,
     offset: u64,
-    blob_hash: Sha256,
     diff_hash: Sha256,
     toc: Toc,
     header_compressor: FrameCompressor,
@@ -71,7 +69,6 @@ impl<W: Write> LayerWriter<W> {
         Ok(LayerWriter {
             out,
             offset: 0,
-            blob_hash: Sha256::new(),
             diff_hash: Sha256::new(),
             toc: Toc {
                 chunk_size,
@@ -91,7 +88,6 @@ impl<W: Write> LayerWriter<W> {
     fn emit(&mut self, frame: &[u8], raw: &[u8]) -> Result<u64> {
         let at = self.offset;
         self.out.write_all(frame)?;
-        self.blob_hash.update(frame);
         self.diff_hash.update(raw);
         self.offset += frame.len() as u64;
         self.uncompressed_size += raw.len() as u64;
@@ -192,7 +188,6 @@ impl<W: Write> LayerWriter<W> {
         let toc_frame = encode_toc_frame(&self.toc)?;
         let toc_offset = self.offset;
         self.out.write_all(&toc_frame)?;
-        self.blob_hash.update(&toc_frame);
         self.offset += toc_frame.len() as u64;
         let footer = Footer {
             toc_offset,
@@ -201,11 +196,9 @@ impl<W: Write> LayerWriter<W> {
         };
         let footer_bytes = encode_footer(&footer);
         self.out.write_all(&footer_bytes)?;
-        self.blob_hash.update(footer_bytes);
         self.offset += footer_bytes.len() as u64;
         self.out.flush()?;
         let summary = LayerSummary {
-            blob_digest: Sha256Digest(self.blob_hash.finalize().into()),
             blob_size: self.offset,
             diff_id: Sha256Digest(self.diff_hash.finalize().into()),
             footer,
