@@ -13,10 +13,27 @@ use strata_fs::format::*;
 use strata_fs::tree::Tree;
 use strata_tests::image::{noise, text};
 
-/// Mixed content like a real image: 2/3 text-like, 1/3 incompressible.
+/// Real shared libraries from this machine when present (realistic to compress), else a
+/// synthetic mix: 2/3 text-like, 1/3 incompressible.
 fn corpus(len: usize) -> Vec<u8> {
-    let mut v = text(1, len * 2 / 3);
+    let mut v = Vec::with_capacity(len);
+    if let Ok(dir) = std::fs::read_dir("/usr/lib/x86_64-linux-gnu") {
+        let mut files: Vec<_> = dir.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+        files.sort();
+        for f in files.iter().filter(|p| p.to_string_lossy().contains(".so")) {
+            if let Ok(b) = std::fs::read(f) {
+                v.extend_from_slice(&b[..b.len().min(len - v.len())]);
+            }
+            if v.len() == len {
+                eprintln!("corpus: real shared libraries");
+                return v;
+            }
+        }
+    }
+    v.clear();
+    v.extend(text(1, len * 2 / 3));
     v.extend(noise(2, len - v.len()));
+    eprintln!("corpus: synthetic");
     v
 }
 

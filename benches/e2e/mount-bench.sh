@@ -20,7 +20,10 @@ root="$work/store"; mnt="$work/mnt"; native="$work/native"
 mkdir -p "$mnt"
 
 echo "# generating the image (${large_mib} MiB large file + 10k small files)" >&2
-"$sample" "$work/src" --small-files 10000 --large-file-mib "$large_mib" --compression none >&2
+# The large file is made of real shared libraries when there are some (realistic to compress).
+mapfile -t real < <(find /usr/lib/x86_64-linux-gnu -maxdepth 1 -name '*.so*' -type f -size +5M 2>/dev/null | sort | head -40)
+"$sample" "$work/src" --small-files 10000 --large-file-mib "$large_mib" --compression none \
+  ${real:+--large-file-from "${real[@]}"} >&2
 umoci unpack --image "$work/src:v1" "$work/bundle" >/dev/null 2>&1
 mv "$work/bundle/rootfs" "$native"
 

@@ -18,10 +18,10 @@ use crate::format::{self, Chunk, Sha256Digest};
 #[error("{0}")]
 pub struct ChunkError(pub String);
 
-type Slot = Arc<OnceLock<Result<Arc<[u8]>, ChunkError>>>;
+type Slot = Arc<OnceLock<Result<Arc<Vec<u8>>, ChunkError>>>;
 
 struct Lru {
-    map: LruCache<Sha256Digest, Arc<[u8]>>,
+    map: LruCache<Sha256Digest, Arc<Vec<u8>>>,
     bytes: usize,
 }
 
@@ -48,7 +48,7 @@ impl ChunkCache {
         self.lru.lock().map.contains(digest)
     }
 
-    fn insert(&self, digest: Sha256Digest, data: Arc<[u8]>) {
+    fn insert(&self, digest: Sha256Digest, data: Arc<Vec<u8>>) {
         let mut lru = self.lru.lock();
         if lru.map.contains(&digest) {
             return;
@@ -63,8 +63,17 @@ impl ChunkCache {
         }
     }
 
+    /// Warms the cache with `chunk` unless it is cached or already being fetched (a prefetcher
+    /// must never sit waiting on someone else's fetch).
+    pub fn prefetch(&self, src: &dyn BlobSource, chunk: &Chunk) {
+        if self.contains(&chunk.digest) || self.inflight.lock().contains_key(&chunk.digest) {
+            return;
+        }
+        let _ = self.get(src, chunk);
+    }
+
     /// Returns the verified bytes of `chunk`, fetching them from `src` if needed.
-    pub fn get(&self, src: &dyn BlobSource, chunk: &Chunk) -> Result<Arc<[u8]>, ChunkError> {
+    pub fn get(&self, src: &dyn BlobSource, chunk: &Chunk) -> Result<Arc<Vec<u8>>, ChunkError> {
         if let Some(d) = self.lru.lock().map.get(&chunk.digest) {
             return Ok(d.clone());
         }
@@ -92,7 +101,7 @@ impl ChunkCache {
     }
 }
 
-fn fetch(src: &dyn BlobSource, chunk: &Chunk) -> Result<Arc<[u8]>, ChunkError> {
+fn fetch(src: &dyn BlobSource, chunk: &Chunk) -> Result<Arc<Vec<u8>>, ChunkError> {
     let compressed = src
         .read_range(chunk.compressed_offset, u64::from(chunk.compressed_len))
         .map_err(|e| {
@@ -102,5 +111,5 @@ fn fetch(src: &dyn BlobSource, chunk: &Chunk) -> Result<Arc<[u8]>, ChunkError> {
             ))
         })?;
     let data = format::decode_chunk(&compressed, chunk).map_err(|e| ChunkError(e.to_string()))?;
-    Ok(data.into())
+    Ok(Arc::new(data))
 }

@@ -263,11 +263,8 @@ impl StrataFs {
                     let next = rx.lock().recv();
                     let Ok((layer, chunk)) = next else { break };
                     let Some(s) = shared.upgrade() else { break };
-                    if s.cache.contains(&chunk.digest) {
-                        continue;
-                    }
                     if let Some(b) = s.blobs.get(layer as usize) {
-                        let _ = s.cache.get(b.as_ref(), &chunk);
+                        s.cache.prefetch(b.as_ref(), &chunk);
                     }
                 });
         }

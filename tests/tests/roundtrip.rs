@@ -139,6 +139,36 @@ fn converted_mount_equals_umoci_unpack() {
     let exported = umoci_unpack(&out, "v1", &tmp.join("bundle2"));
     assert_same(&want, &exported, "skopeo+umoci of the converted image");
 
+    // The converted image keeps the source config (entrypoint, cmd, env, history) with the new
+    // layers' diff IDs, and `images --json` lists it as a strata image.
+    let src_config = write_oci_layout(&tmp.join("src-again"), "v1", &layers).unwrap();
+    let inspected: serde_json::Value =
+        serde_json::from_str(&strata_ok(&root, &["inspect", "test/roundtrip:v1"])).unwrap();
+    let config = &inspected["config"];
+    for key in ["Entrypoint", "Cmd", "Env", "WorkingDir"] {
+        assert_eq!(config["config"][key], src_config["config"][key], "{key}");
+    }
+    assert_eq!(config["history"], src_config["history"]);
+    let diff_ids = config["rootfs"]["diff_ids"].as_array().unwrap();
+    assert_eq!(diff_ids.len(), 3);
+    assert_ne!(config["rootfs"]["diff_ids"], src_config["rootfs"]["diff_ids"]);
+    for (i, l) in inspected["layers"].as_array().unwrap().iter().enumerate() {
+        let blob = std::fs::read(root.join("blobs/sha256").join(&l["digest"].as_str().unwrap()[7..])).unwrap();
+        let tar = zstd::stream::decode_all(&blob[..]).unwrap();
+        assert_eq!(strata_tests::image::sha256(&tar), diff_ids[i].as_str().unwrap(), "diff ID of layer {i}");
+        assert!(l["toc"]["entries"].as_u64().unwrap() > 0);
+    }
+    let images: serde_json::Value =
+        serde_json::from_str(&strata_ok(&root, &["images", "--json"])).unwrap();
+    let listed = images
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["reference"] == "docker.io/test/roundtrip:v1")
+        .expect("image listed");
+    assert_eq!(listed["strata"], true);
+    assert_eq!(listed["layers"], 3);
+
     // GNU tar reads every converted layer as tar+zstd.
     let manifest: serde_json::Value =
         serde_json::from_str(&strata_ok(&root, &["inspect", "test/roundtrip:v1"])).unwrap();

@@ -295,6 +295,27 @@ pub fn parse_body(b: &[u8], data_end: u64) -> Result<Toc> {
     })
 }
 
+thread_local! {
+    /// One decompression context per thread: creating one per chunk costs an allocation and
+    /// initialisation of its workspace every time.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Decompresses one frame into exactly `capacity` bytes at most.
+fn decompress(frame: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match slot.as_mut() {
+            Some(d) => d.decompress(frame, capacity),
+            None => zstd::bulk::decompress(frame, capacity),
+        }
+    })
+}
+
 /// Decompresses one chunk frame and verifies it against the chunk's sha256.
 /// Wrong bytes are never returned: a mismatch is an error.
 pub fn decode_chunk(compressed: &[u8], chunk: &Chunk) -> Result<Vec<u8>> {
@@ -309,7 +330,7 @@ pub fn decode_chunk(compressed: &[u8], chunk: &Chunk) -> Result<Vec<u8>> {
             chunk.compressed_len
         )));
     }
-    let data = zstd::bulk::decompress(compressed, chunk.uncompressed_len as usize)
+    let data = decompress(compressed, chunk.uncompressed_len as usize)
         .map_err(|e| fail(format!("zstd: {e}")))?;
     if data.len() != chunk.uncompressed_len as usize {
         return Err(fail(format!(

@@ -26,6 +26,10 @@ struct Args {
     /// Add a layer holding one large file of this many MiB (`large.bin`, mixed content).
     #[arg(long, default_value_t = 0)]
     large_file_mib: usize,
+    /// Fill the large file with the bytes of these files (repeated as needed) instead of
+    /// synthetic data: real binaries make compression and decode speeds realistic.
+    #[arg(long, num_args = 1..)]
+    large_file_from: Vec<PathBuf>,
     /// Compression of the layers: none, gzip or zstd.
     #[arg(long, default_value = "gzip")]
     compression: String,
@@ -42,8 +46,21 @@ fn main() -> anyhow::Result<()> {
     let mut layers = feature_layers(a.small_files)?;
     if a.large_file_mib > 0 {
         let len = a.large_file_mib << 20;
-        let mut data = text(7, len / 2);
-        data.extend(noise(8, len - data.len()));
+        let mut data = Vec::with_capacity(len);
+        'fill: while !a.large_file_from.is_empty() {
+            for f in &a.large_file_from {
+                let bytes = std::fs::read(f)?;
+                let take = bytes.len().min(len - data.len());
+                data.extend_from_slice(&bytes[..take]);
+                if data.len() == len {
+                    break 'fill;
+                }
+            }
+        }
+        if data.is_empty() {
+            data = text(7, len / 2);
+            data.extend(noise(8, len - data.len()));
+        }
         let mut l = LayerBuilder::new();
         l.file("large.bin", 0o644, &data)?;
         layers.push(Layer {
