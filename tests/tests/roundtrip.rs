@@ -151,11 +151,22 @@ fn converted_mount_equals_umoci_unpack() {
     assert_eq!(config["history"], src_config["history"]);
     let diff_ids = config["rootfs"]["diff_ids"].as_array().unwrap();
     assert_eq!(diff_ids.len(), 3);
-    assert_ne!(config["rootfs"]["diff_ids"], src_config["rootfs"]["diff_ids"]);
+    assert_ne!(
+        config["rootfs"]["diff_ids"],
+        src_config["rootfs"]["diff_ids"]
+    );
     for (i, l) in inspected["layers"].as_array().unwrap().iter().enumerate() {
-        let blob = std::fs::read(root.join("blobs/sha256").join(&l["digest"].as_str().unwrap()[7..])).unwrap();
+        let blob = std::fs::read(
+            root.join("blobs/sha256")
+                .join(&l["digest"].as_str().unwrap()[7..]),
+        )
+        .unwrap();
         let tar = zstd::stream::decode_all(&blob[..]).unwrap();
-        assert_eq!(strata_tests::image::sha256(&tar), diff_ids[i].as_str().unwrap(), "diff ID of layer {i}");
+        assert_eq!(
+            strata_tests::image::sha256(&tar),
+            diff_ids[i].as_str().unwrap(),
+            "diff ID of layer {i}"
+        );
         assert!(l["toc"]["entries"].as_u64().unwrap() > 0);
     }
     let images: serde_json::Value =
