@@ -45,6 +45,8 @@ enum Command {
     Images(commands::images::ImagesArgs),
     /// Show an image's manifest, config and layers with TOC statistics.
     Inspect(commands::images::InspectArgs),
+    /// Inspect or trim the node's disk cache of chunks.
+    Cache(commands::cache::CacheArgs),
 }
 
 fn main() {
@@ -54,6 +56,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
         Command::Convert(a) => commands::convert::run(&cli.global, a),
@@ -61,6 +64,7 @@ fn main() {
         Command::Umount(a) => commands::mount::umount(&cli.global, a),
         Command::Images(a) => commands::images::images(&cli.global, a),
         Command::Inspect(a) => commands::images::inspect(&cli.global, a),
+        Command::Cache(a) => commands::cache::run(&cli.global, a),
     };
     if let Err(e) = result {
         eprintln!("strata: error: {e:#}");

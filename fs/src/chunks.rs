@@ -11,6 +11,7 @@ use lru::LruCache;
 use parking_lot::Mutex;
 
 use crate::blob::BlobSource;
+use crate::cache::DiskCache;
 use crate::format::{self, Chunk, Sha256Digest};
 
 /// Why a chunk could not be served.
@@ -25,15 +26,28 @@ struct Lru {
     bytes: usize,
 }
 
-/// Memory cache of verified, decompressed chunks.
+/// Where served chunks came from, since the cache was created.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct FetchStats {
+    pub memory_hits: u64,
+    pub disk_hits: u64,
+    pub source_reads: u64,
+    /// Compressed bytes read from layer blobs.
+    pub source_bytes: u64,
+    pub failures: u64,
+}
+
+/// Memory cache of verified, decompressed chunks, in front of an optional disk cache.
 pub struct ChunkCache {
     lru: Mutex<Lru>,
     capacity: usize,
     inflight: Mutex<HashMap<Sha256Digest, Slot>>,
+    disk: Option<Arc<DiskCache>>,
+    stats: Mutex<FetchStats>,
 }
 
 impl ChunkCache {
-    pub fn new(capacity_bytes: usize) -> Self {
+    pub fn new(capacity_bytes: usize, disk: Option<Arc<DiskCache>>) -> Self {
         ChunkCache {
             lru: Mutex::new(Lru {
                 map: LruCache::unbounded(),
@@ -41,7 +55,13 @@ impl ChunkCache {
             }),
             capacity: capacity_bytes,
             inflight: Mutex::new(HashMap::new()),
+            disk,
+            stats: Mutex::new(FetchStats::default()),
         }
+    }
+
+    pub fn stats(&self) -> FetchStats {
+        *self.stats.lock()
     }
 
     pub fn contains(&self, digest: &Sha256Digest) -> bool {
@@ -75,6 +95,7 @@ impl ChunkCache {
     /// Returns the verified bytes of `chunk`, fetching them from `src` if needed.
     pub fn get(&self, src: &dyn BlobSource, chunk: &Chunk) -> Result<Arc<Vec<u8>>, ChunkError> {
         if let Some(d) = self.lru.lock().map.get(&chunk.digest) {
+            self.stats.lock().memory_hits += 1;
             return Ok(d.clone());
         }
         let slot = self
@@ -85,7 +106,7 @@ impl ChunkCache {
             .clone();
         let result = slot
             .get_or_init(|| {
-                let data = fetch(src, chunk)?;
+                let data = self.load(src, chunk)?;
                 self.insert(chunk.digest, data.clone());
                 Ok(data)
             })
@@ -98,6 +119,35 @@ impl ChunkCache {
             inflight.remove(&chunk.digest);
         }
         result
+    }
+}
+
+impl ChunkCache {
+    /// Disk cache first, then the layer blob (verified, then written to the disk cache).
+    fn load(&self, src: &dyn BlobSource, chunk: &Chunk) -> Result<Arc<Vec<u8>>, ChunkError> {
+        if let Some(disk) = &self.disk {
+            if let Some(data) = disk.get(&chunk.digest, chunk.uncompressed_len as usize) {
+                self.stats.lock().disk_hits += 1;
+                return Ok(Arc::new(data));
+            }
+        }
+        let result = fetch(src, chunk);
+        let mut stats = self.stats.lock();
+        match &result {
+            Ok(_) => {
+                stats.source_reads += 1;
+                stats.source_bytes += u64::from(chunk.compressed_len);
+            }
+            Err(_) => stats.failures += 1,
+        }
+        drop(stats);
+        let data = result?;
+        if let Some(disk) = &self.disk {
+            if let Err(e) = disk.put(&chunk.digest, &data) {
+                tracing::warn!(chunk = %chunk.digest, "cannot write to the disk cache: {e}");
+            }
+        }
+        Ok(data)
     }
 }
 

@@ -20,7 +20,8 @@ use fuser::{
 use parking_lot::Mutex;
 
 use crate::blob::BlobSource;
-use crate::chunks::ChunkCache;
+use crate::cache::DiskCache;
+use crate::chunks::{ChunkCache, FetchStats};
 use crate::format::{Chunk, EntryKind};
 use crate::tree::{Ino, Node, Tree};
 
@@ -73,6 +74,8 @@ pub struct MountConfig {
     pub memory_cache: usize,
     /// Name shown as the mount source (e.g. the image reference).
     pub fsname: String,
+    /// The node's disk cache of verified chunks, if any.
+    pub disk_cache: Option<Arc<DiskCache>>,
 }
 
 impl Default for MountConfig {
@@ -81,6 +84,7 @@ impl Default for MountConfig {
             threads: 4,
             memory_cache: 256 << 20,
             fsname: "strata".into(),
+            disk_cache: None,
         }
     }
 }
@@ -239,7 +243,7 @@ impl StrataFs {
             shared: Arc::new(Shared {
                 tree,
                 blobs,
-                cache: ChunkCache::new(config.memory_cache),
+                cache: ChunkCache::new(config.memory_cache, config.disk_cache.clone()),
             }),
             prefetch: tx,
             prefetch_rx: Mutex::new(Some(rx)),
@@ -270,6 +274,11 @@ impl StrataFs {
         }
     }
 
+    /// Where served chunks came from so far.
+    pub fn fetch_stats(&self) -> FetchStats {
+        self.shared.cache.stats()
+    }
+
     fn reply_entry(&self, ino: Ino, reply: ReplyEntry) {
         match self.shared.tree.get(ino) {
             Some(n) => reply.entry(&TTL, &attr(ino, n), Generation(0)),
@@ -295,6 +304,18 @@ impl Filesystem for StrataFs {
         let _ = config.set_max_readahead(1 << 20);
         self.start_prefetcher();
         Ok(())
+    }
+
+    fn destroy(&mut self) {
+        let s = self.shared.cache.stats();
+        tracing::info!(
+            memory_hits = s.memory_hits,
+            disk_hits = s.disk_hits,
+            source_reads = s.source_reads,
+            source_bytes = s.source_bytes,
+            failures = s.failures,
+            "unmounted"
+        );
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {

@@ -7,6 +7,7 @@
 //! - [`fuse`]: the FUSE filesystem serving a tree.
 
 pub mod blob;
+pub mod cache;
 pub mod chunks;
 pub mod format;
 pub mod fuse;

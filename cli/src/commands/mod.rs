@@ -1,3 +1,4 @@
+pub mod cache;
 pub mod convert;
 pub mod images;
 pub mod mount;

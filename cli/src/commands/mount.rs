@@ -6,11 +6,13 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use nix::sys::signal::{SigSet, Signal};
 use serde::{Deserialize, Serialize};
+use strata_fs::cache::DiskCache;
 use strata_fs::fuse::{mount_session, MountConfig, StrataFs};
 use strata_fs::image::open_local;
 
@@ -34,6 +36,9 @@ pub struct MountArgs {
     /// Memory cache of decompressed chunks (e.g. 256M).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub memory_cache: u64,
+    /// Size cap of the node's disk cache of verified chunks (shared by all mounts; 0 disables).
+    #[arg(long, default_value = "10G", value_parser = parse_size)]
+    pub cache_size: u64,
     /// Kernel readahead for the mount in KiB (the kernel's FUSE default is 128).
     #[arg(long, default_value_t = 1024)]
     pub read_ahead_kb: u32,
@@ -98,6 +103,7 @@ pub fn mount(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
         .arg("--notify-ready")
         .args(["--threads", &a.threads.to_string()])
         .args(["--memory-cache", &a.memory_cache.to_string()])
+        .args(["--cache-size", &a.cache_size.to_string()])
         .args(["--read-ahead-kb", &a.read_ahead_kb.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -162,10 +168,19 @@ fn serve(g: &GlobalArgs, a: &MountArgs, mountpoint: &Path) -> anyhow::Result<()>
     let manifest = image.manifest_digest.clone();
     let (tree, blobs) = image.into_tree().context("merging layers")?;
     let entries = tree.len();
+    let disk_cache = if a.cache_size > 0 {
+        let dir = super::cache::cache_dir(g);
+        let cache = DiskCache::open(&dir, a.cache_size)
+            .with_context(|| format!("opening the chunk cache {}", dir.display()))?;
+        Some(Arc::new(cache))
+    } else {
+        None
+    };
     let config = MountConfig {
         threads: a.threads,
         memory_cache: a.memory_cache as usize,
         fsname: format!("strata:{reference}"),
+        disk_cache,
     };
     let fs = StrataFs::new(tree, blobs, &config);
     let mut session = mount_session(fs, mountpoint, &config)

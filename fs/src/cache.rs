@@ -1,0 +1,324 @@
+//! The node's disk cache of verified, decompressed chunks.
+//!
+//! Chunks are files named by their sha256 (`DIR/ab/abcdef…`), so a chunk already present from any
+//! layer of any image is never fetched or decoded again, and the cache survives daemon restarts.
+//! The cache is capped in bytes with least-recently-used eviction that skips chunks in use.
+//!
+//! Chunk files are written without fsync (temp file, then rename) and are verified again against
+//! their digest when read: a file torn by a crash or damaged on disk is dropped and refetched,
+//! never served.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use lru::LruCache;
+use parking_lot::Mutex;
+
+use crate::format::Sha256Digest;
+
+/// Counters of a cache's activity since it was opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CacheStats {
+    pub entries: u64,
+    pub bytes: u64,
+    pub capacity: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub inserted: u64,
+    pub evicted: u64,
+    pub corrupt: u64,
+}
+
+struct Index {
+    lru: LruCache<Sha256Digest, u64>,
+    bytes: u64,
+    /// Chunks being read or written right now; eviction skips them.
+    pinned: HashMap<Sha256Digest, usize>,
+}
+
+/// A size-capped, content-addressed cache of chunks on local disk.
+pub struct DiskCache {
+    dir: PathBuf,
+    capacity: u64,
+    index: Mutex<Index>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    inserted: AtomicU64,
+    evicted: AtomicU64,
+    corrupt: AtomicU64,
+}
+
+impl std::fmt::Debug for DiskCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskCache")
+            .field("dir", &self.dir)
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+fn hex_name(d: &Sha256Digest) -> String {
+    d.hex()
+}
+
+impl DiskCache {
+    /// Opens the cache in `dir` (creating it), indexing the chunks already there, oldest first.
+    pub fn open(dir: impl Into<PathBuf>, capacity: u64) -> io::Result<Self> {
+        let dir = dir.into();
+        fs::create_dir_all(dir.join("tmp"))?;
+        // Leftovers of interrupted writes.
+        for e in fs::read_dir(dir.join("tmp"))?.flatten() {
+            let _ = fs::remove_file(e.path());
+        }
+        let mut found: Vec<(SystemTime, Sha256Digest, u64)> = Vec::new();
+        for shard in fs::read_dir(&dir)?.flatten() {
+            let name = shard.file_name();
+            let name = name.to_string_lossy();
+            if name.len() != 2 || !shard.path().is_dir() {
+                continue;
+            }
+            for e in fs::read_dir(shard.path())?.flatten() {
+                let Some(d) = Sha256Digest::parse(&e.file_name().to_string_lossy()) else {
+                    continue;
+                };
+                if let Ok(md) = e.metadata() {
+                    let t = md
+                        .accessed()
+                        .or_else(|_| md.modified())
+                        .unwrap_or(SystemTime::UNIX_EPOCH);
+                    found.push((t, d, md.len()));
+                }
+            }
+        }
+        found.sort();
+        let mut index = Index {
+            lru: LruCache::unbounded(),
+            bytes: 0,
+            pinned: HashMap::new(),
+        };
+        for (_, d, len) in found {
+            index.bytes += len;
+            index.lru.put(d, len);
+        }
+        let cache = DiskCache {
+            dir,
+            capacity,
+            index: Mutex::new(index),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            inserted: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
+            corrupt: AtomicU64::new(0),
+        };
+        cache.evict_to(capacity);
+        Ok(cache)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn path(&self, d: &Sha256Digest) -> PathBuf {
+        let h = hex_name(d);
+        self.dir.join(&h[..2]).join(h)
+    }
+
+    fn pin(&self, d: &Sha256Digest) {
+        *self.index.lock().pinned.entry(*d).or_insert(0) += 1;
+    }
+
+    fn unpin(&self, d: &Sha256Digest) {
+        let mut idx = self.index.lock();
+        if let Some(n) = idx.pinned.get_mut(d) {
+            *n -= 1;
+            if *n == 0 {
+                idx.pinned.remove(d);
+            }
+        }
+    }
+
+    /// Whether the chunk is cached (without reading it).
+    pub fn contains(&self, d: &Sha256Digest) -> bool {
+        self.index.lock().lru.contains(d)
+    }
+
+    /// Returns the chunk's bytes if cached and intact (`len` bytes hashing to `d`).
+    pub fn get(&self, d: &Sha256Digest, len: usize) -> Option<Vec<u8>> {
+        if !self.index.lock().lru.contains(d) {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        self.pin(d);
+        let path = self.path(d);
+        let data = fs::read(&path).ok();
+        let ok = data
+            .as_ref()
+            .is_some_and(|b| b.len() == len && &Sha256Digest::of(b) == d);
+        let result = if ok {
+            self.index.lock().lru.get(d);
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            data
+        } else {
+            if data.is_some() {
+                tracing::warn!(chunk = %d, "cached chunk is damaged; dropping it");
+                self.corrupt.fetch_add(1, Ordering::Relaxed);
+            }
+            let _ = fs::remove_file(&path);
+            let mut idx = self.index.lock();
+            if let Some(n) = idx.lru.pop(d) {
+                idx.bytes -= n;
+            }
+            drop(idx);
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            None
+        };
+        self.unpin(d);
+        result
+    }
+
+    /// Stores a verified chunk (the caller has checked `data` hashes to `d`).
+    pub fn put(&self, d: &Sha256Digest, data: &[u8]) -> io::Result<()> {
+        if self.capacity < data.len() as u64 || self.contains(d) {
+            return Ok(());
+        }
+        self.pin(d);
+        let res = self.write(d, data);
+        if res.is_ok() {
+            let mut idx = self.index.lock();
+            if idx.lru.put(*d, data.len() as u64).is_none() {
+                idx.bytes += data.len() as u64;
+            }
+            drop(idx);
+            self.inserted.fetch_add(1, Ordering::Relaxed);
+        }
+        self.unpin(d);
+        self.evict_to(self.capacity);
+        res
+    }
+
+    fn write(&self, d: &Sha256Digest, data: &[u8]) -> io::Result<()> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let path = self.path(d);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .dir
+            .join("tmp")
+            .join(format!("{}-{}-{n}", hex_name(d), std::process::id()));
+        let res = (|| {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(data)?;
+            fs::rename(&tmp, &path)
+        })();
+        if res.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        res
+    }
+
+    /// Evicts least-recently-used chunks not in use until at most `target` bytes remain.
+    pub fn evict_to(&self, target: u64) {
+        let mut victims = Vec::new();
+        {
+            let mut idx = self.index.lock();
+            while idx.bytes > target {
+                let candidate = idx
+                    .lru
+                    .iter()
+                    .rev()
+                    .map(|(d, _)| *d)
+                    .find(|d| !idx.pinned.contains_key(d));
+                let Some(d) = candidate else { break };
+                if let Some(n) = idx.lru.pop(&d) {
+                    idx.bytes -= n;
+                    victims.push(d);
+                }
+            }
+        }
+        for d in victims {
+            let _ = fs::remove_file(self.path(&d));
+            self.evicted.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let idx = self.index.lock();
+        CacheStats {
+            entries: idx.lru.len() as u64,
+            bytes: idx.bytes,
+            capacity: self.capacity,
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            inserted: self.inserted.load(Ordering::Relaxed),
+            evicted: self.evicted.load(Ordering::Relaxed),
+            corrupt: self.corrupt.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(i: u8, len: usize) -> (Sha256Digest, Vec<u8>) {
+        let data = vec![i; len];
+        (Sha256Digest::of(&data), data)
+    }
+
+    #[test]
+    fn put_get_evict_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path(), 3000).unwrap();
+        let (a, da) = chunk(1, 1000);
+        let (b, db) = chunk(2, 1000);
+        let (c, dc) = chunk(3, 1000);
+        let (e, de) = chunk(4, 1000);
+        cache.put(&a, &da).unwrap();
+        cache.put(&b, &db).unwrap();
+        cache.put(&c, &dc).unwrap();
+        assert_eq!(cache.get(&a, 1000).as_deref(), Some(&da[..])); // a is now most recent
+        cache.put(&e, &de).unwrap(); // evicts b, the least recently used
+        assert!(!cache.contains(&b) && cache.contains(&a) && cache.contains(&e));
+        assert_eq!(cache.stats().bytes, 3000);
+        drop(cache);
+        let reopened = DiskCache::open(dir.path(), 3000).unwrap();
+        assert_eq!(reopened.stats().entries, 3);
+        assert_eq!(reopened.get(&c, 1000).as_deref(), Some(&dc[..]));
+    }
+
+    #[test]
+    fn damaged_chunks_are_dropped_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        let (a, da) = chunk(7, 4096);
+        cache.put(&a, &da).unwrap();
+        let mut bad = da.clone();
+        bad[10] ^= 1;
+        fs::write(cache.path(&a), &bad).unwrap();
+        assert!(cache.get(&a, 4096).is_none());
+        assert!(!cache.contains(&a));
+        assert_eq!(cache.stats().corrupt, 1);
+    }
+
+    #[test]
+    fn pinned_chunks_are_not_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path(), 2000).unwrap();
+        let (a, da) = chunk(1, 1000);
+        let (b, db) = chunk(2, 1000);
+        cache.put(&a, &da).unwrap();
+        cache.put(&b, &db).unwrap();
+        cache.pin(&a);
+        cache.evict_to(1000);
+        assert!(cache.contains(&a) && !cache.contains(&b));
+        cache.unpin(&a);
+        cache.evict_to(0);
+        assert!(!cache.contains(&a));
+    }
+}

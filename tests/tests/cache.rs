@@ -1,0 +1,120 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failure should abort loudly
+//! The node's disk cache of verified chunks: a remounted image reads nothing from its layer blobs
+//! again, the size cap holds under a workload larger than the cap, and `cache gc` trims it.
+
+use std::fs;
+use std::path::Path;
+
+use strata_tests::image::{noise, scratch, write_oci_layout, Compression, Layer, LayerBuilder};
+use strata_tests::util::{is_mounted, strata, strata_ok};
+
+/// Mounts with `extra` flags, reads `files`, unmounts; returns the daemon's closing stats line.
+fn mount_read(root: &Path, mnt: &Path, extra: &[&str], files: &[&str]) -> String {
+    fs::create_dir_all(mnt).unwrap();
+    let m = mnt.display().to_string();
+    let mut args = vec!["--log-level", "info", "mount", "cache/test:v1", m.as_str()];
+    args.extend_from_slice(extra);
+    strata_ok(root, &args);
+    for f in files {
+        let data = fs::read(mnt.join(f)).unwrap();
+        assert_eq!(data, noise(f.len() as u64, data.len()), "{f}");
+    }
+    strata_ok(root, &["umount", &m]);
+    assert!(!is_mounted(mnt));
+    let log = fs::read_dir(root.join("mounts"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().extension().is_some_and(|x| x == "log"))
+        .expect("daemon log");
+    let text = fs::read_to_string(log.path()).unwrap();
+    text.lines()
+        .rfind(|l| l.contains("unmounted"))
+        .expect("stats line")
+        .to_string()
+}
+
+fn field(line: &str, name: &str) -> u64 {
+    let at = line
+        .find(&format!("{name}="))
+        .unwrap_or_else(|| panic!("{name} in {line}"));
+    line[at + name.len() + 1..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn cache_bytes(root: &Path) -> u64 {
+    let v: serde_json::Value =
+        serde_json::from_str(&strata_ok(root, &["cache", "stats", "--json"])).unwrap();
+    v["bytes"].as_u64().unwrap()
+}
+
+#[test]
+fn disk_cache_survives_remount_and_honours_its_cap() {
+    let tmp = scratch("cache").unwrap();
+    let mut l = LayerBuilder::new();
+    // File names double as noise seeds (by length) so contents can be checked.
+    l.file("a", 0o644, &noise(1, 3 << 20)).unwrap();
+    l.file("bbbbbbbb", 0o644, &noise(8, 8 << 20)).unwrap();
+    let src = tmp.join("src");
+    write_oci_layout(
+        &src,
+        "v1",
+        &[Layer {
+            tar: l.finish().unwrap(),
+            compression: Compression::Gzip,
+        }],
+    )
+    .unwrap();
+    let root = tmp.join("store");
+    strata_ok(
+        &root,
+        &[
+            "convert",
+            &format!("oci:{}:v1", src.display()),
+            "cache/test:v1",
+        ],
+    );
+    let mnt = tmp.join("mnt");
+
+    let first = mount_read(&root, &mnt, &[], &["a"]);
+    assert!(field(&first, "source_reads") >= 3, "{first}");
+    assert_eq!(cache_bytes(&root), 3 << 20);
+
+    // A new daemon reads the same chunks from the disk cache: nothing from the blob.
+    let second = mount_read(&root, &mnt, &[], &["a"]);
+    assert_eq!(field(&second, "source_reads"), 0, "{second}");
+    assert!(field(&second, "disk_hits") >= 3, "{second}");
+
+    // Reading 11 MiB through a 4 MiB cache never leaves more than 4 MiB cached.
+    let capped = mount_read(&root, &mnt, &["--cache-size", "4M"], &["a", "bbbbbbbb"]);
+    assert!(field(&capped, "source_reads") >= 8, "{capped}");
+    assert!(
+        cache_bytes(&root) <= 4 << 20,
+        "cache holds {} bytes",
+        cache_bytes(&root)
+    );
+
+    // A damaged cache file is dropped and the chunk refetched, never served.
+    let chunks = root.join("cache/chunks");
+    let victim = fs::read_dir(&chunks)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().len() == 2)
+        .flat_map(|d| fs::read_dir(d.path()).unwrap().flatten())
+        .next()
+        .unwrap()
+        .path();
+    let mut bytes = fs::read(&victim).unwrap();
+    bytes[100] ^= 0xff;
+    fs::write(&victim, &bytes).unwrap();
+    let after = mount_read(&root, &mnt, &["--cache-size", "4M"], &["a", "bbbbbbbb"]);
+    assert!(field(&after, "failures") == 0, "{after}");
+
+    let out = strata(&root, &["cache", "gc", "--max-size", "0"]);
+    assert!(out.status.success());
+    assert_eq!(cache_bytes(&root), 0);
+    fs::remove_dir_all(&tmp).ok();
+}
