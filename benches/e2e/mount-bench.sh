@@ -73,12 +73,16 @@ mount_args=(--cache-size 0)
 mount_strata
 read -r ln_f ls_f < <(measure 1 cat DIR/large.bin)
 umount_strata
-# With the node cache (the default): one read fills it, then cold reads come from it.
-mount_args=()
+# With the node cache (what remote layers always get; local ones with --cache-local): one read
+# fills it, then cold reads come from it.
+mount_args=(--cache-local)
 mount_strata
 cat "$mnt/large.bin" > /dev/null
 read -r ln_c ls_c < <(measure 1 cat DIR/large.bin)
 read -r ln_w ls_w < <(measure 0 cat DIR/large.bin)
+umount_strata
+mount_args=()
+mount_strata
 read -r sn_c ss_c < <(measure 1 read_all DIR/many)
 read -r sn_w ss_w < <(measure 0 read_all DIR/many)
 read -r tn_c ts_c < <(measure 1 stat_all DIR)

@@ -45,13 +45,31 @@ enum Command {
     Images(commands::images::ImagesArgs),
     /// Show an image's manifest, config and layers with TOC statistics.
     Inspect(commands::images::InspectArgs),
+    /// Pull an image from a registry (lazy layers: metadata only).
+    Pull(commands::registry::PullArgs),
+    /// Push a local image to a registry.
+    Push(commands::registry::PushArgs),
+    /// Give a local image another name.
+    Tag(commands::images::TagArgs),
+    /// Remove image names from the local store.
+    Rmi(commands::images::RmiArgs),
+    /// Save registry credentials (Docker's config.json).
+    Login(commands::registry::LoginArgs),
+    /// Remove saved registry credentials.
+    Logout(commands::registry::LogoutArgs),
     /// Inspect or trim the node's disk cache of chunks.
     Cache(commands::cache::CacheArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.global.log_level)
+    // fuser logs an expected failure to unmount an already unmounted session at warn.
+    let directive = if cli.global.log_level.contains("fuser") {
+        cli.global.log_level.clone()
+    } else {
+        format!("{},fuser=error", cli.global.log_level)
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&directive)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -65,6 +83,12 @@ fn main() {
         Command::Images(a) => commands::images::images(&cli.global, a),
         Command::Inspect(a) => commands::images::inspect(&cli.global, a),
         Command::Cache(a) => commands::cache::run(&cli.global, a),
+        Command::Pull(a) => commands::registry::pull(&cli.global, a),
+        Command::Push(a) => commands::registry::push(&cli.global, a),
+        Command::Tag(a) => commands::images::tag(&cli.global, a),
+        Command::Rmi(a) => commands::images::rmi(&cli.global, a),
+        Command::Login(a) => commands::registry::login(&cli.global, a),
+        Command::Logout(a) => commands::registry::logout(&cli.global, a),
     };
     if let Err(e) = result {
         eprintln!("strata: error: {e:#}");

@@ -14,6 +14,11 @@ pub trait BlobSource: Send + Sync {
     fn size(&self) -> u64;
     /// Reads exactly `len` bytes at `offset` (an error if the blob is shorter).
     fn read_range(&self, offset: u64, len: u64) -> io::Result<Vec<u8>>;
+    /// Whether the bytes are already on this node (then a disk cache of chunks only saves
+    /// decoding, not fetching).
+    fn is_local(&self) -> bool {
+        false
+    }
 }
 
 /// A blob in a local file.
@@ -37,6 +42,9 @@ impl LocalBlob {
 impl BlobSource for LocalBlob {
     fn size(&self) -> u64 {
         self.size
+    }
+    fn is_local(&self) -> bool {
+        true
     }
     fn read_range(&self, offset: u64, len: u64) -> io::Result<Vec<u8>> {
         let end = offset
@@ -85,9 +93,13 @@ pub struct TocHint {
     pub location: Option<(u64, u64)>,
 }
 
-/// Opens a layer's TOC: at most two range reads (footer, then TOC), one with a location hint.
-/// The TOC is verified against the manifest's digest when given, else against the footer's.
-pub fn open_toc(src: &dyn BlobSource, digest: &str, hint: &TocHint) -> Result<Toc, OpenError> {
+/// Reads a layer's TOC frame: at most two range reads (footer, then TOC), one with a location
+/// hint. Returns the frame and where it lies; the caller verifies it.
+pub fn read_toc_frame(
+    src: &dyn BlobSource,
+    digest: &str,
+    hint: &TocHint,
+) -> Result<(Vec<u8>, Footer), OpenError> {
     let fmt = |source| OpenError::Format {
         digest: digest.to_string(),
         source,
@@ -115,16 +127,35 @@ pub fn open_toc(src: &dyn BlobSource, digest: &str, hint: &TocHint) -> Result<To
             format::parse_footer(&bytes, size).map_err(fmt)?
         }
     };
-    let trusted = hint.digest.unwrap_or(footer.toc_digest);
-    let frame = src
-        .read_range(footer.toc_offset, footer.toc_size)
-        .map_err(io)?;
     let toc_end = footer.toc_offset.saturating_add(footer.toc_size);
-    if toc_end + FOOTER_SIZE as u64 != size {
+    if toc_end.saturating_add(FOOTER_SIZE as u64) != size {
         return Err(fmt(format::FormatError::CorruptToc(format!(
             "TOC at {}+{} does not end at the footer of a {size}-byte blob",
             footer.toc_offset, footer.toc_size
         ))));
     }
-    format::parse_toc(&frame, &trusted, footer.toc_offset).map_err(fmt)
+    let frame = src
+        .read_range(footer.toc_offset, footer.toc_size)
+        .map_err(io)?;
+    Ok((frame, footer))
+}
+
+/// Verifies and parses a TOC frame against the manifest's digest when given, else the footer's.
+pub fn parse_toc_frame(
+    frame: &[u8],
+    footer: &Footer,
+    digest: &str,
+    hint: &TocHint,
+) -> Result<Toc, OpenError> {
+    let trusted = hint.digest.unwrap_or(footer.toc_digest);
+    format::parse_toc(frame, &trusted, footer.toc_offset).map_err(|source| OpenError::Format {
+        digest: digest.to_string(),
+        source,
+    })
+}
+
+/// Opens a layer's TOC (see [`read_toc_frame`] and [`parse_toc_frame`]).
+pub fn open_toc(src: &dyn BlobSource, digest: &str, hint: &TocHint) -> Result<Toc, OpenError> {
+    let (frame, footer) = read_toc_frame(src, digest, hint)?;
+    parse_toc_frame(&frame, &footer, digest, hint)
 }

@@ -43,11 +43,13 @@ pub struct ChunkCache {
     capacity: usize,
     inflight: Mutex<HashMap<Sha256Digest, Slot>>,
     disk: Option<Arc<DiskCache>>,
+    /// Use the disk cache for local blobs too (saves decoding on re-reads, costs disk space).
+    cache_local: bool,
     stats: Mutex<FetchStats>,
 }
 
 impl ChunkCache {
-    pub fn new(capacity_bytes: usize, disk: Option<Arc<DiskCache>>) -> Self {
+    pub fn new(capacity_bytes: usize, disk: Option<Arc<DiskCache>>, cache_local: bool) -> Self {
         ChunkCache {
             lru: Mutex::new(Lru {
                 map: LruCache::unbounded(),
@@ -56,6 +58,7 @@ impl ChunkCache {
             capacity: capacity_bytes,
             inflight: Mutex::new(HashMap::new()),
             disk,
+            cache_local,
             stats: Mutex::new(FetchStats::default()),
         }
     }
@@ -125,7 +128,11 @@ impl ChunkCache {
 impl ChunkCache {
     /// Disk cache first, then the layer blob (verified, then written to the disk cache).
     fn load(&self, src: &dyn BlobSource, chunk: &Chunk) -> Result<Arc<Vec<u8>>, ChunkError> {
-        if let Some(disk) = &self.disk {
+        let disk = self
+            .disk
+            .as_ref()
+            .filter(|_| self.cache_local || !src.is_local());
+        if let Some(disk) = disk {
             if let Some(data) = disk.get(&chunk.digest, chunk.uncompressed_len as usize) {
                 self.stats.lock().disk_hits += 1;
                 return Ok(Arc::new(data));
@@ -142,7 +149,7 @@ impl ChunkCache {
         }
         drop(stats);
         let data = result?;
-        if let Some(disk) = &self.disk {
+        if let Some(disk) = disk {
             if let Err(e) = disk.put(&chunk.digest, &data) {
                 tracing::warn!(chunk = %chunk.digest, "cannot write to the disk cache: {e}");
             }

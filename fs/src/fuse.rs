@@ -76,6 +76,8 @@ pub struct MountConfig {
     pub fsname: String,
     /// The node's disk cache of verified chunks, if any.
     pub disk_cache: Option<Arc<DiskCache>>,
+    /// Cache chunks of local layer blobs on disk too.
+    pub cache_local: bool,
 }
 
 impl Default for MountConfig {
@@ -85,6 +87,7 @@ impl Default for MountConfig {
             memory_cache: 256 << 20,
             fsname: "strata".into(),
             disk_cache: None,
+            cache_local: false,
         }
     }
 }
@@ -243,7 +246,11 @@ impl StrataFs {
             shared: Arc::new(Shared {
                 tree,
                 blobs,
-                cache: ChunkCache::new(config.memory_cache, config.disk_cache.clone()),
+                cache: ChunkCache::new(
+                    config.memory_cache,
+                    config.disk_cache.clone(),
+                    config.cache_local,
+                ),
             }),
             prefetch: tx,
             prefetch_rx: Mutex::new(Some(rx)),
@@ -375,6 +382,18 @@ impl Filesystem for StrataFs {
                 tracing::debug!("readahead workers gone");
             }
         }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock: LockOwner,
+        reply: fuser::ReplyEmpty,
+    ) {
+        // Nothing to flush on a read-only filesystem; ENOSYS tells the kernel to stop asking.
+        reply.error(Errno::ENOSYS);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

@@ -1,13 +1,20 @@
-//! Opening an image for reading: manifest, config and every layer's TOC (in parallel).
+//! Opening an image for reading: manifest, config and every layer's TOC (in parallel), with
+//! layer bytes from the local store or, for lazily pulled images, from their registry.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::blob::{open_toc, BlobSource, LocalBlob, OpenError, TocHint};
-use crate::format::{self, Sha256Digest, Toc};
+use crate::blob::{parse_toc_frame, read_toc_frame, BlobSource, LocalBlob, OpenError, TocHint};
+use crate::format::{self, Footer, Sha256Digest, Toc};
 use crate::oci::{Descriptor, Manifest};
 use crate::reference::Reference;
+use crate::registry::{Registry, RegistryBlob};
 use crate::store::{Store, StoreError};
 use crate::tree::{Tree, TreeError};
+
+/// Annotation (in the store's index.json) naming the repository a lazily pulled image's blobs
+/// live in (`registry/repository`).
+pub const ANNOTATION_SOURCE: &str = "dev.strata.source";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -17,9 +24,13 @@ pub enum ImageError {
     Open(#[from] OpenError),
     #[error(transparent)]
     Tree(#[from] TreeError),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
     #[error("layer {digest} has media type {media_type}, not a strata layer; run `strata convert` first")]
     NotStrata { digest: String, media_type: String },
-    #[error("manifest {0} is not valid JSON: {1}")]
+    #[error("layer {0} is neither in the local store nor in a known registry repository")]
+    NoSource(String),
+    #[error("config {0} is not valid JSON: {1}")]
     BadConfig(String, String),
 }
 
@@ -78,8 +89,58 @@ pub fn toc_hint(d: &Descriptor) -> Result<TocHint, OpenError> {
     Ok(TocHint { digest, location })
 }
 
-/// Opens an image from the local store.
-pub fn open_local(store: &Store, image: &str) -> Result<OpenedImage, ImageError> {
+/// Whether a layer descriptor is a strata layer (zstd tar with a TOC annotation).
+pub fn is_strata_layer(d: &Descriptor) -> bool {
+    d.media_type == format::MEDIA_TYPE_LAYER
+        && d.annotations.contains_key(format::ANNOTATION_TOC_DIGEST)
+}
+
+fn toc_cache_path(store: &Store, layer_digest: &str) -> Result<PathBuf, StoreError> {
+    let blob = store.blob_path(layer_digest)?;
+    let name = blob
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    Ok(store.root().join("tocs").join(name))
+}
+
+/// Opens one layer's TOC: from the local TOC cache, else read from `src` (and cached; a lazily
+/// pulled image keeps its TOCs so remounting needs no request).
+pub fn open_layer_toc(
+    store: &Store,
+    d: &Descriptor,
+    src: &dyn BlobSource,
+) -> Result<Toc, ImageError> {
+    let hint = toc_hint(d)?;
+    let cache = toc_cache_path(store, &d.digest)?;
+    if let (Some(trusted), Some((offset, size)), Ok(frame)) =
+        (hint.digest, hint.location, std::fs::read(&cache))
+    {
+        let footer = Footer {
+            toc_offset: offset,
+            toc_size: size,
+            toc_digest: trusted,
+        };
+        match parse_toc_frame(&frame, &footer, &d.digest, &hint) {
+            Ok(toc) => return Ok(toc),
+            Err(e) => tracing::warn!(layer = %d.digest, "cached TOC unusable, refetching: {e}"),
+        }
+    }
+    let (frame, footer) = read_toc_frame(src, &d.digest, &hint)?;
+    let toc = parse_toc_frame(&frame, &footer, &d.digest, &hint)?;
+    if !src.is_local() {
+        store.write_file(&cache, &frame)?;
+    }
+    Ok(toc)
+}
+
+/// Opens an image from the local store; layers missing locally are read from the registry the
+/// image was pulled from (needs `registry`).
+pub fn open(
+    store: &Store,
+    image: &str,
+    registry: Option<&Arc<Registry>>,
+) -> Result<OpenedImage, ImageError> {
     let record = store.resolve(image)?;
     let manifest = store.manifest(&record.descriptor.digest)?;
     let config_bytes = store.read_blob(&manifest.config.digest)?;
@@ -93,22 +154,40 @@ pub fn open_local(store: &Store, image: &str) -> Result<OpenedImage, ImageError>
             });
         }
     }
+    let source = record
+        .descriptor
+        .annotations
+        .get(ANNOTATION_SOURCE)
+        .and_then(|s| Reference::parse(s).ok());
     let opened: Vec<Result<OpenedLayer, ImageError>> = std::thread::scope(|s| {
         let handles: Vec<_> = manifest
             .layers
             .iter()
             .map(|d| {
+                let source = source.clone();
                 s.spawn(move || -> Result<OpenedLayer, ImageError> {
-                    let file = store.open_blob(&d.digest)?;
-                    let blob = LocalBlob::from_file(file).map_err(|source| OpenError::Io {
-                        digest: d.digest.clone(),
-                        source,
-                    })?;
-                    let toc = open_toc(&blob, &d.digest, &toc_hint(d)?)?;
+                    let blob: Arc<dyn BlobSource> = if store.has_blob(&d.digest) {
+                        let file = store.open_blob(&d.digest)?;
+                        Arc::new(LocalBlob::from_file(file).map_err(|source| OpenError::Io {
+                            digest: d.digest.clone(),
+                            source,
+                        })?)
+                    } else {
+                        match (registry, source) {
+                            (Some(reg), Some(src)) => Arc::new(RegistryBlob::new(
+                                reg.clone(),
+                                src,
+                                d.digest.clone(),
+                                d.size,
+                            )),
+                            _ => return Err(ImageError::NoSource(d.digest.clone())),
+                        }
+                    };
+                    let toc = open_layer_toc(store, d, blob.as_ref())?;
                     Ok(OpenedLayer {
                         descriptor: d.clone(),
                         toc,
-                        blob: Arc::new(blob),
+                        blob,
                     })
                 })
             })
@@ -116,9 +195,8 @@ pub fn open_local(store: &Store, image: &str) -> Result<OpenedImage, ImageError>
         handles
             .into_iter()
             .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(ImageError::BadConfig("layer".into(), "panicked".into()))
-                })
+                h.join()
+                    .unwrap_or_else(|_| Err(ImageError::NoSource("layer open panicked".into())))
             })
             .collect()
     });
@@ -130,4 +208,9 @@ pub fn open_local(store: &Store, image: &str) -> Result<OpenedImage, ImageError>
         config,
         layers,
     })
+}
+
+/// Opens an image whose layers are all in the local store.
+pub fn open_local(store: &Store, image: &str) -> Result<OpenedImage, ImageError> {
+    open(store, image, None)
 }

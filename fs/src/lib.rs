@@ -14,5 +14,7 @@ pub mod fuse;
 pub mod image;
 pub mod oci;
 pub mod reference;
+pub mod registry;
 pub mod store;
+pub mod transfer;
 pub mod tree;

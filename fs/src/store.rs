@@ -161,6 +161,14 @@ impl Store {
         })
     }
 
+    /// Writes a file under the store root crash-safely (temp, fsync, rename).
+    pub fn write_file(&self, dest: &Path, data: &[u8]) -> Result<()> {
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        self.write_atomic(dest, data)
+    }
+
     fn write_atomic(&self, dest: &Path, data: &[u8]) -> Result<()> {
         let (mut f, tmp) = tempfile_in(&self.root.join("tmp"))?;
         let res = (|| {

@@ -3,5 +3,6 @@
 //! layer feature, tree snapshots for entry-by-entry comparison, and process helpers.
 
 pub mod image;
+pub mod registry;
 pub mod snapshot;
 pub mod util;

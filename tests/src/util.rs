@@ -121,3 +121,31 @@ impl Drop for Mounted {
         }
     }
 }
+
+/// Runs strata with extra environment variables and optional standard input.
+pub fn strata_with(
+    root: &Path,
+    env: &[(&str, &Path)],
+    args: &[&str],
+    stdin: Option<&[u8]>,
+) -> Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut cmd = Command::new(strata_bin());
+    cmd.arg("--root").arg(root).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("running strata");
+    if let (Some(data), Some(mut input)) = (stdin, child.stdin.take()) {
+        input.write_all(data).expect("writing stdin");
+    }
+    child.wait_with_output().expect("waiting for strata")
+}

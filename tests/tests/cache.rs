@@ -12,7 +12,15 @@ use strata_tests::util::{is_mounted, strata, strata_ok};
 fn mount_read(root: &Path, mnt: &Path, extra: &[&str], files: &[&str]) -> String {
     fs::create_dir_all(mnt).unwrap();
     let m = mnt.display().to_string();
-    let mut args = vec!["--log-level", "info", "mount", "cache/test:v1", m.as_str()];
+    // Layers here are local, so ask for them to be cached (remote layers always are).
+    let mut args = vec![
+        "--log-level",
+        "info",
+        "mount",
+        "cache/test:v1",
+        m.as_str(),
+        "--cache-local",
+    ];
     args.extend_from_slice(extra);
     strata_ok(root, &args);
     for f in files {

@@ -1,7 +1,7 @@
 use anyhow::Context;
 use serde_json::json;
 use strata_fs::format::dump::dump;
-use strata_fs::image::open_local;
+use strata_fs::image::open;
 
 use super::{human_bytes, open_store};
 use crate::GlobalArgs;
@@ -20,6 +20,8 @@ pub struct InspectArgs {
     /// Print every layer's TOC listing instead of JSON.
     #[arg(long)]
     pub toc: bool,
+    #[command(flatten)]
+    pub registry: super::registry::RegistryArgs,
 }
 
 pub fn images(g: &GlobalArgs, a: ImagesArgs) -> anyhow::Result<()> {
@@ -106,7 +108,9 @@ pub fn images(g: &GlobalArgs, a: ImagesArgs) -> anyhow::Result<()> {
 
 pub fn inspect(g: &GlobalArgs, a: InspectArgs) -> anyhow::Result<()> {
     let store = open_store(g)?;
-    let image = open_local(&store, &a.image).with_context(|| format!("opening {}", a.image))?;
+    let client = a.registry.client()?;
+    let image =
+        open(&store, &a.image, Some(&client)).with_context(|| format!("opening {}", a.image))?;
     if a.toc {
         for (i, l) in image.layers.iter().enumerate() {
             println!("# layer {} {}", i + 1, l.descriptor.digest);
@@ -141,5 +145,49 @@ pub fn inspect(g: &GlobalArgs, a: InspectArgs) -> anyhow::Result<()> {
         "layers": layers,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct TagArgs {
+    /// Existing image (reference or digest).
+    pub source: String,
+    /// New name.
+    pub target: String,
+}
+
+pub fn tag(g: &GlobalArgs, a: TagArgs) -> anyhow::Result<()> {
+    let store = open_store(g)?;
+    let rec = store.resolve(&a.source)?;
+    let target = strata_fs::reference::Reference::parse(&a.target)?;
+    store.tag(&target, rec.descriptor)?;
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct RmiArgs {
+    /// Image names to remove.
+    #[arg(required = true)]
+    pub images: Vec<String>,
+}
+
+pub fn rmi(g: &GlobalArgs, a: RmiArgs) -> anyhow::Result<()> {
+    let store = open_store(g)?;
+    let mut failed = false;
+    for image in &a.images {
+        match store.resolve(image) {
+            Ok(rec) => {
+                store.untag(&rec.reference)?;
+                println!("Untagged: {}", rec.reference);
+            }
+            Err(e) => {
+                eprintln!("strata: error: {e}");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        anyhow::bail!("some images were not removed");
+    }
     Ok(())
 }

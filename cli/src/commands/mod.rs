@@ -2,6 +2,7 @@ pub mod cache;
 pub mod convert;
 pub mod images;
 pub mod mount;
+pub mod registry;
 
 use anyhow::Context;
 use strata_fs::store::Store;

@@ -14,7 +14,6 @@ use nix::sys::signal::{SigSet, Signal};
 use serde::{Deserialize, Serialize};
 use strata_fs::cache::DiskCache;
 use strata_fs::fuse::{mount_session, MountConfig, StrataFs};
-use strata_fs::image::open_local;
 
 use super::{open_store, parse_size};
 use crate::GlobalArgs;
@@ -39,12 +38,21 @@ pub struct MountArgs {
     /// Size cap of the node's disk cache of verified chunks (shared by all mounts; 0 disables).
     #[arg(long, default_value = "10G", value_parser = parse_size)]
     pub cache_size: u64,
+    /// Also keep chunks of layers from the local store in the disk cache: re-reads skip
+    /// decompression at the cost of disk space (remote layers are always cached).
+    #[arg(long)]
+    pub cache_local: bool,
     /// Kernel readahead for the mount in KiB (the kernel's FUSE default is 128).
     #[arg(long, default_value_t = 1024)]
     pub read_ahead_kb: u32,
     /// Seconds to wait for the mount to become ready.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
+    #[command(flatten)]
+    pub registry: super::registry::RegistryArgs,
+    /// Platform to pick when the image must be pulled first (OS/ARCH).
+    #[arg(long)]
+    pub platform: Option<String>,
     /// Internal: print a readiness line on stdout once mounted.
     #[arg(long, hide = true)]
     pub notify_ready: bool,
@@ -81,10 +89,18 @@ pub fn mount(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
     if !mountpoint.is_dir() {
         bail!("mount point {} is not a directory", mountpoint.display());
     }
+    let store = open_store(g)?;
+    if store.resolve(&a.image).is_err() {
+        // Not here yet: pull its metadata (lazy layers stay in the registry).
+        let r = strata_fs::reference::Reference::parse(&a.image)?;
+        let client = a.registry.client()?;
+        let (os, arch) = super::registry::platform(a.platform.as_deref())?;
+        strata_fs::transfer::pull(&store, &client, &r, (&os, &arch), false, &mut |_| {})
+            .with_context(|| format!("pulling {r}"))?;
+    }
     if a.foreground {
         return serve(g, &a, &mountpoint);
     }
-    let store = open_store(g)?;
     let log = store
         .mounts_dir()
         .join(record_name(&mountpoint).replace(".json", ".log"));
@@ -104,6 +120,13 @@ pub fn mount(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
         .args(["--threads", &a.threads.to_string()])
         .args(["--memory-cache", &a.memory_cache.to_string()])
         .args(["--cache-size", &a.cache_size.to_string()])
+        .args(a.cache_local.then_some("--cache-local"))
+        .args(
+            a.registry
+                .insecure
+                .iter()
+                .flat_map(|h| ["--insecure-registry", h.as_str()]),
+        )
         .args(["--read-ahead-kb", &a.read_ahead_kb.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -163,7 +186,9 @@ fn serve(g: &GlobalArgs, a: &MountArgs, mountpoint: &Path) -> anyhow::Result<()>
 
     let started = Instant::now();
     let store = open_store(g)?;
-    let image = open_local(&store, &a.image).with_context(|| format!("opening {}", a.image))?;
+    let client = a.registry.client()?;
+    let image = strata_fs::image::open(&store, &a.image, Some(&client))
+        .with_context(|| format!("opening {}", a.image))?;
     let reference = image.reference.to_string();
     let manifest = image.manifest_digest.clone();
     let (tree, blobs) = image.into_tree().context("merging layers")?;
@@ -181,6 +206,7 @@ fn serve(g: &GlobalArgs, a: &MountArgs, mountpoint: &Path) -> anyhow::Result<()>
         memory_cache: a.memory_cache as usize,
         fsname: format!("strata:{reference}"),
         disk_cache,
+        cache_local: a.cache_local,
     };
     let fs = StrataFs::new(tree, blobs, &config);
     let mut session = mount_session(fs, mountpoint, &config)

@@ -1,0 +1,206 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failure should abort loudly
+//! Lazy pulling from a real registry (Debian's docker-registry on a loopback port): an image
+//! pushed by strata mounts from a fresh store after fetching only metadata, a read fetches a
+//! small fraction of the image, and everything read matches the source; with basic auth too.
+
+use std::fs;
+use std::path::Path;
+
+use strata_tests::image::{noise, scratch, write_oci_layout, Compression, Layer, LayerBuilder};
+use strata_tests::registry::TestRegistry;
+use strata_tests::snapshot::{diff, snapshot, SnapshotOptions};
+use strata_tests::util::{strata, strata_ok, strata_with, Mounted};
+
+/// An image of about 100 MB of incompressible files plus small files, converted into `root`.
+fn big_image(tmp: &Path, root: &Path, name: &str) {
+    let mut l1 = LayerBuilder::new();
+    l1.dir("blob", 0o755).unwrap();
+    for i in 0..100u64 {
+        l1.file(&format!("blob/f{i:03}"), 0o644, &noise(i, 1 << 20))
+            .unwrap();
+    }
+    let mut l2 = LayerBuilder::new();
+    l2.dir("etc", 0o755).unwrap();
+    for i in 0..200 {
+        l2.file(
+            &format!("etc/conf{i}"),
+            0o644,
+            format!("setting {i}\n").as_bytes(),
+        )
+        .unwrap();
+    }
+    let src = tmp.join("src");
+    write_oci_layout(
+        &src,
+        "v1",
+        &[
+            Layer {
+                tar: l1.finish().unwrap(),
+                compression: Compression::Gzip,
+            },
+            Layer {
+                tar: l2.finish().unwrap(),
+                compression: Compression::Gzip,
+            },
+        ],
+    )
+    .unwrap();
+    strata_ok(
+        root,
+        &["convert", &format!("oci:{}:v1", src.display()), name],
+    );
+}
+
+#[test]
+fn lazy_mount_reads_a_small_fraction_then_matches_the_source() {
+    let tmp = scratch("lazy").unwrap();
+    let local = tmp.join("local");
+    big_image(&tmp, &local, "test/lazy:v1");
+    let reg = TestRegistry::start(&tmp.join("registry"), None).unwrap();
+    let remote = format!("{}/test/lazy:v1", reg.addr);
+    strata_ok(&local, &["push", "test/lazy:v1", &remote]);
+    let inspected: serde_json::Value =
+        serde_json::from_str(&strata_ok(&local, &["inspect", "test/lazy:v1"])).unwrap();
+    let image_bytes: u64 = inspected["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["size"].as_u64().unwrap())
+        .sum();
+    assert!(image_bytes > 100_000_000, "pushed {image_bytes} bytes");
+
+    // A fresh store mounts straight from the registry.
+    let fresh = tmp.join("fresh");
+    let before = reg.log_lines().len();
+    let lazy = Mounted::new(&fresh, &remote, &tmp.join("mnt-lazy")).unwrap();
+    let open_bytes = reg.bytes_since(before, "GET /v2/");
+    let data = fs::read(lazy.dir.join("blob/f042")).unwrap();
+    assert_eq!(data, noise(42, 1 << 20));
+    let fetched = reg.bytes_since(before, "GET /v2/");
+    assert!(
+        (fetched as f64) < 0.05 * image_bytes as f64,
+        "reading 1 MB of a {image_bytes}-byte image fetched {fetched} bytes ({open_bytes} to open)"
+    );
+    let ranged = reg.log_lines()[before..]
+        .iter()
+        .filter(|l| l.contains("\" 206 "))
+        .count();
+    assert!(ranged >= 3, "expected range requests (2 TOCs and a chunk)");
+
+    // Everything read lazily equals the local mount of the same image.
+    let reference = Mounted::new(&local, "test/lazy:v1", &tmp.join("mnt-local")).unwrap();
+    let want = snapshot(&reference.dir, SnapshotOptions { dir_mtimes: true }).unwrap();
+    let got = snapshot(&lazy.dir, SnapshotOptions { dir_mtimes: true }).unwrap();
+    let d = diff(&want, &got);
+    assert!(d.is_empty(), "{}", d.join("\n"));
+    reference.unmount().unwrap();
+    lazy.unmount().unwrap();
+
+    // `pull` stores metadata only; `images` lists it; `rmi` forgets it.
+    let pulled = tmp.join("pulled");
+    strata_ok(&pulled, &["pull", &remote]);
+    assert!(strata_ok(&pulled, &["images"]).contains("test/lazy"));
+    let blobs = fs::read_dir(pulled.join("blobs/sha256")).unwrap().count();
+    assert_eq!(
+        blobs, 2,
+        "pull should store only the manifest and the config"
+    );
+    strata_ok(&pulled, &["tag", &remote, "copy:v1"]);
+    strata_ok(&pulled, &["rmi", &remote]);
+    assert!(!strata_ok(&pulled, &["images"]).contains("test/lazy"));
+    assert!(strata_ok(&pulled, &["images"]).contains("copy"));
+    fs::remove_dir_all(&tmp).ok();
+}
+
+#[test]
+fn basic_auth_login_push_and_lazy_mount() {
+    let tmp = scratch("auth").unwrap();
+    let local = tmp.join("local");
+    let mut l = LayerBuilder::new();
+    l.file("hello", 0o644, b"hello through basic auth\n")
+        .unwrap();
+    let src = tmp.join("src");
+    write_oci_layout(
+        &src,
+        "v1",
+        &[Layer {
+            tar: l.finish().unwrap(),
+            compression: Compression::Gzip,
+        }],
+    )
+    .unwrap();
+    strata_ok(
+        &local,
+        &[
+            "convert",
+            &format!("oci:{}:v1", src.display()),
+            "test/auth:v1",
+        ],
+    );
+    let reg = TestRegistry::start(&tmp.join("registry"), Some(("tester", "s3cret"))).unwrap();
+    let remote = format!("{}/test/auth:v1", reg.addr);
+    let docker = tmp.join("docker");
+    let env = [("DOCKER_CONFIG", docker.as_path())];
+
+    let out = strata_with(&local, &env, &["push", "test/auth:v1", &remote], None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("authentication required"));
+
+    let bad = strata_with(
+        &local,
+        &env,
+        &["login", "-u", "tester", "--password-stdin", &reg.addr],
+        Some(b"wrong\n"),
+    );
+    assert!(!bad.status.success(), "a wrong password must not log in");
+    let ok = strata_with(
+        &local,
+        &env,
+        &["login", "-u", "tester", "--password-stdin", &reg.addr],
+        Some(b"s3cret\n"),
+    );
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let config: serde_json::Value =
+        serde_json::from_slice(&fs::read(docker.join("config.json")).unwrap()).unwrap();
+    assert!(config["auths"][&reg.addr]["auth"].is_string());
+
+    let out = strata_with(&local, &env, &["push", "test/auth:v1", &remote], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fresh = tmp.join("fresh");
+    let mnt = tmp.join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let out = strata_with(
+        &fresh,
+        &env,
+        &["mount", &remote, &mnt.display().to_string()],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        fs::read(mnt.join("hello")).unwrap(),
+        b"hello through basic auth\n"
+    );
+    strata_ok(&fresh, &["umount", &mnt.display().to_string()]);
+
+    let out = strata_with(&local, &env, &["logout", &reg.addr], None);
+    assert!(out.status.success());
+    let out = strata_with(&tmp.join("other"), &env, &["pull", &remote], None);
+    assert!(
+        !out.status.success(),
+        "pull after logout must need credentials"
+    );
+    let _ = strata(&local, &["images"]);
+    fs::remove_dir_all(&tmp).ok();
+}
