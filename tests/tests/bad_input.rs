@@ -313,11 +313,17 @@ fn truncated_or_tampered_strata_blob_fails_to_mount() {
     assert!(!is_mounted(&mnt));
 
     // Unknown images and missing mount points are plain errors too.
+    // An image that is neither local nor reachable (nothing listens on port 1; tests never
+    // reach beyond loopback).
     let out = strata(
         &root,
-        &["mount", "no/such:image", &mnt.display().to_string()],
+        &[
+            "mount",
+            "127.0.0.1:1/no/such:image",
+            &mnt.display().to_string(),
+        ],
     );
-    assert_clean_failure(&out, "not found");
+    assert_clean_failure(&out, "127.0.0.1:1/no/such:image");
     let out = strata(&root, &["mount", "bad/blob:v1", "/nonexistent/strata-mnt"]);
     assert_clean_failure(&out, "mount point");
     assert_eq!(
