@@ -1,10 +1,13 @@
-//! Fetching, verifying and caching decompressed chunks in memory.
+//! Fetching, verifying and caching decompressed chunks.
 //!
-//! A chunk is read from its layer's [`BlobSource`], decompressed and checked against its sha256
-//! before anyone sees it. Verified chunks live in a byte-capped LRU keyed by digest (so equal
-//! chunks of different layers are shared), and concurrent readers of one chunk share one fetch.
+//! A chunk comes from the memory LRU, then the node's disk cache, then its layer's
+//! [`BlobSource`]. Missing chunks that sit next to each other in the blob are fetched with one
+//! range read (up to [`MAX_RUN`] bytes), and every chunk is decompressed and checked against its
+//! sha256 before anyone sees it or it is cached. Verified chunks are keyed by digest, so equal
+//! chunks of different layers are shared, and concurrent readers of one chunk share one fetch.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use lru::LruCache;
@@ -14,15 +17,21 @@ use crate::blob::BlobSource;
 use crate::cache::DiskCache;
 use crate::format::{self, Chunk, Sha256Digest};
 
+/// Largest compressed span fetched in one range read.
+pub const MAX_RUN: u64 = 4 << 20;
+/// Largest gap (tar headers of other entries) bridged to join two chunks into one read.
+pub const MAX_GAP: u64 = 64 << 10;
+
 /// Why a chunk could not be served.
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct ChunkError(pub String);
 
-type Slot = Arc<OnceLock<Result<Arc<Vec<u8>>, ChunkError>>>;
+type Data = Arc<Vec<u8>>;
+type Slot = Arc<OnceLock<Result<Data, ChunkError>>>;
 
 struct Lru {
-    map: LruCache<Sha256Digest, Arc<Vec<u8>>>,
+    map: LruCache<Sha256Digest, Data>,
     bytes: usize,
 }
 
@@ -31,8 +40,11 @@ struct Lru {
 pub struct FetchStats {
     pub memory_hits: u64,
     pub disk_hits: u64,
+    /// Chunks read from layer blobs.
+    pub source_chunks: u64,
+    /// Range reads of layer blobs (each may carry several chunks).
     pub source_reads: u64,
-    /// Compressed bytes read from layer blobs.
+    /// Bytes read from layer blobs.
     pub source_bytes: u64,
     pub failures: u64,
 }
@@ -46,6 +58,14 @@ pub struct ChunkCache {
     /// Use the disk cache for local blobs too (saves decoding on re-reads, costs disk space).
     cache_local: bool,
     stats: Mutex<FetchStats>,
+    /// Fetches for readers in progress (background work yields to them).
+    active: AtomicUsize,
+}
+
+enum Step {
+    Ready(Data),
+    Wait(Slot),
+    Lead(Slot),
 }
 
 impl ChunkCache {
@@ -60,6 +80,7 @@ impl ChunkCache {
             disk,
             cache_local,
             stats: Mutex::new(FetchStats::default()),
+            active: AtomicUsize::new(0),
         }
     }
 
@@ -67,11 +88,20 @@ impl ChunkCache {
         *self.stats.lock()
     }
 
+    /// Whether readers are waiting on fetches right now.
+    pub fn busy(&self) -> bool {
+        self.active.load(Ordering::Relaxed) > 0
+    }
+
+    pub fn disk(&self) -> Option<&Arc<DiskCache>> {
+        self.disk.as_ref()
+    }
+
     pub fn contains(&self, digest: &Sha256Digest) -> bool {
         self.lru.lock().map.contains(digest)
     }
 
-    fn insert(&self, digest: Sha256Digest, data: Arc<Vec<u8>>) {
+    fn insert(&self, digest: Sha256Digest, data: Data) {
         let mut lru = self.lru.lock();
         if lru.map.contains(&digest) {
             return;
@@ -86,87 +116,224 @@ impl ChunkCache {
         }
     }
 
-    /// Warms the cache with `chunk` unless it is cached or already being fetched (a prefetcher
-    /// must never sit waiting on someone else's fetch).
-    pub fn prefetch(&self, src: &dyn BlobSource, chunk: &Chunk) {
-        if self.contains(&chunk.digest) || self.inflight.lock().contains_key(&chunk.digest) {
-            return;
-        }
-        let _ = self.get(src, chunk);
-    }
-
-    /// Returns the verified bytes of `chunk`, fetching them from `src` if needed.
-    pub fn get(&self, src: &dyn BlobSource, chunk: &Chunk) -> Result<Arc<Vec<u8>>, ChunkError> {
-        if let Some(d) = self.lru.lock().map.get(&chunk.digest) {
-            self.stats.lock().memory_hits += 1;
-            return Ok(d.clone());
-        }
-        let slot = self
-            .inflight
-            .lock()
-            .entry(chunk.digest)
-            .or_insert_with(|| Arc::new(OnceLock::new()))
-            .clone();
-        let result = slot
-            .get_or_init(|| {
-                let data = self.load(src, chunk)?;
-                self.insert(chunk.digest, data.clone());
-                Ok(data)
-            })
-            .clone();
-        let mut inflight = self.inflight.lock();
-        if inflight
-            .get(&chunk.digest)
-            .is_some_and(|s| Arc::ptr_eq(s, &slot))
-        {
-            inflight.remove(&chunk.digest);
-        }
-        result
-    }
-}
-
-impl ChunkCache {
-    /// Disk cache first, then the layer blob (verified, then written to the disk cache).
-    fn load(&self, src: &dyn BlobSource, chunk: &Chunk) -> Result<Arc<Vec<u8>>, ChunkError> {
-        let disk = self
-            .disk
+    fn disk_for(&self, src: &dyn BlobSource) -> Option<&Arc<DiskCache>> {
+        self.disk
             .as_ref()
-            .filter(|_| self.cache_local || !src.is_local());
-        if let Some(disk) = disk {
-            if let Some(data) = disk.get(&chunk.digest, chunk.uncompressed_len as usize) {
-                self.stats.lock().disk_hits += 1;
-                return Ok(Arc::new(data));
+            .filter(|_| self.cache_local || !src.is_local())
+    }
+
+    /// Warms the caches with those of `chunks` that are neither cached nor being fetched
+    /// (a prefetcher never sits waiting on someone else's fetch).
+    pub fn prefetch(&self, src: &dyn BlobSource, chunks: &[Chunk]) {
+        let wanted: Vec<Chunk> = {
+            let inflight = self.inflight.lock();
+            chunks
+                .iter()
+                .filter(|c| !inflight.contains_key(&c.digest))
+                .copied()
+                .collect()
+        };
+        let wanted: Vec<Chunk> = wanted
+            .into_iter()
+            .filter(|c| !self.contains(&c.digest))
+            .collect();
+        if !wanted.is_empty() {
+            let _ = self.fetch_many(src, &wanted, false);
+        }
+    }
+
+    /// Returns the verified bytes of `chunk`.
+    pub fn get(&self, src: &dyn BlobSource, chunk: &Chunk) -> Result<Data, ChunkError> {
+        self.get_many(src, std::slice::from_ref(chunk))
+            .pop()
+            .unwrap_or_else(|| Err(ChunkError("no result".into())))
+    }
+
+    /// Returns the verified bytes of each of `chunks` (in order), fetching missing neighbours
+    /// with shared range reads.
+    pub fn get_many(
+        &self,
+        src: &dyn BlobSource,
+        chunks: &[Chunk],
+    ) -> Vec<Result<Data, ChunkError>> {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        let out = self.fetch_many(src, chunks, true);
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        out
+    }
+
+    fn fetch_many(
+        &self,
+        src: &dyn BlobSource,
+        chunks: &[Chunk],
+        memory: bool,
+    ) -> Vec<Result<Data, ChunkError>> {
+        let mut steps = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            if let Some(d) = self.lru.lock().map.get(&c.digest) {
+                self.stats.lock().memory_hits += 1;
+                steps.push(Step::Ready(d.clone()));
+                continue;
+            }
+            let mut inflight = self.inflight.lock();
+            match inflight.get(&c.digest) {
+                Some(slot) => steps.push(Step::Wait(slot.clone())),
+                None => {
+                    let slot: Slot = Arc::new(OnceLock::new());
+                    inflight.insert(c.digest, slot.clone());
+                    steps.push(Step::Lead(slot));
+                }
             }
         }
-        let result = fetch(src, chunk);
-        let mut stats = self.stats.lock();
-        match &result {
-            Ok(_) => {
-                stats.source_reads += 1;
-                stats.source_bytes += u64::from(chunk.compressed_len);
+        // Fetch what this call leads: disk cache first, then coalesced reads of the blob.
+        let mut to_fetch: Vec<(Chunk, Slot)> = Vec::new();
+        let disk = self.disk_for(src);
+        for (c, step) in chunks.iter().zip(&steps) {
+            if let Step::Lead(slot) = step {
+                if let Some(data) = disk.and_then(|d| d.get(&c.digest, c.uncompressed_len as usize))
+                {
+                    self.stats.lock().disk_hits += 1;
+                    let data = Arc::new(data);
+                    if memory {
+                        self.insert(c.digest, data.clone());
+                    }
+                    let _ = slot.set(Ok(data));
+                } else if !to_fetch.iter().any(|(f, _)| f.digest == c.digest) {
+                    to_fetch.push((*c, slot.clone()));
+                }
             }
-            Err(_) => stats.failures += 1,
         }
-        drop(stats);
-        let data = result?;
-        if let Some(disk) = disk {
-            if let Err(e) = disk.put(&chunk.digest, &data) {
-                tracing::warn!(chunk = %chunk.digest, "cannot write to the disk cache: {e}");
+        to_fetch.sort_by_key(|(c, _)| c.compressed_offset);
+        for run in runs(&to_fetch) {
+            self.fetch_run(src, run, disk, memory);
+        }
+        {
+            let mut inflight = self.inflight.lock();
+            for (c, step) in chunks.iter().zip(&steps) {
+                if let Step::Lead(slot) = step {
+                    if inflight
+                        .get(&c.digest)
+                        .is_some_and(|s| Arc::ptr_eq(s, slot))
+                    {
+                        inflight.remove(&c.digest);
+                    }
+                }
             }
         }
-        Ok(data)
+        steps
+            .into_iter()
+            .map(|s| match s {
+                Step::Ready(d) => Ok(d),
+                Step::Wait(slot) | Step::Lead(slot) => slot.wait().clone(),
+            })
+            .collect()
+    }
+
+    fn fetch_run(
+        &self,
+        src: &dyn BlobSource,
+        run: &[(Chunk, Slot)],
+        disk: Option<&Arc<DiskCache>>,
+        memory: bool,
+    ) {
+        let (Some((first, _)), Some((last, _))) = (run.first(), run.last()) else {
+            return;
+        };
+        let start = first.compressed_offset;
+        let end = last.compressed_offset + u64::from(last.compressed_len);
+        let bytes = match src.read_range(start, end - start) {
+            Ok(b) => {
+                let mut s = self.stats.lock();
+                s.source_reads += 1;
+                s.source_bytes += end - start;
+                b
+            }
+            Err(e) => {
+                self.stats.lock().failures += run.len() as u64;
+                let err = ChunkError(format!("reading blob range {start}+{}: {e}", end - start));
+                for (_, slot) in run {
+                    let _ = slot.set(Err(err.clone()));
+                }
+                return;
+            }
+        };
+        for (c, slot) in run {
+            let at = (c.compressed_offset - start) as usize;
+            let frame = &bytes[at..at + c.compressed_len as usize];
+            let result = format::decode_chunk(frame, c).map_err(|e| ChunkError(e.to_string()));
+            let result = result.map(|data| {
+                if let Some(d) = disk {
+                    if let Err(e) = d.put(&c.digest, &data) {
+                        tracing::warn!(chunk = %c.digest, "cannot write to the disk cache: {e}");
+                    }
+                }
+                let data = Arc::new(data);
+                if memory {
+                    self.insert(c.digest, data.clone());
+                }
+                data
+            });
+            let mut s = self.stats.lock();
+            match &result {
+                Ok(_) => s.source_chunks += 1,
+                Err(_) => s.failures += 1,
+            }
+            drop(s);
+            let _ = slot.set(result);
+        }
     }
 }
 
-fn fetch(src: &dyn BlobSource, chunk: &Chunk) -> Result<Arc<Vec<u8>>, ChunkError> {
-    let compressed = src
-        .read_range(chunk.compressed_offset, u64::from(chunk.compressed_len))
-        .map_err(|e| {
-            ChunkError(format!(
-                "reading chunk at {}+{}: {e}",
-                chunk.compressed_offset, chunk.compressed_len
-            ))
-        })?;
-    let data = format::decode_chunk(&compressed, chunk).map_err(|e| ChunkError(e.to_string()))?;
-    Ok(Arc::new(data))
+/// Splits chunks sorted by offset into runs that one range read can fetch.
+fn runs<T>(sorted: &[(Chunk, T)]) -> Vec<&[(Chunk, T)]> {
+    let mut out = Vec::new();
+    let mut begin = 0;
+    for i in 1..=sorted.len() {
+        let split = i == sorted.len() || {
+            let prev = &sorted[i - 1].0;
+            let cur = &sorted[i].0;
+            let prev_end = prev.compressed_offset + u64::from(prev.compressed_len);
+            let run_start = sorted[begin].0.compressed_offset;
+            cur.compressed_offset < prev_end
+                || cur.compressed_offset - prev_end > MAX_GAP
+                || cur.compressed_offset + u64::from(cur.compressed_len) - run_start > MAX_RUN
+        };
+        if split {
+            out.push(&sorted[begin..i]);
+            begin = i;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(off: u64, len: u32) -> (Chunk, ()) {
+        (
+            Chunk {
+                compressed_offset: off,
+                compressed_len: len,
+                uncompressed_len: len,
+                file_offset: 0,
+                digest: Sha256Digest::of(&off.to_le_bytes()),
+            },
+            (),
+        )
+    }
+
+    #[test]
+    fn runs_join_neighbours_within_bounds() {
+        let v = vec![
+            c(0, 100),
+            c(150, 100),
+            c(1 << 20, 100),
+            c((1 << 20) + 100, 100),
+        ];
+        let r = runs(&v);
+        assert_eq!(r.iter().map(|r| r.len()).collect::<Vec<_>>(), vec![2, 2]);
+        let big: Vec<_> = (0..10).map(|i| c(i * (1 << 20), 1 << 20)).collect();
+        assert!(runs(&big).iter().all(|r| r.len() <= 4));
+    }
 }

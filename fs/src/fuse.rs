@@ -101,8 +101,8 @@ struct Shared {
 /// A read-only filesystem serving a merged layer tree.
 pub struct StrataFs {
     shared: Arc<Shared>,
-    prefetch: SyncSender<(u32, Chunk)>,
-    prefetch_rx: Mutex<Option<Receiver<(u32, Chunk)>>>,
+    prefetch: SyncSender<(u32, Vec<Chunk>)>,
+    prefetch_rx: Mutex<Option<Receiver<(u32, Vec<Chunk>)>>>,
     readahead_threads: usize,
     no_open: bool,
     no_opendir: bool,
@@ -171,31 +171,42 @@ impl Shared {
 
     /// Reads `size` bytes at `offset` and hands them to `reply` (without copying when they lie
     /// in one chunk); returns the chunks a sequential reader wants next.
-    fn read(&self, n: &Node, offset: u64, size: u32, reply: ReplyData) -> Vec<(u32, Chunk)> {
+    fn read(
+        &self,
+        n: &Node,
+        offset: u64,
+        size: u32,
+        reply: ReplyData,
+    ) -> Option<(u32, Vec<Chunk>)> {
         if offset >= n.size || size == 0 {
             reply.data(&[]);
-            return Vec::new();
+            return None;
         }
         let end = n.size.min(offset + u64::from(size));
+        let fail = |reply: ReplyData, msg: String| {
+            reply.error(FsError::Io(msg).errno());
+            None
+        };
         let Some((layer, chunks)) = self.chunks(n) else {
-            reply.error(FsError::Io("file has no data".into()).errno());
-            return Vec::new();
+            return fail(reply, "file has no data".into());
         };
         let Some(blob) = self.blobs.get(layer as usize) else {
-            reply.error(FsError::Io("layer missing".into()).errno());
-            return Vec::new();
+            return fail(reply, "layer missing".into());
         };
         let first =
             chunks.partition_point(|c| c.file_offset + u64::from(c.uncompressed_len) <= offset);
-        let mut pieces = Vec::with_capacity(2);
-        let mut pos = offset;
-        let mut i = first;
-        while pos < end {
-            let Some(c) = chunks.get(i) else {
-                reply.error(FsError::Io("chunk table ends early".into()).errno());
-                return Vec::new();
-            };
-            let data = match self.cache.get(blob.as_ref(), c) {
+        let last = chunks.partition_point(|c| c.file_offset < end);
+        if first >= last {
+            return fail(reply, "chunk table ends early".into());
+        }
+        // All chunks of this read in one call, so missing neighbours share a range read.
+        let needed = &chunks[first..last];
+        let mut pieces = Vec::with_capacity(needed.len());
+        for (c, data) in needed
+            .iter()
+            .zip(self.cache.get_many(blob.as_ref(), needed))
+        {
+            let data = match data {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::error!(
@@ -203,15 +214,12 @@ impl Shared {
                         offset = c.compressed_offset,
                         "chunk read failed: {e}"
                     );
-                    reply.error(FsError::Io(e.0).errno());
-                    return Vec::new();
+                    return fail(reply, e.0);
                 }
             };
-            let from = (pos - c.file_offset) as usize;
+            let from = offset.saturating_sub(c.file_offset) as usize;
             let to = ((end - c.file_offset) as usize).min(data.len());
-            pos = c.file_offset + to as u64;
             pieces.push((data, from, to));
-            i += 1;
         }
         // A read that reaches the second half of its last chunk is likely sequential: warm the
         // next few chunks so every core decodes while the reader consumes.
@@ -227,15 +235,16 @@ impl Shared {
             }
         }
         if !sequential {
-            return Vec::new();
+            return None;
         }
-        chunks
+        let next: Vec<Chunk> = chunks
             .iter()
-            .skip(i)
+            .skip(last)
             .take(READAHEAD_CHUNKS)
             .filter(|c| !self.cache.contains(&c.digest))
-            .map(|c| (layer, *c))
-            .collect()
+            .copied()
+            .collect();
+        (!next.is_empty()).then_some((layer, next))
     }
 }
 
@@ -272,10 +281,10 @@ impl StrataFs {
                 .name(format!("strata-readahead-{i}"))
                 .spawn(move || loop {
                     let next = rx.lock().recv();
-                    let Ok((layer, chunk)) = next else { break };
+                    let Ok((layer, chunks)) = next else { break };
                     let Some(s) = shared.upgrade() else { break };
                     if let Some(b) = s.blobs.get(layer as usize) {
-                        s.cache.prefetch(b.as_ref(), &chunk);
+                        s.cache.prefetch(b.as_ref(), &chunks);
                     }
                 });
         }
@@ -318,6 +327,7 @@ impl Filesystem for StrataFs {
         tracing::info!(
             memory_hits = s.memory_hits,
             disk_hits = s.disk_hits,
+            source_chunks = s.source_chunks,
             source_reads = s.source_reads,
             source_bytes = s.source_bytes,
             failures = s.failures,
@@ -377,8 +387,8 @@ impl Filesystem for StrataFs {
             Ok(n) => n,
             Err(e) => return reply.error(e.errno()),
         };
-        for c in self.shared.read(n, offset, size, reply) {
-            if let Err(TrySendError::Disconnected(_)) = self.prefetch.try_send(c) {
+        if let Some(next) = self.shared.read(n, offset, size, reply) {
+            if let Err(TrySendError::Disconnected(_)) = self.prefetch.try_send(next) {
                 tracing::debug!("readahead workers gone");
             }
         }

@@ -88,17 +88,17 @@ fn disk_cache_survives_remount_and_honours_its_cap() {
     let mnt = tmp.join("mnt");
 
     let first = mount_read(&root, &mnt, &[], &["a"]);
-    assert!(field(&first, "source_reads") >= 3, "{first}");
+    assert!(field(&first, "source_chunks") >= 3, "{first}");
     assert_eq!(cache_bytes(&root), 3 << 20);
 
     // A new daemon reads the same chunks from the disk cache: nothing from the blob.
     let second = mount_read(&root, &mnt, &[], &["a"]);
-    assert_eq!(field(&second, "source_reads"), 0, "{second}");
+    assert_eq!(field(&second, "source_chunks"), 0, "{second}");
     assert!(field(&second, "disk_hits") >= 3, "{second}");
 
     // Reading 11 MiB through a 4 MiB cache never leaves more than 4 MiB cached.
     let capped = mount_read(&root, &mnt, &["--cache-size", "4M"], &["a", "bbbbbbbb"]);
-    assert!(field(&capped, "source_reads") >= 8, "{capped}");
+    assert!(field(&capped, "source_chunks") >= 8, "{capped}");
     assert!(
         cache_bytes(&root) <= 4 << 20,
         "cache holds {} bytes",
