@@ -98,11 +98,14 @@ struct Shared {
     cache: ChunkCache,
 }
 
+/// Chunks of one layer to warm ahead of a sequential reader.
+type Readahead = (u32, Vec<Chunk>);
+
 /// A read-only filesystem serving a merged layer tree.
 pub struct StrataFs {
     shared: Arc<Shared>,
-    prefetch: SyncSender<(u32, Vec<Chunk>)>,
-    prefetch_rx: Mutex<Option<Receiver<(u32, Vec<Chunk>)>>>,
+    prefetch: SyncSender<Readahead>,
+    prefetch_rx: Mutex<Option<Receiver<Readahead>>>,
     readahead_threads: usize,
     no_open: bool,
     no_opendir: bool,
