@@ -3,6 +3,7 @@
 //! layer feature, tree snapshots for entry-by-entry comparison, and process helpers.
 
 pub mod image;
+pub mod proxy;
 pub mod registry;
 pub mod snapshot;
 pub mod util;

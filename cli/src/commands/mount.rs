@@ -121,13 +121,7 @@ pub fn mount(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
         .args(["--memory-cache", &a.memory_cache.to_string()])
         .args(["--cache-size", &a.cache_size.to_string()])
         .args(a.cache_local.then_some("--cache-local"))
-        .args(
-            a.registry
-                .insecure
-                .iter()
-                .flat_map(|h| ["--insecure-registry", h.as_str()]),
-        )
-        .args(["--read-ahead-kb", &a.read_ahead_kb.to_string()])
+        .args(a.registry.to_args())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log_file)

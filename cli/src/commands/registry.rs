@@ -14,7 +14,7 @@ use super::{human_bytes, open_store};
 use crate::GlobalArgs;
 
 /// Flags for commands that reach a registry.
-#[derive(clap::Args, Clone, Debug, Default)]
+#[derive(clap::Args, Clone, Debug)]
 pub struct RegistryArgs {
     /// Registry host reached over plain HTTP (besides localhost and 127.0.0.0/8); repeatable.
     #[arg(
@@ -23,18 +23,45 @@ pub struct RegistryArgs {
         value_delimiter = ','
     )]
     pub insecure: Vec<String>,
+    /// Seconds a registry may stay silent before a request fails (then retried).
+    #[arg(long, env = "STRATA_REGISTRY_TIMEOUT", default_value_t = 15)]
+    pub registry_timeout: u64,
+    /// Attempts per registry request (connection errors, 5xx and 429 are retried with backoff).
+    #[arg(long, env = "STRATA_REGISTRY_ATTEMPTS", default_value_t = 3)]
+    pub registry_attempts: u32,
 }
 
 impl RegistryArgs {
+    pub fn config(&self) -> RegistryConfig {
+        let timeout = std::time::Duration::from_secs(self.registry_timeout.max(1));
+        RegistryConfig {
+            insecure_hosts: self.insecure.clone(),
+            attempts: self.registry_attempts.max(1),
+            connect_timeout: timeout,
+            read_timeout: timeout,
+            ..RegistryConfig::default()
+        }
+    }
+
+    /// The same settings as command-line flags (for the mount daemon).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        for h in &self.insecure {
+            v.push("--insecure-registry".to_string());
+            v.push(h.clone());
+        }
+        v.push("--registry-timeout".into());
+        v.push(self.registry_timeout.to_string());
+        v.push("--registry-attempts".into());
+        v.push(self.registry_attempts.to_string());
+        v
+    }
+
     pub fn client(&self) -> anyhow::Result<Arc<Registry>> {
         let path = docker_config_path();
         let creds = CredentialStore::load(path.clone())
             .with_context(|| format!("reading credentials from {}", path.display()))?;
-        let config = RegistryConfig {
-            insecure_hosts: self.insecure.clone(),
-            ..RegistryConfig::default()
-        };
-        Ok(Arc::new(Registry::new(config, creds)))
+        Ok(Arc::new(Registry::new(self.config(), creds)))
     }
 }
 
@@ -188,13 +215,7 @@ pub fn login(_g: &GlobalArgs, a: LoginArgs) -> anyhow::Result<()> {
     // Check the credentials before saving them.
     let mut check = store.clone();
     check.insert(&host, cred.clone());
-    let client = Registry::new(
-        RegistryConfig {
-            insecure_hosts: a.args.insecure.clone(),
-            ..RegistryConfig::default()
-        },
-        check,
-    );
+    let client = Registry::new(a.args.config(), check);
     client
         .ping(&host)
         .with_context(|| format!("logging in to {host}"))?;

@@ -165,6 +165,28 @@ impl Registry {
         headers: &[(&str, String)],
         body: Body<'_>,
     ) -> Result<Response<ureq::Body>> {
+        self.send_attempts(
+            method,
+            url,
+            host,
+            scope,
+            headers,
+            body,
+            self.config.attempts,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send_attempts(
+        &self,
+        method: &'static str,
+        url: &str,
+        host: &str,
+        scope: &str,
+        headers: &[(&str, String)],
+        body: Body<'_>,
+        attempts: u32,
+    ) -> Result<Response<ureq::Body>> {
         let key = format!("{host} {scope}");
         let mut authed_once = false;
         let mut attempt = 0;
@@ -196,7 +218,7 @@ impl Registry {
                 }
                 Err(_) => true,
             };
-            if !retryable || attempt >= self.config.attempts {
+            if !retryable || attempt >= attempts {
                 return result;
             }
             let delay = self.config.backoff * 2u32.pow(attempt - 1);
@@ -486,17 +508,20 @@ impl Registry {
         let url = self.repo_url(r, &format!("blobs/{digest}"));
         let scope = format!("repository:{}:pull", r.repository);
         let range = format!("bytes={offset}-{}", offset + len - 1);
+        // This loop owns the retries: a failure can come from the request or from a body cut
+        // short, and each attempt is one request.
         let attempts = self.config.attempts.max(1);
         let mut last = None;
         for attempt in 1..=attempts {
             let result = (|| {
-                let mut resp = self.send(
+                let mut resp = self.send_attempts(
                     "GET",
                     &url,
                     &r.registry,
                     &scope,
                     &[("Range", range.clone())],
                     Body::None,
+                    1,
                 )?;
                 let status = resp.status();
                 let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
@@ -517,8 +542,7 @@ impl Registry {
             })();
             match result {
                 Ok(b) => return Ok(b),
-                // A body cut short (dropped connection) is worth another try.
-                Err(e @ RegistryError::Transport { .. }) if attempt < attempts => {
+                Err(e) if attempt < attempts && retryable(&e) => {
                     tracing::debug!("range read failed, retrying: {e}");
                     std::thread::sleep(self.config.backoff * 2u32.pow(attempt - 1));
                     last = Some(e);
@@ -660,6 +684,15 @@ impl Registry {
             return Err(status_error("PUT", &url, &mut resp));
         }
         Ok(())
+    }
+}
+
+/// Errors worth another attempt: transport failures (including bodies cut short), 5xx, 429.
+fn retryable(e: &RegistryError) -> bool {
+    match e {
+        RegistryError::Transport { .. } => true,
+        RegistryError::Status { status, .. } => *status >= 500 || *status == 429,
+        _ => false,
     }
 }
 
