@@ -59,6 +59,8 @@ enum Command {
     Logout(commands::registry::LogoutArgs),
     /// Inspect or trim the node's disk cache of chunks.
     Cache(commands::cache::CacheArgs),
+    /// Show a mount's counters: bytes fetched, cache hits, fetch latency, time to mount.
+    Stats(commands::mount::StatsArgs),
 }
 
 fn main() {
@@ -83,6 +85,7 @@ fn main() {
         Command::Images(a) => commands::images::images(&cli.global, a),
         Command::Inspect(a) => commands::images::inspect(&cli.global, a),
         Command::Cache(a) => commands::cache::run(&cli.global, a),
+        Command::Stats(a) => commands::mount::stats(&cli.global, a),
         Command::Pull(a) => commands::registry::pull(&cli.global, a),
         Command::Push(a) => commands::registry::push(&cli.global, a),
         Command::Tag(a) => commands::images::tag(&cli.global, a),

@@ -70,9 +70,15 @@ impl DiskCache {
     pub fn open(dir: impl Into<PathBuf>, capacity: u64) -> io::Result<Self> {
         let dir = dir.into();
         fs::create_dir_all(dir.join("tmp"))?;
-        // Leftovers of interrupted writes.
+        // Leftovers of interrupted writes: temp files of processes that no longer run (other
+        // live daemons may be writing theirs right now).
         for e in fs::read_dir(dir.join("tmp"))?.flatten() {
-            let _ = fs::remove_file(e.path());
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name.split('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+            let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+            if !alive {
+                let _ = fs::remove_file(e.path());
+            }
         }
         let mut found: Vec<(SystemTime, Sha256Digest, u64)> = Vec::new();
         for shard in fs::read_dir(&dir)?.flatten() {

@@ -46,6 +46,8 @@ pub struct FetchStats {
     pub source_reads: u64,
     /// Bytes read from layer blobs.
     pub source_bytes: u64,
+    /// Total time spent in range reads of layer blobs, in microseconds.
+    pub source_micros: u64,
     pub failures: u64,
 }
 
@@ -138,6 +140,22 @@ impl ChunkCache {
             .filter(|c| !self.contains(&c.digest))
             .collect();
         if !wanted.is_empty() {
+            let _ = self.fetch_many(src, &wanted, false);
+        }
+    }
+
+    /// Fetches chunks into the disk cache only (background prefetch: the memory cache is kept
+    /// for what readers use).
+    pub fn prefetch_to_disk(&self, src: &dyn BlobSource, chunks: &[Chunk]) {
+        let wanted: Vec<Chunk> = {
+            let inflight = self.inflight.lock();
+            chunks
+                .iter()
+                .filter(|c| !inflight.contains_key(&c.digest) && !self.contains(&c.digest))
+                .copied()
+                .collect()
+        };
+        if !wanted.is_empty() && self.disk_for(src).is_some() {
             let _ = self.fetch_many(src, &wanted, false);
         }
     }
@@ -241,11 +259,13 @@ impl ChunkCache {
         };
         let start = first.compressed_offset;
         let end = last.compressed_offset + u64::from(last.compressed_len);
+        let began = std::time::Instant::now();
         let bytes = match src.read_range(start, end - start) {
             Ok(b) => {
                 let mut s = self.stats.lock();
                 s.source_reads += 1;
                 s.source_bytes += end - start;
+                s.source_micros += began.elapsed().as_micros() as u64;
                 b
             }
             Err(e) => {

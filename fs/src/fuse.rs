@@ -78,6 +78,9 @@ pub struct MountConfig {
     pub disk_cache: Option<Arc<DiskCache>>,
     /// Cache chunks of local layer blobs on disk too.
     pub cache_local: bool,
+    /// After mounting, fetch the rest of every remote layer into the disk cache in the
+    /// background, yielding to readers.
+    pub background_prefetch: bool,
 }
 
 impl Default for MountConfig {
@@ -88,6 +91,7 @@ impl Default for MountConfig {
             fsname: "strata".into(),
             disk_cache: None,
             cache_local: false,
+            background_prefetch: true,
         }
     }
 }
@@ -101,6 +105,18 @@ struct Shared {
 /// Chunks of one layer to warm ahead of a sequential reader.
 type Readahead = (u32, Vec<Chunk>);
 
+/// A handle to a mount's counters that outlives the session borrow (for a stats writer).
+#[derive(Clone)]
+pub struct StatsHandle(std::sync::Weak<Shared>);
+
+impl StatsHandle {
+    /// Fetch counters, and the disk cache's if there is one; `None` once unmounted.
+    pub fn get(&self) -> Option<(FetchStats, Option<crate::cache::CacheStats>)> {
+        let s = self.0.upgrade()?;
+        Some((s.cache.stats(), s.cache.disk().map(|d| d.stats())))
+    }
+}
+
 /// A read-only filesystem serving a merged layer tree.
 pub struct StrataFs {
     shared: Arc<Shared>,
@@ -109,6 +125,7 @@ pub struct StrataFs {
     readahead_threads: usize,
     no_open: bool,
     no_opendir: bool,
+    background_prefetch: bool,
 }
 
 fn system_time(sec: i64, nsec: u32) -> SystemTime {
@@ -269,6 +286,7 @@ impl StrataFs {
             readahead_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             no_open: false,
             no_opendir: false,
+            background_prefetch: config.background_prefetch,
         }
     }
 
@@ -298,6 +316,11 @@ impl StrataFs {
         self.shared.cache.stats()
     }
 
+    /// A handle for reading the counters while the session runs.
+    pub fn stats_handle(&self) -> StatsHandle {
+        StatsHandle(Arc::downgrade(&self.shared))
+    }
+
     fn reply_entry(&self, ino: Ino, reply: ReplyEntry) {
         match self.shared.tree.get(ino) {
             Some(n) => reply.entry(&TTL, &attr(ino, n), Generation(0)),
@@ -322,6 +345,9 @@ impl Filesystem for StrataFs {
         self.no_opendir = offered.contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
         let _ = config.set_max_readahead(1 << 20);
         self.start_prefetcher();
+        if self.background_prefetch {
+            start_background_prefetch(Arc::downgrade(&self.shared));
+        }
         Ok(())
     }
 
@@ -545,6 +571,83 @@ impl Filesystem for StrataFs {
         }
     }
 }
+
+/// Fetches every chunk of the remote layers into the disk cache, in blob order and in
+/// coalesced batches, pausing while readers are waiting on fetches.
+fn start_background_prefetch(shared: std::sync::Weak<Shared>) {
+    let _ = std::thread::Builder::new()
+        .name("strata-prefetch".into())
+        .spawn(move || {
+            let jobs: Vec<(usize, Vec<Chunk>)> = {
+                let Some(s) = shared.upgrade() else { return };
+                if s.cache.disk().is_none() {
+                    return;
+                }
+                let mut seen = std::collections::HashSet::new();
+                s.tree
+                    .layers
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| s.blobs.get(*i).is_some_and(|b| !b.is_local()))
+                    .map(|(i, toc)| {
+                        let mut chunks: Vec<Chunk> = toc
+                            .entries
+                            .iter()
+                            .flat_map(|e| e.chunks.iter().copied())
+                            .filter(|c| seen.insert(c.digest))
+                            .collect();
+                        chunks.sort_by_key(|c| c.compressed_offset);
+                        (i, chunks)
+                    })
+                    .collect()
+            };
+            let started = std::time::Instant::now();
+            let mut fetched = 0usize;
+            for (layer, chunks) in jobs {
+                let mut batch: Vec<Chunk> = Vec::new();
+                let mut batch_bytes = 0u64;
+                for c in chunks.into_iter().chain(std::iter::once(SENTINEL)) {
+                    let flush = c.compressed_len == 0
+                        || batch_bytes + u64::from(c.compressed_len) > crate::chunks::MAX_RUN;
+                    if flush && !batch.is_empty() {
+                        let Some(s) = shared.upgrade() else { return };
+                        while s.cache.busy() {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        let missing: Vec<Chunk> = batch
+                            .iter()
+                            .filter(|c| s.cache.disk().is_some_and(|d| !d.contains(&c.digest)))
+                            .copied()
+                            .collect();
+                        if let Some(b) = s.blobs.get(layer) {
+                            fetched += missing.len();
+                            s.cache.prefetch_to_disk(b.as_ref(), &missing);
+                        }
+                        batch.clear();
+                        batch_bytes = 0;
+                    }
+                    if c.compressed_len > 0 {
+                        batch_bytes += u64::from(c.compressed_len);
+                        batch.push(c);
+                    }
+                }
+            }
+            tracing::info!(
+                chunks = fetched,
+                "background prefetch done in {:.1}s",
+                started.elapsed().as_secs_f64()
+            );
+        });
+}
+
+/// Marks the end of a layer's chunk list in the prefetch loop.
+const SENTINEL: Chunk = Chunk {
+    compressed_offset: 0,
+    compressed_len: 0,
+    uncompressed_len: 0,
+    file_offset: 0,
+    digest: crate::format::Sha256Digest([0; 32]),
+};
 
 /// Mounts `fs` read-only at `mountpoint`; returns the session, ready to run.
 pub fn mount_session(

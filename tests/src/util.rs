@@ -77,8 +77,16 @@ pub struct Mounted {
 
 impl Mounted {
     pub fn new(root: &Path, image: &str, dir: &Path) -> Result<Self> {
+        Self::with_args(root, image, dir, &[])
+    }
+
+    /// Mounts with extra `strata mount` flags.
+    pub fn with_args(root: &Path, image: &str, dir: &Path, extra: &[&str]) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let out = strata(root, &["mount", image, &dir.to_string_lossy()]);
+        let d = dir.to_string_lossy().to_string();
+        let mut args = vec!["mount", image, d.as_str()];
+        args.extend_from_slice(extra);
+        let out = strata(root, &args);
         if !out.status.success() {
             bail!("mount failed: {}", String::from_utf8_lossy(&out.stderr));
         }

@@ -64,6 +64,7 @@ fn registry_faults_are_retried_or_reported_and_never_corrupt_the_cache() {
                 "mount",
                 &image,
                 &m,
+                "--no-prefetch",
                 "--registry-timeout",
                 "2",
                 "--registry-attempts",

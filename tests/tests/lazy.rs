@@ -72,7 +72,9 @@ fn lazy_mount_reads_a_small_fraction_then_matches_the_source() {
     // A fresh store mounts straight from the registry.
     let fresh = tmp.join("fresh");
     let before = reg.log_lines().len();
-    let lazy = Mounted::new(&fresh, &remote, &tmp.join("mnt-lazy")).unwrap();
+    // Background prefetch off: this measures what reads alone fetch.
+    let lazy =
+        Mounted::with_args(&fresh, &remote, &tmp.join("mnt-lazy"), &["--no-prefetch"]).unwrap();
     let open_bytes = reg.bytes_since(before, "GET /v2/");
     let data = fs::read(lazy.dir.join("blob/f042")).unwrap();
     assert_eq!(data, noise(42, 1 << 20));
@@ -81,6 +83,29 @@ fn lazy_mount_reads_a_small_fraction_then_matches_the_source() {
         (fetched as f64) < 0.05 * image_bytes as f64,
         "reading 1 MB of a {image_bytes}-byte image fetched {fetched} bytes ({open_bytes} to open)"
     );
+    // The daemon's own counters agree: one chunk's worth of range reads.
+    let stats_of = || -> serde_json::Value {
+        serde_json::from_str(&strata_ok(
+            &fresh,
+            &["stats", &lazy.dir.display().to_string(), "--json"],
+        ))
+        .unwrap()
+    };
+    // Published within ~100 ms of a change: wait for it rather than sleep a fixed time.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut stats = stats_of();
+    while stats["fetch"]["source_bytes"].as_u64() == Some(0) && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        stats = stats_of();
+    }
+    let counted = stats["fetch"]["source_bytes"].as_u64().unwrap();
+    assert!(
+        counted > 1 << 20 && counted <= fetched,
+        "stats say {counted}, registry {fetched}"
+    );
+    assert!(stats["time_to_mount_ms"].as_u64().is_some());
+    assert!(strata_ok(&fresh, &["stats", &lazy.dir.display().to_string()]).contains("fetched:"));
     let ranged = reg.log_lines()[before..]
         .iter()
         .filter(|l| l.contains("\" 206 "))
@@ -95,6 +120,36 @@ fn lazy_mount_reads_a_small_fraction_then_matches_the_source() {
     assert!(d.is_empty(), "{}", d.join("\n"));
     reference.unmount().unwrap();
     lazy.unmount().unwrap();
+
+    // With background prefetch (the default) the whole image arrives in the disk cache, after
+    // which the mount keeps working with the registry gone.
+    let pre = tmp.join("prefetched");
+    let m = Mounted::with_args(&pre, &remote, &tmp.join("mnt-pre"), &[]).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let stats: serde_json::Value =
+            serde_json::from_str(&strata_ok(&pre, &["cache", "stats", "--json"])).unwrap();
+        if stats["bytes"].as_u64().unwrap() >= 100 << 20 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "prefetch did not finish: {stats}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let remote_reg_addr = reg.addr.clone();
+    drop(reg);
+    for i in [0u64, 50, 99] {
+        assert_eq!(
+            fs::read(m.dir.join(format!("blob/f{i:03}"))).unwrap(),
+            noise(i, 1 << 20)
+        );
+    }
+    assert_eq!(fs::read(m.dir.join("etc/conf7")).unwrap(), b"setting 7\n");
+    m.unmount().unwrap();
+    let reg = TestRegistry::start(&tmp.join("registry"), None).unwrap();
+    let remote = remote.replace(&remote_reg_addr, &reg.addr);
 
     // `pull` stores metadata only; `images` lists it; `rmi` forgets it.
     let pulled = tmp.join("pulled");

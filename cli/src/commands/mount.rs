@@ -38,6 +38,9 @@ pub struct MountArgs {
     /// Size cap of the node's disk cache of verified chunks (shared by all mounts; 0 disables).
     #[arg(long, default_value = "10G", value_parser = parse_size)]
     pub cache_size: u64,
+    /// Do not fetch the rest of the image in the background after mounting.
+    #[arg(long)]
+    pub no_prefetch: bool,
     /// Also keep chunks of layers from the local store in the disk cache: re-reads skip
     /// decompression at the cost of disk space (remote layers are always cached).
     #[arg(long)]
@@ -53,6 +56,9 @@ pub struct MountArgs {
     /// Platform to pick when the image must be pulled first (OS/ARCH).
     #[arg(long)]
     pub platform: Option<String>,
+    /// Write the mount's counters (JSON, every second) here instead of ROOT/mounts/.
+    #[arg(long)]
+    pub stats_file: Option<PathBuf>,
     /// Internal: print a readiness line on stdout once mounted.
     #[arg(long, hide = true)]
     pub notify_ready: bool,
@@ -75,6 +81,53 @@ struct MountRecord {
     image: String,
     manifest: String,
     log: PathBuf,
+    #[serde(default)]
+    stats: Option<PathBuf>,
+}
+
+/// Publishes the mount's counters as a JSON file (atomically replaced) until it is unmounted.
+fn spawn_stats_writer(
+    stats: strata_fs::fuse::StatsHandle,
+    path: PathBuf,
+    image: String,
+    mountpoint: PathBuf,
+    time_to_mount: Duration,
+) {
+    let started = Instant::now();
+    std::thread::spawn(move || {
+        let mut last = String::new();
+        let mut written = Instant::now();
+        loop {
+            let Some((fetch, cache)) = stats.get() else {
+                break;
+            };
+            let counters = serde_json::json!({"fetch": fetch, "disk_cache": cache}).to_string();
+            // Write when counters change (checked every 100 ms), and every 5 s regardless.
+            if counters != last || written.elapsed() >= Duration::from_secs(5) {
+                let body = serde_json::json!({
+                    "image": image,
+                    "mountpoint": mountpoint,
+                    "pid": std::process::id(),
+                    "time_to_mount_ms": time_to_mount.as_millis() as u64,
+                    "uptime_s": started.elapsed().as_secs(),
+                    "fetch": fetch,
+                    "avg_fetch_latency_ms": if fetch.source_reads > 0 {
+                        fetch.source_micros as f64 / fetch.source_reads as f64 / 1000.0
+                    } else {
+                        0.0
+                    },
+                    "disk_cache": cache,
+                });
+                let tmp = path.with_extension("tmp");
+                if std::fs::write(&tmp, body.to_string()).is_ok() {
+                    let _ = std::fs::rename(&tmp, &path);
+                }
+                last = counters;
+                written = Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
 }
 
 fn record_name(mountpoint: &Path) -> String {
@@ -121,6 +174,12 @@ pub fn mount(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
         .args(["--memory-cache", &a.memory_cache.to_string()])
         .args(["--cache-size", &a.cache_size.to_string()])
         .args(a.cache_local.then_some("--cache-local"))
+        .args(a.no_prefetch.then_some("--no-prefetch"))
+        .args(
+            a.stats_file
+                .iter()
+                .flat_map(|p| [std::ffi::OsStr::new("--stats-file"), p.as_os_str()]),
+        )
         .args(a.registry.to_args())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -201,23 +260,39 @@ fn serve(g: &GlobalArgs, a: &MountArgs, mountpoint: &Path) -> anyhow::Result<()>
         fsname: format!("strata:{reference}"),
         disk_cache,
         cache_local: a.cache_local,
+        background_prefetch: !a.no_prefetch,
     };
     let fs = StrataFs::new(tree, blobs, &config);
+    let stats = fs.stats_handle();
     let mut session = mount_session(fs, mountpoint, &config)
         .with_context(|| format!("mounting FUSE at {}", mountpoint.display()))?;
     tracing::info!(image = %reference, mountpoint = %mountpoint.display(), entries,
         "mounted in {:.3}s", started.elapsed().as_secs_f64());
 
+    let time_to_mount = started.elapsed();
     let record_path = store.mounts_dir().join(record_name(mountpoint));
+    let stats_path = a.stats_file.clone().unwrap_or_else(|| {
+        store
+            .mounts_dir()
+            .join(record_name(mountpoint).replace(".json", ".stats.json"))
+    });
     let record = MountRecord {
         pid: std::process::id(),
         mountpoint: mountpoint.to_path_buf(),
-        image: reference,
+        image: reference.clone(),
         manifest,
         log: store
             .mounts_dir()
             .join(record_name(mountpoint).replace(".json", ".log")),
+        stats: Some(stats_path.clone()),
     };
+    spawn_stats_writer(
+        stats,
+        stats_path.clone(),
+        reference,
+        mountpoint.to_path_buf(),
+        time_to_mount,
+    );
     std::fs::write(&record_path, serde_json::to_vec_pretty(&record)?)
         .with_context(|| format!("writing {}", record_path.display()))?;
 
@@ -248,6 +323,7 @@ fn serve(g: &GlobalArgs, a: &MountArgs, mountpoint: &Path) -> anyhow::Result<()>
     });
     let result = session.run();
     let _ = std::fs::remove_file(&record_path);
+    let _ = std::fs::remove_file(&stats_path);
     result.with_context(|| format!("serving {}", mountpoint.display()))
 }
 
@@ -290,6 +366,67 @@ pub fn umount(g: &GlobalArgs, a: UmountArgs) -> anyhow::Result<()> {
             }
         }
         let _ = std::fs::remove_file(&record_path);
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct StatsArgs {
+    /// The mount point.
+    pub mountpoint: PathBuf,
+    /// Print the raw JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `strata stats MOUNTPOINT`: the counters a mount daemon publishes.
+pub fn stats(g: &GlobalArgs, a: StatsArgs) -> anyhow::Result<()> {
+    let mountpoint = std::fs::canonicalize(&a.mountpoint)
+        .with_context(|| format!("mount point {}", a.mountpoint.display()))?;
+    let store = open_store(g)?;
+    let record_path = store.mounts_dir().join(record_name(&mountpoint));
+    let record: MountRecord =
+        serde_json::from_slice(&std::fs::read(&record_path).with_context(|| {
+            format!(
+                "{} is not a strata mount of this store",
+                mountpoint.display()
+            )
+        })?)?;
+    let path = record.stats.context("this mount publishes no statistics")?;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let data = loop {
+        match std::fs::read(&path) {
+            Ok(d) => break d,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    };
+    let v: serde_json::Value = serde_json::from_slice(&data)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let f = &v["fetch"];
+    let n = |x: &serde_json::Value| x.as_u64().unwrap_or(0);
+    println!("image:          {}", v["image"].as_str().unwrap_or(""));
+    println!("mounted in:     {} ms", n(&v["time_to_mount_ms"]));
+    println!(
+        "fetched:        {} in {} range reads ({} chunks), avg {:.1} ms",
+        super::human_bytes(n(&f["source_bytes"])),
+        n(&f["source_reads"]),
+        n(&f["source_chunks"]),
+        v["avg_fetch_latency_ms"].as_f64().unwrap_or(0.0)
+    );
+    println!("memory hits:    {}", n(&f["memory_hits"]));
+    println!("disk hits:      {}", n(&f["disk_hits"]));
+    println!("failures:       {}", n(&f["failures"]));
+    if let Some(c) = v["disk_cache"].as_object() {
+        println!(
+            "disk cache:     {} chunks, {} of {}",
+            c.get("entries").and_then(|x| x.as_u64()).unwrap_or(0),
+            super::human_bytes(c.get("bytes").and_then(|x| x.as_u64()).unwrap_or(0)),
+            super::human_bytes(c.get("capacity").and_then(|x| x.as_u64()).unwrap_or(0)),
+        );
     }
     Ok(())
 }
