@@ -97,10 +97,7 @@ fn spawn_stats_writer(
     std::thread::spawn(move || {
         let mut last = String::new();
         let mut written = Instant::now();
-        loop {
-            let Some((fetch, cache)) = stats.get() else {
-                break;
-            };
+        while let Some((fetch, cache)) = stats.get() {
             let counters = serde_json::json!({"fetch": fetch, "disk_cache": cache}).to_string();
             // Write when counters change (checked every 100 ms), and every 5 s regardless.
             if counters != last || written.elapsed() >= Duration::from_secs(5) {
