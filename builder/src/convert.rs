@@ -588,3 +588,76 @@ mod tests {
         assert_eq!(parse_pax_time(b"x"), None);
     }
 }
+
+/// Makes every plain (non-strata) layer of `image` mountable: fetches it whole if it is not in
+/// the store (verified against its digest), converts it on this node, and records the result
+/// where `strata_fs::image::open` finds it. Returns how many layers were indexed.
+pub fn index_plain_layers(
+    store: &Store,
+    registry: Option<&std::sync::Arc<strata_fs::registry::Registry>>,
+    image: &str,
+    opts: &ConvertOptions,
+) -> Result<usize, BuildError> {
+    use strata_fs::image::{index_path, is_strata_layer, ANNOTATION_SOURCE};
+    let record = store.resolve(image)?;
+    let manifest = store.manifest(&record.descriptor.digest)?;
+    let source = record
+        .descriptor
+        .annotations
+        .get(ANNOTATION_SOURCE)
+        .and_then(|s| Reference::parse(s).ok());
+    let mut indexed = 0;
+    for (i, l) in manifest.layers.iter().enumerate() {
+        if is_strata_layer(l) {
+            continue;
+        }
+        let path = index_path(store, &l.digest)?;
+        if path.exists() {
+            continue;
+        }
+        if indexed == 0 {
+            tracing::warn!(
+                image = %record.reference,
+                "image is not lazily pullable (plain {} layers): fetching them whole; \
+                 `strata convert` it to start containers lazily",
+                l.media_type
+            );
+        }
+        if !store.has_blob(&l.digest) {
+            let (Some(reg), Some(src)) = (registry, source.as_ref()) else {
+                return Err(BuildError::Source(format!(
+                    "layer {} is not in the store and the image has no registry source",
+                    l.digest
+                )));
+            };
+            let mut reader = reg
+                .open_blob(src, &l.digest)
+                .map_err(|e| BuildError::Source(e.to_string()))?;
+            let mut w = store.blob_writer()?;
+            io::copy(&mut reader, &mut w).map_err(BuildError::Read)?;
+            w.commit(Some(&l.digest))?;
+        }
+        let file = store.open_blob(&l.digest)?;
+        let (blob, c) = convert_layer(file, store.blob_writer()?, opts)
+            .map_err(|e| BuildError::Layer(format!("indexing layer {}: {e}", i + 1)))?;
+        let digest = blob.commit(None)?;
+        let s = &c.summary;
+        let mut d = Descriptor::new(oci::MEDIA_TYPE_LAYER_ZSTD, digest, s.blob_size);
+        d.annotations.insert(
+            format::ANNOTATION_TOC_DIGEST.into(),
+            s.footer.toc_digest.oci(),
+        );
+        d.annotations.insert(
+            format::ANNOTATION_TOC_OFFSET.into(),
+            s.footer.toc_offset.to_string(),
+        );
+        d.annotations.insert(
+            format::ANNOTATION_TOC_SIZE.into(),
+            s.footer.toc_size.to_string(),
+        );
+        let body = serde_json::to_vec(&d).map_err(|e| BuildError::Source(e.to_string()))?;
+        store.write_file(&path, &body)?;
+        indexed += 1;
+    }
+    Ok(indexed)
+}

@@ -95,6 +95,18 @@ pub fn is_strata_layer(d: &Descriptor) -> bool {
         && d.annotations.contains_key(format::ANNOTATION_TOC_DIGEST)
 }
 
+/// Where the strata descriptor of a locally indexed plain layer is recorded
+/// (`ROOT/indexed/<hex>.json`): plain layers are fetched whole, converted on this node, and
+/// served from the converted blob.
+pub fn index_path(store: &Store, layer_digest: &str) -> Result<PathBuf, StoreError> {
+    let blob = store.blob_path(layer_digest)?;
+    let name = blob
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(store.root().join("indexed").join(format!("{name}.json")))
+}
+
 fn toc_cache_path(store: &Store, layer_digest: &str) -> Result<PathBuf, StoreError> {
     let blob = store.blob_path(layer_digest)?;
     let name = blob
@@ -146,12 +158,25 @@ pub fn open(
     let config_bytes = store.read_blob(&manifest.config.digest)?;
     let config = serde_json::from_slice(&config_bytes)
         .map_err(|e| ImageError::BadConfig(manifest.config.digest.clone(), e.to_string()))?;
+    // Plain layers are served from their local strata index (see `index_path`).
+    let mut layers = Vec::with_capacity(manifest.layers.len());
     for l in &manifest.layers {
-        if l.media_type != format::MEDIA_TYPE_LAYER {
-            return Err(ImageError::NotStrata {
-                digest: l.digest.clone(),
-                media_type: l.media_type.clone(),
-            });
+        if is_strata_layer(l) {
+            layers.push(l.clone());
+            continue;
+        }
+        let indexed = std::fs::read(index_path(store, &l.digest)?)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Descriptor>(&b).ok())
+            .filter(|d| is_strata_layer(d) && store.has_blob(&d.digest));
+        match indexed {
+            Some(d) => layers.push(d),
+            None => {
+                return Err(ImageError::NotStrata {
+                    digest: l.digest.clone(),
+                    media_type: l.media_type.clone(),
+                })
+            }
         }
     }
     let source = record
@@ -160,8 +185,7 @@ pub fn open(
         .get(ANNOTATION_SOURCE)
         .and_then(|s| Reference::parse(s).ok());
     let opened: Vec<Result<OpenedLayer, ImageError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = manifest
-            .layers
+        let handles: Vec<_> = layers
             .iter()
             .map(|d| {
                 let source = source.clone();

@@ -259,3 +259,63 @@ fn basic_auth_login_push_and_lazy_mount() {
     let _ = strata(&local, &["images"]);
     fs::remove_dir_all(&tmp).ok();
 }
+
+/// A plain OCI image (gzip layers, pushed by skopeo) still mounts: its layers are fetched whole,
+/// verified, indexed on the node, then served, and strata says the image is not lazily pullable.
+#[test]
+fn plain_oci_image_mounts_after_a_whole_fetch() {
+    let tmp = scratch("plain").unwrap();
+    let mut l = LayerBuilder::new();
+    l.dir("app", 0o755)
+        .unwrap()
+        .file("app/data", 0o644, &noise(7, 3 << 20))
+        .unwrap();
+    let mut l2 = LayerBuilder::new();
+    l2.file("app/.wh.data", 0o644, b"")
+        .unwrap()
+        .file("app/new", 0o600, b"new\n")
+        .unwrap();
+    let src = tmp.join("src");
+    write_oci_layout(
+        &src,
+        "v1",
+        &[
+            Layer {
+                tar: l.finish().unwrap(),
+                compression: Compression::Gzip,
+            },
+            Layer {
+                tar: l2.finish().unwrap(),
+                compression: Compression::None,
+            },
+        ],
+    )
+    .unwrap();
+    let reg = TestRegistry::start(&tmp.join("registry"), None).unwrap();
+    let remote = format!("{}/test/plain:v1", reg.addr);
+    strata_tests::util::run(
+        std::process::Command::new("skopeo")
+            .args(["copy", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:v1", src.display()))
+            .arg(format!("docker://{remote}")),
+    )
+    .unwrap();
+    let fresh = tmp.join("fresh");
+    let mnt = tmp.join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let out = strata(&fresh, &["mount", &remote, &mnt.display().to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not lazily pullable"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!mnt.join("app/data").exists());
+    assert_eq!(fs::read(mnt.join("app/new")).unwrap(), b"new\n");
+    strata_ok(&fresh, &["umount", &mnt.display().to_string()]);
+    fs::remove_dir_all(&tmp).ok();
+}

@@ -148,6 +148,14 @@ pub fn mount(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
         strata_fs::transfer::pull(&store, &client, &r, (&os, &arch), false, &mut |_| {})
             .with_context(|| format!("pulling {r}"))?;
     }
+    // Plain OCI layers cannot be read lazily: fetch and index them on this node first.
+    strata_builder::convert::index_plain_layers(
+        &store,
+        Some(&a.registry.client()?),
+        &a.image,
+        &strata_builder::convert::ConvertOptions::default(),
+    )
+    .with_context(|| format!("indexing the plain layers of {}", a.image))?;
     if a.foreground {
         return serve(g, &a, &mountpoint);
     }
