@@ -7,7 +7,11 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use std::sync::Arc;
 use strata_fs::oci::{self, Descriptor, Index, Manifest};
+
+use strata_fs::reference::Reference;
+use strata_fs::registry::Registry;
 use strata_fs::store::read_verified;
 
 use crate::BuildError;
@@ -24,6 +28,8 @@ pub struct SourceLayer {
 
 enum Location {
     File(PathBuf),
+    /// A blob in a registry repository.
+    Registry(Arc<Registry>, Reference),
     /// A member of an (uncompressed) outer tar: `offset..offset+size` of `path`.
     Slice(PathBuf, u64),
 }
@@ -35,6 +41,11 @@ impl SourceLayer {
             Location::File(p) => {
                 let f = File::open(p).map_err(|e| BuildError::io(p, e))?;
                 Ok(Box::new(f))
+            }
+            Location::Registry(reg, r) => {
+                let digest = self.digest.clone().unwrap_or_default();
+                reg.open_blob(r, &digest)
+                    .map_err(|e| BuildError::Source(format!("fetching layer {digest}: {e}")))
             }
             Location::Slice(p, offset) => {
                 let mut f = File::open(p).map_err(|e| BuildError::io(p, e))?;
@@ -55,8 +66,12 @@ pub struct SourceImage {
     pub annotations: oci::Annotations,
 }
 
-/// Parses `oci:DIR[:TAG]` or `docker-archive:FILE` and reads the image's metadata.
-pub fn open_source(spec: &str) -> Result<SourceImage, BuildError> {
+/// Parses `oci:DIR[:TAG]`, `docker-archive:FILE` or a registry reference (`[docker://]REF`) and
+/// reads the image's metadata.
+pub fn open_source(
+    spec: &str,
+    registry: Option<&Arc<Registry>>,
+) -> Result<SourceImage, BuildError> {
     if let Some(rest) = spec.strip_prefix("oci:") {
         let (dir, tag) = match rest.split_once(':') {
             Some((d, t)) => (d, Some(t)),
@@ -66,10 +81,40 @@ pub fn open_source(spec: &str) -> Result<SourceImage, BuildError> {
     } else if let Some(file) = spec.strip_prefix("docker-archive:") {
         open_docker_archive(Path::new(file))
     } else {
-        Err(BuildError::Source(format!(
-            "unknown source {spec:?}: expected oci:DIR[:TAG] or docker-archive:FILE"
-        )))
+        let r = Reference::parse(spec.strip_prefix("docker://").unwrap_or(spec)).map_err(|e| {
+            BuildError::Source(format!(
+                "{e} (sources are oci:DIR[:TAG], docker-archive:FILE or a registry reference)"
+            ))
+        })?;
+        let reg = registry
+            .ok_or_else(|| BuildError::Source("no registry client for a registry source".into()))?;
+        open_registry(reg, &r)
     }
+}
+
+fn open_registry(reg: &Arc<Registry>, r: &Reference) -> Result<SourceImage, BuildError> {
+    let (os, arch) = oci::host_platform();
+    let resolved = reg
+        .resolve(r, os, arch)
+        .map_err(|e| BuildError::Source(format!("resolving {r}: {e}")))?;
+    let manifest = resolved.manifest;
+    let config = reg
+        .get_blob(r, &manifest.config.digest, 64 << 20)
+        .map_err(|e| BuildError::Source(format!("fetching the config of {r}: {e}")))?;
+    let layers = manifest
+        .layers
+        .iter()
+        .map(|l| SourceLayer {
+            digest: Some(l.digest.clone()),
+            size: l.size,
+            location: Location::Registry(reg.clone(), r.clone()),
+        })
+        .collect();
+    Ok(SourceImage {
+        config,
+        layers,
+        annotations: manifest.annotations,
+    })
 }
 
 fn parse_json<T: for<'de> Deserialize<'de>>(data: &[u8], what: &str) -> Result<T, BuildError> {

@@ -317,5 +317,20 @@ fn plain_oci_image_mounts_after_a_whole_fetch() {
     assert!(!mnt.join("app/data").exists());
     assert_eq!(fs::read(mnt.join("app/new")).unwrap(), b"new\n");
     strata_ok(&fresh, &["umount", &mnt.display().to_string()]);
+
+    // `strata convert` from a registry reference to a registry reference: the result is lazy.
+    let converted = format!("{}/test/plain:v1-strata", reg.addr);
+    strata_ok(&tmp.join("converter"), &["convert", &remote, &converted]);
+    let fresh2 = tmp.join("fresh2");
+    let out = strata(&fresh2, &["mount", &converted, &mnt.display().to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("not lazily pullable"));
+    assert_eq!(fs::read(mnt.join("app/new")).unwrap(), b"new\n");
+    assert!(!mnt.join("app/data").exists());
+    strata_ok(&fresh2, &["umount", &mnt.display().to_string()]);
     fs::remove_dir_all(&tmp).ok();
 }

@@ -23,6 +23,16 @@ pub struct ConvertArgs {
     /// Compression threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    #[command(flatten)]
+    pub registry: super::registry::RegistryArgs,
+}
+
+/// Whether a reference names its registry explicitly (`host.domain/…`, `host:port/…`,
+/// `localhost/…`); such a target is pushed after converting.
+fn explicit_registry(s: &str) -> bool {
+    s.split_once('/').is_some_and(|(first, _)| {
+        first.contains('.') || first.contains(':') || first == "localhost"
+    })
 }
 
 pub fn run(g: &GlobalArgs, a: ConvertArgs) -> anyhow::Result<()> {
@@ -32,7 +42,9 @@ pub fn run(g: &GlobalArgs, a: ConvertArgs) -> anyhow::Result<()> {
         .filter(|&c| (4096..=strata_fs::format::MAX_CHUNK_SIZE).contains(&c))
         .context("--chunk-size must be between 4K and 64M")?;
     let store = open_store(g)?;
-    let src = open_source(&a.source).with_context(|| format!("reading {}", a.source))?;
+    let client = a.registry.client()?;
+    let src =
+        open_source(&a.source, Some(&client)).with_context(|| format!("reading {}", a.source))?;
     let opts = ConvertOptions {
         chunk_size,
         level: a.compression_level,
@@ -77,5 +89,16 @@ pub fn run(g: &GlobalArgs, a: ConvertArgs) -> anyhow::Result<()> {
         report.manifest.digest,
         start.elapsed().as_secs_f64()
     );
+    if explicit_registry(&a.target) {
+        strata_fs::transfer::push(
+            &store,
+            &client,
+            &target.to_string(),
+            &target,
+            &mut super::registry::progress_printer(),
+        )
+        .with_context(|| format!("pushing {target}"))?;
+        println!("pushed {target}");
+    }
     Ok(())
 }
