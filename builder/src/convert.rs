@@ -573,22 +573,6 @@ fn convert_one(
     Ok((blob, c))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pax_times() {
-        assert_eq!(
-            parse_pax_time(b"1600000000.5"),
-            Some((1_600_000_000, 500_000_000))
-        );
-        assert_eq!(parse_pax_time(b"12"), Some((12, 0)));
-        assert_eq!(parse_pax_time(b"-1.25"), Some((-2, 750_000_000)));
-        assert_eq!(parse_pax_time(b"x"), None);
-    }
-}
-
 /// Makes every plain (non-strata) layer of `image` mountable: fetches it whole if it is not in
 /// the store (verified against its digest), converts it on this node, and records the result
 /// where `strata_fs::image::open` finds it. Returns how many layers were indexed.
@@ -660,4 +644,20 @@ pub fn index_plain_layers(
         indexed += 1;
     }
     Ok(indexed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pax_times() {
+        assert_eq!(
+            parse_pax_time(b"1600000000.5"),
+            Some((1_600_000_000, 500_000_000))
+        );
+        assert_eq!(parse_pax_time(b"12"), Some((12, 0)));
+        assert_eq!(parse_pax_time(b"-1.25"), Some((-2, 750_000_000)));
+        assert_eq!(parse_pax_time(b"x"), None);
+    }
 }
