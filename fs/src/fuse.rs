@@ -81,6 +81,10 @@ pub struct MountConfig {
     /// After mounting, fetch the rest of every remote layer into the disk cache in the
     /// background, yielding to readers.
     pub background_prefetch: bool,
+    /// Paths (in first-read order) whose chunks the background prefetch fetches first.
+    pub profile: Vec<Vec<u8>>,
+    /// Record the order of first reads and write it here when unmounted.
+    pub record_profile: Option<std::path::PathBuf>,
 }
 
 impl Default for MountConfig {
@@ -92,6 +96,8 @@ impl Default for MountConfig {
             disk_cache: None,
             cache_local: false,
             background_prefetch: true,
+            profile: Vec::new(),
+            record_profile: None,
         }
     }
 }
@@ -126,6 +132,39 @@ pub struct StrataFs {
     no_open: bool,
     no_opendir: bool,
     background_prefetch: bool,
+    profile: Vec<Vec<u8>>,
+    recorder: Option<Recorder>,
+}
+
+/// Records the order in which files are first read (an access profile).
+struct Recorder {
+    path: std::path::PathBuf,
+    seen: Mutex<(std::collections::HashSet<Ino>, Vec<Ino>)>,
+}
+
+impl Recorder {
+    fn note(&self, ino: Ino) {
+        let mut g = self.seen.lock();
+        if g.0.insert(ino) {
+            g.1.push(ino);
+        }
+    }
+
+    /// Writes the recorded paths, one per line (bytes as they are in the image).
+    fn save(&self, tree: &Tree) -> std::io::Result<()> {
+        let order = self.seen.lock().1.clone();
+        let paths = tree.paths();
+        let mut out = Vec::new();
+        for ino in order {
+            if let Some(p) = paths.get(&ino) {
+                out.extend_from_slice(p);
+                out.push(b'\n');
+            }
+        }
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, out)?;
+        std::fs::rename(&tmp, &self.path)
+    }
 }
 
 fn system_time(sec: i64, nsec: u32) -> SystemTime {
@@ -287,6 +326,11 @@ impl StrataFs {
             no_open: false,
             no_opendir: false,
             background_prefetch: config.background_prefetch,
+            profile: config.profile.clone(),
+            recorder: config.record_profile.clone().map(|path| Recorder {
+                path,
+                seen: Mutex::new(Default::default()),
+            }),
         }
     }
 
@@ -346,12 +390,20 @@ impl Filesystem for StrataFs {
         let _ = config.set_max_readahead(1 << 20);
         self.start_prefetcher();
         if self.background_prefetch {
-            start_background_prefetch(Arc::downgrade(&self.shared));
+            start_background_prefetch(Arc::downgrade(&self.shared), self.profile.clone());
         }
         Ok(())
     }
 
     fn destroy(&mut self) {
+        if let Some(r) = &self.recorder {
+            match r.save(&self.shared.tree) {
+                Ok(()) => tracing::info!(path = %r.path.display(), "access profile written"),
+                Err(e) => {
+                    tracing::error!(path = %r.path.display(), "cannot write the access profile: {e}")
+                }
+            }
+        }
         let s = self.shared.cache.stats();
         tracing::info!(
             memory_hits = s.memory_hits,
@@ -416,6 +468,9 @@ impl Filesystem for StrataFs {
             Ok(n) => n,
             Err(e) => return reply.error(e.errno()),
         };
+        if let Some(r) = &self.recorder {
+            r.note(ino.0);
+        }
         if let Some(next) = self.shared.read(n, offset, size, reply) {
             if let Err(TrySendError::Disconnected(_)) = self.prefetch.try_send(next) {
                 tracing::debug!("readahead workers gone");
@@ -574,7 +629,7 @@ impl Filesystem for StrataFs {
 
 /// Fetches every chunk of the remote layers into the disk cache, in blob order and in
 /// coalesced batches, pausing while readers are waiting on fetches.
-fn start_background_prefetch(shared: std::sync::Weak<Shared>) {
+fn start_background_prefetch(shared: std::sync::Weak<Shared>, profile: Vec<Vec<u8>>) {
     let _ = std::thread::Builder::new()
         .name("strata-prefetch".into())
         .spawn(move || {
@@ -584,7 +639,25 @@ fn start_background_prefetch(shared: std::sync::Weak<Shared>) {
                     return;
                 }
                 let mut seen = std::collections::HashSet::new();
-                s.tree
+                // The profile's files first, in the order they were read…
+                let mut jobs: Vec<(usize, Vec<Chunk>)> = profile
+                    .iter()
+                    .filter_map(|p| s.tree.get(s.tree.lookup_path(p)?)?.data)
+                    .filter(|d| s.blobs.get(d.layer as usize).is_some_and(|b| !b.is_local()))
+                    .filter_map(|d| {
+                        let e = s.tree.data_entry(d)?;
+                        let chunks: Vec<Chunk> = e
+                            .chunks
+                            .iter()
+                            .copied()
+                            .filter(|c| seen.insert(c.digest))
+                            .collect();
+                        Some((d.layer as usize, chunks))
+                    })
+                    .collect();
+                // …then everything else, in blob order.
+                let rest: Vec<(usize, Vec<Chunk>)> = s
+                    .tree
                     .layers
                     .iter()
                     .enumerate()
@@ -599,7 +672,9 @@ fn start_background_prefetch(shared: std::sync::Weak<Shared>) {
                         chunks.sort_by_key(|c| c.compressed_offset);
                         (i, chunks)
                     })
-                    .collect()
+                    .collect();
+                jobs.extend(rest);
+                jobs
             };
             let started = std::time::Instant::now();
             let mut fetched = 0usize;

@@ -327,6 +327,34 @@ impl Tree {
         Some(cur)
     }
 
+    /// Every inode's path (the first name found for hard-linked inodes).
+    pub fn paths(&self) -> HashMap<Ino, Vec<u8>> {
+        let mut out = HashMap::with_capacity(self.nodes.len());
+        out.insert(ROOT_INO, Vec::new());
+        let mut stack = vec![(ROOT_INO, Vec::new())];
+        while let Some((ino, path)) = stack.pop() {
+            let Some(n) = self.get(ino) else { continue };
+            for (name, child) in &n.children {
+                if out.contains_key(child) {
+                    continue;
+                }
+                let mut p = path.clone();
+                if !p.is_empty() {
+                    p.push(b'/');
+                }
+                p.extend_from_slice(name);
+                out.insert(*child, p.clone());
+                if self
+                    .get(*child)
+                    .is_some_and(|c| c.kind == EntryKind::Directory)
+                {
+                    stack.push((*child, p));
+                }
+            }
+        }
+        out
+    }
+
     /// The TOC entry holding a file's chunks.
     pub fn data_entry(&self, data: DataRef) -> Option<&Entry> {
         self.layers

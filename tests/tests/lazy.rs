@@ -334,3 +334,70 @@ fn plain_oci_image_mounts_after_a_whole_fetch() {
     strata_ok(&fresh2, &["umount", &mnt.display().to_string()]);
     fs::remove_dir_all(&tmp).ok();
 }
+
+/// `--record-profile` writes the order of first reads; a later mount with `--profile` prefetches
+/// those files first, before the rest of the image.
+#[test]
+fn recorded_profile_is_prefetched_first() {
+    let tmp = scratch("profile").unwrap();
+    let local = tmp.join("local");
+    big_image(&tmp, &local, "test/profile:v1");
+    let reg = TestRegistry::start(&tmp.join("registry"), None).unwrap();
+    let remote = format!("{}/test/profile:v1", reg.addr);
+    strata_ok(&local, &["push", "test/profile:v1", &remote]);
+    let profile = tmp.join("profile.txt");
+    let p = profile.display().to_string();
+    let m = Mounted::with_args(
+        &tmp.join("rec"),
+        &remote,
+        &tmp.join("mnt"),
+        &["--no-prefetch", "--record-profile", &p],
+    )
+    .unwrap();
+    for f in ["etc/conf3", "blob/f010", "etc/conf3", "blob/f020"] {
+        fs::read(m.dir.join(f)).unwrap();
+    }
+    m.unmount().unwrap();
+    assert_eq!(
+        fs::read_to_string(&profile).unwrap(),
+        "etc/conf3\nblob/f010\nblob/f020\n"
+    );
+
+    // The manifest's second layer holds etc/; without a profile the prefetch starts with the
+    // first layer.
+    let inspected: serde_json::Value =
+        serde_json::from_str(&strata_ok(&local, &["inspect", "test/profile:v1"])).unwrap();
+    let etc_layer = inspected["layers"][1]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let before = reg.log_lines().len();
+    let m = Mounted::with_args(
+        &tmp.join("replay"),
+        &remote,
+        &tmp.join("mnt"),
+        &["--profile", &p],
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let first_chunk_fetch = loop {
+        let lines = reg.log_lines();
+        // Range reads after the TOCs (one per layer, fetched while pulling).
+        let ranged: Vec<String> = lines[before..]
+            .iter()
+            .filter(|l| l.contains("\" 206 "))
+            .cloned()
+            .collect();
+        if ranged.len() > 2 {
+            break ranged[2].clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "no prefetch traffic");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(
+        first_chunk_fetch.contains(&etc_layer),
+        "first prefetch was {first_chunk_fetch}"
+    );
+    m.unmount().unwrap();
+    fs::remove_dir_all(&tmp).ok();
+}

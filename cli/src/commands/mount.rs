@@ -38,6 +38,12 @@ pub struct MountArgs {
     /// Size cap of the node's disk cache of verified chunks (shared by all mounts; 0 disables).
     #[arg(long, default_value = "10G", value_parser = parse_size)]
     pub cache_size: u64,
+    /// Record the order of first reads (an access profile) into FILE when unmounted.
+    #[arg(long, value_name = "FILE")]
+    pub record_profile: Option<PathBuf>,
+    /// Prefetch the files of this access profile first, in order (from --record-profile).
+    #[arg(long, value_name = "FILE")]
+    pub profile: Option<PathBuf>,
     /// Do not fetch the rest of the image in the background after mounting.
     #[arg(long)]
     pub no_prefetch: bool,
@@ -181,6 +187,16 @@ pub fn mount(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
         .args(a.cache_local.then_some("--cache-local"))
         .args(a.no_prefetch.then_some("--no-prefetch"))
         .args(
+            a.record_profile
+                .iter()
+                .flat_map(|p| [std::ffi::OsStr::new("--record-profile"), p.as_os_str()]),
+        )
+        .args(
+            a.profile
+                .iter()
+                .flat_map(|p| [std::ffi::OsStr::new("--profile"), p.as_os_str()]),
+        )
+        .args(
             a.stats_file
                 .iter()
                 .flat_map(|p| [std::ffi::OsStr::new("--stats-file"), p.as_os_str()]),
@@ -266,6 +282,19 @@ fn serve(g: &GlobalArgs, a: &MountArgs, mountpoint: &Path) -> anyhow::Result<()>
         disk_cache,
         cache_local: a.cache_local,
         background_prefetch: !a.no_prefetch,
+        profile: match &a.profile {
+            Some(p) => std::fs::read(p)
+                .with_context(|| format!("reading profile {}", p.display()))?
+                .split(|&b| b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(<[u8]>::to_vec)
+                .collect(),
+            None => Vec::new(),
+        },
+        record_profile: a
+            .record_profile
+            .as_ref()
+            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
     };
     let fs = StrataFs::new(tree, blobs, &config);
     let stats = fs.stats_handle();
