@@ -401,3 +401,62 @@ fn recorded_profile_is_prefetched_first() {
     m.unmount().unwrap();
     fs::remove_dir_all(&tmp).ok();
 }
+
+/// Mirrors from a containerd-style `hosts.toml`: an image named after an unreachable upstream
+/// pulls and mounts lazily through the mirror listed for it.
+#[test]
+fn hosts_toml_mirror_serves_pulls() {
+    let tmp = scratch("mirror").unwrap();
+    let local = tmp.join("local");
+    let mut l = LayerBuilder::new();
+    l.file("hello", 0o644, b"from the mirror\n").unwrap();
+    let src = tmp.join("src");
+    write_oci_layout(
+        &src,
+        "v1",
+        &[Layer {
+            tar: l.finish().unwrap(),
+            compression: Compression::Gzip,
+        }],
+    )
+    .unwrap();
+    strata_ok(
+        &local,
+        &[
+            "convert",
+            &format!("oci:{}:v1", src.display()),
+            "test/mirror:v1",
+        ],
+    );
+    let mirror = TestRegistry::start(&tmp.join("registry"), None).unwrap();
+    strata_ok(
+        &local,
+        &[
+            "push",
+            "test/mirror:v1",
+            &format!("{}/test/mirror:v1", mirror.addr),
+        ],
+    );
+    let hosts = tmp.join("certs.d");
+    fs::create_dir_all(hosts.join("127.0.0.1:1")).unwrap();
+    fs::write(
+        hosts.join("127.0.0.1:1/hosts.toml"),
+        format!("server = \"http://127.0.0.1:1\"\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n", mirror.addr),
+    )
+    .unwrap();
+    let h = hosts.display().to_string();
+    let m = Mounted::with_args(
+        &tmp.join("fresh"),
+        "127.0.0.1:1/test/mirror:v1",
+        &tmp.join("mnt"),
+        &["--hosts-dir", &h, "--registry-attempts", "1"],
+    )
+    .unwrap();
+    assert_eq!(fs::read(m.dir.join("hello")).unwrap(), b"from the mirror\n");
+    m.unmount().unwrap();
+    assert!(
+        mirror.log_lines().iter().any(|l| l.contains("\" 206 ")),
+        "range reads went to the mirror"
+    );
+    fs::remove_dir_all(&tmp).ok();
+}

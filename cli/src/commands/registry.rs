@@ -29,6 +29,9 @@ pub struct RegistryArgs {
     /// Attempts per registry request (connection errors, 5xx and 429 are retried with backoff).
     #[arg(long, env = "STRATA_REGISTRY_ATTEMPTS", default_value_t = 3)]
     pub registry_attempts: u32,
+    /// Directory of per-registry `HOST/hosts.toml` files (mirrors; containerd's format).
+    #[arg(long, env = "STRATA_HOSTS_DIR", default_value = "/etc/strata/certs.d")]
+    pub hosts_dir: std::path::PathBuf,
 }
 
 impl RegistryArgs {
@@ -39,6 +42,7 @@ impl RegistryArgs {
             attempts: self.registry_attempts.max(1),
             connect_timeout: timeout,
             read_timeout: timeout,
+            hosts_dir: self.hosts_dir.is_dir().then(|| self.hosts_dir.clone()),
             ..RegistryConfig::default()
         }
     }
@@ -54,6 +58,8 @@ impl RegistryArgs {
         v.push(self.registry_timeout.to_string());
         v.push("--registry-attempts".into());
         v.push(self.registry_attempts.to_string());
+        v.push("--hosts-dir".into());
+        v.push(self.hosts_dir.display().to_string());
         v
     }
 

@@ -5,6 +5,7 @@
 //! is one blocking request on the thread that needs the bytes (no async runtime in between).
 
 pub mod auth;
+pub mod hosts;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -19,6 +20,7 @@ use crate::format::Sha256Digest;
 use crate::oci::{self, Index, Manifest};
 use crate::reference::Reference;
 use auth::{parse_challenge, Challenge, Credential, CredentialStore};
+use hosts::Endpoint;
 
 /// Media types a manifest request accepts.
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
@@ -71,6 +73,8 @@ pub struct RegistryConfig {
     pub connect_timeout: Duration,
     /// Time allowed without progress while reading a response.
     pub read_timeout: Duration,
+    /// Directory of per-host `hosts.toml` files (mirrors), containerd's `certs.d` layout.
+    pub hosts_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for RegistryConfig {
@@ -81,6 +85,7 @@ impl Default for RegistryConfig {
             backoff: Duration::from_millis(200),
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(30),
+            hosts_dir: None,
         }
     }
 }
@@ -151,8 +156,63 @@ impl Registry {
         format!("{}://{api_host}", if insecure { "http" } else { "https" })
     }
 
-    fn repo_url(&self, r: &Reference, path: &str) -> String {
-        format!("{}/v2/{}/{path}", self.base_url(&r.registry), r.repository)
+    /// Where to send requests for `host`: mirrors from hosts.toml, then the server.
+    pub fn endpoints(&self, host: &str, push: bool) -> Vec<Endpoint> {
+        let all = hosts::endpoints(self.config.hosts_dir.as_deref(), host, &self.base_url(host));
+        let chosen: Vec<Endpoint> = all
+            .iter()
+            .filter(|e| if push { e.push } else { e.pull })
+            .cloned()
+            .collect();
+        if chosen.is_empty() {
+            all.into_iter().filter(|e| e.server).collect()
+        } else {
+            chosen
+        }
+    }
+
+    fn url(ep: &Endpoint, r: &Reference, path: &str) -> String {
+        format!("{}/{}/{path}", ep.base, r.repository)
+    }
+
+    /// The host credentials and tokens are kept under for an endpoint.
+    fn auth_host(ep: &Endpoint, r: &Reference) -> String {
+        if ep.server {
+            r.registry.clone()
+        } else {
+            ep.authority.clone()
+        }
+    }
+
+    /// Tries a pull-side operation on each endpoint in turn (mirrors first).
+    fn on_pull_endpoints<T>(
+        &self,
+        r: &Reference,
+        mut f: impl FnMut(&Endpoint) -> Result<T>,
+    ) -> Result<T> {
+        let eps = self.endpoints(&r.registry, false);
+        let mut last = None;
+        for ep in &eps {
+            match f(ep) {
+                Ok(v) => return Ok(v),
+                Err(e @ RegistryError::DigestMismatch { .. }) => return Err(e),
+                Err(e) => {
+                    if eps.len() > 1 {
+                        tracing::debug!(endpoint = %ep.base, "trying the next endpoint after: {e}");
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last
+            .unwrap_or_else(|| RegistryError::Invalid(format!("no endpoint for {}", r.registry))))
+    }
+
+    fn push_endpoint(&self, r: &Reference) -> Result<Endpoint> {
+        self.endpoints(&r.registry, true)
+            .into_iter()
+            .next()
+            .ok_or_else(|| RegistryError::Invalid(format!("no push endpoint for {}", r.registry)))
     }
 
     /// Sends a request with auth and retries; returns the final response (any status).
@@ -386,12 +446,22 @@ impl Registry {
     }
 
     fn get_manifest(&self, r: &Reference, target: &str, expect: Option<&str>) -> Result<Resolved> {
-        let url = self.repo_url(r, &format!("manifests/{target}"));
+        self.on_pull_endpoints(r, |ep| self.get_manifest_at(ep, r, target, expect))
+    }
+
+    fn get_manifest_at(
+        &self,
+        ep: &Endpoint,
+        r: &Reference,
+        target: &str,
+        expect: Option<&str>,
+    ) -> Result<Resolved> {
+        let url = Self::url(ep, r, &format!("manifests/{target}"));
         let scope = format!("repository:{}:pull", r.repository);
         let mut resp = self.send(
             "GET",
             &url,
-            &r.registry,
+            &Self::auth_host(ep, r),
             &scope,
             &[("Accept", MANIFEST_ACCEPT.to_string())],
             Body::None,
@@ -466,9 +536,20 @@ impl Registry {
 
     /// Fetches a whole (small) blob and verifies it.
     pub fn get_blob(&self, r: &Reference, digest: &str, max: u64) -> Result<Vec<u8>> {
-        let url = self.repo_url(r, &format!("blobs/{digest}"));
+        self.on_pull_endpoints(r, |ep| self.get_blob_at(ep, r, digest, max))
+    }
+
+    fn get_blob_at(&self, ep: &Endpoint, r: &Reference, digest: &str, max: u64) -> Result<Vec<u8>> {
+        let url = Self::url(ep, r, &format!("blobs/{digest}"));
         let scope = format!("repository:{}:pull", r.repository);
-        let mut resp = self.send("GET", &url, &r.registry, &scope, &[], Body::None)?;
+        let mut resp = self.send(
+            "GET",
+            &url,
+            &Self::auth_host(ep, r),
+            &scope,
+            &[],
+            Body::None,
+        )?;
         if !resp.status().is_success() {
             return Err(status_error("GET", &url, &mut resp));
         }
@@ -491,9 +572,25 @@ impl Registry {
 
     /// Opens a blob for streaming (the caller verifies its digest).
     pub fn open_blob(&self, r: &Reference, digest: &str) -> Result<Box<dyn Read + Send>> {
-        let url = self.repo_url(r, &format!("blobs/{digest}"));
+        self.on_pull_endpoints(r, |ep| self.open_blob_at(ep, r, digest))
+    }
+
+    fn open_blob_at(
+        &self,
+        ep: &Endpoint,
+        r: &Reference,
+        digest: &str,
+    ) -> Result<Box<dyn Read + Send>> {
+        let url = Self::url(ep, r, &format!("blobs/{digest}"));
         let scope = format!("repository:{}:pull", r.repository);
-        let mut resp = self.send("GET", &url, &r.registry, &scope, &[], Body::None)?;
+        let mut resp = self.send(
+            "GET",
+            &url,
+            &Self::auth_host(ep, r),
+            &scope,
+            &[],
+            Body::None,
+        )?;
         if !resp.status().is_success() {
             return Err(status_error("GET", &url, &mut resp));
         }
@@ -502,10 +599,21 @@ impl Registry {
 
     /// Fetches `len` bytes at `offset` of a blob with an HTTP range request.
     pub fn get_range(&self, r: &Reference, digest: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        self.on_pull_endpoints(r, |ep| self.get_range_at(ep, r, digest, offset, len))
+    }
+
+    fn get_range_at(
+        &self,
+        ep: &Endpoint,
+        r: &Reference,
+        digest: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>> {
         if len == 0 {
             return Ok(Vec::new());
         }
-        let url = self.repo_url(r, &format!("blobs/{digest}"));
+        let url = Self::url(ep, r, &format!("blobs/{digest}"));
         let scope = format!("repository:{}:pull", r.repository);
         let range = format!("bytes={offset}-{}", offset + len - 1);
         // This loop owns the retries: a failure can come from the request or from a body cut
@@ -517,7 +625,7 @@ impl Registry {
                 let mut resp = self.send_attempts(
                     "GET",
                     &url,
-                    &r.registry,
+                    &Self::auth_host(ep, r),
                     &scope,
                     &[("Range", range.clone())],
                     Body::None,
@@ -555,9 +663,20 @@ impl Registry {
 
     /// The size of a blob if the repository has it.
     pub fn blob_size(&self, r: &Reference, digest: &str) -> Result<Option<u64>> {
-        let url = self.repo_url(r, &format!("blobs/{digest}"));
+        self.on_pull_endpoints(r, |ep| self.blob_size_at(ep, r, digest))
+    }
+
+    fn blob_size_at(&self, ep: &Endpoint, r: &Reference, digest: &str) -> Result<Option<u64>> {
+        let url = Self::url(ep, r, &format!("blobs/{digest}"));
         let scope = format!("repository:{}:pull", r.repository);
-        let mut resp = self.send("HEAD", &url, &r.registry, &scope, &[], Body::None)?;
+        let mut resp = self.send(
+            "HEAD",
+            &url,
+            &Self::auth_host(ep, r),
+            &scope,
+            &[],
+            Body::None,
+        )?;
         match resp.status() {
             s if s.is_success() => Ok(resp
                 .headers()
@@ -571,7 +690,9 @@ impl Registry {
 
     /// Asks the registry to mount a blob from another repository; true if it did.
     pub fn mount_blob(&self, r: &Reference, digest: &str, from: &str) -> Result<bool> {
-        let url = self.repo_url(
+        let ep = self.push_endpoint(r)?;
+        let url = Self::url(
+            &ep,
             r,
             &format!("blobs/uploads/?mount={digest}&from={}", encode(from)),
         );
@@ -579,14 +700,28 @@ impl Registry {
             "repository:{}:pull,push repository:{from}:pull",
             r.repository
         );
-        let mut resp = self.send("POST", &url, &r.registry, &scope, &[], Body::None)?;
+        let mut resp = self.send(
+            "POST",
+            &url,
+            &Self::auth_host(&ep, r),
+            &scope,
+            &[],
+            Body::None,
+        )?;
         match resp.status() {
             StatusCode::CREATED => Ok(true),
             StatusCode::ACCEPTED => {
                 // Not mounted; an upload session was opened instead. Cancel it.
                 if let Some(loc) = location(&resp) {
-                    let u = self.absolute(&r.registry, &loc);
-                    let _ = self.send("DELETE", &u, &r.registry, &scope, &[], Body::None);
+                    let u = Self::absolute(&ep, &loc);
+                    let _ = self.send(
+                        "DELETE",
+                        &u,
+                        &Self::auth_host(&ep, r),
+                        &scope,
+                        &[],
+                        Body::None,
+                    );
                 }
                 Ok(false)
             }
@@ -594,11 +729,11 @@ impl Registry {
         }
     }
 
-    fn absolute(&self, host: &str, loc: &str) -> String {
+    fn absolute(ep: &Endpoint, loc: &str) -> String {
         if loc.starts_with("http://") || loc.starts_with("https://") {
             loc.to_string()
         } else {
-            format!("{}{loc}", self.base_url(host))
+            format!("{}{loc}", ep.origin())
         }
     }
 
@@ -611,14 +746,22 @@ impl Registry {
         chunk: usize,
         progress: &mut dyn FnMut(u64),
     ) -> Result<()> {
+        let ep = self.push_endpoint(r)?;
         let scope = format!("repository:{}:pull,push", r.repository);
-        let url = self.repo_url(r, "blobs/uploads/");
-        let mut resp = self.send("POST", &url, &r.registry, &scope, &[], Body::None)?;
+        let url = Self::url(&ep, r, "blobs/uploads/");
+        let mut resp = self.send(
+            "POST",
+            &url,
+            &Self::auth_host(&ep, r),
+            &scope,
+            &[],
+            Body::None,
+        )?;
         if resp.status() != StatusCode::ACCEPTED {
             return Err(status_error("POST", &url, &mut resp));
         }
         let mut loc = location(&resp)
-            .map(|l| self.absolute(&r.registry, &l))
+            .map(|l| Self::absolute(&ep, &l))
             .ok_or_else(|| RegistryError::Invalid("upload without Location".into()))?;
         let mut buf = vec![0u8; chunk.max(1)];
         let mut sent = 0u64;
@@ -634,7 +777,7 @@ impl Registry {
             let mut resp = self.send(
                 "PATCH",
                 &loc,
-                &r.registry,
+                &Self::auth_host(&ep, r),
                 &scope,
                 &headers,
                 Body::Bytes(&buf[..n]),
@@ -642,7 +785,7 @@ impl Registry {
             if resp.status() != StatusCode::ACCEPTED {
                 return Err(status_error("PATCH", &loc, &mut resp));
             }
-            loc = location(&resp).map_or(loc, |l| self.absolute(&r.registry, &l));
+            loc = location(&resp).map_or(loc, |l| Self::absolute(&ep, &l));
             sent += n as u64;
             progress(sent);
         }
@@ -651,7 +794,7 @@ impl Registry {
         let mut resp = self.send(
             "PUT",
             &put,
-            &r.registry,
+            &Self::auth_host(&ep, r),
             &scope,
             &[("Content-Type", "application/octet-stream".to_string())],
             Body::None,
@@ -670,12 +813,13 @@ impl Registry {
         media_type: &str,
         bytes: &[u8],
     ) -> Result<()> {
-        let url = self.repo_url(r, &format!("manifests/{tag_or_digest}"));
+        let ep = self.push_endpoint(r)?;
+        let url = Self::url(&ep, r, &format!("manifests/{tag_or_digest}"));
         let scope = format!("repository:{}:pull,push", r.repository);
         let mut resp = self.send(
             "PUT",
             &url,
-            &r.registry,
+            &Self::auth_host(&ep, r),
             &scope,
             &[("Content-Type", media_type.to_string())],
             Body::Bytes(bytes),
