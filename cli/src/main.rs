@@ -53,6 +53,8 @@ enum Command {
     Tag(commands::images::TagArgs),
     /// Remove image names from the local store.
     Rmi(commands::images::RmiArgs),
+    /// Publish an access profile next to an image (found by later lazy mounts).
+    PushProfile(commands::registry::PushProfileArgs),
     /// Save registry credentials (Docker's config.json).
     Login(commands::registry::LoginArgs),
     /// Remove saved registry credentials.
@@ -90,6 +92,7 @@ fn main() {
         Command::Push(a) => commands::registry::push(&cli.global, a),
         Command::Tag(a) => commands::images::tag(&cli.global, a),
         Command::Rmi(a) => commands::images::rmi(&cli.global, a),
+        Command::PushProfile(a) => commands::registry::push_profile(&cli.global, a),
         Command::Login(a) => commands::registry::login(&cli.global, a),
         Command::Logout(a) => commands::registry::logout(&cli.global, a),
     };

@@ -204,3 +204,74 @@ pub fn push(
     registry.put_manifest(dest, &target, &media_type, &manifest_bytes)?;
     Ok(())
 }
+
+/// Tag suffix under which an image's access profile is published (`app:v1` →
+/// `app:v1.strata-profile`), an OCI artifact next to the image.
+pub const PROFILE_TAG_SUFFIX: &str = ".strata-profile";
+/// Artifact type and layer media type of a published access profile.
+pub const MEDIA_TYPE_PROFILE: &str = "application/vnd.strata.profile.v1+text";
+const EMPTY_CONFIG: &[u8] = b"{}";
+const MEDIA_TYPE_EMPTY: &str = "application/vnd.oci.empty.v1+json";
+
+/// The reference a profile for `r` is published under.
+pub fn profile_reference(r: &Reference) -> Reference {
+    Reference {
+        registry: r.registry.clone(),
+        repository: r.repository.clone(),
+        tag: Some(format!(
+            "{}{PROFILE_TAG_SUFFIX}",
+            r.tag.as_deref().unwrap_or(crate::reference::DEFAULT_TAG)
+        )),
+        digest: None,
+    }
+}
+
+/// Publishes an access profile (paths in first-read order) for the image `r`.
+pub fn push_profile(
+    registry: &Arc<Registry>,
+    r: &Reference,
+    profile: &[u8],
+) -> Result<Reference, TransferError> {
+    let target = profile_reference(r);
+    let blob_digest = crate::format::Sha256Digest::of(profile).oci();
+    let config_digest = crate::format::Sha256Digest::of(EMPTY_CONFIG).oci();
+    for (digest, data) in [(&blob_digest, profile), (&config_digest, EMPTY_CONFIG)] {
+        if registry.blob_size(&target, digest)?.is_none() {
+            registry.upload_blob(&target, digest, &mut &data[..], 16 << 20, &mut |_| {})?;
+        }
+    }
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": oci::MEDIA_TYPE_MANIFEST,
+        "artifactType": MEDIA_TYPE_PROFILE,
+        "config": {"mediaType": MEDIA_TYPE_EMPTY, "digest": config_digest, "size": EMPTY_CONFIG.len()},
+        "layers": [{"mediaType": MEDIA_TYPE_PROFILE, "digest": blob_digest, "size": profile.len()}],
+    });
+    let bytes = serde_json::to_vec(&manifest).map_err(|e| TransferError::Invalid(e.to_string()))?;
+    let tag = target.tag.clone().unwrap_or_default();
+    registry.put_manifest(&target, &tag, oci::MEDIA_TYPE_MANIFEST, &bytes)?;
+    Ok(target)
+}
+
+/// Fetches the access profile published for `r`, if any.
+pub fn fetch_profile(
+    registry: &Arc<Registry>,
+    r: &Reference,
+) -> Result<Option<Vec<u8>>, TransferError> {
+    let target = profile_reference(r);
+    let (os, arch) = oci::host_platform();
+    let resolved = match registry.resolve(&target, os, arch) {
+        Ok(m) => m,
+        Err(RegistryError::Status { status: 404, .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let Some(layer) = resolved
+        .manifest
+        .layers
+        .iter()
+        .find(|l| l.media_type == MEDIA_TYPE_PROFILE)
+    else {
+        return Ok(None);
+    };
+    Ok(Some(registry.get_blob(&target, &layer.digest, 64 << 20)?))
+}

@@ -371,14 +371,10 @@ fn recorded_profile_is_prefetched_first() {
         .as_str()
         .unwrap()
         .to_string();
+    // Published next to the image, the profile is found by a fresh mount on its own.
+    strata_ok(&local, &["push-profile", &p, &remote]);
     let before = reg.log_lines().len();
-    let m = Mounted::with_args(
-        &tmp.join("replay"),
-        &remote,
-        &tmp.join("mnt"),
-        &["--profile", &p],
-    )
-    .unwrap();
+    let m = Mounted::with_args(&tmp.join("replay"), &remote, &tmp.join("mnt"), &[]).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let first_chunk_fetch = loop {
         let lines = reg.log_lines();

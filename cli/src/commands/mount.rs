@@ -146,6 +146,7 @@ pub fn mount(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
         bail!("mount point {} is not a directory", mountpoint.display());
     }
     let store = open_store(g)?;
+    let mut a = a;
     if store.resolve(&a.image).is_err() {
         // Not here yet: pull its metadata (lazy layers stay in the registry).
         let r = strata_fs::reference::Reference::parse(&a.image)?;
@@ -153,6 +154,22 @@ pub fn mount(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
         let (os, arch) = super::registry::platform(a.platform.as_deref())?;
         strata_fs::transfer::pull(&store, &client, &r, (&os, &arch), false, &mut |_| {})
             .with_context(|| format!("pulling {r}"))?;
+        // An access profile published next to the image is prefetched first.
+        if a.profile.is_none() && !a.no_prefetch {
+            match strata_fs::transfer::fetch_profile(&client, &r) {
+                Ok(Some(profile)) => {
+                    let path = store.root().join("profiles").join(format!(
+                        "{}.txt",
+                        strata_fs::format::Sha256Digest::of(r.to_string().as_bytes()).hex()
+                    ));
+                    store.write_file(&path, &profile)?;
+                    tracing::info!(image = %r, "using the published access profile");
+                    a.profile = Some(path);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(image = %r, "cannot fetch the access profile: {e}"),
+            }
+        }
     }
     // Plain OCI layers cannot be read lazily: fetch and index them on this node first.
     strata_builder::convert::index_plain_layers(

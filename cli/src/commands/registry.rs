@@ -90,12 +90,13 @@ pub fn platform(p: Option<&str>) -> anyhow::Result<(String, String)> {
     }
 }
 
-/// Prints transfer progress as plain lines (one per blob).
+/// Shows transfer progress: a progress bar per blob on a terminal, plain lines otherwise.
 pub fn progress_printer() -> impl FnMut(Progress<'_>) {
+    let tty = std::io::stderr().is_terminal();
+    let mut bar: Option<indicatif::ProgressBar> = None;
     let mut current = String::new();
     let mut size = 0u64;
     let mut moved = 0u64;
-    let tty = std::io::stderr().is_terminal();
     move |p| match p {
         Progress::Blob {
             what,
@@ -105,23 +106,29 @@ pub fn progress_printer() -> impl FnMut(Progress<'_>) {
             current = format!("{what} {}", &digest[..digest.len().min(19)]);
             size = s;
             moved = 0;
+            if tty {
+                let b = indicatif::ProgressBar::new(s);
+                if let Ok(style) = indicatif::ProgressStyle::with_template(
+                    "{msg:32} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+                ) {
+                    b.set_style(style.progress_chars("=> "));
+                }
+                b.set_message(current.clone());
+                bar = Some(b);
+            }
         }
         Progress::Bytes(n) => {
             moved = n;
-            if tty {
-                eprint!(
-                    "\r{current}: {} / {}   ",
-                    human_bytes(moved),
-                    human_bytes(size)
-                );
+            if let Some(b) = &bar {
+                b.set_position(n);
             }
         }
         Progress::Done { moved: m } => {
-            if tty {
-                eprint!("\r");
-            }
             let what = if m { "done" } else { "already there" };
-            eprintln!("{current}: {what} ({})", human_bytes(size.max(moved)));
+            match bar.take() {
+                Some(b) => b.finish_with_message(format!("{current}: {what}")),
+                None => eprintln!("{current}: {what} ({})", human_bytes(size.max(moved))),
+            }
         }
     }
 }
@@ -246,5 +253,26 @@ pub fn logout(_g: &GlobalArgs, a: LogoutArgs) -> anyhow::Result<()> {
         .save(&host, None)
         .with_context(|| format!("writing {}", path.display()))?;
     println!("Removed login credentials for {host}");
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct PushProfileArgs {
+    /// Access profile recorded with `strata mount --record-profile`.
+    pub profile: std::path::PathBuf,
+    /// Image the profile belongs to (published as TAG.strata-profile next to it).
+    pub reference: String,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+pub fn push_profile(_g: &GlobalArgs, a: PushProfileArgs) -> anyhow::Result<()> {
+    let r = Reference::parse(&a.reference)?;
+    let data =
+        std::fs::read(&a.profile).with_context(|| format!("reading {}", a.profile.display()))?;
+    let client = a.registry.client()?;
+    let target = transfer::push_profile(&client, &r, &data)
+        .with_context(|| format!("publishing the profile of {r}"))?;
+    println!("pushed profile {target}");
     Ok(())
 }
