@@ -458,6 +458,25 @@ fn diff_ids(config: &serde_json::Value) -> Option<Vec<String>> {
         .collect()
 }
 
+/// The manifest descriptor of a strata layer: zstd tar media type plus the TOC annotations
+/// (digest, offset, size) that let a reader open it with one range read.
+pub fn layer_descriptor(digest: String, s: &LayerSummary) -> Descriptor {
+    let mut d = Descriptor::new(oci::MEDIA_TYPE_LAYER_ZSTD, digest, s.blob_size);
+    d.annotations.insert(
+        format::ANNOTATION_TOC_DIGEST.into(),
+        s.footer.toc_digest.oci(),
+    );
+    d.annotations.insert(
+        format::ANNOTATION_TOC_OFFSET.into(),
+        s.footer.toc_offset.to_string(),
+    );
+    d.annotations.insert(
+        format::ANNOTATION_TOC_SIZE.into(),
+        s.footer.toc_size.to_string(),
+    );
+    d
+}
+
 /// Converts `src` into strata layers in `store` and names the result `dst`.
 pub fn convert_image(
     store: &Store,
@@ -497,19 +516,7 @@ pub fn convert_image(
         }
         let s = &c.summary;
         let digest = blob.commit(None)?;
-        let mut d = Descriptor::new(oci::MEDIA_TYPE_LAYER_ZSTD, digest, s.blob_size);
-        d.annotations.insert(
-            format::ANNOTATION_TOC_DIGEST.into(),
-            s.footer.toc_digest.oci(),
-        );
-        d.annotations.insert(
-            format::ANNOTATION_TOC_OFFSET.into(),
-            s.footer.toc_offset.to_string(),
-        );
-        d.annotations.insert(
-            format::ANNOTATION_TOC_SIZE.into(),
-            s.footer.toc_size.to_string(),
-        );
+        let d = layer_descriptor(digest, s);
         descriptors.push(d);
         progress(Progress::LayerDone {
             index: i,
@@ -626,19 +633,7 @@ pub fn index_plain_layers(
             .map_err(|e| BuildError::Layer(format!("indexing layer {}: {e}", i + 1)))?;
         let digest = blob.commit(None)?;
         let s = &c.summary;
-        let mut d = Descriptor::new(oci::MEDIA_TYPE_LAYER_ZSTD, digest, s.blob_size);
-        d.annotations.insert(
-            format::ANNOTATION_TOC_DIGEST.into(),
-            s.footer.toc_digest.oci(),
-        );
-        d.annotations.insert(
-            format::ANNOTATION_TOC_OFFSET.into(),
-            s.footer.toc_offset.to_string(),
-        );
-        d.annotations.insert(
-            format::ANNOTATION_TOC_SIZE.into(),
-            s.footer.toc_size.to_string(),
-        );
+        let d = layer_descriptor(digest, s);
         let body = serde_json::to_vec(&d).map_err(|e| BuildError::Source(e.to_string()))?;
         store.write_file(&path, &body)?;
         indexed += 1;

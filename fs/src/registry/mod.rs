@@ -646,6 +646,8 @@ impl Registry {
                 reader
                     .read_exact(&mut buf)
                     .map_err(|e| io_err("GET", &url, e))?;
+                // Read to the end so the connection goes back to the pool for the next range.
+                let _ = std::io::copy(&mut reader.take(64 << 10), &mut std::io::sink());
                 Ok(buf)
             })();
             match result {
