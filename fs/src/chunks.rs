@@ -203,6 +203,19 @@ impl ChunkCache {
                 }
             }
         }
+        // Whatever happens below (even a panic), the slots this call leads get a result and
+        // leave the in-flight map, so no reader waits forever.
+        let guard = LeadGuard {
+            cache: self,
+            led: chunks
+                .iter()
+                .zip(&steps)
+                .filter_map(|(c, s)| match s {
+                    Step::Lead(slot) => Some((c.digest, slot.clone())),
+                    _ => None,
+                })
+                .collect(),
+        };
         // Fetch what this call leads: disk cache first, then coalesced reads of the blob.
         let mut to_fetch: Vec<(Chunk, Slot)> = Vec::new();
         let disk = self.disk_for(src);
@@ -225,19 +238,7 @@ impl ChunkCache {
         for run in runs(&to_fetch) {
             self.fetch_run(src, run, disk, memory);
         }
-        {
-            let mut inflight = self.inflight.lock();
-            for (c, step) in chunks.iter().zip(&steps) {
-                if let Step::Lead(slot) = step {
-                    if inflight
-                        .get(&c.digest)
-                        .is_some_and(|s| Arc::ptr_eq(s, slot))
-                    {
-                        inflight.remove(&c.digest);
-                    }
-                }
-            }
-        }
+        drop(guard);
         steps
             .into_iter()
             .map(|s| match s {
@@ -300,6 +301,24 @@ impl ChunkCache {
             }
             drop(s);
             let _ = slot.set(result);
+        }
+    }
+}
+
+/// Settles the slots a fetch leads when it ends: unset ones get an error, all leave the map.
+struct LeadGuard<'a> {
+    cache: &'a ChunkCache,
+    led: Vec<(Sha256Digest, Slot)>,
+}
+
+impl Drop for LeadGuard<'_> {
+    fn drop(&mut self) {
+        let mut inflight = self.cache.inflight.lock();
+        for (digest, slot) in &self.led {
+            let _ = slot.set(Err(ChunkError("fetch abandoned".into())));
+            if inflight.get(digest).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+                inflight.remove(digest);
+            }
         }
     }
 }
