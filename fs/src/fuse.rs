@@ -516,24 +516,15 @@ impl Filesystem for StrataFs {
             Ok(n) => n,
             Err(e) => return reply.error(e.errno()),
         };
-        let dots = [(&b"."[..], ino.0), (&b".."[..], n.parent)];
-        let mut i = offset as usize;
-        while i < 2 + n.children.len() {
-            let (name, cino) = if i < 2 {
-                dots[i]
-            } else {
-                let (nm, c) = &n.children[i - 2];
-                (nm.as_ref(), *c)
-            };
+        for (next, name, cino) in dir_entries(ino.0, n, offset) {
             let kind = self
                 .shared
                 .tree
                 .get(cino)
                 .map_or(FileType::Directory, |c| file_type(c.kind));
-            if reply.add(INodeNo(cino), (i + 1) as u64, kind, OsStr::from_bytes(name)) {
+            if reply.add(INodeNo(cino), next, kind, OsStr::from_bytes(name)) {
                 break;
             }
-            i += 1;
         }
         reply.ok();
     }
@@ -550,22 +541,13 @@ impl Filesystem for StrataFs {
             Ok(n) => n,
             Err(e) => return reply.error(e.errno()),
         };
-        let dots = [(&b"."[..], ino.0), (&b".."[..], n.parent)];
-        let mut i = offset as usize;
-        while i < 2 + n.children.len() {
-            let (name, cino) = if i < 2 {
-                dots[i]
-            } else {
-                let (nm, c) = &n.children[i - 2];
-                (nm.as_ref(), *c)
-            };
+        for (next, name, cino) in dir_entries(ino.0, n, offset) {
             let Some(child) = self.shared.tree.get(cino) else {
-                i += 1;
                 continue;
             };
             if reply.add(
                 INodeNo(cino),
-                (i + 1) as u64,
+                next,
                 OsStr::from_bytes(name),
                 &TTL,
                 &attr(cino, child),
@@ -573,7 +555,6 @@ impl Filesystem for StrataFs {
             ) {
                 break;
             }
-            i += 1;
         }
         reply.ok();
     }
@@ -625,6 +606,25 @@ impl Filesystem for StrataFs {
             reply.data(&list);
         }
     }
+}
+
+/// A directory's entries from `offset` on, as (offset of the next entry, name, inode):
+/// `.` and `..` first, then the children in name order.
+fn dir_entries(ino: Ino, n: &Node, offset: u64) -> impl Iterator<Item = (u64, &[u8], Ino)> {
+    let offset = offset as usize;
+    let dots = [(&b"."[..], ino), (&b".."[..], n.parent)];
+    // Index straight into the sorted children: a large directory is listed in many calls.
+    let first_child = offset.saturating_sub(2).min(n.children.len());
+    dots.into_iter()
+        .enumerate()
+        .skip(offset)
+        .chain(
+            n.children[first_child..]
+                .iter()
+                .enumerate()
+                .map(move |(k, (name, c))| (first_child + k + 2, (name.as_ref(), *c))),
+        )
+        .map(|(i, (name, c))| (i as u64 + 1, name, c))
 }
 
 /// Fetches every chunk of the remote layers into the disk cache, in blob order and in
