@@ -6,7 +6,9 @@
 //!
 //! Chunk files are written without fsync (temp file, then rename) and are verified again against
 //! their digest when read: a file torn by a crash or damaged on disk is dropped and refetched,
-//! never served.
+//! never served. The same structure keeps whole files for FUSE passthrough
+//! ([`crate::passthrough`]), keyed by their chunk table: those are fsync'd before the rename and
+//! checked only for length when opened (the kernel reads them directly).
 
 use std::collections::HashMap;
 use std::fs;
@@ -169,17 +171,7 @@ impl DiskCache {
             self.hits.fetch_add(1, Ordering::Relaxed);
             data
         } else {
-            if data.is_some() {
-                tracing::warn!(chunk = %d, "cached chunk is damaged; dropping it");
-                self.corrupt.fetch_add(1, Ordering::Relaxed);
-            }
-            let _ = fs::remove_file(&path);
-            let mut idx = self.index.lock();
-            if let Some(n) = idx.lru.pop(d) {
-                idx.bytes -= n;
-            }
-            drop(idx);
-            self.misses.fetch_add(1, Ordering::Relaxed);
+            self.drop_entry(d, data.is_some());
             None
         };
         self.unpin(d);
@@ -188,15 +180,64 @@ impl DiskCache {
 
     /// Stores a verified chunk (the caller has checked `data` hashes to `d`).
     pub fn put(&self, d: &Sha256Digest, data: &[u8]) -> io::Result<()> {
-        if self.capacity < data.len() as u64 || self.contains(d) {
+        self.insert_with(d, data.len() as u64, false, |f| f.write_all(data))
+    }
+
+    /// Opens the entry `d` for reading without verifying its bytes, for entries whose key is
+    /// not the digest of their bytes (whole files written by [`DiskCache::insert_with`] with
+    /// `sync`, so a crash cannot leave them torn). An entry of the wrong length is damaged: it
+    /// is dropped. Counts as a use for eviction.
+    pub fn open_trusted(&self, d: &Sha256Digest, len: u64) -> Option<fs::File> {
+        if self.index.lock().lru.get(d).is_none() {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let path = self.path(d);
+        let file = fs::File::open(&path).ok();
+        if file
+            .as_ref()
+            .is_some_and(|f| f.metadata().is_ok_and(|m| m.len() == len))
+        {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return file;
+        }
+        self.drop_entry(d, file.is_some());
+        None
+    }
+
+    /// Forgets an entry that is missing or (`damaged`) fails its check, counting a miss.
+    fn drop_entry(&self, d: &Sha256Digest, damaged: bool) {
+        if damaged {
+            tracing::warn!(entry = %d, "cache entry is damaged; dropping it");
+            self.corrupt.fetch_add(1, Ordering::Relaxed);
+        }
+        let _ = fs::remove_file(self.path(d));
+        let mut idx = self.index.lock();
+        if let Some(n) = idx.lru.pop(d) {
+            idx.bytes -= n;
+        }
+        drop(idx);
+        self.misses.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Stores `len` bytes under `d`, written by `fill` into a temporary file that is renamed
+    /// into place only once complete (and, with `sync`, on stable storage first).
+    pub fn insert_with(
+        &self,
+        d: &Sha256Digest,
+        len: u64,
+        sync: bool,
+        fill: impl FnOnce(&mut fs::File) -> io::Result<()>,
+    ) -> io::Result<()> {
+        if self.capacity < len || self.contains(d) {
             return Ok(());
         }
         self.pin(d);
-        let res = self.write(d, data);
+        let res = self.write_file(d, len, sync, fill);
         if res.is_ok() {
             let mut idx = self.index.lock();
-            if idx.lru.put(*d, data.len() as u64).is_none() {
-                idx.bytes += data.len() as u64;
+            if idx.lru.put(*d, len).is_none() {
+                idx.bytes += len;
             }
             drop(idx);
             self.inserted.fetch_add(1, Ordering::Relaxed);
@@ -206,7 +247,12 @@ impl DiskCache {
         res
     }
 
-    fn write(&self, d: &Sha256Digest, data: &[u8]) -> io::Result<()> {
+    /// Writes a temporary file with `fill`, sizes it, optionally syncs it, and renames it over
+    /// the entry's path.
+    fn write_file<F>(&self, d: &Sha256Digest, len: u64, sync: bool, fill: F) -> io::Result<()>
+    where
+        F: FnOnce(&mut fs::File) -> io::Result<()>,
+    {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let path = self.path(d);
         if let Some(parent) = path.parent() {
@@ -219,8 +265,18 @@ impl DiskCache {
             .join(format!("{}-{}-{n}", hex_name(d), std::process::id()));
         let res = (|| {
             let mut f = fs::File::create(&tmp)?;
-            f.write_all(data)?;
-            fs::rename(&tmp, &path)
+            fill(&mut f)?;
+            f.set_len(len)?;
+            if sync {
+                f.sync_all()?;
+            }
+            fs::rename(&tmp, &path)?;
+            if sync {
+                if let Some(parent) = path.parent() {
+                    fs::File::open(parent)?.sync_all()?;
+                }
+            }
+            Ok(())
         })();
         if res.is_err() {
             let _ = fs::remove_file(&tmp);

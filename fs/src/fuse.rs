@@ -23,6 +23,7 @@ use crate::blob::BlobSource;
 use crate::cache::DiskCache;
 use crate::chunks::{ChunkCache, FetchStats};
 use crate::format::{Chunk, EntryKind};
+use crate::passthrough::{self, OpenPlan, Passthrough, FH_BACKED, FH_CACHED};
 use crate::tree::{Ino, Node, Tree};
 
 /// Chunks decoded ahead of a sequential reader.
@@ -85,6 +86,9 @@ pub struct MountConfig {
     pub profile: Vec<Vec<u8>>,
     /// Record the order of first reads and write it here when unmounted.
     pub record_profile: Option<std::path::PathBuf>,
+    /// Serve large files by FUSE passthrough from whole copies kept in this cache (see
+    /// [`crate::passthrough`]); every open then reaches the daemon.
+    pub passthrough: Option<Arc<DiskCache>>,
 }
 
 impl Default for MountConfig {
@@ -98,6 +102,7 @@ impl Default for MountConfig {
             background_prefetch: true,
             profile: Vec::new(),
             record_profile: None,
+            passthrough: None,
         }
     }
 }
@@ -113,13 +118,18 @@ type Readahead = (u32, Vec<Chunk>);
 
 /// A handle to a mount's counters that outlives the session borrow (for a stats writer).
 #[derive(Clone)]
-pub struct StatsHandle(std::sync::Weak<Shared>);
+pub struct StatsHandle(std::sync::Weak<Shared>, Option<Arc<DiskCache>>);
 
 impl StatsHandle {
     /// Fetch counters, and the disk cache's if there is one; `None` once unmounted.
     pub fn get(&self) -> Option<(FetchStats, Option<crate::cache::CacheStats>)> {
         let s = self.0.upgrade()?;
         Some((s.cache.stats(), s.cache.disk().map(|d| d.stats())))
+    }
+
+    /// Counters of the whole-file cache of a passthrough mount (hits are passthrough opens).
+    pub fn files(&self) -> Option<crate::cache::CacheStats> {
+        self.1.as_ref().map(|f| f.stats())
     }
 }
 
@@ -134,6 +144,10 @@ pub struct StrataFs {
     background_prefetch: bool,
     profile: Vec<Vec<u8>>,
     recorder: Option<Recorder>,
+    passthrough: Option<Arc<Passthrough>>,
+    /// Files to write out whole for passthrough (inode, content key).
+    materialize: SyncSender<(Ino, crate::format::Sha256Digest)>,
+    materialize_rx: Mutex<Option<Receiver<(Ino, crate::format::Sha256Digest)>>>,
 }
 
 /// Records the order in which files are first read (an access profile).
@@ -310,6 +324,7 @@ impl Shared {
 impl StrataFs {
     pub fn new(tree: Tree, blobs: Vec<Arc<dyn BlobSource>>, config: &MountConfig) -> Self {
         let (tx, rx) = sync_channel(64);
+        let (mtx, mrx) = sync_channel(1024);
         StrataFs {
             shared: Arc::new(Shared {
                 tree,
@@ -331,6 +346,99 @@ impl StrataFs {
                 path,
                 seen: Mutex::new(Default::default()),
             }),
+            passthrough: config
+                .passthrough
+                .clone()
+                .map(|files| Arc::new(Passthrough::new(files))),
+            materialize: mtx,
+            materialize_rx: Mutex::new(Some(mrx)),
+        }
+    }
+
+    /// Writes out whole, one at a time, the files queued by opens in passthrough mode.
+    fn start_materializer(&self) {
+        let (Some(rx), Some(pt)) = (self.materialize_rx.lock().take(), self.passthrough.clone())
+        else {
+            return;
+        };
+        let shared = Arc::downgrade(&self.shared);
+        let _ = std::thread::Builder::new()
+            .name("strata-materialize".into())
+            .spawn(move || {
+                while let Ok((ino, key)) = rx.recv() {
+                    let Some(s) = shared.upgrade() else { break };
+                    // Readers first: a file being read for the first time is decoded for them,
+                    // and written out after (from the caches where its chunks still are).
+                    while s.cache.busy() {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    let started = std::time::Instant::now();
+                    let result = match s.tree.get(ino).and_then(|n| Some((n, s.chunks(n)?))) {
+                        Some((n, (layer, chunks))) => match s.blobs.get(layer as usize) {
+                            Some(b) => passthrough::materialize(
+                                &s.cache,
+                                b.as_ref(),
+                                chunks,
+                                n.size,
+                                &pt.files,
+                                &key,
+                            ),
+                            None => Err(std::io::Error::other("layer missing")),
+                        },
+                        None => Err(std::io::Error::other("file has no data")),
+                    };
+                    match result {
+                        Ok(()) => tracing::debug!(
+                            ino,
+                            "file written for passthrough in {:.2}s",
+                            started.elapsed().as_secs_f64()
+                        ),
+                        Err(e) => tracing::warn!(ino, "cannot write file for passthrough: {e}"),
+                    }
+                    pt.unclaim(&key);
+                }
+            });
+    }
+
+    /// Opens `ino` in passthrough mode: with its whole-file copy as the backing file when one
+    /// is ready and the inode is not open through the page cache; otherwise through the page
+    /// cache, queueing the copy to be written.
+    fn open_passthrough(&self, pt: &Passthrough, ino: Ino, n: &Node, reply: ReplyOpen) {
+        let cached =
+            |reply: ReplyOpen| reply.opened(FileHandle(FH_CACHED), FopenFlags::FOPEN_KEEP_CACHE);
+        let Some((_, chunks)) = self.shared.chunks(n) else {
+            return reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+        };
+        let key = passthrough::file_key(n.size, chunks);
+        match pt.plan(ino, &key, n.size) {
+            OpenPlan::Reuse => pt.with_backing(ino, |id| match id {
+                Some(id) => {
+                    reply.opened_passthrough(FileHandle(FH_BACKED), FopenFlags::empty(), id)
+                }
+                None => cached(reply),
+            }),
+            OpenPlan::Cached => {
+                if !pt.files.contains(&key) && pt.claim(key) {
+                    if let Err(e) = self.materialize.try_send((ino, key)) {
+                        tracing::debug!("passthrough queue full or gone: {e}");
+                        pt.unclaim(&key);
+                    }
+                }
+                cached(reply)
+            }
+            OpenPlan::Backing(file) => match reply.open_backing(&file) {
+                Ok(id) => pt.add_backing(ino, id, |id| match id {
+                    Some(id) => {
+                        reply.opened_passthrough(FileHandle(FH_BACKED), FopenFlags::empty(), id)
+                    }
+                    None => cached(reply),
+                }),
+                Err(e) => {
+                    tracing::warn!(ino, "cannot register a passthrough backing file: {e}");
+                    pt.add_cached(ino);
+                    cached(reply)
+                }
+            },
         }
     }
 
@@ -362,7 +470,10 @@ impl StrataFs {
 
     /// A handle for reading the counters while the session runs.
     pub fn stats_handle(&self) -> StatsHandle {
-        StatsHandle(Arc::downgrade(&self.shared))
+        StatsHandle(
+            Arc::downgrade(&self.shared),
+            self.passthrough.as_ref().map(|p| p.files.clone()),
+        )
     }
 
     fn reply_entry(&self, ino: Ino, reply: ReplyEntry) {
@@ -386,6 +497,19 @@ impl Filesystem for StrataFs {
         // With these, answering ENOSYS to open/opendir stops the kernel sending them at all and
         // it keeps page and directory caches across opens (the immutable-layer case).
         self.no_open = offered.contains(InitFlags::FUSE_NO_OPEN_SUPPORT);
+        if self.passthrough.is_some() {
+            if offered.contains(InitFlags::FUSE_PASSTHROUGH)
+                && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok()
+            {
+                // Opens must reach the daemon to hand out backing files.
+                self.no_open = false;
+                self.start_materializer();
+            } else {
+                tracing::warn!("the kernel does not offer FUSE passthrough; serving without it");
+                self.passthrough = None;
+            }
+        }
         self.no_opendir = offered.contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
         let _ = config.set_max_readahead(1 << 20);
         self.start_prefetcher();
@@ -448,9 +572,30 @@ impl Filesystem for StrataFs {
         }
         match self.shared.node(ino) {
             Ok(_) if self.no_open => reply.error(Errno::ENOSYS),
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(n) => match &self.passthrough {
+                Some(pt) if n.size >= passthrough::MIN_SIZE && n.data.is_some() => {
+                    self.open_passthrough(pt, ino.0, n, reply)
+                }
+                _ => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            },
             Err(e) => reply.error(e.errno()),
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: fuser::ReplyEmpty,
+    ) {
+        if let (Some(pt), FH_CACHED | FH_BACKED) = (&self.passthrough, fh.0) {
+            pt.release(ino.0);
+        }
+        reply.ok();
     }
 
     fn read(

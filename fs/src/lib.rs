@@ -13,6 +13,7 @@ pub mod format;
 pub mod fuse;
 pub mod image;
 pub mod oci;
+pub mod passthrough;
 pub mod reference;
 pub mod registry;
 pub mod store;

@@ -157,3 +157,21 @@ pub fn strata_with(
     }
     child.wait_with_output().expect("waiting for strata")
 }
+
+/// Writes a one-layer OCI layout under `tmp/src` and converts it into the store at `root` as
+/// `name` (tag `v1` of the layout).
+pub fn convert_one_layer(
+    tmp: &Path,
+    root: &Path,
+    tar: Vec<u8>,
+    compression: crate::image::Compression,
+    name: &str,
+) {
+    let src = tmp.join("src");
+    crate::image::write_oci_layout(&src, "v1", &[crate::image::Layer { tar, compression }])
+        .expect("writing the OCI layout");
+    strata_ok(
+        root,
+        &["convert", &format!("oci:{}:v1", src.display()), name],
+    );
+}

@@ -5,8 +5,8 @@
 use std::fs;
 use std::path::Path;
 
-use strata_tests::image::{noise, scratch, write_oci_layout, Compression, Layer, LayerBuilder};
-use strata_tests::util::{is_mounted, strata, strata_ok};
+use strata_tests::image::{noise, scratch, Compression, LayerBuilder};
+use strata_tests::util::{convert_one_layer, is_mounted, strata, strata_ok};
 
 /// Mounts with `extra` flags, reads `files`, unmounts; returns the daemon's closing stats line.
 fn mount_read(root: &Path, mnt: &Path, extra: &[&str], files: &[&str]) -> String {
@@ -66,24 +66,13 @@ fn disk_cache_survives_remount_and_honours_its_cap() {
     // File names double as noise seeds (by length) so contents can be checked.
     l.file("a", 0o644, &noise(1, 3 << 20)).unwrap();
     l.file("bbbbbbbb", 0o644, &noise(8, 8 << 20)).unwrap();
-    let src = tmp.join("src");
-    write_oci_layout(
-        &src,
-        "v1",
-        &[Layer {
-            tar: l.finish().unwrap(),
-            compression: Compression::Gzip,
-        }],
-    )
-    .unwrap();
     let root = tmp.join("store");
-    strata_ok(
+    convert_one_layer(
+        &tmp,
         &root,
-        &[
-            "convert",
-            &format!("oci:{}:v1", src.display()),
-            "cache/test:v1",
-        ],
+        l.finish().unwrap(),
+        Compression::Gzip,
+        "cache/test:v1",
     );
     let mnt = tmp.join("mnt");
 

@@ -7,10 +7,10 @@
 use std::fs;
 use std::time::{Duration, Instant};
 
-use strata_tests::image::{noise, scratch, write_oci_layout, Compression, Layer, LayerBuilder};
+use strata_tests::image::{noise, scratch, Compression, LayerBuilder};
 use strata_tests::proxy::{Fault, FaultProxy};
 use strata_tests::registry::TestRegistry;
-use strata_tests::util::{strata_ok, Mounted};
+use strata_tests::util::{convert_one_layer, strata_ok, Mounted};
 
 const EIO: i32 = 5;
 
@@ -22,24 +22,13 @@ fn registry_faults_are_retried_or_reported_and_never_corrupt_the_cache() {
         l.file(&format!("f{i}"), 0o644, &noise(100 + i, 1 << 20))
             .unwrap();
     }
-    let src = tmp.join("src");
-    write_oci_layout(
-        &src,
-        "v1",
-        &[Layer {
-            tar: l.finish().unwrap(),
-            compression: Compression::Gzip,
-        }],
-    )
-    .unwrap();
     let local = tmp.join("local");
-    strata_ok(
+    convert_one_layer(
+        &tmp,
         &local,
-        &[
-            "convert",
-            &format!("oci:{}:v1", src.display()),
-            "test/faults:v1",
-        ],
+        l.finish().unwrap(),
+        Compression::Gzip,
+        "test/faults:v1",
     );
     let reg = TestRegistry::start(&tmp.join("registry"), None).unwrap();
     strata_ok(

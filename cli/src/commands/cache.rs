@@ -34,39 +34,64 @@ pub fn cache_dir(g: &GlobalArgs) -> PathBuf {
     g.root.join("cache/chunks")
 }
 
+/// Whole files kept for `mount --passthrough`.
+pub fn files_dir(g: &GlobalArgs) -> PathBuf {
+    g.root.join("cache/files")
+}
+
 pub fn run(g: &GlobalArgs, a: CacheArgs) -> anyhow::Result<()> {
-    let dir = cache_dir(g);
+    // The chunk cache, and the whole-file cache of passthrough mounts when there is one.
     // Opening with an unlimited cap only indexes; eviction happens on request.
-    let cache =
-        DiskCache::open(&dir, u64::MAX).with_context(|| format!("opening {}", dir.display()))?;
+    let mut caches = Vec::new();
+    for (what, dir) in [("chunks", cache_dir(g)), ("files", files_dir(g))] {
+        if what == "files" && !dir.exists() {
+            continue;
+        }
+        let cache = DiskCache::open(&dir, u64::MAX)
+            .with_context(|| format!("opening {}", dir.display()))?;
+        caches.push((what, dir, cache));
+    }
     match a.command {
         CacheCommand::Stats { json } => {
-            let s = cache.stats();
+            let mut out = serde_json::Map::new();
+            for (what, dir, cache) in &caches {
+                let s = cache.stats();
+                if json {
+                    let body = serde_json::json!({"dir": dir, *what: s.entries, "bytes": s.bytes});
+                    if *what == "chunks" {
+                        // The chunk cache's fields at the top level, as before files existed.
+                        if let serde_json::Value::Object(m) = body {
+                            out.extend(m);
+                        }
+                    } else {
+                        out.insert((*what).into(), body);
+                    }
+                } else {
+                    println!(
+                        "{}: {} {what}, {}",
+                        dir.display(),
+                        s.entries,
+                        human_bytes(s.bytes)
+                    );
+                }
+            }
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"dir": dir, "chunks": s.entries, "bytes": s.bytes})
-                );
-            } else {
-                println!(
-                    "{}: {} chunks, {}",
-                    dir.display(),
-                    s.entries,
-                    human_bytes(s.bytes)
-                );
+                println!("{}", serde_json::Value::Object(out));
             }
         }
         CacheCommand::Gc { max_size } => {
-            let before = cache.stats();
-            cache.evict_to(max_size);
-            let after = cache.stats();
-            println!(
-                "removed {} chunks ({}); {} chunks, {} remain",
-                before.entries - after.entries,
-                human_bytes(before.bytes - after.bytes),
-                after.entries,
-                human_bytes(after.bytes)
-            );
+            for (what, _, cache) in &caches {
+                let before = cache.stats();
+                cache.evict_to(max_size);
+                let after = cache.stats();
+                println!(
+                    "removed {} {what} ({}); {} {what}, {} remain",
+                    before.entries - after.entries,
+                    human_bytes(before.bytes - after.bytes),
+                    after.entries,
+                    human_bytes(after.bytes)
+                );
+            }
         }
     }
     Ok(())

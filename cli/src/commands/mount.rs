@@ -51,6 +51,12 @@ pub struct MountArgs {
     /// decompression at the cost of disk space (remote layers are always cached).
     #[arg(long)]
     pub cache_local: bool,
+    /// Serve files of 1 MiB and more by FUSE passthrough: the first open queues a verified
+    /// whole copy into ROOT/cache/files (capped by --cache-size too), later opens read it
+    /// through the kernel at local-disk speed. Every open then reaches the daemon, which costs
+    /// workloads that open many small files.
+    #[arg(long)]
+    pub passthrough: bool,
     /// Kernel readahead for the mount in KiB (the kernel's FUSE default is 128).
     #[arg(long, default_value_t = 1024)]
     pub read_ahead_kb: u32,
@@ -104,7 +110,10 @@ fn spawn_stats_writer(
         let mut last = String::new();
         let mut written = Instant::now();
         while let Some((fetch, cache)) = stats.get() {
-            let counters = serde_json::json!({"fetch": fetch, "disk_cache": cache}).to_string();
+            let files = stats.files();
+            let counters =
+                serde_json::json!({"fetch": fetch, "disk_cache": cache, "file_cache": files})
+                    .to_string();
             // Write when counters change (checked every 100 ms), and every 5 s regardless.
             if counters != last || written.elapsed() >= Duration::from_secs(5) {
                 let body = serde_json::json!({
@@ -120,6 +129,7 @@ fn spawn_stats_writer(
                         0.0
                     },
                     "disk_cache": cache,
+                    "file_cache": files,
                 });
                 let tmp = path.with_extension("tmp");
                 if std::fs::write(&tmp, body.to_string()).is_ok() {
@@ -202,6 +212,7 @@ pub fn mount(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
         .args(["--memory-cache", &a.memory_cache.to_string()])
         .args(["--cache-size", &a.cache_size.to_string()])
         .args(a.cache_local.then_some("--cache-local"))
+        .args(a.passthrough.then_some("--passthrough"))
         .args(a.no_prefetch.then_some("--no-prefetch"))
         .args(
             a.record_profile
@@ -292,7 +303,20 @@ fn serve(g: &GlobalArgs, a: &MountArgs, mountpoint: &Path) -> anyhow::Result<()>
     } else {
         None
     };
+    let passthrough = match (a.passthrough, a.cache_size) {
+        (false, _) => None,
+        (true, 0) => {
+            bail!("--passthrough keeps whole files in the disk cache: --cache-size must not be 0")
+        }
+        (true, cap) => {
+            let dir = super::cache::files_dir(g);
+            let files = DiskCache::open(&dir, cap)
+                .with_context(|| format!("opening the file cache {}", dir.display()))?;
+            Some(Arc::new(files))
+        }
+    };
     let config = MountConfig {
+        passthrough,
         threads: a.threads,
         memory_cache: a.memory_cache as usize,
         fsname: format!("strata:{reference}"),
@@ -477,6 +501,16 @@ pub fn stats(g: &GlobalArgs, a: StatsArgs) -> anyhow::Result<()> {
             c.get("entries").and_then(|x| x.as_u64()).unwrap_or(0),
             super::human_bytes(c.get("bytes").and_then(|x| x.as_u64()).unwrap_or(0)),
             super::human_bytes(c.get("capacity").and_then(|x| x.as_u64()).unwrap_or(0)),
+        );
+    }
+    if let Some(c) = v["file_cache"].as_object() {
+        let get = |k: &str| c.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+        println!(
+            "passthrough:    {} opens served by the kernel, {} files written, {} files ({}) cached",
+            get("hits"),
+            get("inserted"),
+            get("entries"),
+            super::human_bytes(get("bytes")),
         );
     }
     Ok(())

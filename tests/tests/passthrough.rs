@@ -1,0 +1,143 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failure should abort loudly
+//! `strata mount --passthrough`: large files are written out whole once and then served by the
+//! kernel from that copy, with the same bytes, while the daemon serves nothing for them; an inode
+//! open through the page cache keeps working while its copy appears; a damaged copy is not used.
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use strata_tests::image::{noise, scratch, text, Compression, LayerBuilder};
+use strata_tests::util::{convert_one_layer, strata_ok, Mounted};
+
+fn stats(root: &Path, mnt: &Path) -> serde_json::Value {
+    serde_json::from_str(&strata_ok(
+        root,
+        &["stats", "--json", &mnt.to_string_lossy()],
+    ))
+    .unwrap()
+}
+
+/// Chunks the daemon has served (from any source) so far.
+fn served(v: &serde_json::Value) -> u64 {
+    let f = &v["fetch"];
+    ["memory_hits", "disk_hits", "source_chunks"]
+        .iter()
+        .map(|k| f[*k].as_u64().unwrap())
+        .sum()
+}
+
+fn file_cache(v: &serde_json::Value, key: &str) -> u64 {
+    v["file_cache"][key].as_u64().unwrap()
+}
+
+/// Waits until the mount has written `n` files for passthrough.
+fn wait_written(root: &Path, mnt: &Path, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        // The stats file is refreshed every 100 ms.
+        let v = stats(root, mnt);
+        if file_cache(&v, "inserted") >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "files not written: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn settle(root: &Path, mnt: &Path) -> serde_json::Value {
+    std::thread::sleep(Duration::from_millis(300));
+    stats(root, mnt)
+}
+
+#[test]
+fn large_files_are_served_by_the_kernel_from_a_verified_copy() {
+    let tmp = scratch("passthrough").unwrap();
+    let big = text(1, (5 << 20) + 12345); // compressible, not chunk-aligned
+    let other = noise(2, 3 << 20);
+    let mut l = LayerBuilder::new();
+    l.dir("d", 0o755).unwrap();
+    l.file("d/big", 0o644, &big).unwrap();
+    l.hardlink("d/big-link", "d/big").unwrap();
+    l.file("other", 0o600, &other).unwrap();
+    l.file("small", 0o644, b"small file\n").unwrap();
+    let root = tmp.join("store");
+    convert_one_layer(
+        &tmp,
+        &root,
+        l.finish().unwrap(),
+        Compression::Zstd,
+        "pt/test:v1",
+    );
+    let mnt = tmp.join("mnt");
+    let m = Mounted::with_args(&root, "pt/test:v1", &mnt, &["--passthrough"]).unwrap();
+
+    // Small files are served as always (every open now reaches the daemon).
+    assert_eq!(fs::read(mnt.join("small")).unwrap(), b"small file\n");
+    assert!(fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("small"))
+        .is_err());
+
+    // First open of a large file: served through the daemon while its copy is written.
+    let first = fs::File::open(mnt.join("d/big")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    first.read_exact_at(&mut buf, 1 << 20).unwrap();
+    assert_eq!(buf, big[1 << 20..(1 << 20) + 4096]);
+    wait_written(&root, &mnt, 1);
+    // The inode is still open through the page cache: a second open must keep that mode (the
+    // kernel would refuse a passthrough open now) and still read correctly.
+    assert_eq!(fs::read(mnt.join("d/big-link")).unwrap(), big);
+    drop(first);
+
+    // "other" is opened but not read: its copy is written in the background all the same.
+    drop(fs::File::open(mnt.join("other")).unwrap());
+    wait_written(&root, &mnt, 2);
+    let before = settle(&root, &mnt);
+    // Read for the first time now, in full and at scattered offsets across chunk edges: the
+    // bytes are right and the daemon serves none of them.
+    assert_eq!(fs::read(mnt.join("other")).unwrap(), other);
+    let f = fs::File::open(mnt.join("other")).unwrap();
+    for at in [0usize, (1 << 20) - 7, (2 << 20) + 100, other.len() - 10] {
+        let mut b = vec![0u8; 10];
+        f.read_exact_at(&mut b, at as u64).unwrap();
+        assert_eq!(b, other[at..at + 10], "at {at}");
+    }
+    drop(f);
+    let after = settle(&root, &mnt);
+    assert_eq!(
+        served(&before),
+        served(&after),
+        "daemon served chunks: {after}"
+    );
+    assert!(file_cache(&after, "hits") > file_cache(&before, "hits"));
+
+    // The big file too, once nothing holds it open through the page cache.
+    assert_eq!(fs::read(mnt.join("d/big")).unwrap(), big);
+    m.unmount().unwrap();
+
+    // A copy of the wrong size (damaged) is never handed to the kernel: the file is read
+    // through the daemon from verified chunks instead.
+    let files = root.join("cache/files");
+    let mut damaged = 0;
+    for shard in fs::read_dir(&files).unwrap().flatten() {
+        if shard.file_name() == "tmp" {
+            continue;
+        }
+        for e in fs::read_dir(shard.path()).unwrap().flatten() {
+            let f = fs::OpenOptions::new().write(true).open(e.path()).unwrap();
+            f.set_len(f.metadata().unwrap().len() - 1).unwrap();
+            damaged += 1;
+        }
+    }
+    assert_eq!(damaged, 2);
+    let m = Mounted::with_args(&root, "pt/test:v1", &mnt, &["--passthrough"]).unwrap();
+    assert_eq!(fs::read(mnt.join("other")).unwrap(), other);
+    assert_eq!(fs::read(mnt.join("d/big")).unwrap(), big);
+    let v = settle(&root, &mnt);
+    assert_eq!(file_cache(&v, "hits"), 0, "{v}");
+    assert_eq!(file_cache(&v, "corrupt"), 2, "{v}");
+    assert!(served(&v) > 0);
+    m.unmount().unwrap();
+}
