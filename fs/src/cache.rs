@@ -42,6 +42,22 @@ struct Index {
     pinned: HashMap<Sha256Digest, usize>,
 }
 
+/// An entry being written ([`DiskCache::begin`]); its temporary file is removed if it is dropped
+/// without [`DiskCache::commit`].
+pub struct PendingEntry {
+    pub file: fs::File,
+    tmp: Option<PathBuf>,
+    key: Sha256Digest,
+}
+
+impl Drop for PendingEntry {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            let _ = fs::remove_file(tmp);
+        }
+    }
+}
+
 /// A size-capped, content-addressed cache of chunks on local disk.
 pub struct DiskCache {
     dir: PathBuf,
@@ -232,45 +248,50 @@ impl DiskCache {
         if self.capacity < len || self.contains(d) {
             return Ok(());
         }
-        self.pin(d);
-        let res = self.write_file(d, len, sync, fill);
-        if res.is_ok() {
-            let mut idx = self.index.lock();
-            if idx.lru.put(*d, len).is_none() {
-                idx.bytes += len;
-            }
-            drop(idx);
-            self.inserted.fetch_add(1, Ordering::Relaxed);
-        }
-        self.unpin(d);
-        self.evict_to(self.capacity);
-        res
+        let mut entry = self.begin(d)?;
+        fill(&mut entry.file)?;
+        self.commit(entry, len, sync)
     }
 
-    /// Writes a temporary file with `fill`, sizes it, optionally syncs it, and renames it over
-    /// the entry's path.
-    fn write_file<F>(&self, d: &Sha256Digest, len: u64, sync: bool, fill: F) -> io::Result<()>
-    where
-        F: FnOnce(&mut fs::File) -> io::Result<()>,
-    {
+    /// Starts a new entry `d`: a temporary file to fill, then [`DiskCache::commit`] (dropping
+    /// the entry instead removes the file).
+    pub fn begin(&self, d: &Sha256Digest) -> io::Result<PendingEntry> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let path = self.path(d);
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent)?;
-        }
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let tmp = self
             .dir
             .join("tmp")
             .join(format!("{}-{}-{n}", hex_name(d), std::process::id()));
+        Ok(PendingEntry {
+            file: fs::File::create(&tmp)?,
+            tmp: Some(tmp),
+            key: *d,
+        })
+    }
+
+    /// Sizes a pending entry to `len` bytes and renames it into place (with `sync`, after
+    /// fsync, and fsyncs the directory after), then evicts down to the cap.
+    pub fn commit(&self, mut entry: PendingEntry, len: u64, sync: bool) -> io::Result<()> {
+        let d = entry.key;
+        if self.capacity < len || self.contains(&d) {
+            return Ok(()); // dropping the entry removes its file
+        }
+        let path = self.path(&d);
+        self.pin(&d);
         let res = (|| {
-            let mut f = fs::File::create(&tmp)?;
-            fill(&mut f)?;
-            f.set_len(len)?;
+            let tmp = entry
+                .tmp
+                .clone()
+                .ok_or_else(|| io::Error::other("entry committed"))?;
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            entry.file.set_len(len)?;
             if sync {
-                f.sync_all()?;
+                entry.file.sync_all()?;
             }
             fs::rename(&tmp, &path)?;
+            entry.tmp = None;
             if sync {
                 if let Some(parent) = path.parent() {
                     fs::File::open(parent)?.sync_all()?;
@@ -278,9 +299,16 @@ impl DiskCache {
             }
             Ok(())
         })();
-        if res.is_err() {
-            let _ = fs::remove_file(&tmp);
+        if res.is_ok() {
+            let mut idx = self.index.lock();
+            if idx.lru.put(d, len).is_none() {
+                idx.bytes += len;
+            }
+            drop(idx);
+            self.inserted.fetch_add(1, Ordering::Relaxed);
         }
+        self.unpin(&d);
+        self.evict_to(self.capacity);
         res
     }
 

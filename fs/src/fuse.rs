@@ -146,8 +146,8 @@ pub struct StrataFs {
     recorder: Option<Recorder>,
     passthrough: Option<Arc<Passthrough>>,
     /// Files to write out whole for passthrough (inode, content key).
-    materialize: SyncSender<(Ino, crate::format::Sha256Digest)>,
-    materialize_rx: Mutex<Option<Receiver<(Ino, crate::format::Sha256Digest)>>>,
+    materialize: SyncSender<Ino>,
+    materialize_rx: Mutex<Option<Receiver<Ino>>>,
 }
 
 /// Records the order in which files are first read (an access profile).
@@ -250,6 +250,7 @@ impl Shared {
         offset: u64,
         size: u32,
         reply: ReplyData,
+        copy: Option<&passthrough::Building>,
     ) -> Option<(u32, Vec<Chunk>)> {
         if offset >= n.size || size == 0 {
             reply.data(&[]);
@@ -305,6 +306,14 @@ impl Shared {
                     out.extend_from_slice(&d[*from..*to]);
                 }
                 reply.data(&out);
+            }
+        }
+        // A passthrough copy of this file is being written: what was just decoded goes in.
+        if let Some(b) = copy {
+            for (k, (c, (d, _, _))) in needed.iter().zip(&pieces).enumerate() {
+                if let Err(e) = b.put(first + k, c, d) {
+                    tracing::warn!("cannot write to a passthrough copy: {e}");
+                }
             }
         }
         if !sequential {
@@ -365,23 +374,23 @@ impl StrataFs {
         let _ = std::thread::Builder::new()
             .name("strata-materialize".into())
             .spawn(move || {
-                while let Ok((ino, key)) = rx.recv() {
+                while let Ok(ino) = rx.recv() {
                     let Some(s) = shared.upgrade() else { break };
-                    // Readers first: a file being read for the first time is decoded for them,
-                    // and written out after (from the caches where its chunks still are).
+                    let Some(b) = pt.building(ino) else { continue };
+                    // Readers first: the chunks they decode go into the copy as they are served;
+                    // this thread fills in the rest when no reader is waiting.
                     while s.cache.busy() {
                         std::thread::sleep(Duration::from_millis(10));
                     }
                     let started = std::time::Instant::now();
-                    let result = match s.tree.get(ino).and_then(|n| Some((n, s.chunks(n)?))) {
-                        Some((n, (layer, chunks))) => match s.blobs.get(layer as usize) {
-                            Some(b) => passthrough::materialize(
+                    let result = match s.tree.get(ino).and_then(|n| s.chunks(n)) {
+                        Some((layer, chunks)) => match s.blobs.get(layer as usize) {
+                            Some(src) => passthrough::materialize(
                                 &s.cache,
-                                b.as_ref(),
+                                src.as_ref(),
                                 chunks,
-                                n.size,
+                                &b,
                                 &pt.files,
-                                &key,
                             ),
                             None => Err(std::io::Error::other("layer missing")),
                         },
@@ -395,7 +404,7 @@ impl StrataFs {
                         ),
                         Err(e) => tracing::warn!(ino, "cannot write file for passthrough: {e}"),
                     }
-                    pt.unclaim(&key);
+                    pt.finish(ino);
                 }
             });
     }
@@ -418,10 +427,10 @@ impl StrataFs {
                 None => cached(reply),
             }),
             OpenPlan::Cached => {
-                if !pt.files.contains(&key) && pt.claim(key) {
-                    if let Err(e) = self.materialize.try_send((ino, key)) {
+                if pt.start_copy(ino, key, n.size, chunks.len()).is_some() {
+                    if let Err(e) = self.materialize.try_send(ino) {
                         tracing::debug!("passthrough queue full or gone: {e}");
-                        pt.unclaim(&key);
+                        pt.finish(ino);
                     }
                 }
                 cached(reply)
@@ -616,7 +625,8 @@ impl Filesystem for StrataFs {
         if let Some(r) = &self.recorder {
             r.note(ino.0);
         }
-        if let Some(next) = self.shared.read(n, offset, size, reply) {
+        let copy = self.passthrough.as_ref().and_then(|pt| pt.building(ino.0));
+        if let Some(next) = self.shared.read(n, offset, size, reply, copy.as_deref()) {
             if let Err(TrySendError::Disconnected(_)) = self.prefetch.try_send(next) {
                 tracing::debug!("readahead workers gone");
             }

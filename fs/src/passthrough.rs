@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 use sha2::{Digest as _, Sha256};
 
 use crate::blob::BlobSource;
-use crate::cache::DiskCache;
+use crate::cache::{DiskCache, PendingEntry};
 use crate::chunks::{ChunkCache, MAX_RUN};
 use crate::format::{Chunk, Sha256Digest};
 use crate::tree::Ino;
@@ -45,37 +45,85 @@ pub fn file_key(size: u64, chunks: &[Chunk]) -> Sha256Digest {
     Sha256Digest(h.finalize().into())
 }
 
-/// Writes a file of `size` bytes from its verified chunks into `files` under `key` (holes stay
-/// holes). Chunks come through `cache`, so a concurrent reader and this share fetches.
+/// A copy being written: readers' decoded chunks land in it as they are served, and the
+/// writer thread ([`materialize`]) fills in the rest.
+pub struct Building {
+    pub key: Sha256Digest,
+    pub size: u64,
+    state: Mutex<BuildState>,
+}
+
+struct BuildState {
+    /// `None` once committed or abandoned.
+    entry: Option<PendingEntry>,
+    written: Vec<bool>,
+}
+
+impl Building {
+    /// Writes chunk `index` of the file (verified `data`) unless it is there already.
+    pub fn put(&self, index: usize, chunk: &Chunk, data: &[u8]) -> io::Result<()> {
+        let mut st = self.state.lock();
+        let BuildState { entry, written } = &mut *st;
+        match (entry.as_ref(), written.get_mut(index)) {
+            (Some(e), Some(done)) if !*done => {
+                e.file.write_all_at(data, chunk.file_offset)?;
+                *done = true;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn missing(&self) -> Vec<usize> {
+        let st = self.state.lock();
+        (0..st.written.len()).filter(|&i| !st.written[i]).collect()
+    }
+}
+
+/// Completes `b`, the copy of a file whose chunk table is `chunks`: fetches the chunks no reader
+/// has written yet (through `cache`, verified, in batches one range read can fetch), writes
+/// them (holes stay holes), and commits the copy to `files` (fsync'd, then renamed).
 pub fn materialize(
     cache: &ChunkCache,
     src: &dyn BlobSource,
     chunks: &[Chunk],
-    size: u64,
+    b: &Building,
     files: &DiskCache,
-    key: &Sha256Digest,
 ) -> io::Result<()> {
-    files.insert_with(key, size, true, |f| {
-        let mut start = 0;
-        while start < chunks.len() {
-            // Batches of neighbouring chunks one range read can fetch.
-            let mut end = start;
-            let mut bytes = 0u64;
-            while end < chunks.len()
-                && (end == start || bytes + u64::from(chunks[end].compressed_len) <= MAX_RUN)
-            {
-                bytes += u64::from(chunks[end].compressed_len);
-                end += 1;
+    let missing = b.missing();
+    let mut start = 0;
+    while start < missing.len() {
+        let mut end = start;
+        let mut bytes = 0u64;
+        while end < missing.len() {
+            let len = u64::from(chunks.get(missing[end]).map_or(0, |c| c.compressed_len));
+            if end > start && bytes + len > MAX_RUN {
+                break;
             }
-            let batch = &chunks[start..end];
-            for (c, data) in batch.iter().zip(cache.get_many(src, batch)) {
-                let data = data.map_err(|e| io::Error::other(e.0))?;
-                f.write_all_at(&data, c.file_offset)?;
-            }
-            start = end;
+            bytes += len;
+            end += 1;
         }
-        Ok(())
-    })
+        let batch: Vec<Chunk> = missing[start..end]
+            .iter()
+            .filter_map(|&i| chunks.get(i).copied())
+            .collect();
+        for ((&i, c), data) in missing[start..end]
+            .iter()
+            .zip(&batch)
+            .zip(cache.get_many(src, &batch))
+        {
+            let data = data.map_err(|e| io::Error::other(e.0))?;
+            b.put(i, c, &data)?;
+        }
+        start = end;
+    }
+    let entry = b
+        .state
+        .lock()
+        .entry
+        .take()
+        .ok_or_else(|| io::Error::other("copy already finished"))?;
+    files.commit(entry, b.size, true)
 }
 
 /// How an inode is open right now. The kernel requires every open of an inode that has a
@@ -105,16 +153,20 @@ pub enum OpenPlan {
 pub struct Passthrough {
     pub files: Arc<DiskCache>,
     modes: Mutex<HashMap<Ino, Mode>>,
-    /// Files queued or being written (by key), so each is written once.
-    pending: Mutex<HashSet<Sha256Digest>>,
+    /// Copies being written, by the inode whose first open started them (and their keys, so
+    /// a file reached through two inodes is written once).
+    building: Mutex<Copies>,
 }
+
+/// Copies being written: by inode, and the set of their keys.
+type Copies = (HashMap<Ino, Arc<Building>>, HashSet<Sha256Digest>);
 
 impl Passthrough {
     pub fn new(files: Arc<DiskCache>) -> Self {
         Passthrough {
             files,
             modes: Mutex::new(HashMap::new()),
-            pending: Mutex::new(HashSet::new()),
+            building: Mutex::new((HashMap::new(), HashSet::new())),
         }
     }
 
@@ -200,14 +252,54 @@ impl Passthrough {
         }
     }
 
-    /// Marks `key` as queued for writing; false if it already is.
-    pub fn claim(&self, key: Sha256Digest) -> bool {
-        self.pending.lock().insert(key)
+    /// Starts writing the copy of `ino` (content `key`, `size` bytes in `chunks` chunks) unless
+    /// it exists or is being written; returns it to be queued for [`materialize`].
+    pub fn start_copy(
+        &self,
+        ino: Ino,
+        key: Sha256Digest,
+        size: u64,
+        chunks: usize,
+    ) -> Option<Arc<Building>> {
+        if self.files.contains(&key) {
+            return None;
+        }
+        let mut g = self.building.lock();
+        if g.0.contains_key(&ino) || !g.1.insert(key) {
+            return None;
+        }
+        let entry = match self.files.begin(&key) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!("cannot start a passthrough copy: {e}");
+                g.1.remove(&key);
+                return None;
+            }
+        };
+        let b = Arc::new(Building {
+            key,
+            size,
+            state: Mutex::new(BuildState {
+                entry: Some(entry),
+                written: vec![false; chunks],
+            }),
+        });
+        g.0.insert(ino, b.clone());
+        Some(b)
     }
 
-    /// Clears a claim (the file was written, or writing failed and may be retried).
-    pub fn unclaim(&self, key: &Sha256Digest) {
-        self.pending.lock().remove(key);
+    /// The copy of `ino` being written, if any (readers add their chunks to it).
+    pub fn building(&self, ino: Ino) -> Option<Arc<Building>> {
+        self.building.lock().0.get(&ino).cloned()
+    }
+
+    /// Ends the copy of `ino` (committed, or failed: its temporary file goes with it).
+    pub fn finish(&self, ino: Ino) {
+        let mut g = self.building.lock();
+        if let Some(b) = g.0.remove(&ino) {
+            g.1.remove(&b.key);
+            b.state.lock().entry = None;
+        }
     }
 }
 
@@ -241,10 +333,22 @@ mod tests {
         let pt = Passthrough::new(files.clone());
         let key = Sha256Digest([9; 32]);
         assert!(matches!(pt.plan(5, &key, 4), OpenPlan::Cached));
-        files
-            .insert_with(&key, 4, true, |f| f.write_all_at(b"data", 0))
-            .unwrap();
-        // Still open through the page cache: a second open must not switch modes.
+        let b = pt.start_copy(5, key, 4, 1).unwrap();
+        assert!(pt.start_copy(5, key, 4, 1).is_none()); // once
+        let c = Chunk {
+            compressed_offset: 0,
+            compressed_len: 4,
+            uncompressed_len: 4,
+            file_offset: 0,
+            digest: Sha256Digest::of(b"data"),
+        };
+        b.put(0, &c, b"data").unwrap();
+        assert!(b.missing().is_empty());
+        let entry = b.state.lock().entry.take().unwrap();
+        files.commit(entry, 4, true).unwrap();
+        pt.finish(5);
+        assert!(pt.start_copy(5, key, 4, 1).is_none()); // exists now
+                                                        // Still open through the page cache: a second open must not switch modes.
         assert!(matches!(pt.plan(5, &key, 4), OpenPlan::Cached));
         pt.release(5);
         pt.release(5);
