@@ -124,8 +124,9 @@ impl ChunkCache {
             .filter(|_| self.cache_local || !src.is_local())
     }
 
-    /// Warms the caches with those of `chunks` that are neither cached nor being fetched
-    /// (a prefetcher never sits waiting on someone else's fetch).
+    /// Warms the memory cache (and the disk cache, where it applies) with those of `chunks`
+    /// that are neither cached nor being fetched (a prefetcher never sits waiting on someone
+    /// else's fetch). For a reader's readahead: what it decodes must stay for the reader.
     pub fn prefetch(&self, src: &dyn BlobSource, chunks: &[Chunk]) {
         let wanted: Vec<Chunk> = {
             let inflight = self.inflight.lock();
@@ -140,7 +141,7 @@ impl ChunkCache {
             .filter(|c| !self.contains(&c.digest))
             .collect();
         if !wanted.is_empty() {
-            let _ = self.fetch_many(src, &wanted, false);
+            let _ = self.fetch_many(src, &wanted, true);
         }
     }
 
