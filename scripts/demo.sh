@@ -12,6 +12,8 @@ echo "== building strata (release)"
 cargo build --release --bins --quiet
 strata=$PWD/target/release/strata
 work=${STRATA_DEMO_DIR:-/var/tmp/strata-demo}
+# Mounts left under work by an interrupted run go first: never rm -rf through a mount.
+findmnt -rn -o TARGET | { grep "^${work}/" || true; } | sort -r | while read -r m; do umount "$m" || umount -l "$m"; done
 rm -rf "$work"; mkdir -p "$work/mnt" "$work/registry"
 t() { date +%s.%N; }
 secs() { printf '%.3f' "$(echo "$(t) - $1" | bc -l)"; }

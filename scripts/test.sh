@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 
 export STRATA_TEST_TMP=${STRATA_TEST_TMP:-$PWD/target/strata-tests}
+# Mounts left under STRATA_TEST_TMP by an interrupted run go first: never rm -rf through a mount.
+findmnt -rn -o TARGET | { grep "^${STRATA_TEST_TMP}/" || true; } | sort -r | while read -r m; do umount "$m" || umount -l "$m"; done
 rm -rf "$STRATA_TEST_TMP"
 
 echo "== cargo fmt --check"

@@ -24,6 +24,8 @@ cleanup() {
   bash "$link" down "$ns" || true
 }
 trap cleanup EXIT
+# Mounts left under work by an interrupted run go first: never rm -rf through a mount.
+findmnt -rn -o TARGET | { grep "^${work}/" || true; } | sort -r | while read -r m; do umount "$m" || umount -l "$m"; done
 rm -rf "$work"; mkdir -p "$work/mnt-lazy" "$work/mnt-full"
 
 echo "# building the image" >&2

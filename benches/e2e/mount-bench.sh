@@ -15,6 +15,8 @@ cargo build --release --bins -q
 strata="$repo/target/release/strata"
 sample="$repo/target/release/strata-sample"
 
+# Mounts left under work by an interrupted run go first: never rm -rf through a mount.
+findmnt -rn -o TARGET | { grep "^${work}/" || true; } | sort -r | while read -r m; do umount "$m" || umount -l "$m"; done
 rm -rf "$work"; mkdir -p "$work"
 root="$work/store"; mnt="$work/mnt"; native="$work/native"
 mkdir -p "$mnt"
