@@ -2,10 +2,12 @@
 //! libraries; each command group lives in its own file under `commands/`.
 
 mod commands;
+mod config;
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +31,10 @@ pub struct GlobalArgs {
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, global = true, env = "STRATA_LOG", default_value = "warn")]
     pub log_level: String,
+    /// Config file of node-wide defaults for these flags (default /etc/strata/config.toml when
+    /// it exists; a flag or its environment variable wins over it).
+    #[arg(long, global = true, env = "STRATA_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -66,7 +72,16 @@ enum Command {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let defaults = match config::locate(&args) {
+        Some(path) => config::load(&path).unwrap_or_else(|e| {
+            eprintln!("strata: error: {e:#}");
+            std::process::exit(2);
+        }),
+        None => config::Defaults::default(),
+    };
+    let matches = config::apply(Cli::command(), &defaults).get_matches_from(args);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // fuser logs an expected failure to unmount an already unmounted session at warn.
     let directive = if cli.global.log_level.contains("fuser") {
         cli.global.log_level.clone()

@@ -66,7 +66,10 @@ impl Building {
         let BuildState { entry, written } = &mut *st;
         match (entry.as_ref(), written.get_mut(index)) {
             (Some(e), Some(done)) if !*done => {
-                e.file.write_all_at(data, chunk.file_offset)?;
+                // Zeros stay a hole (sparse files are stored as chunks of zeros).
+                if !is_zero(data) {
+                    e.file.write_all_at(data, chunk.file_offset)?;
+                }
                 *done = true;
                 Ok(())
             }
@@ -78,6 +81,14 @@ impl Building {
         let st = self.state.lock();
         (0..st.written.len()).filter(|&i| !st.written[i]).collect()
     }
+}
+
+fn is_zero(data: &[u8]) -> bool {
+    let mut words = data.chunks_exact(16);
+    let words_zero = words
+        .by_ref()
+        .all(|w| w.iter().fold(0u8, |acc, &b| acc | b) == 0);
+    words_zero && words.remainder().iter().all(|&b| b == 0)
 }
 
 /// Completes `b`, the copy of a file whose chunk table is `chunks`: fetches the chunks no reader
@@ -324,6 +335,17 @@ mod tests {
         assert_eq!(file_key(20, &a), file_key(20, &a));
         assert_ne!(file_key(20, &a), file_key(20, &b));
         assert_ne!(file_key(20, &a), file_key(30, &a)); // trailing hole
+    }
+
+    #[test]
+    fn zero_chunks_are_recognised() {
+        assert!(is_zero(&[0; 33]) && is_zero(&[]));
+        let mut v = vec![0u8; 40];
+        v[39] = 1; // in the remainder after 16-byte words
+        assert!(!is_zero(&v));
+        v[39] = 0;
+        v[5] = 0x80;
+        assert!(!is_zero(&v));
     }
 
     #[test]

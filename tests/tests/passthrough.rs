@@ -4,11 +4,11 @@
 //! open through the page cache keeps working while its copy appears; a damaged copy is not used.
 
 use std::fs;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use strata_tests::image::{noise, scratch, text, Compression, LayerBuilder};
+use strata_tests::image::{gnu_sparse_layer, noise, scratch, text, Compression, LayerBuilder};
 use strata_tests::util::{convert_one_layer, strata_ok, Mounted};
 
 fn stats(root: &Path, mnt: &Path) -> serde_json::Value {
@@ -140,4 +140,43 @@ fn large_files_are_served_by_the_kernel_from_a_verified_copy() {
     assert_eq!(file_cache(&v, "corrupt"), 2, "{v}");
     assert!(served(&v) > 0);
     m.unmount().unwrap();
+}
+
+/// A sparse file's copy keeps its holes, and reads through passthrough return its bytes.
+#[test]
+fn sparse_files_keep_their_holes_in_the_copy() {
+    let tmp = scratch("passthrough-sparse").unwrap();
+    let size = 64u64 << 20;
+    let head = text(3, 100_000);
+    let tail = noise(4, 5000);
+    let tar = gnu_sparse_layer("sparse", size, &[(0, &head), (40 << 20, &tail)]).unwrap();
+    let root = tmp.join("store");
+    convert_one_layer(&tmp, &root, tar, Compression::Gzip, "pt/sparse:v1");
+    let mnt = tmp.join("mnt");
+    let m = Mounted::with_args(&root, "pt/sparse:v1", &mnt, &["--passthrough"]).unwrap();
+    drop(fs::File::open(mnt.join("sparse")).unwrap());
+    wait_written(&root, &mnt, 1);
+    let data = fs::read(mnt.join("sparse")).unwrap();
+    assert_eq!(data.len() as u64, size);
+    assert_eq!(&data[..head.len()], &head[..]);
+    assert_eq!(&data[40 << 20..(40 << 20) + tail.len()], &tail[..]);
+    let zeros = |r: std::ops::Range<usize>| data[r].iter().all(|&b| b == 0);
+    assert!(zeros(head.len()..40 << 20) && zeros((40 << 20) + tail.len()..data.len()));
+    assert!(file_cache(&settle(&root, &mnt), "hits") >= 1);
+    m.unmount().unwrap();
+    // The copy on disk allocates about the data, not the 64 MiB.
+    let copies: Vec<_> = fs::read_dir(root.join("cache/files"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name() != "tmp")
+        .flat_map(|d| fs::read_dir(d.path()).unwrap().flatten())
+        .collect();
+    assert_eq!(copies.len(), 1);
+    let md = copies[0].metadata().unwrap();
+    assert_eq!(md.len(), size);
+    assert!(
+        md.blocks() * 512 < 8 << 20,
+        "{} bytes allocated",
+        md.blocks() * 512
+    );
 }

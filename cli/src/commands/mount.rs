@@ -203,6 +203,11 @@ pub fn mount(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
         .arg(&g.root)
         .arg("--log-level")
         .arg(&g.log_level)
+        .args(
+            g.config
+                .iter()
+                .flat_map(|p| [std::ffi::OsStr::new("--config"), p.as_os_str()]),
+        )
         .arg("mount")
         .arg(&a.image)
         .arg(&mountpoint)
