@@ -374,14 +374,28 @@ impl StrataFs {
         let _ = std::thread::Builder::new()
             .name("strata-materialize".into())
             .spawn(move || {
-                while let Ok(ino) = rx.recv() {
-                    let Some(s) = shared.upgrade() else { break };
-                    let Some(b) = pt.building(ino) else { continue };
-                    // Readers first: the chunks they decode go into the copy as they are served;
-                    // this thread fills in the rest when no reader is waiting.
-                    while s.cache.busy() {
-                        std::thread::sleep(Duration::from_millis(10));
+                let mut queue: std::collections::VecDeque<Ino> = Default::default();
+                loop {
+                    if queue.is_empty() {
+                        match rx.recv() {
+                            Ok(ino) => queue.push_back(ino),
+                            Err(_) => break,
+                        }
                     }
+                    queue.extend(rx.try_iter());
+                    let Some(s) = shared.upgrade() else { break };
+                    // A copy is finished once nothing has its file open (until then, chunks
+                    // decoded for readers go into it as they are served) and no reader is
+                    // waiting on a fetch: the first reader never competes with it.
+                    let ready = (!s.cache.busy())
+                        .then(|| queue.iter().position(|&i| !pt.is_open(i)))
+                        .flatten();
+                    let Some(ino) = ready.and_then(|at| queue.remove(at)) else {
+                        drop(s);
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    };
+                    let Some(b) = pt.building(ino) else { continue };
                     let started = std::time::Instant::now();
                     let result = match s.tree.get(ino).and_then(|n| s.chunks(n)) {
                         Some((layer, chunks)) => match s.blobs.get(layer as usize) {

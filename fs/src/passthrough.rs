@@ -13,6 +13,7 @@
 //! per mount and not the default.
 
 use std::collections::{HashMap, HashSet};
+use std::fs;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -50,36 +51,77 @@ pub fn file_key(size: u64, chunks: &[Chunk]) -> Sha256Digest {
 pub struct Building {
     pub key: Sha256Digest,
     pub size: u64,
+    /// The copy's temporary file (a second descriptor), written without holding `state`.
+    file: fs::File,
     state: Mutex<BuildState>,
+}
+
+/// Where each chunk of a copy stands.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Missing,
+    Writing,
+    Written,
 }
 
 struct BuildState {
     /// `None` once committed or abandoned.
     entry: Option<PendingEntry>,
-    written: Vec<bool>,
+    chunks: Vec<Slot>,
 }
 
 impl Building {
-    /// Writes chunk `index` of the file (verified `data`) unless it is there already.
+    /// Writes chunk `index` of the file (verified `data`) unless it is there or being written.
     pub fn put(&self, index: usize, chunk: &Chunk, data: &[u8]) -> io::Result<()> {
-        let mut st = self.state.lock();
-        let BuildState { entry, written } = &mut *st;
-        match (entry.as_ref(), written.get_mut(index)) {
-            (Some(e), Some(done)) if !*done => {
-                // Zeros stay a hole (sparse files are stored as chunks of zeros).
-                if !is_zero(data) {
-                    e.file.write_all_at(data, chunk.file_offset)?;
-                }
-                *done = true;
-                Ok(())
+        {
+            let mut st = self.state.lock();
+            let open = st.entry.is_some();
+            match st.chunks.get_mut(index) {
+                Some(slot) if open && *slot == Slot::Missing => *slot = Slot::Writing,
+                _ => return Ok(()),
             }
-            _ => Ok(()),
         }
+        // Zeros stay a hole (sparse files are stored as chunks of zeros).
+        let res = if is_zero(data) {
+            Ok(())
+        } else {
+            self.file.write_all_at(data, chunk.file_offset)
+        };
+        if let Some(slot) = self.state.lock().chunks.get_mut(index) {
+            *slot = if res.is_ok() {
+                Slot::Written
+            } else {
+                Slot::Missing
+            };
+        }
+        res
     }
 
     fn missing(&self) -> Vec<usize> {
         let st = self.state.lock();
-        (0..st.written.len()).filter(|&i| !st.written[i]).collect()
+        (0..st.chunks.len())
+            .filter(|&i| st.chunks[i] == Slot::Missing)
+            .collect()
+    }
+
+    /// Takes the pending entry once every chunk is written (waiting out writes in progress);
+    /// `None` if some chunk is still missing.
+    fn take_complete(&self) -> io::Result<Option<PendingEntry>> {
+        loop {
+            {
+                let mut st = self.state.lock();
+                if st.entry.is_none() {
+                    return Err(io::Error::other("copy abandoned"));
+                }
+                if st.chunks.iter().all(|&c| c == Slot::Written) {
+                    return Ok(st.entry.take());
+                }
+                if !st.chunks.contains(&Slot::Writing) {
+                    return Ok(None);
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 }
 
@@ -101,7 +143,30 @@ pub fn materialize(
     b: &Building,
     files: &DiskCache,
 ) -> io::Result<()> {
-    let missing = b.missing();
+    // Readers may be writing chunks too: fetch what is missing until nothing is.
+    let mut before = Vec::new();
+    loop {
+        let missing = b.missing();
+        if !missing.is_empty() && missing == before {
+            return Err(io::Error::other("chunks of the copy cannot be written"));
+        }
+        fill(cache, src, chunks, b, &missing)?;
+        if let Some(entry) = b.take_complete()? {
+            return files.commit(entry, b.size, true);
+        }
+        before = missing;
+    }
+}
+
+/// Fetches and writes chunks `missing` (indices into `chunks`), in batches one range read can
+/// fetch.
+fn fill(
+    cache: &ChunkCache,
+    src: &dyn BlobSource,
+    chunks: &[Chunk],
+    b: &Building,
+    missing: &[usize],
+) -> io::Result<()> {
     let mut start = 0;
     while start < missing.len() {
         let mut end = start;
@@ -128,13 +193,7 @@ pub fn materialize(
         }
         start = end;
     }
-    let entry = b
-        .state
-        .lock()
-        .entry
-        .take()
-        .ok_or_else(|| io::Error::other("copy already finished"))?;
-    files.commit(entry, b.size, true)
+    Ok(())
 }
 
 /// How an inode is open right now. The kernel requires every open of an inode that has a
@@ -248,6 +307,11 @@ impl Passthrough {
         }
     }
 
+    /// Whether any open of `ino` is live.
+    pub fn is_open(&self, ino: Ino) -> bool {
+        self.modes.lock().contains_key(&ino)
+    }
+
     /// One open of `ino` ended; the backing file is closed with the last one.
     pub fn release(&self, ino: Ino) {
         let mut modes = self.modes.lock();
@@ -287,12 +351,21 @@ impl Passthrough {
                 return None;
             }
         };
+        let file = match entry.file.try_clone() {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("cannot start a passthrough copy: {e}");
+                g.1.remove(&key);
+                return None;
+            }
+        };
         let b = Arc::new(Building {
             key,
             size,
+            file,
             state: Mutex::new(BuildState {
                 entry: Some(entry),
-                written: vec![false; chunks],
+                chunks: vec![Slot::Missing; chunks],
             }),
         });
         g.0.insert(ino, b.clone());

@@ -61,6 +61,7 @@ fn large_files_are_served_by_the_kernel_from_a_verified_copy() {
     l.file("d/big", 0o644, &big).unwrap();
     l.hardlink("d/big-link", "d/big").unwrap();
     l.file("other", 0o600, &other).unwrap();
+    l.file("twin", 0o644, &big).unwrap();
     l.file("small", 0o644, b"small file\n").unwrap();
     let root = tmp.join("store");
     convert_one_layer(
@@ -80,16 +81,28 @@ fn large_files_are_served_by_the_kernel_from_a_verified_copy() {
         .open(mnt.join("small"))
         .is_err());
 
-    // First open of a large file: served through the daemon while its copy is written.
+    // First open of a large file: served through the daemon, and what it reads goes into the
+    // file's copy; the copy is finished only once the file is closed.
     let first = fs::File::open(mnt.join("d/big")).unwrap();
     let mut buf = vec![0u8; 4096];
     first.read_exact_at(&mut buf, 1 << 20).unwrap();
     assert_eq!(buf, big[1 << 20..(1 << 20) + 4096]);
-    wait_written(&root, &mnt, 1);
-    // The inode is still open through the page cache: a second open must keep that mode (the
-    // kernel would refuse a passthrough open now) and still read correctly.
+    // The inode is open through the page cache: another open of it (here by its hard link)
+    // keeps that mode (the kernel refuses a passthrough open now) and reads correctly.
     assert_eq!(fs::read(mnt.join("d/big-link")).unwrap(), big);
+    assert_eq!(file_cache(&settle(&root, &mnt), "inserted"), 0);
     drop(first);
+    wait_written(&root, &mnt, 1);
+    // A file with the same content (another inode) uses that copy at once.
+    let before = settle(&root, &mnt);
+    assert_eq!(fs::read(mnt.join("twin")).unwrap(), big);
+    let after = settle(&root, &mnt);
+    assert_eq!(
+        served(&before),
+        served(&after),
+        "daemon served chunks: {after}"
+    );
+    assert_eq!(file_cache(&after, "hits"), file_cache(&before, "hits") + 1);
 
     // "other" is opened but not read: its copy is written in the background all the same.
     drop(fs::File::open(mnt.join("other")).unwrap());
@@ -131,7 +144,7 @@ fn large_files_are_served_by_the_kernel_from_a_verified_copy() {
             damaged += 1;
         }
     }
-    assert_eq!(damaged, 2);
+    assert_eq!(damaged, 2); // big (and twin, the same content) and other
     let m = Mounted::with_args(&root, "pt/test:v1", &mnt, &["--passthrough"]).unwrap();
     assert_eq!(fs::read(mnt.join("other")).unwrap(), other);
     assert_eq!(fs::read(mnt.join("d/big")).unwrap(), big);
