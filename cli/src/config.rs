@@ -21,6 +21,8 @@
 //! timeout = 15                       # --registry-timeout
 //! attempts = 3                       # --registry-attempts
 //! hosts_dir = "/etc/strata/certs.d"  # --hosts-dir
+//! [metrics]
+//! address = "127.0.0.1:9464"         # strata metrics --listen
 //! ```
 //!
 //! Unknown keys and values of the wrong kind are errors naming the key and the file.
@@ -77,6 +79,7 @@ const SETTINGS: &[(&str, &str, Option<&str>, Kind)] = &[
     ("registry.timeout", "registry_timeout", None, Kind::Value),
     ("registry.attempts", "registry_attempts", None, Kind::Value),
     ("registry.hosts_dir", "hosts_dir", None, Kind::Value),
+    ("metrics.address", "listen", Some("metrics"), Kind::Value),
 ];
 
 /// A default read from a config file.

@@ -69,6 +69,8 @@ enum Command {
     Cache(commands::cache::CacheArgs),
     /// Show a mount's counters: bytes fetched, cache hits, fetch latency, time to mount.
     Stats(commands::mount::StatsArgs),
+    /// Every live mount's counters in the Prometheus text format (`--listen ADDR` to serve them).
+    Metrics(commands::metrics::MetricsArgs),
 }
 
 fn main() {
@@ -103,6 +105,7 @@ fn main() {
         Command::Inspect(a) => commands::images::inspect(&cli.global, a),
         Command::Cache(a) => commands::cache::run(&cli.global, a),
         Command::Stats(a) => commands::mount::stats(&cli.global, a),
+        Command::Metrics(a) => commands::metrics::run(&cli.global, a),
         Command::Pull(a) => commands::registry::pull(&cli.global, a),
         Command::Push(a) => commands::registry::push(&cli.global, a),
         Command::Tag(a) => commands::images::tag(&cli.global, a),

@@ -1,6 +1,7 @@
 pub mod cache;
 pub mod convert;
 pub mod images;
+pub mod metrics;
 pub mod mount;
 pub mod registry;
 

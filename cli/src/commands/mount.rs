@@ -143,6 +143,35 @@ fn spawn_stats_writer(
     });
 }
 
+/// The published counters of every mount of `store` whose daemon is alive.
+pub fn live_stats(store: &strata_fs::store::Store) -> Vec<serde_json::Value> {
+    let Ok(dir) = std::fs::read_dir(store.mounts_dir()) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.ends_with(".json") || name.ends_with(".stats.json") {
+            continue;
+        }
+        let Some(record) = std::fs::read(e.path())
+            .ok()
+            .and_then(|d| serde_json::from_slice::<MountRecord>(&d).ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{}", record.pid)).exists() {
+            continue;
+        }
+        let stats = record.stats.as_ref().and_then(|p| std::fs::read(p).ok());
+        if let Some(v) = stats.and_then(|d| serde_json::from_slice(&d).ok()) {
+            out.push(v);
+        }
+    }
+    out.sort_by(|a: &serde_json::Value, b| a["mountpoint"].as_str().cmp(&b["mountpoint"].as_str()));
+    out
+}
+
 fn record_name(mountpoint: &Path) -> String {
     let s = mountpoint.to_string_lossy();
     let hash = strata_fs::format::Sha256Digest::of(s.as_bytes()).hex();

@@ -1,0 +1,224 @@
+//! `strata metrics`: every live mount's counters in the Prometheus text format, printed once
+//! (for node_exporter's textfile collector) or served over HTTP at `/metrics` with `--listen`.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+use anyhow::Context;
+
+use super::open_store;
+use crate::GlobalArgs;
+
+#[derive(clap::Args)]
+pub struct MetricsArgs {
+    /// Serve the metrics over HTTP at ADDR (e.g. 127.0.0.1:9464) instead of printing them once.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Print once even when the config file sets `metrics.address`.
+    #[arg(long)]
+    pub print: bool,
+}
+
+pub fn run(g: &GlobalArgs, a: MetricsArgs) -> anyhow::Result<()> {
+    let Some(addr) = a.listen.filter(|_| !a.print) else {
+        print!("{}", render(g)?);
+        return Ok(());
+    };
+    let listener = TcpListener::bind(&addr).with_context(|| format!("listening on {addr}"))?;
+    eprintln!("serving metrics on http://{addr}/metrics");
+    for conn in listener.incoming() {
+        match conn {
+            Ok(stream) => {
+                if let Err(e) = serve(g, stream) {
+                    tracing::debug!("metrics request: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("accepting a metrics connection: {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// Answers one HTTP request: `GET /metrics` gets the metrics, anything else 404.
+fn serve(g: &GlobalArgs, mut stream: TcpStream) -> anyhow::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request = String::new();
+    reader.read_line(&mut request)?;
+    // Skip the headers.
+    let mut line = String::new();
+    while reader.read_line(&mut line)? > 2 {
+        line.clear();
+    }
+    let path = request.split_whitespace().nth(1).unwrap_or("");
+    let (status, body) = if request.starts_with("GET ") && (path == "/metrics" || path == "/") {
+        match render(g) {
+            Ok(b) => ("200 OK", b),
+            Err(e) => ("500 Internal Server Error", format!("{e:#}\n")),
+        }
+    } else {
+        ("404 Not Found", "not found\n".to_string())
+    };
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    Ok(())
+}
+
+/// A metric family: name, type, help, and samples (labels, value).
+struct Family {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    samples: Vec<(String, f64)>,
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The metrics text for every mount of this store whose daemon publishes counters.
+fn render(g: &GlobalArgs) -> anyhow::Result<String> {
+    let store = open_store(g)?;
+    let mounts = super::mount::live_stats(&store);
+    let mut families: Vec<Family> = Vec::new();
+    let mut add = |name, kind, help, labels: &str, value: f64| {
+        let at = match families.iter().position(|f| f.name == name) {
+            Some(i) => i,
+            None => {
+                families.push(Family {
+                    name,
+                    kind,
+                    help,
+                    samples: Vec::new(),
+                });
+                families.len() - 1
+            }
+        };
+        families[at].samples.push((labels.to_string(), value));
+    };
+    for v in &mounts {
+        let n = |p: &str| v.pointer(p).and_then(|x| x.as_f64()).unwrap_or(0.0);
+        let labels = format!(
+            "mountpoint=\"{}\",image=\"{}\"",
+            escape(v["mountpoint"].as_str().unwrap_or("")),
+            escape(v["image"].as_str().unwrap_or(""))
+        );
+        let with = |extra: &str| format!("{labels},{extra}");
+        add(
+            "strata_mount_info",
+            "gauge",
+            "A live strata mount.",
+            &labels,
+            1.0,
+        );
+        add(
+            "strata_mount_time_to_mount_seconds",
+            "gauge",
+            "Time from starting the daemon to a ready mount.",
+            &labels,
+            n("/time_to_mount_ms") / 1000.0,
+        );
+        for (source, key) in [
+            ("memory", "/fetch/memory_hits"),
+            ("disk", "/fetch/disk_hits"),
+            ("blob", "/fetch/source_chunks"),
+        ] {
+            add(
+                "strata_chunks_served_total",
+                "counter",
+                "Chunks served, by where they came from (blob: fetched or read from the layer).",
+                &with(&format!("source=\"{source}\"")),
+                n(key),
+            );
+        }
+        add(
+            "strata_blob_reads_total",
+            "counter",
+            "Range reads of layer blobs (registry or local).",
+            &labels,
+            n("/fetch/source_reads"),
+        );
+        add(
+            "strata_blob_read_bytes_total",
+            "counter",
+            "Bytes read from layer blobs.",
+            &labels,
+            n("/fetch/source_bytes"),
+        );
+        add(
+            "strata_blob_read_seconds_total",
+            "counter",
+            "Time spent in range reads of layer blobs.",
+            &labels,
+            n("/fetch/source_micros") / 1e6,
+        );
+        add(
+            "strata_chunk_failures_total",
+            "counter",
+            "Chunks that could not be served (fetch or verification failed).",
+            &labels,
+            n("/fetch/failures"),
+        );
+        if v["disk_cache"].is_object() {
+            for (metric, key, help) in [
+                (
+                    "strata_disk_cache_bytes",
+                    "/disk_cache/bytes",
+                    "Bytes in the node's chunk cache.",
+                ),
+                (
+                    "strata_disk_cache_capacity_bytes",
+                    "/disk_cache/capacity",
+                    "Size cap of the node's chunk cache.",
+                ),
+                (
+                    "strata_disk_cache_chunks",
+                    "/disk_cache/entries",
+                    "Chunks in the node's chunk cache.",
+                ),
+            ] {
+                add(metric, "gauge", help, &labels, n(key));
+            }
+            add(
+                "strata_disk_cache_evictions_total",
+                "counter",
+                "Chunks evicted from the node's chunk cache by this mount.",
+                &labels,
+                n("/disk_cache/evicted"),
+            );
+        }
+        if v["file_cache"].is_object() {
+            add(
+                "strata_passthrough_opens_total",
+                "counter",
+                "Opens served by FUSE passthrough from a file's copy.",
+                &labels,
+                n("/file_cache/hits"),
+            );
+            add(
+                "strata_passthrough_files_written_total",
+                "counter",
+                "Whole-file copies written for passthrough.",
+                &labels,
+                n("/file_cache/inserted"),
+            );
+        }
+    }
+    let mut out = String::new();
+    for f in families {
+        let _ = writeln!(out, "# HELP {} {}", f.name, f.help);
+        let _ = writeln!(out, "# TYPE {} {}", f.name, f.kind);
+        for (labels, value) in f.samples {
+            let _ = writeln!(out, "{}{{{labels}}} {value}", f.name);
+        }
+    }
+    Ok(out)
+}
