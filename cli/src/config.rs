@@ -48,33 +48,21 @@ enum Kind {
     List,
 }
 
-/// Config keys, the argument (by clap id) each sets the default of, the only subcommand it
-/// applies to (`None`: every command with that argument), and its kind.
+/// Config keys, an argument (by clap id) each sets the default of, the only top-level command
+/// it applies to there (`None`: every command with that argument), and its kind. A key may set
+/// several arguments.
+#[rustfmt::skip]
 const SETTINGS: &[(&str, &str, Option<&str>, Kind)] = &[
     ("root", "root", None, Kind::Value),
     ("log_level", "log_level", None, Kind::Value),
     ("cache.size", "cache_size", Some("mount"), Kind::Value),
+    ("cache.size", "max_size", Some("cache"), Kind::Value),
     ("cache.memory", "memory_cache", Some("mount"), Kind::Value),
     ("cache.local", "cache_local", Some("mount"), Kind::Flag),
     ("mount.threads", "threads", Some("mount"), Kind::Value),
-    (
-        "mount.read_ahead_kb",
-        "read_ahead_kb",
-        Some("mount"),
-        Kind::Value,
-    ),
-    (
-        "mount.prefetch",
-        "no_prefetch",
-        Some("mount"),
-        Kind::NegatedFlag,
-    ),
-    (
-        "mount.passthrough",
-        "passthrough",
-        Some("mount"),
-        Kind::Flag,
-    ),
+    ("mount.read_ahead_kb", "read_ahead_kb", Some("mount"), Kind::Value),
+    ("mount.prefetch", "no_prefetch", Some("mount"), Kind::NegatedFlag),
+    ("mount.passthrough", "passthrough", Some("mount"), Kind::Flag),
     ("registry.insecure", "insecure", None, Kind::List),
     ("registry.timeout", "registry_timeout", None, Kind::Value),
     ("registry.attempts", "registry_attempts", None, Kind::Value),
@@ -136,8 +124,10 @@ fn parse(text: &str) -> anyhow::Result<Defaults> {
     }
     let mut out = Vec::new();
     for (key, value) in flat {
-        let Some(&(_, id, scope, kind)) = SETTINGS.iter().find(|s| s.0 == key) else {
-            let known: Vec<&str> = SETTINGS.iter().map(|s| s.0).collect();
+        let targets: Vec<_> = SETTINGS.iter().filter(|s| s.0 == key).collect();
+        let Some(&&(_, _, _, kind)) = targets.first() else {
+            let mut known: Vec<&str> = SETTINGS.iter().map(|s| s.0).collect();
+            known.dedup();
             bail!("unknown setting `{key}` (known: {})", known.join(", "));
         };
         let wrong = |want: &str| anyhow::anyhow!("`{key}` must be {want}, not {value}");
@@ -158,32 +148,39 @@ fn parse(text: &str) -> anyhow::Result<Defaults> {
                 .collect::<anyhow::Result<_>>()?,
             (Kind::List, _) => return Err(wrong("a list of strings")),
         };
-        out.push(Setting { id, scope, values });
+        for &&(_, id, scope, _) in &targets {
+            out.push(Setting {
+                id,
+                scope,
+                values: values.clone(),
+            });
+        }
     }
     Ok(Defaults(out))
 }
 
 /// Makes the config's values the defaults of the matching arguments of `cmd` (the top-level
-/// command) and its subcommands.
-pub fn apply(mut cmd: clap::Command, defaults: &Defaults) -> clap::Command {
-    cmd = apply_to(cmd, defaults, None);
+/// command) and of its subcommands at every depth.
+pub fn apply(cmd: clap::Command, defaults: &Defaults) -> clap::Command {
+    apply_to(cmd, defaults, None)
+}
+
+/// `top` is the top-level command `cmd` belongs to (`None` for the program itself).
+fn apply_to(mut cmd: clap::Command, defaults: &Defaults, top: Option<&str>) -> clap::Command {
+    for s in &defaults.0 {
+        let in_scope = s.scope.is_none() || s.scope == top;
+        if in_scope && cmd.get_arguments().any(|a| a.get_id() == s.id) {
+            let values = s.values.clone();
+            cmd = cmd.mut_arg(s.id, move |a| a.default_values(values));
+        }
+    }
     let names: Vec<String> = cmd
         .get_subcommands()
         .map(|s| s.get_name().to_string())
         .collect();
     for name in names {
-        cmd = cmd.mut_subcommand(name.as_str(), |s| apply_to(s, defaults, Some(&name)));
-    }
-    cmd
-}
-
-fn apply_to(mut cmd: clap::Command, defaults: &Defaults, sub: Option<&str>) -> clap::Command {
-    for s in &defaults.0 {
-        let in_scope = s.scope.is_none() || s.scope == sub;
-        if in_scope && cmd.get_arguments().any(|a| a.get_id() == s.id) {
-            let values = s.values.clone();
-            cmd = cmd.mut_arg(s.id, move |a| a.default_values(values));
-        }
+        let top = top.unwrap_or(&name).to_string();
+        cmd = cmd.mut_subcommand(name.as_str(), |s| apply_to(s, defaults, Some(&top)));
     }
     cmd
 }
@@ -244,6 +241,24 @@ mod tests {
         let (_, sub) = m.subcommand().unwrap();
         assert_ne!(sub.get_one::<usize>("threads"), Some(&7));
         assert_eq!(sub.get_one::<u64>("registry_timeout"), Some(&2));
+        // Nested: `cache gc` trims to the configured cache size.
+        let d = parse("[cache]\nsize = \"3G\"\n[mount]\npassthrough = true\n").unwrap();
+        let cmd = apply(crate::Cli::command(), &d);
+        let m = cmd
+            .clone()
+            .try_get_matches_from(["strata", "cache", "gc"])
+            .unwrap();
+        let cache = m.subcommand().unwrap().1;
+        let gc = cache.subcommand().unwrap().1;
+        assert_eq!(gc.get_one::<u64>("max_size"), Some(&(3u64 << 30)));
+        // An on/off setting from the file can be turned off on the command line.
+        for (extra, want) in [(Some("--passthrough=false"), false), (None, true)] {
+            let mut argv = vec!["strata", "mount", "img", "/mnt"];
+            argv.extend(extra);
+            let m = cmd.clone().try_get_matches_from(argv).unwrap();
+            let sub = m.subcommand().unwrap().1;
+            assert_eq!(sub.get_one::<bool>("passthrough"), Some(&want));
+        }
     }
 
     #[test]

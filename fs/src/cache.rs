@@ -146,6 +146,11 @@ impl DiskCache {
         &self.dir
     }
 
+    /// The size cap in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
     fn path(&self, d: &Sha256Digest) -> PathBuf {
         let h = hex_name(d);
         self.dir.join(&h[..2]).join(h)
@@ -278,7 +283,7 @@ impl DiskCache {
         }
         let path = self.path(&d);
         self.pin(&d);
-        let res = (|| {
+        let renamed = (|| {
             let tmp = entry
                 .tmp
                 .clone()
@@ -292,14 +297,10 @@ impl DiskCache {
             }
             fs::rename(&tmp, &path)?;
             entry.tmp = None;
-            if sync {
-                if let Some(parent) = path.parent() {
-                    fs::File::open(parent)?.sync_all()?;
-                }
-            }
             Ok(())
         })();
-        if res.is_ok() {
+        // Once renamed, the entry is there: index it even if a directory sync below fails.
+        if renamed.is_ok() {
             let mut idx = self.index.lock();
             if idx.lru.put(d, len).is_none() {
                 idx.bytes += len;
@@ -307,6 +308,18 @@ impl DiskCache {
             drop(idx);
             self.inserted.fetch_add(1, Ordering::Relaxed);
         }
+        let res = renamed.and_then(|()| {
+            if sync {
+                // The shard directory, and the cache directory (the shard may be new).
+                for dir in [path.parent(), Some(self.dir.as_path())]
+                    .into_iter()
+                    .flatten()
+                {
+                    fs::File::open(dir)?.sync_all()?;
+                }
+            }
+            Ok(())
+        });
         self.unpin(&d);
         self.evict_to(self.capacity);
         res

@@ -118,7 +118,7 @@ type Readahead = (u32, Vec<Chunk>);
 
 /// A handle to a mount's counters that outlives the session borrow (for a stats writer).
 #[derive(Clone)]
-pub struct StatsHandle(std::sync::Weak<Shared>, Option<Arc<DiskCache>>);
+pub struct StatsHandle(std::sync::Weak<Shared>, Option<Arc<Passthrough>>);
 
 impl StatsHandle {
     /// Fetch counters, and the disk cache's if there is one; `None` once unmounted.
@@ -127,9 +127,14 @@ impl StatsHandle {
         Some((s.cache.stats(), s.cache.disk().map(|d| d.stats())))
     }
 
-    /// Counters of the whole-file cache of a passthrough mount (hits are passthrough opens).
+    /// Counters of the whole-file cache of a passthrough mount.
     pub fn files(&self) -> Option<crate::cache::CacheStats> {
-        self.1.as_ref().map(|f| f.stats())
+        self.1.as_ref().map(|p| p.files.stats())
+    }
+
+    /// Opens served by FUSE passthrough (a passthrough mount only).
+    pub fn passthrough_opens(&self) -> Option<u64> {
+        self.1.as_ref().map(|p| p.opens())
     }
 }
 
@@ -427,39 +432,48 @@ impl StrataFs {
     /// is ready and the inode is not open through the page cache; otherwise through the page
     /// cache, queueing the copy to be written.
     fn open_passthrough(&self, pt: &Passthrough, ino: Ino, n: &Node, reply: ReplyOpen) {
-        let cached =
-            |reply: ReplyOpen| reply.opened(FileHandle(FH_CACHED), FopenFlags::FOPEN_KEEP_CACHE);
+        // Reads of passthrough opens never reach the daemon: record the file at open.
+        if let Some(r) = &self.recorder {
+            r.note(ino);
+        }
         let Some((_, chunks)) = self.shared.chunks(n) else {
             return reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
         };
-        let key = passthrough::file_key(n.size, chunks);
+        // Reply with `id` as a passthrough open, or through the page cache without one.
+        let answer = |reply: ReplyOpen, id: Option<&fuser::BackingId>| match id {
+            Some(id) => {
+                pt.served();
+                reply.opened_passthrough(FileHandle(FH_BACKED), FopenFlags::empty(), id)
+            }
+            None => reply.opened(FileHandle(FH_CACHED), FopenFlags::FOPEN_KEEP_CACHE),
+        };
+        let key = pt.key(ino, n.size, chunks);
         match pt.plan(ino, &key, n.size) {
-            OpenPlan::Reuse => pt.with_backing(ino, |id| match id {
-                Some(id) => {
-                    reply.opened_passthrough(FileHandle(FH_BACKED), FopenFlags::empty(), id)
-                }
-                None => cached(reply),
-            }),
+            OpenPlan::Reuse => pt.with_backing(ino, |id| answer(reply, id)),
             OpenPlan::Cached => {
-                if pt.start_copy(ino, key, n.size, chunks.len()).is_some() {
+                if pt.usable() && pt.start_copy(ino, key, n.size, chunks.len()).is_some() {
                     if let Err(e) = self.materialize.try_send(ino) {
                         tracing::debug!("passthrough queue full or gone: {e}");
                         pt.finish(ino);
                     }
                 }
-                cached(reply)
+                answer(reply, None)
             }
+            OpenPlan::Backing(_) if !pt.usable() => pt.add_fallback(ino, |id| answer(reply, id)),
             OpenPlan::Backing(file) => match reply.open_backing(&file) {
-                Ok(id) => pt.add_backing(ino, id, |id| match id {
-                    Some(id) => {
-                        reply.opened_passthrough(FileHandle(FH_BACKED), FopenFlags::empty(), id)
-                    }
-                    None => cached(reply),
-                }),
+                Ok(id) => pt.add_backing(ino, id, |id| answer(reply, id)),
                 Err(e) => {
-                    tracing::warn!(ino, "cannot register a passthrough backing file: {e}");
-                    pt.add_cached(ino);
-                    cached(reply)
+                    // Refusals that will not change stop passthrough for this mount; others
+                    // (out of memory or descriptors) only for this open.
+                    let lasting = [Errno::EPERM, Errno::EOPNOTSUPP, Errno::ELOOP, Errno::ENOTTY]
+                        .iter()
+                        .any(|&code| e.raw_os_error() == Some(code.code()));
+                    tracing::warn!(ino, "the kernel refused a passthrough backing file: {e}");
+                    if lasting {
+                        tracing::warn!("serving this mount's files through the daemon");
+                        pt.refuse();
+                    }
+                    pt.add_fallback(ino, |id| answer(reply, id))
                 }
             },
         }
@@ -493,10 +507,7 @@ impl StrataFs {
 
     /// A handle for reading the counters while the session runs.
     pub fn stats_handle(&self) -> StatsHandle {
-        StatsHandle(
-            Arc::downgrade(&self.shared),
-            self.passthrough.as_ref().map(|p| p.files.clone()),
-        )
+        StatsHandle(Arc::downgrade(&self.shared), self.passthrough.clone())
     }
 
     fn reply_entry(&self, ino: Ino, reply: ReplyEntry) {

@@ -226,6 +226,11 @@ pub struct Passthrough {
     /// Copies being written, by the inode whose first open started them (and their keys, so
     /// a file reached through two inodes is written once).
     building: Mutex<Copies>,
+    /// Content keys of inodes already opened (a key hashes the whole chunk table).
+    keys: Mutex<HashMap<Ino, Sha256Digest>>,
+    /// Set when the kernel refused a backing file: opens stop trying (and logging).
+    refused: std::sync::atomic::AtomicBool,
+    opens: std::sync::atomic::AtomicU64,
 }
 
 /// Copies being written: by inode, and the set of their keys.
@@ -237,6 +242,9 @@ impl Passthrough {
             files,
             modes: Mutex::new(HashMap::new()),
             building: Mutex::new((HashMap::new(), HashSet::new())),
+            keys: Mutex::new(HashMap::new()),
+            refused: std::sync::atomic::AtomicBool::new(false),
+            opens: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -296,15 +304,52 @@ impl Passthrough {
         }
     }
 
-    /// Records that an open planned as passthrough fell back to the page cache.
-    pub fn add_cached(&self, ino: Ino) {
+    /// Records an open planned as passthrough that could not register its backing file, and
+    /// runs `f` with the id to reply with: one another open registered meanwhile (all opens of
+    /// an inode with a backing file must use it), else `None` for a page-cache open.
+    pub fn add_fallback<R>(&self, ino: Ino, f: impl FnOnce(Option<&BackingId>) -> R) -> R {
         let mut modes = self.modes.lock();
-        match modes.get_mut(&ino) {
-            Some(Mode::Cached(n)) | Some(Mode::Backed(_, n)) => *n += 1,
-            None => {
-                modes.insert(ino, Mode::Cached(1));
+        match modes.entry(ino).or_insert(Mode::Cached(0)) {
+            Mode::Backed(id, n) => {
+                *n += 1;
+                f(Some(id))
+            }
+            Mode::Cached(n) => {
+                *n += 1;
+                f(None)
             }
         }
+    }
+
+    /// Counts an open served by passthrough.
+    pub fn served(&self) {
+        self.opens
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Opens served by passthrough so far.
+    pub fn opens(&self) -> u64 {
+        self.opens.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The content key of `ino`'s file (`size` bytes in `chunks`), computed once per inode.
+    pub fn key(&self, ino: Ino, size: u64, chunks: &[Chunk]) -> Sha256Digest {
+        *self
+            .keys
+            .lock()
+            .entry(ino)
+            .or_insert_with(|| file_key(size, chunks))
+    }
+
+    /// Whether the kernel took backing files so far (false after the first refusal).
+    pub fn usable(&self) -> bool {
+        !self.refused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records that the kernel refused a backing file; later opens go through the page cache.
+    pub fn refuse(&self) {
+        self.refused
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether any open of `ino` is live.
@@ -336,7 +381,8 @@ impl Passthrough {
         size: u64,
         chunks: usize,
     ) -> Option<Arc<Building>> {
-        if self.files.contains(&key) {
+        // A copy the file cache could not keep would be fetched and thrown away on every open.
+        if self.files.contains(&key) || size > self.files.capacity() / 2 {
             return None;
         }
         let mut g = self.building.lock();

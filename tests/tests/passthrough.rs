@@ -125,6 +125,8 @@ fn large_files_are_served_by_the_kernel_from_a_verified_copy() {
         "daemon served chunks: {after}"
     );
     assert!(file_cache(&after, "hits") > file_cache(&before, "hits"));
+    let opens = |v: &serde_json::Value| v["passthrough_opens"].as_u64().unwrap();
+    assert_eq!(opens(&after), opens(&before) + 2, "{after}"); // the full read, then `f`
 
     // The big file too, once nothing holds it open through the page cache.
     assert_eq!(fs::read(mnt.join("d/big")).unwrap(), big);

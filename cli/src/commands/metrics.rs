@@ -2,7 +2,7 @@
 //! (for node_exporter's textfile collector) or served over HTTP at `/metrics` with `--listen`.
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
@@ -30,10 +30,14 @@ pub fn run(g: &GlobalArgs, a: MetricsArgs) -> anyhow::Result<()> {
     eprintln!("serving metrics on http://{addr}/metrics");
     for conn in listener.incoming() {
         match conn {
+            // A thread per connection: a slow client holds up only itself.
             Ok(stream) => {
-                if let Err(e) = serve(g, stream) {
-                    tracing::debug!("metrics request: {e}");
-                }
+                let g = g.clone();
+                std::thread::spawn(move || {
+                    if let Err(e) = serve(&g, stream) {
+                        tracing::debug!("metrics request: {e}");
+                    }
+                });
             }
             Err(e) => tracing::warn!("accepting a metrics connection: {e}"),
         }
@@ -44,7 +48,9 @@ pub fn run(g: &GlobalArgs, a: MetricsArgs) -> anyhow::Result<()> {
 /// Answers one HTTP request: `GET /metrics` gets the metrics, anything else 404.
 fn serve(g: &GlobalArgs, mut stream: TcpStream) -> anyhow::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    // A request is a line and some headers: anything longer is cut off.
+    let mut reader = BufReader::new(stream.try_clone()?.take(16 << 10));
     let mut request = String::new();
     reader.read_line(&mut request)?;
     // Skip the headers.
@@ -201,7 +207,7 @@ fn render(g: &GlobalArgs) -> anyhow::Result<String> {
                 "counter",
                 "Opens served by FUSE passthrough from a file's copy.",
                 &labels,
-                n("/file_cache/hits"),
+                n("/passthrough_opens"),
             );
             add(
                 "strata_passthrough_files_written_total",

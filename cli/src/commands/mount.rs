@@ -45,17 +45,20 @@ pub struct MountArgs {
     #[arg(long, value_name = "FILE")]
     pub profile: Option<PathBuf>,
     /// Do not fetch the rest of the image in the background after mounting.
-    #[arg(long)]
+    /// (`--no-prefetch=false` undoes a config file's `mount.prefetch = false`.)
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set, default_value_t = false)]
     pub no_prefetch: bool,
     /// Also keep chunks of layers from the local store in the disk cache: re-reads skip
     /// decompression at the cost of disk space (remote layers are always cached).
-    #[arg(long)]
+    /// (`--cache-local=false` undoes a config file's `cache.local = true`.)
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set, default_value_t = false)]
     pub cache_local: bool,
     /// Serve files of 1 MiB and more by FUSE passthrough: the first open queues a verified
     /// whole copy into ROOT/cache/files (capped by --cache-size too), later opens read it
     /// through the kernel at local-disk speed. Every open then reaches the daemon, which costs
     /// workloads that open many small files.
-    #[arg(long)]
+    /// (`--passthrough=false` undoes a config file's `mount.passthrough = true`.)
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set, default_value_t = false)]
     pub passthrough: bool,
     /// Kernel readahead for the mount in KiB (the kernel's FUSE default is 128).
     #[arg(long, default_value_t = 1024)]
@@ -111,9 +114,10 @@ fn spawn_stats_writer(
         let mut written = Instant::now();
         while let Some((fetch, cache)) = stats.get() {
             let files = stats.files();
-            let counters =
-                serde_json::json!({"fetch": fetch, "disk_cache": cache, "file_cache": files})
-                    .to_string();
+            let opens = stats.passthrough_opens();
+            let counters = serde_json::json!({"fetch": fetch, "disk_cache": cache,
+                "file_cache": files, "passthrough_opens": opens})
+            .to_string();
             // Write when counters change (checked every 100 ms), and every 5 s regardless.
             if counters != last || written.elapsed() >= Duration::from_secs(5) {
                 let body = serde_json::json!({
@@ -130,6 +134,7 @@ fn spawn_stats_writer(
                     },
                     "disk_cache": cache,
                     "file_cache": files,
+                    "passthrough_opens": opens,
                 });
                 let tmp = path.with_extension("tmp");
                 if std::fs::write(&tmp, body.to_string()).is_ok() {
@@ -163,7 +168,20 @@ pub fn live_stats(store: &strata_fs::store::Store) -> Vec<serde_json::Value> {
         if !Path::new(&format!("/proc/{}", record.pid)).exists() {
             continue;
         }
-        let stats = record.stats.as_ref().and_then(|p| std::fs::read(p).ok());
+        // A live daemon rewrites its stats at least every 5 s; an old file is a dead daemon's
+        // (its pid since reused).
+        let fresh = |p: &PathBuf| {
+            std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age < Duration::from_secs(30))
+        };
+        let stats = record
+            .stats
+            .as_ref()
+            .filter(|p| fresh(p))
+            .and_then(|p| std::fs::read(p).ok());
         if let Some(v) = stats.and_then(|d| serde_json::from_slice(&d).ok()) {
             out.push(v);
         }
@@ -243,11 +261,13 @@ pub fn mount(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
         .arg("--foreground")
         .arg("--notify-ready")
         .args(["--threads", &a.threads.to_string()])
+        .args(["--read-ahead-kb", &a.read_ahead_kb.to_string()])
         .args(["--memory-cache", &a.memory_cache.to_string()])
         .args(["--cache-size", &a.cache_size.to_string()])
-        .args(a.cache_local.then_some("--cache-local"))
-        .args(a.passthrough.then_some("--passthrough"))
-        .args(a.no_prefetch.then_some("--no-prefetch"))
+        // On/off settings are passed with their value: the daemon reads the config file too.
+        .arg(format!("--cache-local={}", a.cache_local))
+        .arg(format!("--passthrough={}", a.passthrough))
+        .arg(format!("--no-prefetch={}", a.no_prefetch))
         .args(
             a.record_profile
                 .iter()
@@ -541,7 +561,7 @@ pub fn stats(g: &GlobalArgs, a: StatsArgs) -> anyhow::Result<()> {
         let get = |k: &str| c.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
         println!(
             "passthrough:    {} opens served by the kernel, {} files written, {} files ({}) cached",
-            get("hits"),
+            v["passthrough_opens"].as_u64().unwrap_or(0),
             get("inserted"),
             get("entries"),
             super::human_bytes(get("bytes")),
