@@ -589,14 +589,10 @@ pub fn index_plain_layers(
     image: &str,
     opts: &ConvertOptions,
 ) -> Result<usize, BuildError> {
-    use strata_fs::image::{index_path, is_strata_layer, ANNOTATION_SOURCE};
+    use strata_fs::image::{index_path, is_strata_layer};
     let record = store.resolve(image)?;
     let manifest = store.manifest(&record.descriptor.digest)?;
-    let source = record
-        .descriptor
-        .annotations
-        .get(ANNOTATION_SOURCE)
-        .and_then(|s| Reference::parse(s).ok());
+    let source = strata_fs::image::source_of(&record);
     let mut indexed = 0;
     for (i, l) in manifest.layers.iter().enumerate() {
         if is_strata_layer(l) {

@@ -16,6 +16,15 @@ use crate::tree::{Tree, TreeError};
 /// live in (`registry/repository`).
 pub const ANNOTATION_SOURCE: &str = "dev.strata.source";
 
+/// The repository an image's blobs come from (its `dev.strata.source` annotation), if any.
+pub fn source_of(record: &crate::store::ImageRecord) -> Option<Reference> {
+    record
+        .descriptor
+        .annotations
+        .get(ANNOTATION_SOURCE)
+        .and_then(|s| Reference::parse(s).ok())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error(transparent)]
@@ -179,11 +188,7 @@ pub fn open(
             }
         }
     }
-    let source = record
-        .descriptor
-        .annotations
-        .get(ANNOTATION_SOURCE)
-        .and_then(|s| Reference::parse(s).ok());
+    let source = source_of(&record);
     let opened: Vec<Result<OpenedLayer, ImageError>> = std::thread::scope(|s| {
         let handles: Vec<_> = layers
             .iter()

@@ -151,11 +151,7 @@ pub fn push(
     let record = store.resolve(image)?;
     let manifest_bytes = store.read_blob(&record.descriptor.digest)?;
     let manifest = store.manifest(&record.descriptor.digest)?;
-    let source = record
-        .descriptor
-        .annotations
-        .get(ANNOTATION_SOURCE)
-        .and_then(|s| Reference::parse(s).ok());
+    let source = crate::image::source_of(&record);
     let mut blobs: Vec<(String, &Descriptor)> = manifest
         .layers
         .iter()
