@@ -5,6 +5,7 @@ mod commands;
 mod config;
 
 use std::ffi::OsString;
+use std::io::Write as _;
 use std::path::PathBuf;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -67,10 +68,29 @@ enum Command {
     Logout(commands::registry::LogoutArgs),
     /// Inspect or trim the node's disk cache of chunks.
     Cache(commands::cache::CacheArgs),
+    /// Run the node daemon: one process serving every mount over ROOT/daemon.sock (other
+    /// commands start one on demand when none runs).
+    Daemon(commands::daemon::DaemonArgs),
     /// Show a mount's counters: bytes fetched, cache hits, fetch latency, time to mount.
     Stats(commands::mount::StatsArgs),
     /// Every live mount's counters in the Prometheus text format (`--listen ADDR` to serve them).
     Metrics(commands::metrics::MetricsArgs),
+}
+
+/// Standard error for log lines; a failed write (a full disk under a redirected log) is dropped,
+/// never fatal.
+struct QuietStderr;
+
+impl std::io::Write for QuietStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
 }
 
 fn main() {
@@ -94,12 +114,13 @@ fn main() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| QuietStderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
         Command::Convert(a) => commands::convert::run(&cli.global, a),
         Command::Mount(a) => commands::mount::mount(&cli.global, a),
+        Command::Daemon(a) => commands::daemon::run(&cli.global, a),
         Command::Umount(a) => commands::mount::umount(&cli.global, a),
         Command::Images(a) => commands::images::images(&cli.global, a),
         Command::Inspect(a) => commands::images::inspect(&cli.global, a),
@@ -115,7 +136,7 @@ fn main() {
         Command::Logout(a) => commands::registry::logout(&cli.global, a),
     };
     if let Err(e) = result {
-        eprintln!("strata: error: {e:#}");
+        let _ = writeln!(std::io::stderr(), "strata: error: {e:#}");
         std::process::exit(1);
     }
 }

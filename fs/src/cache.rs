@@ -87,7 +87,7 @@ impl DiskCache {
     /// Opens the cache in `dir` (creating it), indexing the chunks already there, oldest first.
     pub fn open(dir: impl Into<PathBuf>, capacity: u64) -> io::Result<Self> {
         let dir = dir.into();
-        fs::create_dir_all(dir.join("tmp"))?;
+        crate::store::create_private_dir(&dir.join("tmp")).map_err(io::Error::other)?;
         // Leftovers of interrupted writes: temp files of processes that no longer run (other
         // live daemons may be writing theirs right now).
         for e in fs::read_dir(dir.join("tmp"))?.flatten() {
@@ -268,7 +268,7 @@ impl DiskCache {
             .join("tmp")
             .join(format!("{}-{}-{n}", hex_name(d), std::process::id()));
         Ok(PendingEntry {
-            file: fs::File::create(&tmp)?,
+            file: crate::store::private_new_file(&tmp)?,
             tmp: Some(tmp),
             key: *d,
         })
@@ -289,7 +289,7 @@ impl DiskCache {
                 .clone()
                 .ok_or_else(|| io::Error::other("entry committed"))?;
             if let Some(parent) = path.parent() {
-                fs::create_dir_all(parent)?;
+                crate::store::create_private_dir(parent).map_err(io::Error::other)?;
             }
             entry.file.set_len(len)?;
             if sync {

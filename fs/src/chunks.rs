@@ -51,17 +51,62 @@ pub struct FetchStats {
     pub failures: u64,
 }
 
-/// Memory cache of verified, decompressed chunks, in front of an optional disk cache.
-pub struct ChunkCache {
+/// The node-wide part of the chunk cache: one memory LRU, one table of fetches in flight and one
+/// disk cache, shared by every mount a process serves (equal chunks of any image are decoded
+/// once, and the memory cap holds for the node, not per mount).
+pub struct ChunkPool {
     lru: Mutex<Lru>,
     capacity: usize,
     inflight: Mutex<HashMap<Sha256Digest, Slot>>,
     disk: Option<Arc<DiskCache>>,
+    /// Fetches for readers in progress on any mount (background work yields to them).
+    active: AtomicUsize,
+}
+
+impl std::fmt::Debug for ChunkPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkPool")
+            .field("capacity", &self.capacity)
+            .field("disk", &self.disk)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChunkPool {
+    pub fn new(capacity_bytes: usize, disk: Option<Arc<DiskCache>>) -> Arc<Self> {
+        Arc::new(ChunkPool {
+            lru: Mutex::new(Lru {
+                map: LruCache::unbounded(),
+                bytes: 0,
+            }),
+            capacity: capacity_bytes,
+            inflight: Mutex::new(HashMap::new()),
+            disk,
+            active: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn disk(&self) -> Option<&Arc<DiskCache>> {
+        self.disk.as_ref()
+    }
+
+    /// Bytes of decoded chunks held in memory.
+    pub fn memory_bytes(&self) -> usize {
+        self.lru.lock().bytes
+    }
+
+    /// Whether readers of any mount are waiting on fetches right now.
+    pub fn busy(&self) -> bool {
+        self.active.load(Ordering::Relaxed) > 0
+    }
+}
+
+/// One mount's view of the [`ChunkPool`]: its own counters and its own disk-cache policy.
+pub struct ChunkCache {
+    pool: Arc<ChunkPool>,
     /// Use the disk cache for local blobs too (saves decoding on re-reads, costs disk space).
     cache_local: bool,
     stats: Mutex<FetchStats>,
-    /// Fetches for readers in progress (background work yields to them).
-    active: AtomicUsize,
 }
 
 enum Step {
@@ -71,19 +116,22 @@ enum Step {
 }
 
 impl ChunkCache {
+    /// A cache of its own (one mount, no sharing).
     pub fn new(capacity_bytes: usize, disk: Option<Arc<DiskCache>>, cache_local: bool) -> Self {
+        Self::with_pool(ChunkPool::new(capacity_bytes, disk), cache_local)
+    }
+
+    /// A view of a shared pool.
+    pub fn with_pool(pool: Arc<ChunkPool>, cache_local: bool) -> Self {
         ChunkCache {
-            lru: Mutex::new(Lru {
-                map: LruCache::unbounded(),
-                bytes: 0,
-            }),
-            capacity: capacity_bytes,
-            inflight: Mutex::new(HashMap::new()),
-            disk,
+            pool,
             cache_local,
             stats: Mutex::new(FetchStats::default()),
-            active: AtomicUsize::new(0),
         }
+    }
+
+    pub fn pool(&self) -> &Arc<ChunkPool> {
+        &self.pool
     }
 
     pub fn stats(&self) -> FetchStats {
@@ -92,25 +140,26 @@ impl ChunkCache {
 
     /// Whether readers are waiting on fetches right now.
     pub fn busy(&self) -> bool {
-        self.active.load(Ordering::Relaxed) > 0
+        self.pool.busy()
     }
 
     pub fn disk(&self) -> Option<&Arc<DiskCache>> {
-        self.disk.as_ref()
+        self.pool.disk.as_ref()
     }
 
     pub fn contains(&self, digest: &Sha256Digest) -> bool {
-        self.lru.lock().map.contains(digest)
+        self.pool.lru.lock().map.contains(digest)
     }
 
     fn insert(&self, digest: Sha256Digest, data: Data) {
-        let mut lru = self.lru.lock();
+        let capacity = self.pool.capacity;
+        let mut lru = self.pool.lru.lock();
         if lru.map.contains(&digest) {
             return;
         }
         lru.bytes += data.len();
         lru.map.put(digest, data);
-        while lru.bytes > self.capacity && lru.map.len() > 1 {
+        while lru.bytes > capacity && lru.map.len() > 1 {
             match lru.map.pop_lru() {
                 Some((_, old)) => lru.bytes -= old.len(),
                 None => break,
@@ -119,7 +168,8 @@ impl ChunkCache {
     }
 
     fn disk_for(&self, src: &dyn BlobSource) -> Option<&Arc<DiskCache>> {
-        self.disk
+        self.pool
+            .disk
             .as_ref()
             .filter(|_| self.cache_local || !src.is_local())
     }
@@ -129,7 +179,7 @@ impl ChunkCache {
     /// else's fetch). For a reader's readahead: what it decodes must stay for the reader.
     pub fn prefetch(&self, src: &dyn BlobSource, chunks: &[Chunk]) {
         let wanted: Vec<Chunk> = {
-            let inflight = self.inflight.lock();
+            let inflight = self.pool.inflight.lock();
             chunks
                 .iter()
                 .filter(|c| !inflight.contains_key(&c.digest))
@@ -149,7 +199,7 @@ impl ChunkCache {
     /// for what readers use).
     pub fn prefetch_to_disk(&self, src: &dyn BlobSource, chunks: &[Chunk]) {
         let wanted: Vec<Chunk> = {
-            let inflight = self.inflight.lock();
+            let inflight = self.pool.inflight.lock();
             chunks
                 .iter()
                 .filter(|c| !inflight.contains_key(&c.digest) && !self.contains(&c.digest))
@@ -175,9 +225,9 @@ impl ChunkCache {
         src: &dyn BlobSource,
         chunks: &[Chunk],
     ) -> Vec<Result<Data, ChunkError>> {
-        self.active.fetch_add(1, Ordering::Relaxed);
+        self.pool.active.fetch_add(1, Ordering::Relaxed);
         let out = self.fetch_many(src, chunks, true);
-        self.active.fetch_sub(1, Ordering::Relaxed);
+        self.pool.active.fetch_sub(1, Ordering::Relaxed);
         out
     }
 
@@ -189,12 +239,12 @@ impl ChunkCache {
     ) -> Vec<Result<Data, ChunkError>> {
         let mut steps = Vec::with_capacity(chunks.len());
         for c in chunks {
-            if let Some(d) = self.lru.lock().map.get(&c.digest) {
+            if let Some(d) = self.pool.lru.lock().map.get(&c.digest) {
                 self.stats.lock().memory_hits += 1;
                 steps.push(Step::Ready(d.clone()));
                 continue;
             }
-            let mut inflight = self.inflight.lock();
+            let mut inflight = self.pool.inflight.lock();
             match inflight.get(&c.digest) {
                 Some(slot) => steps.push(Step::Wait(slot.clone())),
                 None => {
@@ -314,7 +364,7 @@ struct LeadGuard<'a> {
 
 impl Drop for LeadGuard<'_> {
     fn drop(&mut self) {
-        let mut inflight = self.cache.inflight.lock();
+        let mut inflight = self.cache.pool.inflight.lock();
         for (digest, slot) in &self.led {
             let _ = slot.set(Err(ChunkError("fetch abandoned".into())));
             if inflight.get(digest).is_some_and(|s| Arc::ptr_eq(s, slot)) {

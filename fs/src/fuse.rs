@@ -21,8 +21,9 @@ use parking_lot::Mutex;
 
 use crate::blob::BlobSource;
 use crate::cache::DiskCache;
-use crate::chunks::{ChunkCache, FetchStats};
+use crate::chunks::{ChunkCache, ChunkPool, FetchStats};
 use crate::format::{Chunk, EntryKind};
+use crate::opstats::{Op, OpStats};
 use crate::passthrough::{self, OpenPlan, Passthrough, FH_BACKED, FH_CACHED};
 use crate::tree::{Ino, Node, Tree};
 
@@ -89,6 +90,14 @@ pub struct MountConfig {
     /// Serve large files by FUSE passthrough from whole copies kept in this cache (see
     /// [`crate::passthrough`]); every open then reaches the daemon.
     pub passthrough: Option<Arc<DiskCache>>,
+    /// The node-wide chunk pool to share (memory LRU, fetches in flight, disk cache); without
+    /// one the mount gets a pool of its own from `memory_cache` and `disk_cache`.
+    pub pool: Option<Arc<ChunkPool>>,
+    /// Honour setuid/setgid bits and device files (a container's lower layer); inspection
+    /// mounts stay `nosuid,nodev`.
+    pub setuid: bool,
+    /// Threads that wait on fetches for reads, so FUSE workers never block on a registry.
+    pub fetch_threads: usize,
 }
 
 impl Default for MountConfig {
@@ -103,6 +112,9 @@ impl Default for MountConfig {
             profile: Vec::new(),
             record_profile: None,
             passthrough: None,
+            pool: None,
+            setuid: false,
+            fetch_threads: 16,
         }
     }
 }
@@ -111,6 +123,17 @@ struct Shared {
     tree: Tree,
     blobs: Vec<Arc<dyn BlobSource>>,
     cache: ChunkCache,
+    ops: OpStats,
+}
+
+/// A read waiting for chunks that are not in memory, handed from a FUSE worker to a fetch
+/// thread.
+struct PendingRead {
+    ino: Ino,
+    offset: u64,
+    size: u32,
+    reply: ReplyData,
+    started: std::time::Instant,
 }
 
 /// Chunks of one layer to warm ahead of a sequential reader.
@@ -136,6 +159,16 @@ impl StatsHandle {
     pub fn passthrough_opens(&self) -> Option<u64> {
         self.1.as_ref().map(|p| p.opens())
     }
+
+    /// Latency histograms of the FUSE operations served so far.
+    pub fn ops(&self) -> Option<crate::opstats::OpSnapshot> {
+        self.0.upgrade().map(|s| s.ops.snapshot())
+    }
+
+    /// Whether the mount's filesystem still exists.
+    pub fn alive(&self) -> bool {
+        self.0.strong_count() > 0
+    }
 }
 
 /// A read-only filesystem serving a merged layer tree.
@@ -153,6 +186,10 @@ pub struct StrataFs {
     /// Files to write out whole for passthrough (inode, content key).
     materialize: SyncSender<Ino>,
     materialize_rx: Mutex<Option<Receiver<Ino>>>,
+    /// Reads that must wait for a fetch go to these threads.
+    reads: crossbeam_channel::Sender<PendingRead>,
+    reads_rx: Mutex<Option<crossbeam_channel::Receiver<PendingRead>>>,
+    fetch_threads: usize,
 }
 
 /// Records the order in which files are first read (an access profile).
@@ -183,6 +220,19 @@ impl Recorder {
         let tmp = self.path.with_extension("tmp");
         std::fs::write(&tmp, out)?;
         std::fs::rename(&tmp, &self.path)
+    }
+}
+
+/// Runs one request's work; a panic in it is logged and the request answered with EIO (fuser
+/// answers a dropped reply with EIO) instead of taking the worker thread down.
+fn shielded(op: &str, f: impl FnOnce()) {
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        let msg = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(op, "request handler panicked (answered EIO): {msg}");
     }
 }
 
@@ -245,6 +295,23 @@ impl Shared {
         let data = n.data?;
         let e = self.tree.data_entry(data)?;
         Some((data.layer, &e.chunks))
+    }
+
+    /// Whether every chunk a read needs is in the memory cache (or it needs none).
+    fn in_memory(&self, n: &Node, offset: u64, size: u32) -> bool {
+        if offset >= n.size || size == 0 {
+            return true;
+        }
+        let Some((_, chunks)) = self.chunks(n) else {
+            return true;
+        };
+        let end = n.size.min(offset + u64::from(size));
+        let first =
+            chunks.partition_point(|c| c.file_offset + u64::from(c.uncompressed_len) <= offset);
+        let last = chunks.partition_point(|c| c.file_offset < end);
+        chunks
+            .get(first..last)
+            .is_some_and(|cs| cs.iter().all(|c| self.cache.contains(&c.digest)))
     }
 
     /// Reads `size` bytes at `offset` and hands them to `reply` (without copying when they lie
@@ -339,16 +406,21 @@ impl StrataFs {
     pub fn new(tree: Tree, blobs: Vec<Arc<dyn BlobSource>>, config: &MountConfig) -> Self {
         let (tx, rx) = sync_channel(64);
         let (mtx, mrx) = sync_channel(1024);
+        let (rtx, rrx) = crossbeam_channel::unbounded();
+        let pool = config
+            .pool
+            .clone()
+            .unwrap_or_else(|| ChunkPool::new(config.memory_cache, config.disk_cache.clone()));
         StrataFs {
             shared: Arc::new(Shared {
                 tree,
                 blobs,
-                cache: ChunkCache::new(
-                    config.memory_cache,
-                    config.disk_cache.clone(),
-                    config.cache_local,
-                ),
+                cache: ChunkCache::with_pool(pool, config.cache_local),
+                ops: OpStats::default(),
             }),
+            reads: rtx,
+            reads_rx: Mutex::new(Some(rrx)),
+            fetch_threads: config.fetch_threads.max(1),
             prefetch: tx,
             prefetch_rx: Mutex::new(Some(rx)),
             readahead_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -479,6 +551,38 @@ impl StrataFs {
         }
     }
 
+    /// Threads that serve reads whose chunks must be fetched (disk cache or blob).
+    fn start_fetchers(&self) {
+        let Some(rx) = self.reads_rx.lock().take() else {
+            return;
+        };
+        for i in 0..self.fetch_threads {
+            let shared = Arc::downgrade(&self.shared);
+            let rx = rx.clone();
+            let prefetch = self.prefetch.clone();
+            let passthrough = self.passthrough.clone();
+            let _ = std::thread::Builder::new()
+                .name(format!("strata-fetch-{i}"))
+                .spawn(move || {
+                    while let Ok(p) = rx.recv() {
+                        let Some(s) = shared.upgrade() else { break };
+                        shielded("read", || {
+                            let Ok(n) = s.node(INodeNo(p.ino)) else {
+                                return p.reply.error(FsError::NotFound.errno());
+                            };
+                            let copy = passthrough.as_ref().and_then(|pt| pt.building(p.ino));
+                            if let Some(next) =
+                                s.read(n, p.offset, p.size, p.reply, copy.as_deref())
+                            {
+                                let _ = prefetch.try_send(next);
+                            }
+                            s.ops.record(Op::Read, p.started.elapsed());
+                        });
+                    }
+                });
+        }
+    }
+
     fn start_prefetcher(&self) {
         let Some(rx) = self.prefetch_rx.lock().take() else {
             return;
@@ -547,6 +651,7 @@ impl Filesystem for StrataFs {
         self.no_opendir = offered.contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
         let _ = config.set_max_readahead(1 << 20);
         self.start_prefetcher();
+        self.start_fetchers();
         if self.background_prefetch {
             start_background_prefetch(Arc::downgrade(&self.shared), self.profile.clone());
         }
@@ -575,29 +680,35 @@ impl Filesystem for StrataFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.shared.tree.get(parent.0) {
+        let started = std::time::Instant::now();
+        shielded("lookup", || match self.shared.tree.get(parent.0) {
             Some(p) if p.kind != EntryKind::Directory => reply.error(FsError::NotDir.errno()),
             Some(_) => match self.shared.tree.lookup(parent.0, name.as_bytes()) {
                 Some(ino) => self.reply_entry(ino, reply),
                 None => reply.error(FsError::NotFound.errno()),
             },
             None => reply.error(FsError::NotFound.errno()),
-        }
+        });
+        self.shared.ops.record(Op::Lookup, started.elapsed());
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.shared.node(ino) {
+        let started = std::time::Instant::now();
+        shielded("getattr", || match self.shared.node(ino) {
             Ok(n) => reply.attr(&TTL, &attr(ino.0, n)),
             Err(e) => reply.error(e.errno()),
-        }
+        });
+        self.shared.ops.record(Op::Getattr, started.elapsed());
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.shared.node(ino) {
+        let started = std::time::Instant::now();
+        shielded("readlink", || match self.shared.node(ino) {
             Ok(n) if n.kind == EntryKind::Symlink => reply.data(&n.link),
             Ok(_) => reply.error(FsError::Invalid.errno()),
             Err(e) => reply.error(e.errno()),
-        }
+        });
+        self.shared.ops.record(Op::Readlink, started.elapsed());
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -643,6 +754,7 @@ impl Filesystem for StrataFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let started = std::time::Instant::now();
         let n = match self.shared.node(ino) {
             Ok(n) => n,
             Err(e) => return reply.error(e.errno()),
@@ -650,12 +762,32 @@ impl Filesystem for StrataFs {
         if let Some(r) = &self.recorder {
             r.note(ino.0);
         }
-        let copy = self.passthrough.as_ref().and_then(|pt| pt.building(ino.0));
-        if let Some(next) = self.shared.read(n, offset, size, reply, copy.as_deref()) {
-            if let Err(TrySendError::Disconnected(_)) = self.prefetch.try_send(next) {
-                tracing::debug!("readahead workers gone");
+        // A read whose chunks are all in memory is answered here; any other waits for its
+        // fetch on a fetch thread, so this worker stays free for lookups and attributes.
+        if !self.shared.in_memory(n, offset, size) {
+            let pending = PendingRead {
+                ino: ino.0,
+                offset,
+                size,
+                reply,
+                started,
+            };
+            if let Err(e) = self.reads.send(pending) {
+                e.into_inner()
+                    .reply
+                    .error(FsError::Io("no fetch threads".into()).errno());
             }
+            return;
         }
+        shielded("read", || {
+            let copy = self.passthrough.as_ref().and_then(|pt| pt.building(ino.0));
+            if let Some(next) = self.shared.read(n, offset, size, reply, copy.as_deref()) {
+                if let Err(TrySendError::Disconnected(_)) = self.prefetch.try_send(next) {
+                    tracing::debug!("readahead workers gone");
+                }
+            }
+        });
+        self.shared.ops.record(Op::Read, started.elapsed());
     }
 
     fn flush(
@@ -692,21 +824,25 @@ impl Filesystem for StrataFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let n = match self.shared.node(ino) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e.errno()),
-        };
-        for (next, name, cino) in dir_entries(ino.0, n, offset) {
-            let kind = self
-                .shared
-                .tree
-                .get(cino)
-                .map_or(FileType::Directory, |c| file_type(c.kind));
-            if reply.add(INodeNo(cino), next, kind, OsStr::from_bytes(name)) {
-                break;
+        let started = std::time::Instant::now();
+        shielded("readdir", || {
+            let n = match self.shared.node(ino) {
+                Ok(n) => n,
+                Err(e) => return reply.error(e.errno()),
+            };
+            for (next, name, cino) in dir_entries(ino.0, n, offset) {
+                let kind = self
+                    .shared
+                    .tree
+                    .get(cino)
+                    .map_or(FileType::Directory, |c| file_type(c.kind));
+                if reply.add(INodeNo(cino), next, kind, OsStr::from_bytes(name)) {
+                    break;
+                }
             }
-        }
-        reply.ok();
+            reply.ok();
+        });
+        self.shared.ops.record(Op::Readdir, started.elapsed());
     }
 
     fn readdirplus(
@@ -717,26 +853,30 @@ impl Filesystem for StrataFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let n = match self.shared.node(ino) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e.errno()),
-        };
-        for (next, name, cino) in dir_entries(ino.0, n, offset) {
-            let Some(child) = self.shared.tree.get(cino) else {
-                continue;
+        let started = std::time::Instant::now();
+        shielded("readdir", || {
+            let n = match self.shared.node(ino) {
+                Ok(n) => n,
+                Err(e) => return reply.error(e.errno()),
             };
-            if reply.add(
-                INodeNo(cino),
-                next,
-                OsStr::from_bytes(name),
-                &TTL,
-                &attr(cino, child),
-                Generation(0),
-            ) {
-                break;
+            for (next, name, cino) in dir_entries(ino.0, n, offset) {
+                let Some(child) = self.shared.tree.get(cino) else {
+                    continue;
+                };
+                if reply.add(
+                    INodeNo(cino),
+                    next,
+                    OsStr::from_bytes(name),
+                    &TTL,
+                    &attr(cino, child),
+                    Generation(0),
+                ) {
+                    break;
+                }
             }
-        }
-        reply.ok();
+            reply.ok();
+        });
+        self.shared.ops.record(Op::Readdir, started.elapsed());
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -752,20 +892,24 @@ impl Filesystem for StrataFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let n = match self.shared.node(ino) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e.errno()),
-        };
-        match n
-            .xattrs
-            .iter()
-            .find(|(k, _)| k.as_slice() == name.as_bytes())
-        {
-            None => reply.error(FsError::NoAttr.errno()),
-            Some((_, v)) if size == 0 => reply.size(v.len() as u32),
-            Some((_, v)) if v.len() > size as usize => reply.error(FsError::Range.errno()),
-            Some((_, v)) => reply.data(v),
-        }
+        let started = std::time::Instant::now();
+        shielded("getxattr", || {
+            let n = match self.shared.node(ino) {
+                Ok(n) => n,
+                Err(e) => return reply.error(e.errno()),
+            };
+            match n
+                .xattrs
+                .iter()
+                .find(|(k, _)| k.as_slice() == name.as_bytes())
+            {
+                None => reply.error(FsError::NoAttr.errno()),
+                Some((_, v)) if size == 0 => reply.size(v.len() as u32),
+                Some((_, v)) if v.len() > size as usize => reply.error(FsError::Range.errno()),
+                Some((_, v)) => reply.data(v),
+            }
+        });
+        self.shared.ops.record(Op::Getxattr, started.elapsed());
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
@@ -916,10 +1060,15 @@ pub fn mount_session(
         MountOption::Subtype("strata".into()),
         MountOption::RO,
         MountOption::DefaultPermissions,
-        MountOption::NoDev,
-        MountOption::NoSuid,
         MountOption::NoAtime,
     ];
+    if !config.setuid {
+        cfg.mount_options.push(MountOption::NoDev);
+        cfg.mount_options.push(MountOption::NoSuid);
+    } else {
+        cfg.mount_options.push(MountOption::Suid);
+        cfg.mount_options.push(MountOption::Dev);
+    }
     cfg.acl = SessionACL::All;
     cfg.n_threads = Some(config.threads.max(1));
     cfg.clone_fd = true;

@@ -1,13 +1,8 @@
 //! The local content store: an OCI image layout on disk.
 //!
-//! ```text
-//! ROOT/oci-layout          {"imageLayoutVersion": "1.0.0"}
-//! ROOT/index.json          one descriptor per named image (annotation org.opencontainers.image.ref.name)
-//! ROOT/blobs/sha256/HEX    content-addressed blobs
-//! ROOT/tmp/                in-progress writes (same filesystem, so rename is atomic)
-//! ROOT/mounts/             mount daemon records and logs
-//! ROOT/.lock               serialises index.json updates
-//! ```
+//! The root's layout is defined in [`crate::layout`]. The root and every directory under it are
+//! created 0700 and files 0600: decompressed image content is readable by other users only
+//! through a mount's own permission checks.
 //!
 //! Standard tools read it directly (`skopeo copy oci:ROOT:NAME …`). Every write goes to a temp
 //! file, is fsynced, then renamed into place; a blob is stored only after its digest is checked.
@@ -19,6 +14,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest as _, Sha256};
 
 use crate::format::Sha256Digest;
+use crate::layout::Layout;
 use crate::oci::{self, Descriptor, Index, Manifest};
 use crate::reference::Reference;
 
@@ -51,11 +47,34 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     }
 }
 
+/// Creates `dir` and its missing parents 0700; an existing store root owned by this user is
+/// narrowed to 0700 (or 0711 if it was left traversable), never widened.
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err(dir))?;
+    let md = fs::metadata(dir).map_err(io_err(dir))?;
+    let mode = md.mode() & 0o7777;
+    if md.uid() == nix_uid() && mode & 0o066 != 0 {
+        let narrowed = if mode & 0o011 != 0 { 0o711 } else { 0o700 };
+        fs::set_permissions(dir, fs::Permissions::from_mode(narrowed)).map_err(io_err(dir))?;
+    }
+    Ok(())
+}
+
+fn nix_uid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
 /// The default store root.
 pub const DEFAULT_ROOT: &str = "/var/lib/strata";
 
 pub struct Store {
     root: PathBuf,
+    layout: Layout,
 }
 
 /// A named image in the store.
@@ -69,14 +88,12 @@ impl Store {
     /// Opens (creating if needed) the store at `root`.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
-        for d in [
-            root.join("blobs/sha256"),
-            root.join("tmp"),
-            root.join("mounts"),
-        ] {
-            fs::create_dir_all(&d).map_err(io_err(&d))?;
+        let layout = Layout::new(&root);
+        create_private_dir(&root)?;
+        for d in [layout.blobs(), layout.tmp(), layout.mounts()] {
+            create_private_dir(&d)?;
         }
-        let store = Store { root };
+        let store = Store { root, layout };
         let layout = store.root.join("oci-layout");
         if !layout.exists() {
             store.write_atomic(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
@@ -97,8 +114,13 @@ impl Store {
         &self.root
     }
 
+    /// Paths under the root.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
     pub fn mounts_dir(&self) -> PathBuf {
-        self.root.join("mounts")
+        self.layout.mounts()
     }
 
     /// Path of a blob by digest (`sha256:HEX`).
@@ -164,7 +186,7 @@ impl Store {
     /// Writes a file under the store root crash-safely (temp, fsync, rename).
     pub fn write_file(&self, dest: &Path, data: &[u8]) -> Result<()> {
         if let Some(parent) = dest.parent() {
-            fs::create_dir_all(parent).map_err(io_err(parent))?;
+            create_private_dir(parent)?;
         }
         self.write_atomic(dest, data)
     }
@@ -184,11 +206,14 @@ impl Store {
     }
 
     fn lock(&self) -> Result<File> {
-        let path = self.root.join(".lock");
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.layout.index_lock();
         let f = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(io_err(&path))?;
         f.lock().map_err(io_err(&path))?;
@@ -368,12 +393,24 @@ fn tempfile_in(dir: &Path) -> Result<(File, PathBuf)> {
     loop {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let path = dir.join(format!(".tmp-{}-{n}", std::process::id()));
-        match OpenOptions::new().write(true).create_new(true).open(&path) {
+        match private_new_file(&path) {
             Ok(f) => return Ok((f, path)),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(io_err(&path)(e)),
         }
     }
+}
+
+/// Creates a new file 0600 for writing, refusing to follow a symlink or reuse an existing file
+/// (`O_CREAT|O_EXCL|O_NOFOLLOW`): a temp name planted by someone else is never written through.
+pub fn private_new_file(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {

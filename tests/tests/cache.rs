@@ -8,49 +8,30 @@ use std::path::Path;
 use strata_tests::image::{noise, scratch, Compression, LayerBuilder};
 use strata_tests::util::{convert_one_layer, is_mounted, strata, strata_ok};
 
-/// Mounts with `extra` flags, reads `files`, unmounts; returns the daemon's closing stats line.
-fn mount_read(root: &Path, mnt: &Path, extra: &[&str], files: &[&str]) -> String {
+/// Mounts with `extra` flags (through a daemon of its own: the one before is stopped), reads
+/// `files`, unmounts; returns the mount's counters.
+fn mount_read(root: &Path, mnt: &Path, extra: &[&str], files: &[&str]) -> serde_json::Value {
+    strata_ok(root, &["daemon", "--stop"]);
     fs::create_dir_all(mnt).unwrap();
     let m = mnt.display().to_string();
     // Layers here are local, so ask for them to be cached (remote layers always are).
-    let mut args = vec![
-        "--log-level",
-        "info",
-        "mount",
-        "cache/test:v1",
-        m.as_str(),
-        "--cache-local",
-    ];
+    let mut args = vec!["mount", "cache/test:v1", m.as_str(), "--cache-local"];
     args.extend_from_slice(extra);
     strata_ok(root, &args);
     for f in files {
         let data = fs::read(mnt.join(f)).unwrap();
         assert_eq!(data, noise(f.len() as u64, data.len()), "{f}");
     }
+    let stats = serde_json::from_str(&strata_ok(root, &["stats", "--json", &m])).unwrap();
     strata_ok(root, &["umount", &m]);
     assert!(!is_mounted(mnt));
-    let log = fs::read_dir(root.join("mounts"))
-        .unwrap()
-        .flatten()
-        .find(|e| e.path().extension().is_some_and(|x| x == "log"))
-        .expect("daemon log");
-    let text = fs::read_to_string(log.path()).unwrap();
-    text.lines()
-        .rfind(|l| l.contains("unmounted"))
-        .expect("stats line")
-        .to_string()
+    stats
 }
 
-fn field(line: &str, name: &str) -> u64 {
-    let at = line
-        .find(&format!("{name}="))
-        .unwrap_or_else(|| panic!("{name} in {line}"));
-    line[at + name.len() + 1..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
+fn field(stats: &serde_json::Value, name: &str) -> u64 {
+    stats["fetch"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{name} in {stats}"))
 }
 
 fn cache_bytes(root: &Path) -> u64 {
@@ -110,6 +91,7 @@ fn disk_cache_survives_remount_and_honours_its_cap() {
     let after = mount_read(&root, &mnt, &["--cache-size", "4M"], &["a", "bbbbbbbb"]);
     assert!(field(&after, "failures") == 0, "{after}");
 
+    strata_ok(&root, &["daemon", "--stop"]);
     let out = strata(&root, &["cache", "gc", "--max-size", "0"]);
     assert!(out.status.success());
     assert_eq!(cache_bytes(&root), 0);

@@ -131,6 +131,8 @@ fn large_files_are_served_by_the_kernel_from_a_verified_copy() {
     // The big file too, once nothing holds it open through the page cache.
     assert_eq!(fs::read(mnt.join("d/big")).unwrap(), big);
     m.unmount().unwrap();
+    // A new daemon (its file cache counters start at zero).
+    strata_ok(&root, &["daemon", "--stop"]);
 
     // A copy of the wrong size (damaged) is never handed to the kernel: the file is read
     // through the daemon from verified chunks instead.

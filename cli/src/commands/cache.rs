@@ -31,15 +31,28 @@ pub enum CacheCommand {
 
 /// The chunk cache's directory under the store root.
 pub fn cache_dir(g: &GlobalArgs) -> PathBuf {
-    g.root.join("cache/chunks")
+    strata_fs::layout::Layout::new(&g.root).chunk_cache()
 }
 
 /// Whole files kept for `mount --passthrough`.
 pub fn files_dir(g: &GlobalArgs) -> PathBuf {
-    g.root.join("cache/files")
+    strata_fs::layout::Layout::new(&g.root).file_cache()
 }
 
 pub fn run(g: &GlobalArgs, a: CacheArgs) -> anyhow::Result<()> {
+    // A running daemon owns the caches: trimming goes through it, so its index stays true.
+    if let CacheCommand::Gc { max_size } = a.command {
+        let req = strata_fs::service::protocol::Request::CacheGc { max_size };
+        if let Some(v) = super::daemon::call_running(g, &req)? {
+            let n = |p: &str| v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0);
+            println!(
+                "the daemon trimmed its caches: {} chunks, {} remain",
+                n("/disk_cache/entries"),
+                human_bytes(n("/disk_cache/bytes"))
+            );
+            return Ok(());
+        }
+    }
     // The chunk cache, and the whole-file cache of passthrough mounts when there is one.
     // Opening with an unlimited cap only indexes; eviction happens on request.
     let mut caches = Vec::new();

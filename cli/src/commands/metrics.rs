@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use super::open_store;
+use strata_fs::service::protocol::Request;
+
 use crate::GlobalArgs;
 
 #[derive(clap::Args)]
@@ -81,7 +82,8 @@ struct Family {
     name: &'static str,
     kind: &'static str,
     help: &'static str,
-    samples: Vec<(String, f64)>,
+    /// (name suffix such as `_bucket`, labels, value)
+    samples: Vec<(&'static str, String, f64)>,
 }
 
 fn escape(v: &str) -> String {
@@ -90,12 +92,15 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// The metrics text for every mount of this store whose daemon publishes counters.
+/// The metrics text for the node daemon of this store and each of its mounts (nothing when no
+/// daemon runs).
 fn render(g: &GlobalArgs) -> anyhow::Result<String> {
-    let store = open_store(g)?;
-    let mounts = super::mount::live_stats(&store);
+    let all = super::daemon::call_running(g, &Request::Metrics)?.unwrap_or_default();
+    let empty = Vec::new();
+    let mounts = all["mounts"].as_array().unwrap_or(&empty);
+    let node = &all["node"];
     let mut families: Vec<Family> = Vec::new();
-    let mut add = |name, kind, help, labels: &str, value: f64| {
+    let mut add_suffixed = |name, suffix, kind, help, labels: &str, value: f64| {
         let at = match families.iter().position(|f| f.name == name) {
             Some(i) => i,
             None => {
@@ -108,9 +113,68 @@ fn render(g: &GlobalArgs) -> anyhow::Result<String> {
                 families.len() - 1
             }
         };
-        families[at].samples.push((labels.to_string(), value));
+        families[at]
+            .samples
+            .push((suffix, labels.to_string(), value));
     };
-    for v in &mounts {
+    let mut add = |name, kind, help, labels: &str, value: f64| {
+        add_suffixed(name, "", kind, help, labels, value)
+    };
+    if node.is_object() {
+        let n = |p: &str| node.pointer(p).and_then(|x| x.as_f64()).unwrap_or(0.0);
+        add(
+            "strata_daemon_mounts",
+            "gauge",
+            "Live mounts served by the node daemon.",
+            "",
+            n("/mounts"),
+        );
+        add(
+            "strata_memory_cache_bytes",
+            "gauge",
+            "Bytes of decoded chunks in the daemon's memory cache.",
+            "",
+            n("/memory_cache_bytes"),
+        );
+        if node["disk_cache"].is_object() {
+            for (metric, kind, key, help) in [
+                (
+                    "strata_disk_cache_bytes",
+                    "gauge",
+                    "/disk_cache/bytes",
+                    "Bytes in the node's chunk cache.",
+                ),
+                (
+                    "strata_disk_cache_capacity_bytes",
+                    "gauge",
+                    "/disk_cache/capacity",
+                    "Size cap of the node's chunk cache.",
+                ),
+                (
+                    "strata_disk_cache_chunks",
+                    "gauge",
+                    "/disk_cache/entries",
+                    "Chunks in the node's chunk cache.",
+                ),
+                (
+                    "strata_disk_cache_evictions_total",
+                    "counter",
+                    "/disk_cache/evicted",
+                    "Chunks evicted from the node's chunk cache.",
+                ),
+                (
+                    "strata_disk_cache_corrupt_total",
+                    "counter",
+                    "/disk_cache/corrupt",
+                    "Damaged chunk files found and dropped.",
+                ),
+            ] {
+                add(metric, kind, help, "", n(key));
+            }
+        }
+    }
+    let mut ops: Vec<(String, serde_json::Value)> = Vec::new();
+    for v in mounts {
         let n = |p: &str| v.pointer(p).and_then(|x| x.as_f64()).unwrap_or(0.0);
         let labels = format!(
             "mountpoint=\"{}\",image=\"{}\"",
@@ -128,7 +192,7 @@ fn render(g: &GlobalArgs) -> anyhow::Result<String> {
         add(
             "strata_mount_time_to_mount_seconds",
             "gauge",
-            "Time from starting the daemon to a ready mount.",
+            "Time from the mount request to a ready mount.",
             &labels,
             n("/time_to_mount_ms") / 1000.0,
         );
@@ -173,34 +237,7 @@ fn render(g: &GlobalArgs) -> anyhow::Result<String> {
             &labels,
             n("/fetch/failures"),
         );
-        if v["disk_cache"].is_object() {
-            for (metric, key, help) in [
-                (
-                    "strata_disk_cache_bytes",
-                    "/disk_cache/bytes",
-                    "Bytes in the node's chunk cache.",
-                ),
-                (
-                    "strata_disk_cache_capacity_bytes",
-                    "/disk_cache/capacity",
-                    "Size cap of the node's chunk cache.",
-                ),
-                (
-                    "strata_disk_cache_chunks",
-                    "/disk_cache/entries",
-                    "Chunks in the node's chunk cache.",
-                ),
-            ] {
-                add(metric, "gauge", help, &labels, n(key));
-            }
-            add(
-                "strata_disk_cache_evictions_total",
-                "counter",
-                "Chunks evicted from the node's chunk cache by this mount.",
-                &labels,
-                n("/disk_cache/evicted"),
-            );
-        }
+        ops.push((labels.clone(), v["ops"].clone()));
         if v["file_cache"].is_object() {
             add(
                 "strata_passthrough_opens_total",
@@ -218,12 +255,56 @@ fn render(g: &GlobalArgs) -> anyhow::Result<String> {
             );
         }
     }
+    // FUSE operation latency, one histogram per mount and operation.
+    for (labels, hists) in ops {
+        for h in hists.as_array().unwrap_or(&empty) {
+            let op = h["op"].as_str().unwrap_or("");
+            let labels = format!("{labels},op=\"{}\"", escape(op));
+            let help = "Time to answer FUSE requests, by operation.";
+            let name = "strata_fuse_op_duration_seconds";
+            for b in h["buckets"].as_array().unwrap_or(&empty) {
+                let le = match b[0].as_f64() {
+                    Some(v) => v.to_string(),
+                    None => "+Inf".into(),
+                };
+                let count = b[1].as_f64().unwrap_or(0.0);
+                add_suffixed(
+                    name,
+                    "_bucket",
+                    "histogram",
+                    help,
+                    &format!("{labels},le=\"{le}\""),
+                    count,
+                );
+            }
+            add_suffixed(
+                name,
+                "_sum",
+                "histogram",
+                help,
+                &labels,
+                h["sum_seconds"].as_f64().unwrap_or(0.0),
+            );
+            add_suffixed(
+                name,
+                "_count",
+                "histogram",
+                help,
+                &labels,
+                h["count"].as_f64().unwrap_or(0.0),
+            );
+        }
+    }
     let mut out = String::new();
     for f in families {
         let _ = writeln!(out, "# HELP {} {}", f.name, f.help);
         let _ = writeln!(out, "# TYPE {} {}", f.name, f.kind);
-        for (labels, value) in f.samples {
-            let _ = writeln!(out, "{}{{{labels}}} {value}", f.name);
+        for (suffix, labels, value) in f.samples {
+            if labels.is_empty() {
+                let _ = writeln!(out, "{}{suffix} {value}", f.name);
+            } else {
+                let _ = writeln!(out, "{}{suffix}{{{labels}}} {value}", f.name);
+            }
         }
     }
     Ok(out)

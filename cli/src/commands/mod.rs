@@ -1,5 +1,6 @@
 pub mod cache;
 pub mod convert;
+pub mod daemon;
 pub mod images;
 pub mod metrics;
 pub mod mount;

@@ -47,20 +47,16 @@ impl RegistryArgs {
         }
     }
 
-    /// The same settings as command-line flags (for the mount daemon).
-    pub fn to_args(&self) -> Vec<String> {
-        let mut v = Vec::new();
-        for h in &self.insecure {
-            v.push("--insecure-registry".to_string());
-            v.push(h.clone());
+    /// The same settings as a request to the daemon.
+    pub fn options(&self) -> strata_fs::service::RegistryOptions {
+        strata_fs::service::RegistryOptions {
+            insecure: self.insecure.clone(),
+            timeout_secs: self.registry_timeout.max(1),
+            attempts: self.registry_attempts.max(1),
+            hosts_dir: Some(
+                std::path::absolute(&self.hosts_dir).unwrap_or_else(|_| self.hosts_dir.clone()),
+            ),
         }
-        v.push("--registry-timeout".into());
-        v.push(self.registry_timeout.to_string());
-        v.push("--registry-attempts".into());
-        v.push(self.registry_attempts.to_string());
-        v.push("--hosts-dir".into());
-        v.push(self.hosts_dir.display().to_string());
-        v
     }
 
     pub fn client(&self) -> anyhow::Result<Arc<Registry>> {

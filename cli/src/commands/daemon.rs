@@ -1,0 +1,266 @@
+//! `strata daemon`: the node daemon serving the mount service on `ROOT/daemon.sock`, and the
+//! client side every other command uses to reach it (starting it on demand).
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{SigSet, Signal};
+use strata_fs::layout::Layout;
+use strata_fs::service::client::{CallError, Client};
+use strata_fs::service::protocol::Request;
+use strata_fs::service::{server, MountService, ServiceConfig};
+
+use super::parse_size;
+use crate::GlobalArgs;
+
+const READY: &str = "strata-daemon-ready";
+
+/// How long an on-demand daemon stays up with no mount and no request.
+const IDLE_GRACE: Duration = Duration::from_secs(2);
+
+/// Node-wide settings: they belong to the daemon (one cache, one cap for every mount).
+#[derive(clap::Args, Clone, Debug)]
+pub struct DaemonSettings {
+    /// Memory cache of decompressed chunks, shared by every mount (e.g. 256M).
+    #[arg(long, env = "STRATA_MEMORY_CACHE", default_value = "256M", value_parser = parse_size)]
+    pub memory_cache: u64,
+    /// Size cap of the node's disk cache of verified chunks, shared by every mount (0 disables;
+    /// also caps the whole-file cache of passthrough mounts).
+    #[arg(long, env = "STRATA_CACHE_SIZE", default_value = "10G", value_parser = parse_size)]
+    pub cache_size: u64,
+}
+
+impl DaemonSettings {
+    fn service_config(&self) -> ServiceConfig {
+        ServiceConfig {
+            memory_cache: usize::try_from(self.memory_cache).unwrap_or(usize::MAX),
+            cache_size: self.cache_size,
+            ..ServiceConfig::default()
+        }
+    }
+
+    fn to_args(&self) -> Vec<String> {
+        vec![
+            "--memory-cache".into(),
+            self.memory_cache.to_string(),
+            "--cache-size".into(),
+            self.cache_size.to_string(),
+        ]
+    }
+}
+
+#[derive(clap::Args)]
+pub struct DaemonArgs {
+    #[command(flatten)]
+    pub settings: DaemonSettings,
+    /// Exit once no mount is left and no request came for a moment (how commands start the
+    /// daemon on demand).
+    #[arg(long)]
+    pub exit_when_idle: bool,
+    /// Stop the running daemon instead: it unmounts everything (mounts are restored by the
+    /// next daemon) and exits; returns once it has.
+    #[arg(long)]
+    pub stop: bool,
+    /// Internal: print a readiness line on stdout once the socket answers.
+    #[arg(long, hide = true)]
+    pub notify_ready: bool,
+}
+
+/// Runs the daemon until SIGINT/SIGTERM/SIGHUP or a shutdown request (mounts are unmounted
+/// and restored by the next daemon), or, with `--exit-when-idle`, until idle.
+pub fn run(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<()> {
+    if a.stop {
+        return stop(g);
+    }
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGHUP);
+    signals.thread_block().context("blocking signals")?;
+
+    let service = MountService::open(
+        &g.root,
+        a.settings.service_config(),
+        Some(Box::new(|store, client, image| {
+            strata_builder::convert::index_plain_layers(
+                store,
+                client,
+                image,
+                &strata_builder::convert::ConvertOptions::default(),
+            )
+            .map_err(|e| format!("{e:#}"))
+        })),
+    )
+    .with_context(|| format!("opening store {}", g.root.display()))?;
+    let layout = service.store().layout().clone();
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(layout.daemon_lock())
+        .with_context(|| format!("opening {}", layout.daemon_lock().display()))?;
+    let _lock = match Flock::lock(lock, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => l,
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            bail!("a strata daemon already serves {}", g.root.display())
+        }
+        Err((_, e)) => bail!("locking {}: {e}", layout.daemon_lock().display()),
+    };
+    let listener = server::bind(&layout.socket())
+        .with_context(|| format!("binding {}", layout.socket().display()))?;
+    for (mp, result) in service.restore() {
+        if let Err(e) = result {
+            tracing::error!(mountpoint = %mp.display(), "not restored: {e}");
+        }
+    }
+    let srv = service.clone();
+    std::thread::Builder::new()
+        .name("strata-accept".into())
+        .spawn(move || server::serve(srv, listener))
+        .context("starting the control socket thread")?;
+    let sig_service = service.clone();
+    std::thread::Builder::new()
+        .name("strata-signals".into())
+        .spawn(move || {
+            if let Ok(sig) = signals.wait() {
+                tracing::info!("received {sig:?}: unmounting everything (restored on restart)");
+                sig_service.shutdown(true);
+            }
+        })
+        .context("starting the signal thread")?;
+    tracing::info!(root = %g.root.display(), pid = std::process::id(), "daemon ready");
+    if a.notify_ready {
+        println!("{READY}");
+    }
+    service.wait_stop(a.exit_when_idle.then_some(IDLE_GRACE));
+    let _ = std::fs::remove_file(layout.socket());
+    Ok(())
+}
+
+/// Asks the daemon to stop and waits until it has exited (its lock is free).
+fn stop(g: &GlobalArgs) -> anyhow::Result<()> {
+    let layout = Layout::new(&g.root);
+    if call_running(g, &Request::Shutdown)?.is_none() {
+        println!("no strata daemon runs for {}", g.root.display());
+        return Ok(());
+    }
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .open(layout.daemon_lock())
+        .with_context(|| format!("opening {}", layout.daemon_lock().display()))?;
+    let _exited = Flock::lock(lock, FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow::anyhow!("waiting for the daemon to exit: {e}"))?;
+    println!("strata daemon stopped");
+    Ok(())
+}
+
+/// Connects to the daemon of `--root`, if one runs.
+pub fn connect(g: &GlobalArgs) -> Option<Client> {
+    Client::connect(&Layout::new(&g.root).socket()).ok()
+}
+
+/// Connects to the daemon of `--root`, starting one (which exits when idle) if none answers.
+pub fn connect_or_start(g: &GlobalArgs, settings: &DaemonSettings) -> anyhow::Result<Client> {
+    let layout = Layout::new(&g.root);
+    if let Ok(c) = Client::connect(&layout.socket()) {
+        return Ok(c);
+    }
+    // One starter at a time: whoever holds this lock starts the daemon, the others then find
+    // its socket answering.
+    strata_fs::store::create_private_dir(&g.root)
+        .with_context(|| format!("creating {}", g.root.display()))?;
+    let start_lock = layout.root().join("daemon.start.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&start_lock)
+        .with_context(|| format!("opening {}", start_lock.display()))?;
+    let _guard = Flock::lock(file, FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow::anyhow!("locking {}: {e}", start_lock.display()))?;
+    if let Ok(c) = Client::connect(&layout.socket()) {
+        return Ok(c);
+    }
+    start(g, settings, &layout.daemon_log())?;
+    Client::connect(&layout.socket()).context("connecting to the daemon just started")
+}
+
+/// Starts `strata daemon --exit-when-idle` in the background and waits until it answers.
+fn start(g: &GlobalArgs, settings: &DaemonSettings, log: &Path) -> anyhow::Result<()> {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let exe = std::env::current_exe().context("locating the strata binary")?;
+    let mut child = Command::new(exe)
+        .arg("--root")
+        .arg(&g.root)
+        .arg("--log-level")
+        .arg(&g.log_level)
+        .args(
+            g.config
+                .iter()
+                .flat_map(|p| [std::ffi::OsStr::new("--config"), p.as_os_str()]),
+        )
+        .arg("daemon")
+        .arg("--exit-when-idle")
+        .arg("--notify-ready")
+        .args(settings.to_args())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file)
+        .process_group(0)
+        .spawn()
+        .context("starting the strata daemon")?;
+    let stdout = child.stdout.take().context("daemon stdout")?;
+    let mut line = String::new();
+    let ready = BufReader::new(stdout).read_line(&mut line).is_ok() && line.trim() == READY;
+    if !ready {
+        let _ = child.wait();
+        let msg = std::fs::read_to_string(log).unwrap_or_default();
+        let last = msg.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
+        bail!(
+            "the strata daemon did not start: {}",
+            last.trim_start_matches("strata: error: ")
+        );
+    }
+    // The daemon lives on after this command (and is reaped by init once this one exits).
+    drop(child);
+    Ok(())
+}
+
+/// Sends one request, starting the daemon if needed; an error answer becomes an error.
+pub fn call(
+    g: &GlobalArgs,
+    settings: &DaemonSettings,
+    req: &Request,
+) -> anyhow::Result<serde_json::Value> {
+    let mut client = connect_or_start(g, settings)?;
+    match client.call(req) {
+        // An idle daemon may have decided to exit just as we connected: start another.
+        Err(CallError::Closed) => {
+            let mut client = connect_or_start(g, settings)?;
+            Ok(client.call(req)?)
+        }
+        other => Ok(other?),
+    }
+}
+
+/// Sends one request to a running daemon; `None` when no daemon runs.
+pub fn call_running(g: &GlobalArgs, req: &Request) -> anyhow::Result<Option<serde_json::Value>> {
+    let Some(mut client) = connect(g) else {
+        return Ok(None);
+    };
+    Ok(Some(client.call(req)?))
+}

@@ -1,0 +1,94 @@
+//! Where everything lives under the store root: the one definition of the root's layout.
+//!
+//! ```text
+//! ROOT/                     0700 (0711 when another user must traverse to a mount point)
+//! ROOT/oci-layout           {"imageLayoutVersion": "1.0.0"}
+//! ROOT/index.json           one descriptor per named image
+//! ROOT/blobs/sha256/HEX     content-addressed blobs
+//! ROOT/tmp/                 in-progress writes (same filesystem, so rename is atomic)
+//! ROOT/tocs/HEX             verified TOC frames of lazily pulled layers
+//! ROOT/indexed/HEX.json     strata descriptors of plain layers indexed on this node
+//! ROOT/profiles/            access profiles fetched next to images
+//! ROOT/cache/chunks/ab/HEX  the node's disk cache of verified chunks
+//! ROOT/cache/files/ab/KEY   whole files for FUSE passthrough
+//! ROOT/mounts/ID.json       the daemon's record of each live mount (restored after a restart)
+//! ROOT/containers/          containers (upper dirs and metadata)
+//! ROOT/daemon.sock          the node daemon's control socket (0600)
+//! ROOT/daemon.lock          held by the running daemon
+//! ROOT/daemon.log           the on-demand daemon's log
+//! ROOT/.lock                serialises index.json updates
+//! ```
+
+use std::path::{Path, PathBuf};
+
+/// Paths under one store root.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    root: PathBuf,
+}
+
+impl Layout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Layout { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn blobs(&self) -> PathBuf {
+        self.root.join("blobs/sha256")
+    }
+
+    pub fn tmp(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    pub fn index(&self) -> PathBuf {
+        self.root.join("index.json")
+    }
+
+    pub fn index_lock(&self) -> PathBuf {
+        self.root.join(".lock")
+    }
+
+    pub fn tocs(&self) -> PathBuf {
+        self.root.join("tocs")
+    }
+
+    pub fn indexed(&self) -> PathBuf {
+        self.root.join("indexed")
+    }
+
+    pub fn profiles(&self) -> PathBuf {
+        self.root.join("profiles")
+    }
+
+    pub fn chunk_cache(&self) -> PathBuf {
+        self.root.join("cache/chunks")
+    }
+
+    pub fn file_cache(&self) -> PathBuf {
+        self.root.join("cache/files")
+    }
+
+    pub fn mounts(&self) -> PathBuf {
+        self.root.join("mounts")
+    }
+
+    pub fn containers(&self) -> PathBuf {
+        self.root.join("containers")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.root.join("daemon.sock")
+    }
+
+    pub fn daemon_lock(&self) -> PathBuf {
+        self.root.join("daemon.lock")
+    }
+
+    pub fn daemon_log(&self) -> PathBuf {
+        self.root.join("daemon.log")
+    }
+}
