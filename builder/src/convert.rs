@@ -546,6 +546,7 @@ pub fn convert_image(
         annotations: src.annotations.clone(),
         extra: Default::default(),
     };
+    check_mountable(store, &manifest.layers)?;
     let manifest_bytes =
         serde_json::to_vec(&manifest).map_err(|e| BuildError::Source(e.to_string()))?;
     let manifest_digest = store.put_blob(&manifest_bytes)?;
@@ -559,6 +560,24 @@ pub fn convert_image(
         manifest: descriptor,
         layers: converted,
     })
+}
+
+/// Refuses a layer stack that `mount` would refuse (hard links to paths no layer has, entries
+/// under a symlinked directory, …): the merged tree is built from the new TOCs exactly as a
+/// mount builds it.
+pub fn check_mountable(store: &Store, layers: &[Descriptor]) -> Result<(), BuildError> {
+    let mut tocs = Vec::with_capacity(layers.len());
+    for d in layers {
+        let file = store.open_blob(&d.digest)?;
+        let blob = strata_fs::blob::LocalBlob::from_file(file)
+            .map_err(|e| BuildError::Unmountable(format!("layer {}: {e}", d.digest)))?;
+        let toc = strata_fs::image::open_layer_toc(store, d, &blob)
+            .map_err(|e| BuildError::Unmountable(format!("layer {}: {e}", d.digest)))?;
+        tocs.push(toc);
+    }
+    strata_fs::tree::Tree::build(tocs)
+        .map(|_| ())
+        .map_err(|e| BuildError::Unmountable(e.to_string()))
 }
 
 fn convert_one(

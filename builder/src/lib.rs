@@ -2,6 +2,7 @@
 
 pub mod convert;
 pub mod source;
+pub mod verify;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -31,6 +32,8 @@ pub enum BuildError {
         expected: String,
         actual: String,
     },
+    #[error("the converted image could not be mounted, so it is not kept: {0}")]
+    Unmountable(String),
     #[error(transparent)]
     Format(#[from] strata_fs::format::FormatError),
     #[error(transparent)]

@@ -11,6 +11,8 @@
 //! size = "20G"          # --cache-size
 //! memory = "512M"       # --memory-cache
 //! local = false         # --cache-local
+//! [limits]
+//! max_entries = 1000000 # --max-entries (per image; bounds a hostile TOC's memory)
 //! [mount]
 //! threads = 4           # --threads
 //! read_ahead_kb = 1024  # --read-ahead-kb
@@ -61,6 +63,7 @@ const SETTINGS: &[(&str, &str, Option<&str>, Kind)] = &[
     ("cache.memory", "memory_cache", Some("mount"), Kind::Value),
     ("cache.memory", "memory_cache", Some("daemon"), Kind::Value),
     ("cache.local", "cache_local", Some("mount"), Kind::Flag),
+    ("limits.max_entries", "max_entries", None, Kind::Value),
     ("mount.threads", "threads", Some("mount"), Kind::Value),
     ("mount.read_ahead_kb", "read_ahead_kb", Some("mount"), Kind::Value),
     ("mount.prefetch", "no_prefetch", Some("mount"), Kind::NegatedFlag),

@@ -44,6 +44,8 @@ enum Command {
     Convert(commands::convert::ConvertArgs),
     /// Mount an image read-only (lazily) at a directory.
     Mount(commands::mount::MountArgs),
+    /// List the daemon's live mounts.
+    Mounts(commands::mount::MountsArgs),
     /// Unmount a strata mount.
     #[command(alias = "unmount")]
     Umount(commands::mount::UmountArgs),
@@ -52,6 +54,8 @@ enum Command {
     Images(commands::images::ImagesArgs),
     /// Show an image's manifest, config and layers with TOC statistics.
     Inspect(commands::images::InspectArgs),
+    /// Check a whole image: blobs, diff IDs, every TOC against its tar stream, every chunk.
+    Verify(commands::images::VerifyArgs),
     /// Pull an image from a registry (lazy layers: metadata only).
     Pull(commands::registry::PullArgs),
     /// Push a local image to a registry.
@@ -122,8 +126,10 @@ fn main() {
         Command::Mount(a) => commands::mount::mount(&cli.global, a),
         Command::Daemon(a) => commands::daemon::run(&cli.global, a),
         Command::Umount(a) => commands::mount::umount(&cli.global, a),
+        Command::Mounts(a) => commands::mount::mounts(&cli.global, a),
         Command::Images(a) => commands::images::images(&cli.global, a),
         Command::Inspect(a) => commands::images::inspect(&cli.global, a),
+        Command::Verify(a) => commands::images::verify(&cli.global, a),
         Command::Cache(a) => commands::cache::run(&cli.global, a),
         Command::Stats(a) => commands::mount::stats(&cli.global, a),
         Command::Metrics(a) => commands::metrics::run(&cli.global, a),

@@ -91,6 +91,15 @@ pub struct TocHint {
     pub digest: Option<Sha256Digest>,
     /// Offset and size of the TOC frame, if annotated (saves reading the footer).
     pub location: Option<(u64, u64)>,
+    /// Most entries accepted (`None`: [`format::types::DEFAULT_MAX_ENTRIES`]).
+    pub max_entries: Option<u32>,
+}
+
+impl TocHint {
+    pub fn max_entries(&self) -> u32 {
+        self.max_entries
+            .unwrap_or(format::types::DEFAULT_MAX_ENTRIES)
+    }
 }
 
 /// Reads a layer's TOC frame: at most two range reads (footer, then TOC), one with a location
@@ -127,6 +136,14 @@ pub fn read_toc_frame(
             format::parse_footer(&bytes, size).map_err(fmt)?
         }
     };
+    // Sizes from a manifest or footer are claims: cap them before anything is fetched.
+    if footer.toc_size > format::types::MAX_TOC_FRAME {
+        return Err(fmt(format::FormatError::CorruptToc(format!(
+            "TOC of {} bytes is over the {}-byte limit",
+            footer.toc_size,
+            format::types::MAX_TOC_FRAME
+        ))));
+    }
     let toc_end = footer.toc_offset.saturating_add(footer.toc_size);
     if toc_end.saturating_add(FOOTER_SIZE as u64) != size {
         return Err(fmt(format::FormatError::CorruptToc(format!(
@@ -148,10 +165,12 @@ pub fn parse_toc_frame(
     hint: &TocHint,
 ) -> Result<Toc, OpenError> {
     let trusted = hint.digest.unwrap_or(footer.toc_digest);
-    format::parse_toc(frame, &trusted, footer.toc_offset).map_err(|source| OpenError::Format {
-        digest: digest.to_string(),
-        source,
-    })
+    format::parse_toc_limited(frame, &trusted, footer.toc_offset, hint.max_entries()).map_err(
+        |source| OpenError::Format {
+            digest: digest.to_string(),
+            source,
+        },
+    )
 }
 
 /// Opens a layer's TOC (see [`read_toc_frame`] and [`parse_toc_frame`]).

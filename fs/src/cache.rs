@@ -33,6 +33,8 @@ pub struct CacheStats {
     pub inserted: u64,
     pub evicted: u64,
     pub corrupt: u64,
+    /// Writes skipped because the disk was full.
+    pub skipped_full: u64,
 }
 
 struct Index {
@@ -68,6 +70,17 @@ pub struct DiskCache {
     inserted: AtomicU64,
     evicted: AtomicU64,
     corrupt: AtomicU64,
+    /// Set while the disk under the cache is full: writes are skipped until then.
+    full_until: Mutex<Option<std::time::Instant>>,
+    /// Writes skipped because the disk was full.
+    skipped: AtomicU64,
+}
+
+/// How long writes pause after the disk under the cache was found full.
+const FULL_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn is_disk_full(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
 impl std::fmt::Debug for DiskCache {
@@ -137,6 +150,8 @@ impl DiskCache {
             inserted: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
             corrupt: AtomicU64::new(0),
+            full_until: Mutex::new(None),
+            skipped: AtomicU64::new(0),
         };
         cache.evict_to(capacity);
         Ok(cache)
@@ -199,9 +214,49 @@ impl DiskCache {
         result
     }
 
-    /// Stores a verified chunk (the caller has checked `data` hashes to `d`).
+    /// Stores a verified chunk (the caller has checked `data` hashes to `d`). A full disk is
+    /// not an error: the chunk is served uncached, writes pause briefly and resume by themselves
+    /// once space returns.
     pub fn put(&self, d: &Sha256Digest, data: &[u8]) -> io::Result<()> {
-        self.insert_with(d, data.len() as u64, false, |f| f.write_all(data))
+        if self.paused() {
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        match self.insert_with(d, data.len() as u64, false, |f| f.write_all(data)) {
+            Err(e) if is_disk_full(&e) => {
+                self.note_full();
+                Ok(())
+            }
+            Ok(()) => {
+                self.note_space();
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether writes are paused because the disk was full a moment ago.
+    fn paused(&self) -> bool {
+        self.full_until
+            .lock()
+            .is_some_and(|t| std::time::Instant::now() < t)
+    }
+
+    fn note_full(&self) {
+        self.skipped.fetch_add(1, Ordering::Relaxed);
+        let mut g = self.full_until.lock();
+        if g.is_none() {
+            tracing::warn!(dir = %self.dir.display(),
+                "the disk under the cache is full: serving without caching until space returns");
+        }
+        *g = Some(std::time::Instant::now() + FULL_BACKOFF);
+    }
+
+    fn note_space(&self) {
+        let mut g = self.full_until.lock();
+        if g.take().is_some() {
+            tracing::info!(dir = %self.dir.display(), "space returned: caching resumed");
+        }
     }
 
     /// Opens the entry `d` for reading without verifying its bytes, for entries whose key is
@@ -361,6 +416,7 @@ impl DiskCache {
             inserted: self.inserted.load(Ordering::Relaxed),
             evicted: self.evicted.load(Ordering::Relaxed),
             corrupt: self.corrupt.load(Ordering::Relaxed),
+            skipped_full: self.skipped.load(Ordering::Relaxed),
         }
     }
 }

@@ -41,6 +41,8 @@ pub enum ImageError {
     NoSource(String),
     #[error("config {0} is not valid JSON: {1}")]
     BadConfig(String, String),
+    #[error("image has {entries} entries in its layers, over the limit of {limit} (raise the daemon's --max-entries if the image is genuine)")]
+    TooManyEntries { entries: u64, limit: u64 },
 }
 
 /// One opened layer.
@@ -95,7 +97,11 @@ pub fn toc_hint(d: &Descriptor) -> Result<TocHint, OpenError> {
         (Some(o), Some(s)) => Some((o, s)),
         _ => None,
     };
-    Ok(TocHint { digest, location })
+    Ok(TocHint {
+        digest,
+        location,
+        max_entries: None,
+    })
 }
 
 /// Whether a layer descriptor is a strata layer (zstd tar with a TOC annotation).
@@ -132,7 +138,18 @@ pub fn open_layer_toc(
     d: &Descriptor,
     src: &dyn BlobSource,
 ) -> Result<Toc, ImageError> {
-    let hint = toc_hint(d)?;
+    open_layer_toc_limited(store, d, src, format::types::DEFAULT_MAX_ENTRIES)
+}
+
+/// [`open_layer_toc`] refusing a layer of more than `max_entries` entries.
+pub fn open_layer_toc_limited(
+    store: &Store,
+    d: &Descriptor,
+    src: &dyn BlobSource,
+    max_entries: u32,
+) -> Result<Toc, ImageError> {
+    let mut hint = toc_hint(d)?;
+    hint.max_entries = Some(max_entries);
     let cache = toc_cache_path(store, &d.digest)?;
     if let (Some(trusted), Some((offset, size)), Ok(frame)) =
         (hint.digest, hint.location, std::fs::read(&cache))
@@ -161,6 +178,17 @@ pub fn open(
     store: &Store,
     image: &str,
     registry: Option<&Arc<Registry>>,
+) -> Result<OpenedImage, ImageError> {
+    open_limited(store, image, registry, format::types::DEFAULT_MAX_ENTRIES)
+}
+
+/// [`open`] refusing an image of more than `max_entries` entries (all layers together): each
+/// layer is refused before its entries are decoded, the sum after.
+pub fn open_limited(
+    store: &Store,
+    image: &str,
+    registry: Option<&Arc<Registry>>,
+    max_entries: u32,
 ) -> Result<OpenedImage, ImageError> {
     let record = store.resolve(image)?;
     let manifest = store.manifest(&record.descriptor.digest)?;
@@ -212,7 +240,7 @@ pub fn open(
                             _ => return Err(ImageError::NoSource(d.digest.clone())),
                         }
                     };
-                    let toc = open_layer_toc(store, d, blob.as_ref())?;
+                    let toc = open_layer_toc_limited(store, d, blob.as_ref(), max_entries)?;
                     Ok(OpenedLayer {
                         descriptor: d.clone(),
                         toc,
@@ -230,6 +258,13 @@ pub fn open(
             .collect()
     });
     let layers = opened.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let entries: u64 = layers.iter().map(|l| l.toc.entries.len() as u64).sum();
+    if entries > u64::from(max_entries) {
+        return Err(ImageError::TooManyEntries {
+            entries,
+            limit: u64::from(max_entries),
+        });
+    }
     Ok(OpenedImage {
         reference: record.reference,
         manifest_digest: record.descriptor.digest,

@@ -34,6 +34,10 @@ pub struct DaemonSettings {
     /// also caps the whole-file cache of passthrough mounts).
     #[arg(long, env = "STRATA_CACHE_SIZE", default_value = "10G", value_parser = parse_size)]
     pub cache_size: u64,
+    /// Most entries (files, dirs, links) an image may have, all layers together: bounds the
+    /// memory a hostile TOC can cost.
+    #[arg(long, env = "STRATA_MAX_ENTRIES", default_value_t = strata_fs::format::types::DEFAULT_MAX_ENTRIES)]
+    pub max_entries: u32,
 }
 
 impl DaemonSettings {
@@ -41,6 +45,7 @@ impl DaemonSettings {
         ServiceConfig {
             memory_cache: usize::try_from(self.memory_cache).unwrap_or(usize::MAX),
             cache_size: self.cache_size,
+            max_entries: self.max_entries,
             ..ServiceConfig::default()
         }
     }
@@ -51,6 +56,8 @@ impl DaemonSettings {
             self.memory_cache.to_string(),
             "--cache-size".into(),
             self.cache_size.to_string(),
+            "--max-entries".into(),
+            self.max_entries.to_string(),
         ]
     }
 }
@@ -147,16 +154,33 @@ pub fn run(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<()> {
 /// Asks the daemon to stop and waits until it has exited (its lock is free).
 fn stop(g: &GlobalArgs) -> anyhow::Result<()> {
     let layout = Layout::new(&g.root);
-    if call_running(g, &Request::Shutdown)?.is_none() {
+    let Some(pid) = call_running(g, &Request::Ping)?.and_then(|v| v["pid"].as_u64()) else {
         println!("no strata daemon runs for {}", g.root.display());
         return Ok(());
-    }
+    };
+    call_running(g, &Request::Shutdown)?;
     let lock = std::fs::OpenOptions::new()
         .write(true)
         .open(layout.daemon_lock())
         .with_context(|| format!("opening {}", layout.daemon_lock().display()))?;
     let _exited = Flock::lock(lock, FlockArg::LockExclusive)
         .map_err(|(_, e)| anyhow::anyhow!("waiting for the daemon to exit: {e}"))?;
+    // The lock is released while the process exits; its other files (under the store) close
+    // in the same exit: wait for the process itself to be gone (or a zombie, its files closed).
+    let stat = std::path::PathBuf::from(format!("/proc/{pid}/stat"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        match std::fs::read_to_string(&stat) {
+            Ok(s)
+                if s.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')) =>
+            {
+                break
+            }
+            Ok(_) => std::thread::sleep(Duration::from_millis(5)),
+            Err(_) => break,
+        }
+    }
     println!("strata daemon stopped");
     Ok(())
 }

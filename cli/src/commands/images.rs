@@ -191,3 +191,63 @@ pub fn rmi(g: &GlobalArgs, a: RmiArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct VerifyArgs {
+    /// Image reference or manifest digest; an image not in the store, or whose layers are
+    /// not all here, is pulled whole first.
+    pub image: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub registry: super::registry::RegistryArgs,
+}
+
+/// `strata verify IMAGE`: every blob against its digest, every layer's tar stream against its
+/// diff ID and (strata layers) its TOC, every chunk at its offset.
+pub fn verify(g: &GlobalArgs, a: VerifyArgs) -> anyhow::Result<()> {
+    let store = open_store(g)?;
+    let missing = |store: &strata_fs::store::Store| -> anyhow::Result<bool> {
+        let rec = store.resolve(&a.image)?;
+        let m = store.manifest(&rec.descriptor.digest)?;
+        Ok(m.layers.iter().any(|l| !store.has_blob(&l.digest)))
+    };
+    let pull_from = match store.resolve(&a.image) {
+        Ok(rec) if missing(&store)? => {
+            Some(strata_fs::image::source_of(&rec).with_context(|| {
+                format!("{}: layers are missing and no source is known", a.image)
+            })?)
+        }
+        Ok(_) => None,
+        Err(_) => Some(strata_fs::reference::Reference::parse(&a.image)?),
+    };
+    if let Some(r) = pull_from {
+        let client = a.registry.client()?;
+        let (os, arch) = super::registry::platform(None)?;
+        strata_fs::transfer::pull(&store, &client, &r, (&os, &arch), true, &mut |_| {})
+            .with_context(|| format!("pulling {r} to verify it"))?;
+    }
+    let report = strata_builder::verify::verify_image(&store, &a.image)
+        .with_context(|| format!("verifying {}", a.image))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    for l in &report {
+        println!(
+            "{}  {}",
+            l.digest,
+            if l.strata {
+                format!(
+                    "ok: {} entries, {} chunks, {} tar bytes match the TOC",
+                    l.entries, l.chunks, l.tar_bytes
+                )
+            } else {
+                format!("ok: blob and diff ID ({} tar bytes)", l.tar_bytes)
+            }
+        );
+    }
+    println!("{}: verified {} layers", a.image, report.len());
+    Ok(())
+}

@@ -222,3 +222,34 @@ pub fn stats(g: &GlobalArgs, a: StatsArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct MountsArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `strata mounts`: the daemon's live mounts.
+pub fn mounts(g: &GlobalArgs, a: MountsArgs) -> anyhow::Result<()> {
+    let list = daemon::call_running(g, &Request::List)?.unwrap_or(serde_json::json!([]));
+    let list: Vec<MountInfo> = serde_json::from_value(list).context("the daemon's answer")?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    println!(
+        "{:<40} {:<50} {:>9} {:>8}",
+        "MOUNTPOINT", "IMAGE", "ENTRIES", "MOUNT MS"
+    );
+    for m in list {
+        println!(
+            "{:<40} {:<50} {:>9} {:>8}",
+            m.mountpoint.display(),
+            m.image,
+            m.entries,
+            m.time_to_mount_ms
+        );
+    }
+    Ok(())
+}

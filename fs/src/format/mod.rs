@@ -13,7 +13,7 @@ pub mod tar;
 pub mod types;
 pub mod writer;
 
-pub use reader::{decode_chunk, parse_footer, parse_toc};
+pub use reader::{decode_chunk, parse_footer, parse_toc, parse_toc_limited};
 pub use types::*;
 pub use writer::{compress_frame, LayerSummary, LayerWriter};
 
@@ -42,6 +42,8 @@ pub enum FormatError {
         expected: String,
         actual: String,
     },
+    #[error("TOC declares {entries} entries, over the limit of {limit} (raise the daemon's --max-entries if the image is genuine)")]
+    TooManyEntries { entries: u64, limit: u64 },
     #[error("invalid entry {path:?}: {reason}")]
     InvalidEntry { path: String, reason: String },
     #[error("I/O error writing layer: {0}")]

@@ -86,6 +86,17 @@ pub fn parse_footer(b: &[u8], blob_size: u64) -> Result<Footer> {
 /// refused if it does not match. Every chunk must lie inside `0..toc_offset`, the tar data
 /// region of the blob.
 pub fn parse_toc(frame: &[u8], expected: &Sha256Digest, toc_offset: u64) -> Result<Toc> {
+    parse_toc_limited(frame, expected, toc_offset, DEFAULT_MAX_ENTRIES)
+}
+
+/// [`parse_toc`] refusing a TOC of more than `max_entries` entries before decoding them (a
+/// small hostile blob can declare millions of entries that decompress from a few kilobytes).
+pub fn parse_toc_limited(
+    frame: &[u8],
+    expected: &Sha256Digest,
+    toc_offset: u64,
+    max_entries: u32,
+) -> Result<Toc> {
     let actual = Sha256Digest::of(frame);
     if &actual != expected {
         return Err(FormatError::TocDigestMismatch {
@@ -93,11 +104,21 @@ pub fn parse_toc(frame: &[u8], expected: &Sha256Digest, toc_offset: u64) -> Resu
             actual: actual.oci(),
         });
     }
-    parse_toc_unverified(frame, toc_offset)
+    parse_toc_unverified_limited(frame, toc_offset, max_entries)
 }
 
 /// Like [`parse_toc`] without the digest check (for fuzzing and for tools that already checked).
 pub fn parse_toc_unverified(frame: &[u8], toc_offset: u64) -> Result<Toc> {
+    parse_toc_unverified_limited(frame, toc_offset, DEFAULT_MAX_ENTRIES)
+}
+
+fn parse_toc_unverified_limited(frame: &[u8], toc_offset: u64, max_entries: u32) -> Result<Toc> {
+    if frame.len() as u64 > MAX_TOC_FRAME {
+        return Err(corrupt(format!(
+            "TOC frame of {} bytes is over the {MAX_TOC_FRAME}-byte limit",
+            frame.len()
+        )));
+    }
     if frame.len() < SKIPPABLE_HEADER_SIZE + TOC_HEADER_SIZE {
         return Err(corrupt("TOC frame too short"));
     }
@@ -132,6 +153,28 @@ pub fn parse_toc_unverified(frame: &[u8], toc_offset: u64) -> Result<Toc> {
         )));
     }
     let raw = &h[TOC_HEADER_SIZE..];
+    // The entry count is checked against the limit before the body is inflated: only the
+    // body header is decoded first.
+    let mut head = [0u8; BODY_HEADER_SIZE];
+    let head_ok = if flags & TOC_FLAG_ZSTD != 0 {
+        zstd::stream::read::Decoder::with_buffer(raw)
+            .and_then(|mut d| std::io::Read::read_exact(&mut d, &mut head))
+            .is_ok()
+    } else {
+        raw.get(..BODY_HEADER_SIZE)
+            .map(|b| head.copy_from_slice(b))
+            .is_some()
+    };
+    if !head_ok {
+        return Err(corrupt("TOC body too short or does not decompress"));
+    }
+    let declared = u32_at(&head, 0);
+    if declared > max_entries {
+        return Err(FormatError::TooManyEntries {
+            entries: u64::from(declared),
+            limit: u64::from(max_entries),
+        });
+    }
     let body = if flags & TOC_FLAG_ZSTD != 0 {
         let b = zstd::bulk::decompress(raw, body_len as usize)
             .map_err(|e| corrupt(format!("TOC body does not decompress: {e}")))?;
@@ -239,7 +282,10 @@ pub fn parse_body(b: &[u8], data_end: u64) -> Result<Toc> {
             let end = chunk
                 .compressed_offset
                 .checked_add(u64::from(chunk.compressed_len));
-            if chunk.compressed_len == 0 || end.is_none_or(|e| e > data_end) {
+            if chunk.compressed_len == 0
+                || chunk.compressed_len > MAX_COMPRESSED_CHUNK
+                || end.is_none_or(|e| e > data_end)
+            {
                 return Err(bad(format!(
                     "chunk at {}+{} lies outside the blob's data ({data_end} bytes)",
                     chunk.compressed_offset, chunk.compressed_len

@@ -36,6 +36,13 @@ pub const XATTR_RECORD_SIZE: usize = 16;
 pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
 /// Largest uncompressed TOC body a reader accepts.
 pub const MAX_TOC_BODY: u64 = 1 << 31;
+/// Largest compressed chunk frame a reader accepts: zstd's worst-case bound for
+/// [`MAX_CHUNK_SIZE`] bytes (so one range read never asks for more than this per chunk).
+pub const MAX_COMPRESSED_CHUNK: u32 = MAX_CHUNK_SIZE + (MAX_CHUNK_SIZE >> 7) + (128 << 10);
+/// Largest TOC frame a reader reads (checked before anything is allocated or fetched).
+pub const MAX_TOC_FRAME: u64 = 512 << 20;
+/// Default limit on entries per image (all layers together); configurable by the reader.
+pub const DEFAULT_MAX_ENTRIES: u32 = 1_000_000;
 
 /// Default chunk size; chosen by measurement, see `docs/benchmarks.md`.
 pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;

@@ -191,6 +191,8 @@ pub struct ServiceConfig {
     pub cache_size: u64,
     /// Threads per mount that wait on fetches for reads.
     pub fetch_threads: usize,
+    /// Most entries an image may have (all layers together); bounds the memory of a TOC.
+    pub max_entries: u32,
 }
 
 impl Default for ServiceConfig {
@@ -199,6 +201,7 @@ impl Default for ServiceConfig {
             memory_cache: 256 << 20,
             cache_size: 10 << 30,
             fetch_threads: 16,
+            max_entries: crate::format::types::DEFAULT_MAX_ENTRIES,
         }
     }
 }
@@ -346,8 +349,13 @@ impl MountService {
                 ));
             }
         }
-        let image = crate::image::open(store, &req.image, Some(&client))
-            .map_err(|e| ServiceError::Image(format!("opening {}: {e}", req.image)))?;
+        let image = crate::image::open_limited(
+            store,
+            &req.image,
+            Some(&client),
+            self.inner.config.max_entries,
+        )
+        .map_err(|e| ServiceError::Image(format!("opening {}: {e}", req.image)))?;
         let reference = image.reference.to_string();
         let manifest = image.manifest_digest.clone();
         let (tree, blobs) = image
@@ -791,7 +799,8 @@ pub fn resolve_mountpoint(mountpoint: &Path) -> PathBuf {
     }
 }
 
-/// Whether a strata FUSE filesystem is mounted at `mountpoint` (per /proc/self/mountinfo).
+/// Whether a strata FUSE filesystem is mounted at `mountpoint` (per /proc/self/mountinfo: a
+/// `fuse` or `fuse.strata` mount whose source is `strata…`).
 pub fn is_strata_mount(mountpoint: &Path) -> bool {
     let target = mountpoint.to_string_lossy();
     std::fs::read_to_string("/proc/self/mountinfo")
@@ -799,12 +808,17 @@ pub fn is_strata_mount(mountpoint: &Path) -> bool {
         .lines()
         .any(|l| {
             let fields: Vec<&str> = l.split_whitespace().collect();
-            let fstype = fields
+            let after = fields
                 .iter()
                 .position(|f| *f == "-")
-                .and_then(|i| fields.get(i + 1));
+                .map(|i| &fields[i + 1..]);
+            let (fstype, source) = match after {
+                Some([t, s, ..]) => (*t, *s),
+                _ => return false,
+            };
             fields.get(4).is_some_and(|p| unescape(p) == target)
-                && fstype.is_some_and(|t| *t == "fuse.strata")
+                && (fstype == "fuse" || fstype == "fuse.strata")
+                && source.starts_with("strata")
         })
 }
 
