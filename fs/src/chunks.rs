@@ -61,7 +61,13 @@ pub struct ChunkPool {
     disk: Option<Arc<DiskCache>>,
     /// Fetches for readers in progress on any mount (background work yields to them).
     active: AtomicUsize,
+    /// When the last reader's fetch ended: background work waits for a quiet moment, so a
+    /// reader's next fetch does not queue behind a prefetch range on the link.
+    last_demand: Mutex<std::time::Instant>,
 }
+
+/// How long after a reader's fetch background prefetch stays paused.
+pub const DEMAND_QUIET: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl std::fmt::Debug for ChunkPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -83,6 +89,7 @@ impl ChunkPool {
             inflight: Mutex::new(HashMap::new()),
             disk,
             active: AtomicUsize::new(0),
+            last_demand: Mutex::new(std::time::Instant::now() - DEMAND_QUIET),
         })
     }
 
@@ -95,9 +102,9 @@ impl ChunkPool {
         self.lru.lock().bytes
     }
 
-    /// Whether readers of any mount are waiting on fetches right now.
+    /// Whether readers of any mount are waiting on fetches right now, or were a moment ago.
     pub fn busy(&self) -> bool {
-        self.active.load(Ordering::Relaxed) > 0
+        self.active.load(Ordering::Relaxed) > 0 || self.last_demand.lock().elapsed() < DEMAND_QUIET
     }
 }
 
@@ -149,6 +156,14 @@ impl ChunkCache {
 
     pub fn contains(&self, digest: &Sha256Digest) -> bool {
         self.pool.lru.lock().map.contains(digest)
+    }
+
+    /// Whether the chunk is in memory, on disk (where this blob would be cached), or being
+    /// fetched: fetching it again would be waste.
+    pub fn has(&self, src: &dyn BlobSource, digest: &Sha256Digest) -> bool {
+        self.contains(digest)
+            || self.pool.inflight.lock().contains_key(digest)
+            || self.disk_for(src).is_some_and(|d| d.contains(digest))
     }
 
     fn insert(&self, digest: Sha256Digest, data: Data) {
@@ -227,6 +242,7 @@ impl ChunkCache {
     ) -> Vec<Result<Data, ChunkError>> {
         self.pool.active.fetch_add(1, Ordering::Relaxed);
         let out = self.fetch_many(src, chunks, true);
+        *self.pool.last_demand.lock() = std::time::Instant::now();
         self.pool.active.fetch_sub(1, Ordering::Relaxed);
         out
     }

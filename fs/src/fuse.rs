@@ -124,7 +124,15 @@ struct Shared {
     blobs: Vec<Arc<dyn BlobSource>>,
     cache: ChunkCache,
     ops: OpStats,
+    /// Per remote layer, its chunks in blob order (empty for local layers): a small read that
+    /// must go to the registry takes the chunks that follow it in the same request.
+    blob_order: Vec<Vec<Chunk>>,
 }
+
+/// A fetch from a remote layer smaller than this is topped up with the chunks that follow it
+/// in the blob (files of the same directory, usually read next): one round trip for many small
+/// files instead of one each.
+const NEIGHBOUR_FETCH: u64 = 256 << 10;
 
 /// A read waiting for chunks that are not in memory, handed from a FUSE worker to a fetch
 /// thread.
@@ -297,6 +305,43 @@ impl Shared {
         Some((data.layer, &e.chunks))
     }
 
+    /// Chunks that follow `needed` in a remote layer's blob and are cached nowhere, up to
+    /// [`NEIGHBOUR_FETCH`] compressed bytes in all (none when `needed` is cached or large).
+    fn neighbours(&self, layer: u32, blob: &dyn BlobSource, needed: &[Chunk]) -> Vec<Chunk> {
+        let Some(order) = self
+            .blob_order
+            .get(layer as usize)
+            .filter(|o| !o.is_empty())
+        else {
+            return Vec::new();
+        };
+        let mut bytes: u64 = needed.iter().map(|c| u64::from(c.compressed_len)).sum();
+        let (Some(last), true) = (
+            needed.last(),
+            bytes < NEIGHBOUR_FETCH && needed.iter().any(|c| !self.cache.has(blob, &c.digest)),
+        ) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let from = order.partition_point(|c| c.compressed_offset <= last.compressed_offset);
+        let mut end = last.compressed_offset + u64::from(last.compressed_len);
+        for c in &order[from..] {
+            // Stop at a gap a range read would not bridge, or at the budget.
+            let gap = c.compressed_offset.saturating_sub(end);
+            if gap > crate::chunks::MAX_GAP || bytes + u64::from(c.compressed_len) > NEIGHBOUR_FETCH
+            {
+                break;
+            }
+            end = c.compressed_offset + u64::from(c.compressed_len);
+            bytes += u64::from(c.compressed_len) + gap;
+            if !self.cache.has(blob, &c.digest) && !out.iter().any(|o: &Chunk| o.digest == c.digest)
+            {
+                out.push(*c);
+            }
+        }
+        out
+    }
+
     /// Whether every chunk a read needs is in the memory cache (or it needs none).
     fn in_memory(&self, n: &Node, offset: u64, size: u32) -> bool {
         if offset >= n.size || size == 0 {
@@ -347,10 +392,12 @@ impl Shared {
         }
         // All chunks of this read in one call, so missing neighbours share a range read.
         let needed = &chunks[first..last];
+        let mut wanted = needed.to_vec();
+        wanted.extend(self.neighbours(layer, blob.as_ref(), needed));
         let mut pieces = Vec::with_capacity(needed.len());
         for (c, data) in needed
             .iter()
-            .zip(self.cache.get_many(blob.as_ref(), needed))
+            .zip(self.cache.get_many(blob.as_ref(), &wanted))
         {
             let data = match data {
                 Ok(d) => d,
@@ -413,6 +460,7 @@ impl StrataFs {
             .unwrap_or_else(|| ChunkPool::new(config.memory_cache, config.disk_cache.clone()));
         StrataFs {
             shared: Arc::new(Shared {
+                blob_order: blob_order(&tree, &blobs),
                 tree,
                 blobs,
                 cache: ChunkCache::with_pool(pool, config.cache_local),
@@ -1007,7 +1055,7 @@ fn start_background_prefetch(shared: std::sync::Weak<Shared>, profile: Vec<Vec<u
                 let mut batch_bytes = 0u64;
                 for c in chunks.into_iter().chain(std::iter::once(SENTINEL)) {
                     let flush = c.compressed_len == 0
-                        || batch_bytes + u64::from(c.compressed_len) > crate::chunks::MAX_RUN;
+                        || batch_bytes + u64::from(c.compressed_len) > PREFETCH_BATCH;
                     if flush && !batch.is_empty() {
                         let Some(s) = shared.upgrade() else { return };
                         while s.cache.busy() {
@@ -1037,6 +1085,31 @@ fn start_background_prefetch(shared: std::sync::Weak<Shared>, profile: Vec<Vec<u
                 started.elapsed().as_secs_f64()
             );
         });
+}
+
+/// Compressed bytes per background prefetch request: small enough that a reader's fetch never
+/// waits long behind one on a slow link (100 Mbit/s: ~80 ms), large enough to amortise the
+/// round trip.
+const PREFETCH_BATCH: u64 = 1 << 20;
+
+/// Each remote layer's chunks sorted by their place in the blob (empty for local layers).
+fn blob_order(tree: &Tree, blobs: &[Arc<dyn BlobSource>]) -> Vec<Vec<Chunk>> {
+    tree.layers
+        .iter()
+        .zip(blobs)
+        .map(|(toc, blob)| {
+            if blob.is_local() {
+                return Vec::new();
+            }
+            let mut v: Vec<Chunk> = toc
+                .entries
+                .iter()
+                .flat_map(|e| e.chunks.iter().copied())
+                .collect();
+            v.sort_by_key(|c| c.compressed_offset);
+            v
+        })
+        .collect()
 }
 
 /// Marks the end of a layer's chunk list in the prefetch loop.

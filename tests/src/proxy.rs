@@ -23,6 +23,10 @@ pub enum Fault {
     Corrupt,
     /// Accept the request and never answer.
     Hang,
+    /// Answer 200 with no length and stream zeros until the client goes away (at most 60 s).
+    Endless,
+    /// Forward without the Range header: the registry answers 200 with the whole blob.
+    IgnoreRange,
 }
 
 #[derive(Default)]
@@ -163,6 +167,21 @@ fn handle(client: TcpStream, upstream: &str, state: &Mutex<State>) -> std::io::R
             std::thread::sleep(Duration::from_secs(120));
             return Ok(());
         }
+        Fault::Endless => {
+            client.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\n\
+                  Docker-Content-Digest: sha256:0000000000000000000000000000000000000000000000000000000000000000\r\n\
+                  Connection: close\r\n\r\n",
+            )?;
+            let zeros = vec![0u8; 64 << 10];
+            let until = std::time::Instant::now() + Duration::from_secs(60);
+            while std::time::Instant::now() < until {
+                if client.write_all(&zeros).is_err() {
+                    break;
+                }
+            }
+            return Ok(());
+        }
         _ => {}
     }
     // Forward with Connection: close so one request maps to one upstream connection.
@@ -170,6 +189,9 @@ fn handle(client: TcpStream, upstream: &str, state: &Mutex<State>) -> std::io::R
     for line in text.split("\r\n").filter(|l| !l.is_empty()) {
         let lower = line.to_ascii_lowercase();
         if lower.starts_with("connection:") || lower.starts_with("host:") {
+            continue;
+        }
+        if fault == Fault::IgnoreRange && lower.starts_with("range:") {
             continue;
         }
         req.extend_from_slice(line.as_bytes());
