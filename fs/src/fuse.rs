@@ -98,6 +98,9 @@ pub struct MountConfig {
     pub setuid: bool,
     /// Threads that wait on fetches for reads, so FUSE workers never block on a registry.
     pub fetch_threads: usize,
+    /// A read from a remote layer needing fewer compressed bytes than this takes the chunks
+    /// that follow it in the blob up to this many (0: only what the read needs).
+    pub neighbour_fetch: u64,
 }
 
 impl Default for MountConfig {
@@ -115,6 +118,7 @@ impl Default for MountConfig {
             pool: None,
             setuid: false,
             fetch_threads: 16,
+            neighbour_fetch: NEIGHBOUR_FETCH,
         }
     }
 }
@@ -127,12 +131,13 @@ struct Shared {
     /// Per remote layer, its chunks in blob order (empty for local layers): a small read that
     /// must go to the registry takes the chunks that follow it in the same request.
     blob_order: Vec<Vec<Chunk>>,
+    neighbour_fetch: u64,
 }
 
 /// A fetch from a remote layer smaller than this is topped up with the chunks that follow it
 /// in the blob (files of the same directory, usually read next): one round trip for many small
 /// files instead of one each.
-const NEIGHBOUR_FETCH: u64 = 256 << 10;
+pub const NEIGHBOUR_FETCH: u64 = 256 << 10;
 
 /// A read waiting for chunks that are not in memory, handed from a FUSE worker to a fetch
 /// thread.
@@ -318,7 +323,7 @@ impl Shared {
         let mut bytes: u64 = needed.iter().map(|c| u64::from(c.compressed_len)).sum();
         let (Some(last), true) = (
             needed.last(),
-            bytes < NEIGHBOUR_FETCH && needed.iter().any(|c| !self.cache.has(blob, &c.digest)),
+            bytes < self.neighbour_fetch && needed.iter().any(|c| !self.cache.has(blob, &c.digest)),
         ) else {
             return Vec::new();
         };
@@ -328,7 +333,8 @@ impl Shared {
         for c in &order[from..] {
             // Stop at a gap a range read would not bridge, or at the budget.
             let gap = c.compressed_offset.saturating_sub(end);
-            if gap > crate::chunks::MAX_GAP || bytes + u64::from(c.compressed_len) > NEIGHBOUR_FETCH
+            if gap > crate::chunks::MAX_GAP
+                || bytes + u64::from(c.compressed_len) > self.neighbour_fetch
             {
                 break;
             }
@@ -461,6 +467,7 @@ impl StrataFs {
         StrataFs {
             shared: Arc::new(Shared {
                 blob_order: blob_order(&tree, &blobs),
+                neighbour_fetch: config.neighbour_fetch,
                 tree,
                 blobs,
                 cache: ChunkCache::with_pool(pool, config.cache_local),

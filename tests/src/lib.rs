@@ -6,4 +6,5 @@ pub mod image;
 pub mod proxy;
 pub mod registry;
 pub mod snapshot;
+pub mod tls;
 pub mod util;

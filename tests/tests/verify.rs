@@ -83,7 +83,8 @@ fn verify_accepts_a_true_image_and_finds_every_lie() {
     assert!(layers.iter().all(|l| l["chunks"].as_u64().unwrap() > 0));
 
     // A TOC that says another mode than the tar header (digests all consistent).
-    let lies: Vec<(&str, Box<dyn Fn(&mut format::Toc)>)> = vec![
+    type Lie = Box<dyn Fn(&mut format::Toc)>;
+    let lies: Vec<(&str, Lie)> = vec![
         (
             "mode",
             Box::new(|t: &mut format::Toc| {

@@ -38,6 +38,10 @@ pub struct DaemonSettings {
     /// memory a hostile TOC can cost.
     #[arg(long, env = "STRATA_MAX_ENTRIES", default_value_t = strata_fs::format::types::DEFAULT_MAX_ENTRIES)]
     pub max_entries: u32,
+    /// A lazy read of a small file fetches the chunks that follow it in the layer blob too, up
+    /// to this many compressed bytes per request (0: only what was read).
+    #[arg(long, env = "STRATA_NEIGHBOUR_FETCH", default_value = "256K", value_parser = parse_size)]
+    pub neighbour_fetch: u64,
 }
 
 impl DaemonSettings {
@@ -46,6 +50,7 @@ impl DaemonSettings {
             memory_cache: usize::try_from(self.memory_cache).unwrap_or(usize::MAX),
             cache_size: self.cache_size,
             max_entries: self.max_entries,
+            neighbour_fetch: self.neighbour_fetch,
             ..ServiceConfig::default()
         }
     }
@@ -58,6 +63,8 @@ impl DaemonSettings {
             self.cache_size.to_string(),
             "--max-entries".into(),
             self.max_entries.to_string(),
+            "--neighbour-fetch".into(),
+            self.neighbour_fetch.to_string(),
         ]
     }
 }

@@ -1,16 +1,22 @@
 //! An OCI distribution client: manifests and indexes, blobs and byte ranges of blobs, uploads,
 //! with anonymous, basic and bearer-token auth and retries with backoff.
 //!
+//! TLS trusts the system's CA bundle plus, per host, what its `hosts.toml` says (`ca`, `client`,
+//! `skip_verify`; see [`hosts`]): one agent per distinct TLS setting. Blob range reads follow a
+//! registry's redirect (to object storage or a CDN) once and reuse the final URL for later ranges
+//! of the same blob for a few minutes, without the registry's `Authorization` header.
+//!
 //! It is synchronous on purpose: FUSE requests are served on a pool of threads, and a range read
 //! is one blocking request on the thread that needs the bytes (no async runtime in between).
 
 pub mod auth;
 pub mod hosts;
+mod tls;
 
 use std::collections::HashMap;
 use std::io::Read;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use ureq::http::{Response, StatusCode};
@@ -20,7 +26,7 @@ use crate::format::Sha256Digest;
 use crate::oci::{self, Index, Manifest};
 use crate::reference::Reference;
 use auth::{parse_challenge, Challenge, Credential, CredentialStore};
-use hosts::Endpoint;
+use hosts::{Endpoint, TlsSettings};
 
 /// Media types a manifest request accepts.
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
@@ -30,6 +36,12 @@ application/vnd.docker.distribution.manifest.list.v2+json";
 
 /// Largest manifest or config accepted.
 const MAX_METADATA: u64 = 16 << 20;
+
+/// How long the URL a blob's range read was redirected to is reused.
+const REDIRECT_TTL: Duration = Duration::from_secs(300);
+
+/// Redirects followed by hand for a range read.
+const MAX_REDIRECTS: u32 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -48,6 +60,30 @@ pub enum RegistryError {
     },
     #[error("{host}: authentication required (run `strata login {host}`)")]
     Unauthorized { host: String },
+    #[error(
+        "{url}: the TLS certificate of {authority} is not trusted ({reason}); add the CA that \
+         signed it with `ca = \"ca.pem\"` in {hosts_toml} (or set `skip_verify = true` there)"
+    )]
+    UntrustedCertificate {
+        url: String,
+        authority: String,
+        reason: String,
+        hosts_toml: String,
+    },
+    #[error(
+        "{url}: {authority} refused the TLS client certificate or requires one ({reason}); set \
+         `client = [[\"client.pem\", \"client.key\"]]` in {hosts_toml}"
+    )]
+    ClientCertificate {
+        url: String,
+        authority: String,
+        reason: String,
+        hosts_toml: String,
+    },
+    #[error("TLS settings of {authority} (hosts.toml): {reason}")]
+    TlsSettings { authority: String, reason: String },
+    #[error(transparent)]
+    Credentials(#[from] auth::CredentialError),
     #[error("{what} digest mismatch: expected {expected}, got {actual}")]
     DigestMismatch {
         what: String,
@@ -73,7 +109,8 @@ pub struct RegistryConfig {
     pub connect_timeout: Duration,
     /// Time allowed without progress while reading a response.
     pub read_timeout: Duration,
-    /// Directory of per-host `hosts.toml` files (mirrors), containerd's `certs.d` layout.
+    /// Directory of per-host `hosts.toml` files (mirrors, TLS settings), containerd's `certs.d`
+    /// layout.
     pub hosts_dir: Option<std::path::PathBuf>,
 }
 
@@ -101,11 +138,37 @@ pub struct Resolved {
 
 /// A registry client shared by every request of a process.
 pub struct Registry {
-    agent: ureq::Agent,
+    /// Agents with the system trust store and no client certificate.
+    agents: Agents,
+    /// Agents for endpoints with their own TLS settings, built on first use.
+    tls_agents: Mutex<HashMap<TlsSettings, Agents>>,
+    /// The system's CA certificates, if a bundle was found.
+    system_roots: Option<Arc<Vec<ureq::tls::Certificate<'static>>>>,
     config: RegistryConfig,
     creds: CredentialStore,
     /// Authorization header per (host, repository, actions).
     tokens: Mutex<HashMap<String, String>>,
+    /// Endpoints per registry host (hosts.toml is read once).
+    endpoint_cache: Mutex<HashMap<String, Vec<Endpoint>>>,
+    /// Where a blob's range reads were redirected to, and when: per (endpoint, repository, digest).
+    redirects: Mutex<HashMap<String, (String, Instant)>>,
+}
+
+/// Two agents with the same TLS settings: one following redirects, one returning them (range
+/// reads follow them by hand to remember where they led).
+#[derive(Clone)]
+struct Agents {
+    follow: ureq::Agent,
+    manual: ureq::Agent,
+}
+
+/// Where a request goes: the agents for its endpoint, and whose credentials and tokens it uses.
+struct At {
+    agents: Agents,
+    /// Host credentials and tokens are kept under.
+    host: String,
+    /// The registry host (names its hosts.toml in error messages).
+    registry: String,
 }
 
 enum Body<'a> {
@@ -124,25 +187,78 @@ fn is_loopback(host: &str) -> bool {
     h == "localhost" || h.starts_with("127.") || h == "[::1]"
 }
 
+impl Agents {
+    fn new(config: &RegistryConfig, tls: ureq::tls::TlsConfig) -> Self {
+        let agent = |redirects: u32| -> ureq::Agent {
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_connect(Some(config.connect_timeout))
+                .timeout_recv_response(Some(config.read_timeout))
+                .timeout_recv_body(Some(config.read_timeout))
+                .timeout_send_body(Some(config.read_timeout))
+                .max_redirects(redirects)
+                .user_agent(concat!("strata/", env!("CARGO_PKG_VERSION")))
+                .max_idle_connections_per_host(16)
+                .tls_config(tls.clone())
+                .build()
+                .into()
+        };
+        Agents {
+            follow: agent(MAX_REDIRECTS),
+            manual: agent(0),
+        }
+    }
+}
+
 impl Registry {
     pub fn new(config: RegistryConfig, creds: CredentialStore) -> Self {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_connect(Some(config.connect_timeout))
-            .timeout_recv_response(Some(config.read_timeout))
-            .timeout_recv_body(Some(config.read_timeout))
-            .timeout_send_body(Some(config.read_timeout))
-            .max_redirects(5)
-            .user_agent(concat!("strata/", env!("CARGO_PKG_VERSION")))
-            .max_idle_connections_per_host(16)
-            .build()
-            .into();
+        let system_roots = tls::system_roots();
+        let agents = Agents::new(&config, tls::default_config(system_roots.as_ref()));
         Registry {
-            agent,
+            agents,
+            tls_agents: Mutex::new(HashMap::new()),
+            system_roots,
             config,
             creds,
             tokens: Mutex::new(HashMap::new()),
+            endpoint_cache: Mutex::new(HashMap::new()),
+            redirects: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The agents for an endpoint's TLS settings.
+    fn agents_for(&self, ep: &Endpoint) -> Result<Agents> {
+        if ep.tls.is_default() || !ep.base.starts_with("https://") {
+            return Ok(self.agents.clone());
+        }
+        let mut map = self.tls_agents.lock();
+        if let Some(a) = map.get(&ep.tls) {
+            return Ok(a.clone());
+        }
+        let config = tls::config(&ep.tls, self.system_roots.as_ref()).map_err(|reason| {
+            RegistryError::TlsSettings {
+                authority: ep.authority.clone(),
+                reason,
+            }
+        })?;
+        if ep.tls.skip_verify {
+            tracing::warn!(
+                endpoint = %ep.base,
+                "skip_verify: the server's TLS certificate is not verified"
+            );
+        }
+        let agents = Agents::new(&self.config, config);
+        map.insert(ep.tls.clone(), agents.clone());
+        Ok(agents)
+    }
+
+    /// Where requests to `ep` for the image `r` go.
+    fn at(&self, ep: &Endpoint, r: &Reference) -> Result<At> {
+        Ok(At {
+            agents: self.agents_for(ep)?,
+            host: Self::auth_host(ep, r),
+            registry: r.registry.clone(),
+        })
     }
 
     /// The base URL of a registry host's API.
@@ -156,9 +272,21 @@ impl Registry {
         format!("{}://{api_host}", if insecure { "http" } else { "https" })
     }
 
+    /// Every endpoint of `host` from hosts.toml (read once per host), the server last.
+    fn all_endpoints(&self, host: &str) -> Vec<Endpoint> {
+        if let Some(e) = self.endpoint_cache.lock().get(host) {
+            return e.clone();
+        }
+        let all = hosts::endpoints(self.config.hosts_dir.as_deref(), host, &self.base_url(host));
+        self.endpoint_cache
+            .lock()
+            .insert(host.to_string(), all.clone());
+        all
+    }
+
     /// Where to send requests for `host`: mirrors from hosts.toml, then the server.
     pub fn endpoints(&self, host: &str, push: bool) -> Vec<Endpoint> {
-        let all = hosts::endpoints(self.config.hosts_dir.as_deref(), host, &self.base_url(host));
+        let all = self.all_endpoints(host);
         let chosen: Vec<Endpoint> = all
             .iter()
             .filter(|e| if push { e.push } else { e.pull })
@@ -220,7 +348,7 @@ impl Registry {
         &self,
         method: &'static str,
         url: &str,
-        host: &str,
+        at: &At,
         scope: &str,
         headers: &[(&str, String)],
         body: Body<'_>,
@@ -228,33 +356,44 @@ impl Registry {
         self.send_attempts(
             method,
             url,
-            host,
+            at,
             scope,
             headers,
             body,
             self.config.attempts,
+            true,
         )
     }
 
+    /// Sends a request, answering one 401 by authenticating (again: a token that expired is
+    /// replaced once) and retrying transport errors, 5xx and 429 up to `attempts` times. With
+    /// `follow` false, redirects are returned rather than followed.
     #[allow(clippy::too_many_arguments)]
     fn send_attempts(
         &self,
         method: &'static str,
         url: &str,
-        host: &str,
+        at: &At,
         scope: &str,
         headers: &[(&str, String)],
         body: Body<'_>,
         attempts: u32,
+        follow: bool,
     ) -> Result<Response<ureq::Body>> {
+        let host = at.host.as_str();
         let key = format!("{host} {scope}");
+        let agent = if follow {
+            &at.agents.follow
+        } else {
+            &at.agents.manual
+        };
         let mut authed_once = false;
         let mut attempt = 0;
         loop {
             attempt += 1;
             let auth = self.tokens.lock().get(&key).cloned();
-            let result = self.send_once(method, url, headers, auth.as_deref(), &body);
-            let retryable = match &result {
+            let result = self.send_once(agent, at, method, url, headers, auth.as_deref(), &body);
+            let retry = match &result {
                 Ok(resp) => {
                     let s = resp.status();
                     if s == StatusCode::UNAUTHORIZED && !authed_once {
@@ -264,21 +403,23 @@ impl Registry {
                             .get("www-authenticate")
                             .and_then(|v| v.to_str().ok())
                             .and_then(parse_challenge);
-                        let header = self.authorize(host, scope, challenge)?;
+                        let header = self.authorize(at, scope, challenge)?;
                         self.tokens.lock().insert(key.clone(), header);
                         attempt -= 1;
                         continue;
                     }
                     if s == StatusCode::UNAUTHORIZED {
+                        // Forget what was refused: the next request authenticates afresh.
+                        self.tokens.lock().remove(&key);
                         return Err(RegistryError::Unauthorized {
                             host: host.to_string(),
                         });
                     }
                     s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS
                 }
-                Err(_) => true,
+                Err(e) => retryable(e),
             };
-            if !retryable || attempt >= attempts {
+            if !retry || attempt >= attempts {
                 return result;
             }
             let delay = self.config.backoff * 2u32.pow(attempt - 1);
@@ -287,19 +428,57 @@ impl Registry {
         }
     }
 
+    /// Where the hosts.toml of `registry` is (for error messages).
+    fn hosts_toml(&self, registry: &str) -> String {
+        match &self.config.hosts_dir {
+            Some(d) => format!("{}/{registry}/hosts.toml", d.display()),
+            None => format!("DIR/{registry}/hosts.toml (with --hosts-dir DIR)"),
+        }
+    }
+
+    /// A transport error, explained when it is about certificates.
+    fn transport_error(
+        &self,
+        at: &At,
+        method: &'static str,
+        url: &str,
+        e: ureq::Error,
+    ) -> RegistryError {
+        let reason = e.to_string();
+        let tls_reason = || reason.trim_start_matches("io: ").to_string();
+        match tls::classify(&e) {
+            Some(tls::Failure::Untrusted) => RegistryError::UntrustedCertificate {
+                url: url.to_string(),
+                authority: hosts::authority_of(url),
+                reason: tls_reason(),
+                hosts_toml: self.hosts_toml(&at.registry),
+            },
+            Some(tls::Failure::ClientCert) => RegistryError::ClientCertificate {
+                url: url.to_string(),
+                authority: hosts::authority_of(url),
+                reason: tls_reason(),
+                hosts_toml: self.hosts_toml(&at.registry),
+            },
+            None => RegistryError::Transport {
+                method,
+                url: url.to_string(),
+                reason,
+            },
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn send_once(
         &self,
+        agent: &ureq::Agent,
+        at: &At,
         method: &'static str,
         url: &str,
         headers: &[(&str, String)],
         auth: Option<&str>,
         body: &Body<'_>,
     ) -> Result<Response<ureq::Body>> {
-        let transport = |e: ureq::Error| RegistryError::Transport {
-            method,
-            url: url.to_string(),
-            reason: e.to_string(),
-        };
+        let transport = |e: ureq::Error| self.transport_error(at, method, url, e);
         macro_rules! with_headers {
             ($b:expr) => {{
                 let mut b = $b;
@@ -313,80 +492,102 @@ impl Registry {
             }};
         }
         match (method, body) {
-            ("GET", _) => with_headers!(self.agent.get(url)).call().map_err(transport),
-            ("HEAD", _) => with_headers!(self.agent.head(url))
-                .call()
-                .map_err(transport),
-            ("DELETE", _) => with_headers!(self.agent.delete(url))
-                .call()
-                .map_err(transport),
-            ("POST", Body::None) => with_headers!(self.agent.post(url))
+            ("GET", _) => with_headers!(agent.get(url)).call().map_err(transport),
+            ("HEAD", _) => with_headers!(agent.head(url)).call().map_err(transport),
+            ("DELETE", _) => with_headers!(agent.delete(url)).call().map_err(transport),
+            ("POST", Body::None) => with_headers!(agent.post(url))
                 .send_empty()
                 .map_err(transport),
-            ("POST", Body::Bytes(b)) => with_headers!(self.agent.post(url))
-                .send(*b)
-                .map_err(transport),
-            ("PUT", Body::None) => with_headers!(self.agent.put(url))
+            ("POST", Body::Bytes(b)) => with_headers!(agent.post(url)).send(*b).map_err(transport),
+            ("PUT", Body::None) => with_headers!(agent.put(url))
                 .send_empty()
                 .map_err(transport),
-            ("PUT", Body::Bytes(b)) => with_headers!(self.agent.put(url))
-                .send(*b)
-                .map_err(transport),
-            ("PATCH", Body::None) => with_headers!(self.agent.patch(url))
+            ("PUT", Body::Bytes(b)) => with_headers!(agent.put(url)).send(*b).map_err(transport),
+            ("PATCH", Body::None) => with_headers!(agent.patch(url))
                 .send_empty()
                 .map_err(transport),
-            ("PATCH", Body::Bytes(b)) => with_headers!(self.agent.patch(url))
-                .send(*b)
-                .map_err(transport),
+            ("PATCH", Body::Bytes(b)) => {
+                with_headers!(agent.patch(url)).send(*b).map_err(transport)
+            }
             _ => Err(RegistryError::Invalid(format!(
                 "unsupported method {method}"
             ))),
         }
     }
 
-    /// Answers a 401 challenge: basic credentials, or a bearer token from the realm.
-    fn authorize(&self, host: &str, scope: &str, challenge: Option<Challenge>) -> Result<String> {
-        let cred = self.creds.get(host);
+    /// Answers a 401 challenge: basic credentials, or a bearer token from the realm (asked with
+    /// basic credentials, or an OAuth2 refresh-token grant for an identity token).
+    fn authorize(&self, at: &At, scope: &str, challenge: Option<Challenge>) -> Result<String> {
+        let host = at.host.as_str();
+        let cred = self.creds.get(host)?;
+        let unauthorized = || RegistryError::Unauthorized {
+            host: host.to_string(),
+        };
         match challenge {
-            Some(Challenge::Basic) | None => {
-                cred.map(Credential::basic_header)
-                    .ok_or_else(|| RegistryError::Unauthorized {
-                        host: host.to_string(),
-                    })
-            }
+            Some(Challenge::Basic) | None => cred
+                .as_ref()
+                .map(Credential::basic_header)
+                .ok_or_else(unauthorized),
             Some(Challenge::Bearer {
                 realm,
                 service,
                 scope: offered,
             }) => {
-                let mut url = realm.clone();
-                let mut sep = if url.contains('?') { '&' } else { '?' };
-                if let Some(s) = service {
-                    url.push_str(&format!("{sep}service={}", encode(&s)));
-                    sep = '&';
-                }
                 let scope = if scope.is_empty() {
                     offered.unwrap_or_default()
                 } else {
                     scope.to_string()
                 };
-                if !scope.is_empty() {
-                    url.push_str(&format!("{sep}scope={}", encode(&scope)));
-                }
-                let mut req = self.agent.get(&url);
-                if let Some(c) = cred {
-                    req = req.header("Authorization", c.basic_header());
-                }
-                let mut resp = req.call().map_err(|e| RegistryError::Transport {
-                    method: "GET",
-                    url: url.clone(),
-                    reason: e.to_string(),
-                })?;
+                let agent = &at.agents.follow;
+                let (url, resp) = match cred.as_ref().filter(|c| c.is_identity_token()) {
+                    Some(c) => {
+                        // Docker's OAuth2 flow for identity tokens.
+                        let mut form = vec![
+                            ("grant_type", "refresh_token".to_string()),
+                            ("client_id", "strata".to_string()),
+                            ("refresh_token", c.password.clone()),
+                        ];
+                        if let Some(s) = &service {
+                            form.push(("service", s.clone()));
+                        }
+                        if !scope.is_empty() {
+                            form.push(("scope", scope.clone()));
+                        }
+                        let body = form
+                            .iter()
+                            .map(|(k, v)| format!("{k}={}", encode(v)))
+                            .collect::<Vec<_>>()
+                            .join("&");
+                        let resp = agent
+                            .post(&realm)
+                            .header("Content-Type", "application/x-www-form-urlencoded")
+                            .send(body.as_bytes());
+                        (realm.clone(), resp)
+                    }
+                    None => {
+                        let mut url = realm.clone();
+                        let mut sep = if url.contains('?') { '&' } else { '?' };
+                        if let Some(s) = &service {
+                            url.push_str(&format!("{sep}service={}", encode(s)));
+                            sep = '&';
+                        }
+                        // Several scopes are several `scope` parameters.
+                        for s in scope.split_whitespace() {
+                            url.push_str(&format!("{sep}scope={}", encode(s)));
+                            sep = '&';
+                        }
+                        let mut req = agent.get(&url);
+                        if let Some(c) = &cred {
+                            req = req.header("Authorization", c.basic_header());
+                        }
+                        let resp = req.call();
+                        (url, resp)
+                    }
+                };
+                let mut resp = resp.map_err(|e| self.transport_error(at, "GET", &url, e))?;
                 if !resp.status().is_success() {
                     return Err(if resp.status() == StatusCode::UNAUTHORIZED {
-                        RegistryError::Unauthorized {
-                            host: host.to_string(),
-                        }
+                        unauthorized()
                     } else {
                         status_error("GET", &url, &mut resp)
                     });
@@ -409,10 +610,21 @@ impl Registry {
         }
     }
 
-    /// Checks that the registry answers and the credentials (if any) are accepted.
+    /// Checks that the registry answers and the credentials (if any) are accepted (at its
+    /// server, as hosts.toml names it).
     pub fn ping(&self, host: &str) -> Result<()> {
-        let url = format!("{}/v2/", self.base_url(host));
-        let mut resp = self.send("GET", &url, host, "", &[], Body::None)?;
+        let ep = self
+            .all_endpoints(host)
+            .into_iter()
+            .find(|e| e.server)
+            .ok_or_else(|| RegistryError::Invalid(format!("no endpoint for {host}")))?;
+        let at = At {
+            agents: self.agents_for(&ep)?,
+            host: host.to_string(),
+            registry: host.to_string(),
+        };
+        let url = format!("{}/", ep.base);
+        let mut resp = self.send("GET", &url, &at, "", &[], Body::None)?;
         if resp.status().is_success() {
             Ok(())
         } else {
@@ -458,10 +670,11 @@ impl Registry {
     ) -> Result<Resolved> {
         let url = Self::url(ep, r, &format!("manifests/{target}"));
         let scope = format!("repository:{}:pull", r.repository);
+        let at = self.at(ep, r)?;
         let mut resp = self.send(
             "GET",
             &url,
-            &Self::auth_host(ep, r),
+            &at,
             &scope,
             &[("Accept", MANIFEST_ACCEPT.to_string())],
             Body::None,
@@ -542,14 +755,8 @@ impl Registry {
     fn get_blob_at(&self, ep: &Endpoint, r: &Reference, digest: &str, max: u64) -> Result<Vec<u8>> {
         let url = Self::url(ep, r, &format!("blobs/{digest}"));
         let scope = format!("repository:{}:pull", r.repository);
-        let mut resp = self.send(
-            "GET",
-            &url,
-            &Self::auth_host(ep, r),
-            &scope,
-            &[],
-            Body::None,
-        )?;
+        let at = self.at(ep, r)?;
+        let mut resp = self.send("GET", &url, &at, &scope, &[], Body::None)?;
         if !resp.status().is_success() {
             return Err(status_error("GET", &url, &mut resp));
         }
@@ -583,14 +790,8 @@ impl Registry {
     ) -> Result<Box<dyn Read + Send>> {
         let url = Self::url(ep, r, &format!("blobs/{digest}"));
         let scope = format!("repository:{}:pull", r.repository);
-        let mut resp = self.send(
-            "GET",
-            &url,
-            &Self::auth_host(ep, r),
-            &scope,
-            &[],
-            Body::None,
-        )?;
+        let at = self.at(ep, r)?;
+        let mut resp = self.send("GET", &url, &at, &scope, &[], Body::None)?;
         if !resp.status().is_success() {
             return Err(status_error("GET", &url, &mut resp));
         }
@@ -615,42 +816,14 @@ impl Registry {
         }
         let url = Self::url(ep, r, &format!("blobs/{digest}"));
         let scope = format!("repository:{}:pull", r.repository);
-        let range = format!("bytes={offset}-{}", offset + len - 1);
+        let at = self.at(ep, r)?;
+        let headers = [("Range", format!("bytes={offset}-{}", offset + len - 1))];
         // This loop owns the retries: a failure can come from the request or from a body cut
         // short, and each attempt is one request.
         let attempts = self.config.attempts.max(1);
         let mut last = None;
         for attempt in 1..=attempts {
-            let result = (|| {
-                let mut resp = self.send_attempts(
-                    "GET",
-                    &url,
-                    &Self::auth_host(ep, r),
-                    &scope,
-                    &[("Range", range.clone())],
-                    Body::None,
-                    1,
-                )?;
-                let status = resp.status();
-                let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
-                let mut buf = vec![0u8; len as usize];
-                match status {
-                    StatusCode::PARTIAL_CONTENT => {}
-                    StatusCode::OK => {
-                        // A server that ignores Range: skip to the offset.
-                        std::io::copy(&mut (&mut reader).take(offset), &mut std::io::sink())
-                            .map_err(|e| io_err("GET", &url, e))?;
-                    }
-                    _ => return Err(status_error("GET", &url, &mut resp)),
-                }
-                reader
-                    .read_exact(&mut buf)
-                    .map_err(|e| io_err("GET", &url, e))?;
-                // Read to the end so the connection goes back to the pool for the next range.
-                let _ = std::io::copy(&mut reader.take(64 << 10), &mut std::io::sink());
-                Ok(buf)
-            })();
-            match result {
+            match self.range_once(&at, &url, &scope, &headers, offset, len) {
                 Ok(b) => return Ok(b),
                 Err(e) if attempt < attempts && retryable(&e) => {
                     tracing::debug!("range read failed, retrying: {e}");
@@ -663,6 +836,92 @@ impl Registry {
         Err(last.unwrap_or_else(|| RegistryError::Invalid("range read failed".into())))
     }
 
+    /// One range read of the blob at `url`: from where the registry last redirected it if that
+    /// was recent (without the registry's credentials), else from the registry, following and
+    /// remembering its redirects by hand.
+    fn range_once(
+        &self,
+        at: &At,
+        url: &str,
+        scope: &str,
+        headers: &[(&str, String)],
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>> {
+        let cached = self
+            .redirects
+            .lock()
+            .get(url)
+            .filter(|(_, when)| when.elapsed() < REDIRECT_TTL)
+            .map(|(target, _)| target.clone());
+        if let Some(target) = cached {
+            let resp = self.send_once(
+                &at.agents.manual,
+                at,
+                "GET",
+                &target,
+                headers,
+                None,
+                &Body::None,
+            );
+            match resp {
+                Ok(resp)
+                    if resp.status() == StatusCode::PARTIAL_CONTENT
+                        || resp.status() == StatusCode::OK =>
+                {
+                    return read_range_body(resp, &target, offset, len);
+                }
+                Ok(resp) => {
+                    // Expired or revoked (401/403/404…): ask the registry again.
+                    tracing::debug!(
+                        url,
+                        status = resp.status().as_u16(),
+                        "the redirected blob URL no longer answers; resolving it again"
+                    );
+                    self.redirects.lock().remove(url);
+                }
+                Err(e) => {
+                    self.redirects.lock().remove(url);
+                    return Err(e);
+                }
+            }
+        }
+        let mut resp = self.send_attempts("GET", url, at, scope, headers, Body::None, 1, false)?;
+        let mut current = url.to_string();
+        let mut hops = 0;
+        while matches!(resp.status().as_u16(), 301 | 302 | 303 | 307 | 308) {
+            hops += 1;
+            if hops > MAX_REDIRECTS {
+                return Err(RegistryError::Invalid(format!(
+                    "GET {url}: more than {MAX_REDIRECTS} redirects"
+                )));
+            }
+            let loc = location(&resp).ok_or_else(|| {
+                RegistryError::Invalid(format!("GET {current}: redirect without a Location"))
+            })?;
+            current = join_url(&current, &loc);
+            // Never the registry's Authorization: the target is object storage or a CDN, and
+            // the redirect URL carries its own authorization.
+            resp = self.send_once(
+                &at.agents.manual,
+                at,
+                "GET",
+                &current,
+                headers,
+                None,
+                &Body::None,
+            )?;
+        }
+        if current != url
+            && (resp.status() == StatusCode::PARTIAL_CONTENT || resp.status() == StatusCode::OK)
+        {
+            let mut redirects = self.redirects.lock();
+            redirects.retain(|_, (_, when)| when.elapsed() < REDIRECT_TTL);
+            redirects.insert(url.to_string(), (current.clone(), Instant::now()));
+        }
+        read_range_body(resp, &current, offset, len)
+    }
+
     /// The size of a blob if the repository has it.
     pub fn blob_size(&self, r: &Reference, digest: &str) -> Result<Option<u64>> {
         self.on_pull_endpoints(r, |ep| self.blob_size_at(ep, r, digest))
@@ -671,14 +930,8 @@ impl Registry {
     fn blob_size_at(&self, ep: &Endpoint, r: &Reference, digest: &str) -> Result<Option<u64>> {
         let url = Self::url(ep, r, &format!("blobs/{digest}"));
         let scope = format!("repository:{}:pull", r.repository);
-        let mut resp = self.send(
-            "HEAD",
-            &url,
-            &Self::auth_host(ep, r),
-            &scope,
-            &[],
-            Body::None,
-        )?;
+        let at = self.at(ep, r)?;
+        let mut resp = self.send("HEAD", &url, &at, &scope, &[], Body::None)?;
         match resp.status() {
             s if s.is_success() => Ok(resp
                 .headers()
@@ -702,28 +955,15 @@ impl Registry {
             "repository:{}:pull,push repository:{from}:pull",
             r.repository
         );
-        let mut resp = self.send(
-            "POST",
-            &url,
-            &Self::auth_host(&ep, r),
-            &scope,
-            &[],
-            Body::None,
-        )?;
+        let at = self.at(&ep, r)?;
+        let mut resp = self.send("POST", &url, &at, &scope, &[], Body::None)?;
         match resp.status() {
             StatusCode::CREATED => Ok(true),
             StatusCode::ACCEPTED => {
                 // Not mounted; an upload session was opened instead. Cancel it.
                 if let Some(loc) = location(&resp) {
                     let u = Self::absolute(&ep, &loc);
-                    let _ = self.send(
-                        "DELETE",
-                        &u,
-                        &Self::auth_host(&ep, r),
-                        &scope,
-                        &[],
-                        Body::None,
-                    );
+                    let _ = self.send("DELETE", &u, &at, &scope, &[], Body::None);
                 }
                 Ok(false)
             }
@@ -750,15 +990,9 @@ impl Registry {
     ) -> Result<()> {
         let ep = self.push_endpoint(r)?;
         let scope = format!("repository:{}:pull,push", r.repository);
+        let at = self.at(&ep, r)?;
         let url = Self::url(&ep, r, "blobs/uploads/");
-        let mut resp = self.send(
-            "POST",
-            &url,
-            &Self::auth_host(&ep, r),
-            &scope,
-            &[],
-            Body::None,
-        )?;
+        let mut resp = self.send("POST", &url, &at, &scope, &[], Body::None)?;
         if resp.status() != StatusCode::ACCEPTED {
             return Err(status_error("POST", &url, &mut resp));
         }
@@ -776,14 +1010,8 @@ impl Registry {
                 ("Content-Type", "application/octet-stream".to_string()),
                 ("Content-Range", format!("{sent}-{}", sent + n as u64 - 1)),
             ];
-            let mut resp = self.send(
-                "PATCH",
-                &loc,
-                &Self::auth_host(&ep, r),
-                &scope,
-                &headers,
-                Body::Bytes(&buf[..n]),
-            )?;
+            let mut resp =
+                self.send("PATCH", &loc, &at, &scope, &headers, Body::Bytes(&buf[..n]))?;
             if resp.status() != StatusCode::ACCEPTED {
                 return Err(status_error("PATCH", &loc, &mut resp));
             }
@@ -796,7 +1024,7 @@ impl Registry {
         let mut resp = self.send(
             "PUT",
             &put,
-            &Self::auth_host(&ep, r),
+            &at,
             &scope,
             &[("Content-Type", "application/octet-stream".to_string())],
             Body::None,
@@ -818,10 +1046,11 @@ impl Registry {
         let ep = self.push_endpoint(r)?;
         let url = Self::url(&ep, r, &format!("manifests/{tag_or_digest}"));
         let scope = format!("repository:{}:pull,push", r.repository);
+        let at = self.at(&ep, r)?;
         let mut resp = self.send(
             "PUT",
             &url,
-            &Self::auth_host(&ep, r),
+            &at,
             &scope,
             &[("Content-Type", media_type.to_string())],
             Body::Bytes(bytes),
@@ -831,6 +1060,62 @@ impl Registry {
         }
         Ok(())
     }
+}
+
+/// Reads `len` bytes at `offset` from the answer to a range request (a 200 is skipped into).
+fn read_range_body(
+    mut resp: Response<ureq::Body>,
+    url: &str,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<u8>> {
+    let status = resp.status();
+    let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
+    let mut buf = vec![0u8; len as usize];
+    match status {
+        StatusCode::PARTIAL_CONTENT => {}
+        StatusCode::OK => {
+            // A server that ignores Range: skip to the offset.
+            std::io::copy(&mut (&mut reader).take(offset), &mut std::io::sink())
+                .map_err(|e| io_err("GET", url, e))?;
+        }
+        _ => {
+            drop(reader);
+            return Err(status_error("GET", url, &mut resp));
+        }
+    }
+    reader
+        .read_exact(&mut buf)
+        .map_err(|e| io_err("GET", url, e))?;
+    // Read to the end so the connection goes back to the pool for the next range.
+    let _ = std::io::copy(&mut reader.take(64 << 10), &mut std::io::sink());
+    Ok(buf)
+}
+
+/// `loc` (a `Location` header) made absolute against the URL it answered.
+fn join_url(base: &str, loc: &str) -> String {
+    if loc.starts_with("http://") || loc.starts_with("https://") {
+        return loc.to_string();
+    }
+    let scheme = base.split_once("://").map_or("https", |(s, _)| s);
+    if let Some(rest) = loc.strip_prefix("//") {
+        return format!("{scheme}://{rest}");
+    }
+    let origin = format!("{scheme}://{}", hosts::authority_of(base));
+    if loc.starts_with('/') {
+        return format!("{origin}{loc}");
+    }
+    let path = base
+        .split_once("://")
+        .map_or(base, |(_, r)| r)
+        .split(['?', '#'])
+        .next()
+        .unwrap_or("");
+    let dir = path.find('/').map_or("/", |i| {
+        let p = &path[i..];
+        &p[..p.rfind('/').map_or(1, |j| j + 1)]
+    });
+    format!("{origin}{dir}{loc}")
 }
 
 /// Errors worth another attempt: transport failures (including bodies cut short), 5xx, 429.
@@ -954,5 +1239,356 @@ impl BlobSource for RegistryBlob {
         self.registry
             .get_range(&self.reference, &self.digest, offset, len)
             .map_err(std::io::Error::other)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// A request as the test server saw it (header names in lower case).
+    #[derive(Clone, Debug)]
+    struct Req {
+        method: String,
+        path: String,
+        headers: HashMap<String, String>,
+        body: String,
+    }
+
+    struct Resp {
+        status: u16,
+        headers: Vec<(&'static str, String)>,
+        body: Vec<u8>,
+    }
+
+    fn resp(status: u16, headers: Vec<(&'static str, String)>, body: &[u8]) -> Resp {
+        Resp {
+            status,
+            headers,
+            body: body.to_vec(),
+        }
+    }
+
+    type Log = Arc<Mutex<Vec<Req>>>;
+
+    /// A tiny HTTP/1.1 server on a loopback port: one request per connection, answered by
+    /// `handler`; every request is logged.
+    fn serve(handler: impl Fn(&Req) -> Resp + Send + Sync + 'static) -> (String, Log) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let log: Log = Arc::default();
+        let handler = Arc::new(handler);
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let handler = handler.clone();
+                let log = l.clone();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut parts = line.split_whitespace();
+                    let method = parts.next().unwrap_or("").to_string();
+                    let path = parts.next().unwrap_or("").to_string();
+                    let mut headers = HashMap::new();
+                    loop {
+                        let mut h = String::new();
+                        if reader.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                            break;
+                        }
+                        if let Some((k, v)) = h.split_once(':') {
+                            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+                        }
+                    }
+                    let n: usize = headers
+                        .get("content-length")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    let mut body = vec![0; n];
+                    let _ = reader.read_exact(&mut body);
+                    let req = Req {
+                        method,
+                        path,
+                        headers,
+                        body: String::from_utf8_lossy(&body).into_owned(),
+                    };
+                    log.lock().push(req.clone());
+                    let r = handler(&req);
+                    let mut out = format!("HTTP/1.1 {} X\r\nConnection: close\r\n", r.status);
+                    for (k, v) in &r.headers {
+                        out.push_str(&format!("{k}: {v}\r\n"));
+                    }
+                    if !r.headers.iter().any(|(k, _)| *k == "Content-Length") {
+                        out.push_str(&format!("Content-Length: {}\r\n", r.body.len()));
+                    }
+                    out.push_str("\r\n");
+                    let _ = stream.write_all(out.as_bytes());
+                    if req.method != "HEAD" {
+                        let _ = stream.write_all(&r.body);
+                    }
+                });
+            }
+        });
+        (addr, log)
+    }
+
+    fn client(creds: CredentialStore) -> Registry {
+        Registry::new(
+            RegistryConfig {
+                attempts: 1,
+                backoff: Duration::from_millis(1),
+                ..RegistryConfig::default()
+            },
+            creds,
+        )
+    }
+
+    fn count(log: &Log, f: impl Fn(&Req) -> bool) -> usize {
+        log.lock().iter().filter(|r| f(r)).count()
+    }
+
+    #[test]
+    fn range_reads_reuse_the_redirect_target_without_credentials() {
+        let data: Arc<Vec<u8>> = Arc::new((0..8192u32).map(|i| (i % 251) as u8).collect());
+        let forbid = Arc::new(AtomicBool::new(false));
+        let (obj_addr, obj_log) = {
+            let data = data.clone();
+            let forbid = forbid.clone();
+            serve(move |req| {
+                if req.headers.contains_key("authorization") {
+                    return resp(400, vec![], b"credentials leaked to the object store");
+                }
+                if forbid.swap(false, Ordering::SeqCst) {
+                    return resp(403, vec![], b"expired");
+                }
+                let Some(range) = req.headers.get("range") else {
+                    return resp(200, vec![], &data);
+                };
+                let (a, b) = range
+                    .trim_start_matches("bytes=")
+                    .split_once('-')
+                    .map(|(a, b)| (a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()))
+                    .unwrap();
+                resp(
+                    206,
+                    vec![("Content-Range", format!("bytes {a}-{b}/{}", data.len()))],
+                    &data[a..=b],
+                )
+            })
+        };
+        let signed = Arc::new(AtomicUsize::new(0));
+        let (reg_addr, reg_log) = {
+            let signed = signed.clone();
+            serve(move |req| {
+                if req.headers.get("authorization").map(String::as_str) != Some("Basic dTpw") {
+                    return resp(
+                        401,
+                        vec![("WWW-Authenticate", "Basic realm=\"t\"".into())],
+                        b"",
+                    );
+                }
+                let n = signed.fetch_add(1, Ordering::SeqCst);
+                resp(
+                    307,
+                    vec![("Location", format!("http://{obj_addr}/bucket/blob?sig={n}"))],
+                    b"",
+                )
+            })
+        };
+        let mut creds = CredentialStore::default();
+        creds.insert(
+            &reg_addr,
+            Credential {
+                username: "u".into(),
+                password: "p".into(),
+            },
+        );
+        let registry = client(creds);
+        let r = Reference::parse(&format!("{reg_addr}/test/repo:v1")).unwrap();
+        let digest = "sha256:0000";
+        assert_eq!(
+            registry.get_range(&r, digest, 10, 100).unwrap(),
+            data[10..110]
+        );
+        assert_eq!(
+            registry.get_range(&r, digest, 1000, 50).unwrap(),
+            data[1000..1050]
+        );
+        assert_eq!(
+            registry.get_range(&r, digest, 4000, 1).unwrap(),
+            data[4000..4001]
+        );
+        // One 401 and one redirect from the registry; every range from the object store.
+        assert_eq!(reg_log.lock().len(), 2);
+        assert_eq!(count(&obj_log, |q| q.path == "/bucket/blob?sig=0"), 3);
+
+        // The signed URL expires: the registry is asked again (credentials already known).
+        forbid.store(true, Ordering::SeqCst);
+        assert_eq!(
+            registry.get_range(&r, digest, 2000, 10).unwrap(),
+            data[2000..2010]
+        );
+        assert_eq!(reg_log.lock().len(), 3);
+        assert_eq!(count(&obj_log, |q| q.path == "/bucket/blob?sig=1"), 1);
+        assert_eq!(registry.get_range(&r, digest, 0, 8192).unwrap(), *data);
+        assert_eq!(reg_log.lock().len(), 3);
+        assert_eq!(
+            count(&obj_log, |q| q.headers.contains_key("authorization")),
+            0
+        );
+
+        // Reads of whole blobs follow redirects on their own, without credentials either.
+        let mut all = Vec::new();
+        registry
+            .open_blob(&r, digest)
+            .unwrap()
+            .read_to_end(&mut all)
+            .unwrap();
+        assert_eq!(all, *data);
+        assert_eq!(
+            count(&obj_log, |q| q.headers.contains_key("authorization")),
+            0
+        );
+    }
+
+    #[test]
+    fn bearer_tokens_are_reused_per_scope_and_renewed_once_when_refused() {
+        let issued = Arc::new(AtomicUsize::new(0));
+        // Tokens numbered below this are refused (expired).
+        let valid_from = Arc::new(AtomicUsize::new(1));
+        let (addr, log) = {
+            let issued = issued.clone();
+            let valid_from = valid_from.clone();
+            let addr = Arc::new(Mutex::new(String::new()));
+            let a = addr.clone();
+            let (real, log) = serve(move |req| {
+                if req.path.starts_with("/token") {
+                    let n = issued.fetch_add(1, Ordering::SeqCst) + 1;
+                    return resp(200, vec![], format!(r#"{{"token":"t{n}"}}"#).as_bytes());
+                }
+                let ok = req
+                    .headers
+                    .get("authorization")
+                    .and_then(|h| h.strip_prefix("Bearer t"))
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .is_some_and(|n| n >= valid_from.load(Ordering::SeqCst));
+                if !ok {
+                    let challenge = format!(
+                        "Bearer realm=\"http://{}/token\",service=\"test\"",
+                        a.lock()
+                    );
+                    return resp(401, vec![("WWW-Authenticate", challenge)], b"");
+                }
+                resp(200, vec![("Content-Length", "1234".into())], b"")
+            });
+            *addr.lock() = real.clone();
+            (real, log)
+        };
+        let registry = client(CredentialStore::default());
+        let r = Reference::parse(&format!("{addr}/test/repo:v1")).unwrap();
+        let tokens = |log: &Log| count(log, |q| q.path.starts_with("/token"));
+        assert_eq!(registry.blob_size(&r, "sha256:00").unwrap(), Some(1234));
+        assert_eq!(registry.blob_size(&r, "sha256:01").unwrap(), Some(1234));
+        assert_eq!(registry.blob_size(&r, "sha256:02").unwrap(), Some(1234));
+        assert_eq!(tokens(&log), 1, "one token for one scope");
+        assert_eq!(log.lock().len(), 5, "one 401, a token, three answers");
+        let token_req = log
+            .lock()
+            .iter()
+            .find(|q| q.path.starts_with("/token"))
+            .cloned()
+            .unwrap();
+        assert!(
+            token_req
+                .path
+                .contains("scope=repository%3Atest%2Frepo%3Apull")
+                && token_req.path.contains("service=test"),
+            "{}",
+            token_req.path
+        );
+
+        // The token expires: the next request gets a 401, one new token, and succeeds.
+        valid_from.store(2, Ordering::SeqCst);
+        assert_eq!(registry.blob_size(&r, "sha256:03").unwrap(), Some(1234));
+        assert_eq!(tokens(&log), 2);
+        assert_eq!(registry.blob_size(&r, "sha256:04").unwrap(), Some(1234));
+        assert_eq!(tokens(&log), 2);
+
+        // A token server whose tokens are refused: one renewal, then a clear error.
+        valid_from.store(usize::MAX, Ordering::SeqCst);
+        let before = log.lock().len();
+        let err = registry.blob_size(&r, "sha256:05").unwrap_err();
+        assert!(matches!(err, RegistryError::Unauthorized { .. }), "{err}");
+        assert_eq!(tokens(&log), 3);
+        assert_eq!(log.lock().len() - before, 3, "401, a token, 401");
+    }
+
+    #[test]
+    fn identity_tokens_are_exchanged_with_a_refresh_token_grant() {
+        let realm = Arc::new(Mutex::new(String::new()));
+        let r2 = realm.clone();
+        let (addr, log) = serve(move |req| {
+            if req.path == "/token" {
+                let ok = req.method == "POST"
+                    && req.body.contains("grant_type=refresh_token")
+                    && req.body.contains("refresh_token=idt%2B1")
+                    && req.body.contains("scope=repository%3Atest%2Frepo%3Apull")
+                    && req.body.contains("service=svc");
+                return if ok {
+                    resp(200, vec![], br#"{"access_token":"a1"}"#)
+                } else {
+                    resp(400, vec![], req.body.as_bytes())
+                };
+            }
+            if req.headers.get("authorization").map(String::as_str) == Some("Bearer a1") {
+                return resp(200, vec![("Content-Length", "7".into())], b"");
+            }
+            let challenge = format!(
+                "Bearer realm=\"http://{}/token\",service=\"svc\"",
+                r2.lock()
+            );
+            resp(401, vec![("WWW-Authenticate", challenge)], b"")
+        });
+        *realm.lock() = addr.clone();
+        let mut creds = CredentialStore::default();
+        creds.insert(
+            &addr,
+            Credential {
+                username: auth::IDENTITY_TOKEN_USER.into(),
+                password: "idt+1".into(),
+            },
+        );
+        let registry = client(creds);
+        let r = Reference::parse(&format!("{addr}/test/repo:v1")).unwrap();
+        assert_eq!(registry.blob_size(&r, "sha256:00").unwrap(), Some(7));
+        let token_reqs = count(&log, |q| q.path == "/token");
+        assert_eq!(token_reqs, 1);
+        assert!(log
+            .lock()
+            .iter()
+            .all(|q| q.headers.get("authorization").map(String::as_str)
+                != Some("Basic PHRva2VuPjppZHQrMQ==")));
+    }
+
+    #[test]
+    fn location_urls_are_made_absolute() {
+        let base = "https://reg.example:5000/v2/a/b/blobs/sha256:1?x=1";
+        assert_eq!(join_url(base, "https://cdn/x"), "https://cdn/x");
+        assert_eq!(join_url(base, "//cdn/x"), "https://cdn/x");
+        assert_eq!(
+            join_url(base, "/s3/x?sig=1"),
+            "https://reg.example:5000/s3/x?sig=1"
+        );
+        assert_eq!(
+            join_url(base, "other?sig=1"),
+            "https://reg.example:5000/v2/a/b/blobs/other?sig=1"
+        );
+        assert_eq!(join_url("http://h", "x"), "http://h/x");
     }
 }

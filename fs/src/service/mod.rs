@@ -193,6 +193,8 @@ pub struct ServiceConfig {
     pub fetch_threads: usize,
     /// Most entries an image may have (all layers together); bounds the memory of a TOC.
     pub max_entries: u32,
+    /// Small remote reads are topped up with following chunks to this many bytes.
+    pub neighbour_fetch: u64,
 }
 
 impl Default for ServiceConfig {
@@ -202,6 +204,7 @@ impl Default for ServiceConfig {
             cache_size: 10 << 30,
             fetch_threads: 16,
             max_entries: crate::format::types::DEFAULT_MAX_ENTRIES,
+            neighbour_fetch: crate::fuse::NEIGHBOUR_FETCH,
         }
     }
 }
@@ -388,6 +391,7 @@ impl MountService {
             pool: Some(self.inner.pool.clone()),
             setuid: req.setuid,
             fetch_threads: self.inner.config.fetch_threads,
+            neighbour_fetch: self.inner.config.neighbour_fetch,
         };
         let fs = StrataFs::new(tree, blobs, &config);
         let stats = fs.stats_handle();
