@@ -1,8 +1,6 @@
 //! Sending a request: auth (answering a 401 challenge with basic credentials or a bearer
 //! token), retries with backoff, TLS errors explained, and the helpers that read responses.
 
-use std::io::Read;
-
 use ureq::http::{Response, StatusCode};
 
 use super::auth::{parse_challenge, Challenge, Credential};
