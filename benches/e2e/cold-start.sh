@@ -127,6 +127,36 @@ sleep 0.3
 b_lazy=$(log_bytes "$mark")
 "$strata" --root "$work/lazy" umount "$work/mnt-lazy"
 
+"$strata" --root "$work/lazy" daemon --stop >/dev/null
+
+# The same with background prefetch on: it must not delay what the workload waits for.
+sync; echo 3 > /proc/sys/vm/drop_caches
+mark=$(wc -l < "$work/registry/access.log")
+t0=$(now)
+"$strata" --root "$work/lazy-pf" mount "$ref" "$work/mnt-lazy" --insecure-registry "$addr:5000" >/dev/null
+read_workload "$work/mnt-lazy"
+t_lazy_pf=$(echo "$(now) - $t0" | bc -l)
+"$strata" --root "$work/lazy-pf" umount "$work/mnt-lazy"
+"$strata" --root "$work/lazy-pf" daemon --stop >/dev/null
+
+# 1,000 small files (under 64 KiB, in path order) read lazily: one request per file (neighbour
+# fetch off, as before the node daemon) vs the default.
+find "$rootfs/usr/lib/python3.11" -type f -size -64k | sort | head -1000 | sed "s|^$rootfs||" > "$work/small.txt"
+read_small() { while read -r f; do cat "$1$f" > /dev/null; done < "$work/small.txt"; }
+declare -A t_small b_small
+for nf in 0 256K; do
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  mark=$(wc -l < "$work/registry/access.log")
+  t0=$(now)
+  STRATA_NEIGHBOUR_FETCH=$nf "$strata" --root "$work/small-$nf" mount "$ref" "$work/mnt-lazy" --no-prefetch --insecure-registry "$addr:5000" >/dev/null
+  read_small "$work/mnt-lazy"
+  t_small[$nf]=$(echo "$(now) - $t0" | bc -l)
+  sleep 0.3
+  b_small[$nf]=$(log_bytes "$mark")
+  "$strata" --root "$work/small-$nf" umount "$work/mnt-lazy"
+  "$strata" --root "$work/small-$nf" daemon --stop >/dev/null
+done
+
 sync; echo 3 > /proc/sys/vm/drop_caches
 mark=$(wc -l < "$work/registry/access.log")
 t0=$(now)
@@ -137,6 +167,7 @@ t_full=$(echo "$(now) - $t0" | bc -l)
 sleep 0.3
 b_full=$(log_bytes "$mark")
 "$strata" --root "$work/full" umount "$work/mnt-full"
+"$strata" --root "$work/full" daemon --stop >/dev/null
 
 echo
 echo "Image ${image_mb} MB uncompressed; link $rate; workload $(wc -l < "$work/workload.txt") files."
@@ -147,3 +178,14 @@ printf '| lazy: strata mount (ready in %.2f s) + workload | %.2f s | %s |\n' "$t
 printf '| full: strata pull --all + mount + workload | %.2f s | %s |\n' "$t_full" "$b_full"
 printf '| ratio lazy/full | %.3f× | %.3f× |\n' "$(echo "$t_lazy / $t_full" | bc -l)" "$(echo "$b_lazy / $b_full" | bc -l)"
 printf '\nbytes the workload reads, compressed: %s; lazy fetched %.2f× that\n' "$read_compressed" "$(echo "$b_lazy / $read_compressed" | bc -l)"
+echo
+echo "| workload with background prefetch | time | ratio to --no-prefetch |"
+echo "|---|---|---|"
+printf '| --no-prefetch | %.2f s | 1.00× |\n' "$t_lazy"
+printf '| prefetch on (default) | %.2f s | **%.2f×** |\n' "$t_lazy_pf" "$(echo "$t_lazy_pf / $t_lazy" | bc -l)"
+echo
+echo "| 1,000 small files, lazy, --no-prefetch | time (incl. mount) | bytes from the registry |"
+echo "|---|---|---|"
+printf '| one request per file (--neighbour-fetch 0) | %.2f s | %s |\n' "${t_small[0]}" "${b_small[0]}"
+printf '| neighbour fetch 256K (default) | %.2f s | %s |\n' "${t_small[256K]}" "${b_small[256K]}"
+printf '| **ratio** | **%.2f×** | %.2f× |\n' "$(echo "${t_small[256K]} / ${t_small[0]}" | bc -l)" "$(echo "${b_small[256K]} / ${b_small[0]}" | bc -l)"

@@ -201,67 +201,143 @@ pub fn push(
     Ok(())
 }
 
-/// Tag suffix under which an image's access profile is published (`app:v1` →
-/// `app:v1.strata-profile`), an OCI artifact next to the image.
-pub const PROFILE_TAG_SUFFIX: &str = ".strata-profile";
 /// Artifact type and layer media type of a published access profile.
 pub const MEDIA_TYPE_PROFILE: &str = "application/vnd.strata.profile.v1+text";
 const EMPTY_CONFIG: &[u8] = b"{}";
 const MEDIA_TYPE_EMPTY: &str = "application/vnd.oci.empty.v1+json";
+/// Annotation with the time a profile was published (the newest one is used).
+const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
 
-/// The reference a profile for `r` is published under.
-pub fn profile_reference(r: &Reference) -> Reference {
+/// The tag of the OCI referrers tag schema for `digest` (`sha256:HEX` → `sha256-HEX`): an index
+/// of the manifests that refer to it, for registries without the referrers API.
+pub fn referrers_tag(digest: &str) -> String {
+    digest.replacen(':', "-", 1)
+}
+
+fn repo_at(r: &Reference, tag: Option<String>) -> Reference {
     Reference {
         registry: r.registry.clone(),
         repository: r.repository.clone(),
-        tag: Some(format!(
-            "{}{PROFILE_TAG_SUFFIX}",
-            r.tag.as_deref().unwrap_or(crate::reference::DEFAULT_TAG)
-        )),
+        tag,
         digest: None,
     }
 }
 
-/// Publishes an access profile (paths in first-read order) for the image `r`.
+/// Publishes an access profile (paths in first-read order) for the image `r`, bound to its
+/// manifest digest: an OCI artifact whose `subject` is the image's manifest, found through the
+/// referrers API or, where the registry has none, the referrers tag schema. Returns the
+/// profile manifest's digest and the manifest digest it refers to.
 pub fn push_profile(
     registry: &Arc<Registry>,
     r: &Reference,
     profile: &[u8],
-) -> Result<Reference, TransferError> {
-    let target = profile_reference(r);
+) -> Result<(String, String), TransferError> {
+    let (os, arch) = oci::host_platform();
+    let subject = registry.resolve(r, os, arch)?;
+    let repo = repo_at(r, None);
     let blob_digest = crate::format::Sha256Digest::of(profile).oci();
     let config_digest = crate::format::Sha256Digest::of(EMPTY_CONFIG).oci();
     for (digest, data) in [(&blob_digest, profile), (&config_digest, EMPTY_CONFIG)] {
-        if registry.blob_size(&target, digest)?.is_none() {
-            registry.upload_blob(&target, digest, &mut &data[..], 16 << 20, &mut |_| {})?;
+        if registry.blob_size(&repo, digest)?.is_none() {
+            registry.upload_blob(&repo, digest, &mut &data[..], 16 << 20, &mut |_| {})?;
         }
     }
+    let created = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
     let manifest = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": oci::MEDIA_TYPE_MANIFEST,
         "artifactType": MEDIA_TYPE_PROFILE,
         "config": {"mediaType": MEDIA_TYPE_EMPTY, "digest": config_digest, "size": EMPTY_CONFIG.len()},
         "layers": [{"mediaType": MEDIA_TYPE_PROFILE, "digest": blob_digest, "size": profile.len()}],
+        "subject": {"mediaType": subject.media_type, "digest": subject.digest, "size": subject.bytes.len()},
+        "annotations": {ANNOTATION_CREATED: created},
     });
     let bytes = serde_json::to_vec(&manifest).map_err(|e| TransferError::Invalid(e.to_string()))?;
-    let tag = target.tag.clone().unwrap_or_default();
-    registry.put_manifest(&target, &tag, oci::MEDIA_TYPE_MANIFEST, &bytes)?;
-    Ok(target)
+    let digest = crate::format::Sha256Digest::of(&bytes).oci();
+    registry.put_manifest(&repo, &digest, oci::MEDIA_TYPE_MANIFEST, &bytes)?;
+    // A registry with the referrers API indexes the subject itself; otherwise keep the index at
+    // the schema's tag up to date (this profile replaces any earlier one).
+    let listed = registry
+        .referrers(&repo, &subject.digest, MEDIA_TYPE_PROFILE)?
+        .is_some_and(|l| l.iter().any(|d| d.digest == digest));
+    if !listed {
+        let tag = referrers_tag(&subject.digest);
+        let mut index = match registry.fetch_manifest(&repo, &tag) {
+            Ok(found) => serde_json::from_slice::<oci::Index>(&found.bytes)
+                .map_err(|e| TransferError::Invalid(format!("referrers index {tag}: {e}")))?,
+            Err(RegistryError::Status { status: 404, .. }) => oci::Index::default(),
+            Err(e) => return Err(e.into()),
+        };
+        index.media_type = Some(oci::MEDIA_TYPE_INDEX.to_string());
+        index
+            .manifests
+            .retain(|d| crate::registry::artifact_type_of(d) != Some(MEDIA_TYPE_PROFILE));
+        let mut d =
+            oci::Descriptor::new(oci::MEDIA_TYPE_MANIFEST, digest.clone(), bytes.len() as u64);
+        d.extra
+            .insert("artifactType".into(), MEDIA_TYPE_PROFILE.into());
+        d.annotations.insert(ANNOTATION_CREATED.into(), created);
+        index.manifests.push(d);
+        let body = serde_json::to_vec(&index).map_err(|e| TransferError::Invalid(e.to_string()))?;
+        registry.put_manifest(
+            &repo_at(r, Some(tag.clone())),
+            &tag,
+            oci::MEDIA_TYPE_INDEX,
+            &body,
+        )?;
+    }
+    Ok((digest, subject.digest))
 }
 
-/// Fetches the access profile published for `r`, if any.
+/// Fetches the newest access profile published for the image whose manifest digest is
+/// `manifest_digest` in `r`'s repository, if any (referrers API, then the tag schema).
 pub fn fetch_profile(
     registry: &Arc<Registry>,
     r: &Reference,
+    manifest_digest: &str,
 ) -> Result<Option<Vec<u8>>, TransferError> {
-    let target = profile_reference(r);
-    let (os, arch) = oci::host_platform();
-    let resolved = match registry.resolve(&target, os, arch) {
-        Ok(m) => m,
-        Err(RegistryError::Status { status: 404, .. }) => return Ok(None),
-        Err(e) => return Err(e.into()),
+    let repo = repo_at(r, None);
+    let mut found = registry
+        .referrers(&repo, manifest_digest, MEDIA_TYPE_PROFILE)?
+        .unwrap_or_default();
+    if found.is_empty() {
+        let tag = referrers_tag(manifest_digest);
+        match registry.fetch_manifest(&repo, &tag) {
+            Ok(index) => {
+                let index: oci::Index = serde_json::from_slice(&index.bytes)
+                    .map_err(|e| TransferError::Invalid(format!("referrers index {tag}: {e}")))?;
+                found = index
+                    .manifests
+                    .into_iter()
+                    .filter(|d| crate::registry::artifact_type_of(d) == Some(MEDIA_TYPE_PROFILE))
+                    .collect();
+            }
+            Err(RegistryError::Status { status: 404, .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // RFC 3339 times in UTC sort as strings.
+    let Some(newest) = found.iter().max_by(|a, b| {
+        a.annotations
+            .get(ANNOTATION_CREATED)
+            .cmp(&b.annotations.get(ANNOTATION_CREATED))
+    }) else {
+        return Ok(None);
     };
-    let Some(layer) = resolved
+    let manifest = registry.fetch_manifest(&repo, &newest.digest)?;
+    // The artifact must really be about this image.
+    let subject = serde_json::from_slice::<serde_json::Value>(&manifest.bytes)
+        .ok()
+        .and_then(|v| v["subject"]["digest"].as_str().map(str::to_string));
+    if subject.as_deref() != Some(manifest_digest) {
+        return Err(TransferError::Invalid(format!(
+            "profile {} does not refer to {manifest_digest}",
+            newest.digest
+        )));
+    }
+    let Some(layer) = manifest
         .manifest
         .layers
         .iter()
@@ -269,5 +345,5 @@ pub fn fetch_profile(
     else {
         return Ok(None);
     };
-    Ok(Some(registry.get_blob(&target, &layer.digest, 64 << 20)?))
+    Ok(Some(registry.get_blob(&repo, &layer.digest, 64 << 20)?))
 }

@@ -394,6 +394,15 @@ fn recorded_profile_is_prefetched_first() {
         first_chunk_fetch.contains(&etc_layer),
         "first prefetch was {first_chunk_fetch}"
     );
+    // Found by the image's manifest digest: the referrers API (which docker-registry 2.8
+    // lacks), then the referrers tag schema.
+    let lines = reg.log_lines();
+    assert!(
+        lines[before..]
+            .iter()
+            .any(|l| l.contains("/manifests/sha256-")),
+        "profile not looked up by digest"
+    );
     m.unmount().unwrap();
     fs::remove_dir_all(&tmp).ok();
 }

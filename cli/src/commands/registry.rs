@@ -256,7 +256,8 @@ pub fn logout(_g: &GlobalArgs, a: LogoutArgs) -> anyhow::Result<()> {
 pub struct PushProfileArgs {
     /// Access profile recorded with `strata mount --record-profile`.
     pub profile: std::path::PathBuf,
-    /// Image the profile belongs to (published as TAG.strata-profile next to it).
+    /// Image the profile belongs to: the profile is published as an OCI artifact whose subject
+    /// is this image's manifest (found through the referrers API, or the `sha256-HEX` tag).
     pub reference: String,
     #[command(flatten)]
     pub registry: RegistryArgs,
@@ -267,8 +268,8 @@ pub fn push_profile(_g: &GlobalArgs, a: PushProfileArgs) -> anyhow::Result<()> {
     let data =
         std::fs::read(&a.profile).with_context(|| format!("reading {}", a.profile.display()))?;
     let client = a.registry.client()?;
-    let target = transfer::push_profile(&client, &r, &data)
+    let (profile, subject) = transfer::push_profile(&client, &r, &data)
         .with_context(|| format!("publishing the profile of {r}"))?;
-    println!("pushed profile {target}");
+    println!("pushed profile {profile} for {r} ({subject})");
     Ok(())
 }

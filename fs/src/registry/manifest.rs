@@ -2,7 +2,7 @@
 //! manifest by tag or digest, verified against the digest expected.
 
 use super::hosts::Endpoint;
-use super::request::{status_error, transport_err, Body};
+use super::request::{encode, status_error, transport_err, Body};
 use super::{Registry, RegistryError, Result};
 use crate::format::Sha256Digest;
 use crate::oci::{self, Index, Manifest};
@@ -50,6 +50,62 @@ impl Registry {
         Err(RegistryError::Invalid(format!(
             "{r}: indexes nested too deep"
         )))
+    }
+
+    /// Fetches the manifest or index at `target` (a tag or digest) of `r`'s repository as it
+    /// is, without resolving a platform; verified against `target` when it is a digest.
+    pub fn fetch_manifest(&self, r: &Reference, target: &str) -> Result<Resolved> {
+        let expect = target.starts_with("sha256:").then_some(target);
+        self.get_manifest(r, target, expect)
+    }
+
+    /// The manifests that refer to `digest` (their `subject`) with `artifact_type`, through
+    /// the OCI 1.1 referrers API; `None` when the registry does not offer it (404), so the
+    /// caller falls back to the tag schema (`sha256-HEX`).
+    pub fn referrers(
+        &self,
+        r: &Reference,
+        digest: &str,
+        artifact_type: &str,
+    ) -> Result<Option<Vec<oci::Descriptor>>> {
+        self.on_pull_endpoints(r, |ep| {
+            let url = Self::url(
+                ep,
+                r,
+                &format!("referrers/{digest}?artifactType={}", encode(artifact_type)),
+            );
+            let scope = format!("repository:{}:pull", r.repository);
+            let at = self.at(ep, r)?;
+            let mut resp = self.send(
+                "GET",
+                &url,
+                &at,
+                &scope,
+                &[("Accept", oci::MEDIA_TYPE_INDEX.to_string())],
+                Body::None,
+            )?;
+            if resp.status().as_u16() == 404 {
+                return Ok(None);
+            }
+            if !resp.status().is_success() {
+                return Err(status_error("GET", &url, &mut resp));
+            }
+            let bytes = resp
+                .body_mut()
+                .with_config()
+                .limit(MAX_METADATA)
+                .read_to_vec()
+                .map_err(|e| transport_err("GET", &url, e))?;
+            let index: Index = serde_json::from_slice(&bytes)
+                .map_err(|e| RegistryError::Invalid(format!("referrers of {digest}: {e}")))?;
+            Ok(Some(
+                index
+                    .manifests
+                    .into_iter()
+                    .filter(|d| artifact_type_of(d) == Some(artifact_type))
+                    .collect(),
+            ))
+        })
     }
 
     fn get_manifest(&self, r: &Reference, target: &str, expect: Option<&str>) -> Result<Resolved> {
@@ -141,4 +197,9 @@ impl Registry {
             manifest,
         })
     }
+}
+
+/// The `artifactType` a descriptor carries (OCI 1.1), if any.
+pub fn artifact_type_of(d: &oci::Descriptor) -> Option<&str> {
+    d.extra.get("artifactType").and_then(|v| v.as_str())
 }

@@ -31,7 +31,7 @@ use hosts::{Endpoint, TlsSettings};
 use request::{status_error, Body};
 
 pub use blob::RegistryBlob;
-pub use manifest::Resolved;
+pub use manifest::{artifact_type_of, Resolved};
 
 /// Redirects followed by hand for a range read.
 const MAX_REDIRECTS: u32 = 5;

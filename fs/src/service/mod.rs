@@ -491,15 +491,17 @@ impl MountService {
                 (os.to_string(), arch.to_string())
             }
         };
-        crate::transfer::pull(store, client, &r, (&os, &arch), false, &mut |_| {})
+        let pulled = crate::transfer::pull(store, client, &r, (&os, &arch), false, &mut |_| {})
             .map_err(|e| ServiceError::Image(format!("pulling {r}: {e}")))?;
         if req.profile.is_none() && req.prefetch {
-            match crate::transfer::fetch_profile(client, &r) {
+            // Profiles are bound to the manifest digest: one recorded for another build of the
+            // same tag is never used.
+            match crate::transfer::fetch_profile(client, &r, &pulled.digest) {
                 Ok(Some(profile)) => {
-                    let path = store.layout().profiles().join(format!(
-                        "{}.txt",
-                        crate::format::Sha256Digest::of(r.to_string().as_bytes()).hex()
-                    ));
+                    let path = store
+                        .layout()
+                        .profiles()
+                        .join(format!("{}.txt", pulled.digest.replacen(':', "-", 1)));
                     store
                         .write_file(&path, &profile)
                         .map_err(|e| ServiceError::Io(e.to_string()))?;
