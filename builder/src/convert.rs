@@ -567,6 +567,7 @@ pub fn convert_image(
 /// mount builds it.
 pub fn check_mountable(store: &Store, layers: &[Descriptor]) -> Result<(), BuildError> {
     let mut tocs = Vec::with_capacity(layers.len());
+    let limit = strata_fs::format::types::DEFAULT_MAX_ENTRIES as usize;
     for d in layers {
         let file = store.open_blob(&d.digest)?;
         let blob = strata_fs::blob::LocalBlob::from_file(file)
@@ -574,6 +575,12 @@ pub fn check_mountable(store: &Store, layers: &[Descriptor]) -> Result<(), Build
         let toc = strata_fs::image::open_layer_toc(store, d, &blob)
             .map_err(|e| BuildError::Unmountable(format!("layer {}: {e}", d.digest)))?;
         tocs.push(toc);
+    }
+    let entries: usize = tocs.iter().map(|t| t.entries.len()).sum();
+    if entries > limit {
+        return Err(BuildError::Unmountable(format!(
+            "{entries} entries, over the {limit} a mount accepts by default"
+        )));
     }
     strata_fs::tree::Tree::build(tocs)
         .map(|_| ())

@@ -241,8 +241,13 @@ impl ChunkCache {
         chunks: &[Chunk],
     ) -> Vec<Result<Data, ChunkError>> {
         self.pool.active.fetch_add(1, Ordering::Relaxed);
+        let before = self.stats();
         let out = self.fetch_many(src, chunks, true);
-        *self.pool.last_demand.lock() = std::time::Instant::now();
+        let after = self.stats();
+        // Only a reader that had to wait for the disk or a blob pauses background work.
+        if after.disk_hits != before.disk_hits || after.source_reads != before.source_reads {
+            *self.pool.last_demand.lock() = std::time::Instant::now();
+        }
         self.pool.active.fetch_sub(1, Ordering::Relaxed);
         out
     }

@@ -230,9 +230,28 @@ impl Recorder {
                 out.push(b'\n');
             }
         }
-        let tmp = self.path.with_extension("tmp");
-        std::fs::write(&tmp, out)?;
-        std::fs::rename(&tmp, &self.path)
+        // The daemon runs as root and the path is the client's: never write through a link
+        // someone planted; a fresh private file, renamed over the target.
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = self.path.with_file_name(format!(
+            ".{name}.{}-{}.tmp",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
+        let mut f = crate::store::private_new_file(&tmp)?;
+        let written = std::io::Write::write_all(&mut f, &out)
+            .and_then(|()| f.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, &self.path));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written
     }
 }
 
@@ -767,19 +786,23 @@ impl Filesystem for StrataFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if flags.acc_mode() != OpenAccMode::O_RDONLY {
-            return reply.error(FsError::ReadOnly.errno());
-        }
-        match self.shared.node(ino) {
-            Ok(_) if self.no_open => reply.error(Errno::ENOSYS),
-            Ok(n) => match &self.passthrough {
-                Some(pt) if n.size >= passthrough::MIN_SIZE && n.data.is_some() => {
-                    self.open_passthrough(pt, ino.0, n, reply)
-                }
-                _ => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
-            },
-            Err(e) => reply.error(e.errno()),
-        }
+        let started = std::time::Instant::now();
+        shielded("open", || {
+            if flags.acc_mode() != OpenAccMode::O_RDONLY {
+                return reply.error(FsError::ReadOnly.errno());
+            }
+            match self.shared.node(ino) {
+                Ok(_) if self.no_open => reply.error(Errno::ENOSYS),
+                Ok(n) => match &self.passthrough {
+                    Some(pt) if n.size >= passthrough::MIN_SIZE && n.data.is_some() => {
+                        self.open_passthrough(pt, ino.0, n, reply)
+                    }
+                    _ => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+                },
+                Err(e) => reply.error(e.errno()),
+            }
+        });
+        self.shared.ops.record(Op::Open, started.elapsed());
     }
 
     fn release(
@@ -792,10 +815,12 @@ impl Filesystem for StrataFs {
         _flush: bool,
         reply: fuser::ReplyEmpty,
     ) {
-        if let (Some(pt), FH_CACHED | FH_BACKED) = (&self.passthrough, fh.0) {
-            pt.release(ino.0);
-        }
-        reply.ok();
+        shielded("release", || {
+            if let (Some(pt), FH_CACHED | FH_BACKED) = (&self.passthrough, fh.0) {
+                pt.release(ino.0);
+            }
+            reply.ok();
+        });
     }
 
     fn read(
@@ -858,7 +883,7 @@ impl Filesystem for StrataFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.shared.node(ino) {
+        shielded("opendir", || match self.shared.node(ino) {
             Ok(n) if n.kind == EntryKind::Directory && self.no_opendir => {
                 reply.error(Errno::ENOSYS)
             }
@@ -868,7 +893,7 @@ impl Filesystem for StrataFs {
             ),
             Ok(_) => reply.error(FsError::NotDir.errno()),
             Err(e) => reply.error(e.errno()),
-        }
+        });
     }
 
     fn readdir(
@@ -935,15 +960,17 @@ impl Filesystem for StrataFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let bytes: u64 = self
-            .shared
-            .tree
-            .layers
-            .iter()
-            .map(|t| t.uncompressed_bytes())
-            .sum();
-        let files = self.shared.tree.len() as u64;
-        reply.statfs(bytes.div_ceil(4096), 0, 0, files, 0, 4096, 255, 4096);
+        shielded("statfs", || {
+            let bytes: u64 = self
+                .shared
+                .tree
+                .layers
+                .iter()
+                .map(|t| t.uncompressed_bytes())
+                .sum();
+            let files = self.shared.tree.len() as u64;
+            reply.statfs(bytes.div_ceil(4096), 0, 0, files, 0, 4096, 255, 4096);
+        });
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -968,22 +995,26 @@ impl Filesystem for StrataFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let n = match self.shared.node(ino) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e.errno()),
-        };
-        let mut list = Vec::new();
-        for (k, _) in &n.xattrs {
-            list.extend_from_slice(k);
-            list.push(0);
-        }
-        if size == 0 {
-            reply.size(list.len() as u32);
-        } else if list.len() > size as usize {
-            reply.error(FsError::Range.errno());
-        } else {
-            reply.data(&list);
-        }
+        let started = std::time::Instant::now();
+        shielded("getxattr", || {
+            let n = match self.shared.node(ino) {
+                Ok(n) => n,
+                Err(e) => return reply.error(e.errno()),
+            };
+            let mut list = Vec::new();
+            for (k, _) in &n.xattrs {
+                list.extend_from_slice(k);
+                list.push(0);
+            }
+            if size == 0 {
+                reply.size(list.len() as u32);
+            } else if list.len() > size as usize {
+                reply.error(FsError::Range.errno());
+            } else {
+                reply.data(&list);
+            }
+        });
+        self.shared.ops.record(Op::Getxattr, started.elapsed());
     }
 }
 
@@ -1064,10 +1095,11 @@ fn start_background_prefetch(shared: std::sync::Weak<Shared>, profile: Vec<Vec<u
                     let flush = c.compressed_len == 0
                         || batch_bytes + u64::from(c.compressed_len) > PREFETCH_BATCH;
                     if flush && !batch.is_empty() {
-                        let Some(s) = shared.upgrade() else { return };
-                        while s.cache.busy() {
+                        // Yield to readers; hold nothing of the mount while waiting.
+                        while shared.upgrade().is_some_and(|s| s.cache.busy()) {
                             std::thread::sleep(Duration::from_millis(10));
                         }
+                        let Some(s) = shared.upgrade() else { return };
                         let missing: Vec<Chunk> = batch
                             .iter()
                             .filter(|c| s.cache.disk().is_some_and(|d| !d.contains(&c.digest)))

@@ -41,6 +41,8 @@ pub enum ImageError {
     NoSource(String),
     #[error("config {0} is not valid JSON: {1}")]
     BadConfig(String, String),
+    #[error("image has {0} layers, over the limit of {MAX_LAYERS}")]
+    TooManyLayers(usize),
     #[error("image has {entries} entries in its layers, over the limit of {limit} (raise the daemon's --max-entries if the image is genuine)")]
     TooManyEntries { entries: u64, limit: u64 },
 }
@@ -217,60 +219,97 @@ pub fn open_limited(
         }
     }
     let source = source_of(&record);
-    let opened: Vec<Result<OpenedLayer, ImageError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = layers
-            .iter()
-            .map(|d| {
-                let source = source.clone();
-                s.spawn(move || -> Result<OpenedLayer, ImageError> {
-                    let blob: Arc<dyn BlobSource> = if store.has_blob(&d.digest) {
-                        let file = store.open_blob(&d.digest)?;
-                        Arc::new(LocalBlob::from_file(file).map_err(|source| OpenError::Io {
-                            digest: d.digest.clone(),
-                            source,
-                        })?)
-                    } else {
-                        match (registry, source) {
-                            (Some(reg), Some(src)) => Arc::new(RegistryBlob::new(
-                                reg.clone(),
-                                src,
-                                d.digest.clone(),
-                                d.size,
-                            )),
-                            _ => return Err(ImageError::NoSource(d.digest.clone())),
-                        }
-                    };
-                    let toc = open_layer_toc_limited(store, d, blob.as_ref(), max_entries)?;
-                    Ok(OpenedLayer {
-                        descriptor: d.clone(),
-                        toc,
-                        blob,
-                    })
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(ImageError::NoSource("layer open panicked".into())))
-            })
-            .collect()
-    });
-    let layers = opened.into_iter().collect::<Result<Vec<_>, _>>()?;
-    let entries: u64 = layers.iter().map(|l| l.toc.entries.len() as u64).sum();
-    if entries > u64::from(max_entries) {
-        return Err(ImageError::TooManyEntries {
-            entries,
-            limit: u64::from(max_entries),
-        });
+    if layers.len() > MAX_LAYERS {
+        return Err(ImageError::TooManyLayers(layers.len()));
     }
+    // A few layers at a time, each allowed what is left of the image's entry budget: memory
+    // stays bounded by the budget times the batch, whatever the manifest lists.
+    let mut opened_layers: Vec<OpenedLayer> = Vec::with_capacity(layers.len());
+    let mut entries = 0u64;
+    for batch in layers.chunks(PARALLEL_OPENS) {
+        let left = u64::from(max_entries).saturating_sub(entries) as u32;
+        let opened: Vec<Result<OpenedLayer, ImageError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = batch
+                .iter()
+                .map(|d| {
+                    let source = source.clone();
+                    s.spawn(move || open_one(store, registry, source, d, left))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(ImageError::NoSource("layer open panicked".into())))
+                })
+                .collect()
+        });
+        for l in opened {
+            let l = l.map_err(|e| match e {
+                ImageError::Open(OpenError::Format {
+                    source: format::FormatError::TooManyEntries { entries: n, .. },
+                    ..
+                }) => ImageError::TooManyEntries {
+                    entries: entries + n,
+                    limit: u64::from(max_entries),
+                },
+                other => other,
+            })?;
+            entries += l.toc.entries.len() as u64;
+            if entries > u64::from(max_entries) {
+                return Err(ImageError::TooManyEntries {
+                    entries,
+                    limit: u64::from(max_entries),
+                });
+            }
+            opened_layers.push(l);
+        }
+    }
+    let layers = opened_layers;
     Ok(OpenedImage {
         reference: record.reference,
         manifest_digest: record.descriptor.digest,
         manifest,
         config,
         layers,
+    })
+}
+
+/// Most layers an image may have (Docker's limit is 127).
+pub const MAX_LAYERS: usize = 256;
+/// Layers whose TOCs are opened at once.
+const PARALLEL_OPENS: usize = 8;
+
+/// Opens one layer: its blob (local, else in the registry) and its TOC (at most `max_entries`).
+fn open_one(
+    store: &Store,
+    registry: Option<&Arc<Registry>>,
+    source: Option<Reference>,
+    d: &Descriptor,
+    max_entries: u32,
+) -> Result<OpenedLayer, ImageError> {
+    let blob: Arc<dyn BlobSource> = if store.has_blob(&d.digest) {
+        let file = store.open_blob(&d.digest)?;
+        Arc::new(LocalBlob::from_file(file).map_err(|source| OpenError::Io {
+            digest: d.digest.clone(),
+            source,
+        })?)
+    } else {
+        match (registry, source) {
+            (Some(reg), Some(src)) => Arc::new(RegistryBlob::new(
+                reg.clone(),
+                src,
+                d.digest.clone(),
+                d.size,
+            )),
+            _ => return Err(ImageError::NoSource(d.digest.clone())),
+        }
+    };
+    let toc = open_layer_toc_limited(store, d, blob.as_ref(), max_entries)?;
+    Ok(OpenedLayer {
+        descriptor: d.clone(),
+        toc,
+        blob,
     })
 }
 

@@ -47,8 +47,9 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     }
 }
 
-/// Creates `dir` and its missing parents 0700; an existing store root owned by this user is
-/// narrowed to 0700 (or 0711 if it was left traversable), never widened.
+/// Creates `dir` and its missing parents 0700. An existing directory must belong to this user
+/// (a store in a directory another user controls could be swapped under the daemon, which runs
+/// as root): one that does not is refused, one that is open to others is narrowed to 0700.
 pub fn create_private_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
     fs::DirBuilder::new()
@@ -56,11 +57,23 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
         .mode(0o700)
         .create(dir)
         .map_err(io_err(dir))?;
-    let md = fs::metadata(dir).map_err(io_err(dir))?;
-    let mode = md.mode() & 0o7777;
-    if md.uid() == nix_uid() && mode & 0o066 != 0 {
-        let narrowed = if mode & 0o011 != 0 { 0o711 } else { 0o700 };
-        fs::set_permissions(dir, fs::Permissions::from_mode(narrowed)).map_err(io_err(dir))?;
+    let md = fs::symlink_metadata(dir).map_err(io_err(dir))?;
+    if !md.is_dir() || md.uid() != nix_uid() {
+        return Err(StoreError::Io {
+            path: dir.to_path_buf(),
+            source: io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "owned by uid {} (or not a directory), not by this user (uid {}): refusing \
+                     to keep a store there",
+                    md.uid(),
+                    nix_uid()
+                ),
+            ),
+        });
+    }
+    if md.mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
     }
     Ok(())
 }

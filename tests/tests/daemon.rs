@@ -467,3 +467,82 @@ fn lookups_answer_while_readers_wait_on_a_stalled_registry() {
     m.unmount().unwrap();
     fs::remove_dir_all(&tmp).ok();
 }
+
+#[test]
+fn unmount_touches_only_strata_mounts_and_never_waits_on_busy_ones() {
+    let tmp = scratch("daemon-umount").unwrap();
+    let mut l = LayerBuilder::new();
+    l.dir(".", 0o755)
+        .unwrap()
+        .file("f", 0o644, b"hello\n")
+        .unwrap();
+    let root = tmp.join("store");
+    convert_one_layer(
+        &tmp.join("src"),
+        &root,
+        l.finish().unwrap(),
+        Compression::Gzip,
+        "u/x:v1",
+    );
+
+    // Not a strata mount: refused, whether a daemon runs or not.
+    let other = tmp.join("tmpfs");
+    fs::create_dir_all(&other).unwrap();
+    strata_tests::util::run(Command::new("mount").args([
+        "-t",
+        "tmpfs",
+        "t",
+        &other.to_string_lossy(),
+    ]))
+    .unwrap();
+    let out = strata(&root, &["umount", &other.to_string_lossy()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a strata mount"));
+    assert!(is_mounted(&other));
+    // Nor is anything mounted on top of another filesystem.
+    let out = strata(&root, &["mount", "u/x:v1", &other.to_string_lossy()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already mounted"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m2 = Mounted::new(&root, "u/x:v1", &tmp.join("ok")).unwrap();
+    let out = strata(&root, &["umount", &other.to_string_lossy()]);
+    assert!(!out.status.success());
+    assert!(is_mounted(&other));
+    strata_tests::util::run(Command::new("umount").arg(&other)).unwrap();
+
+    // A lazy unmount of a busy mount returns at once; the mount point is free again.
+    let mnt = tmp.join("busy");
+    let m = Mounted::new(&root, "u/x:v1", &mnt).unwrap();
+    let held = fs::File::open(mnt.join("f")).unwrap();
+    let start = Instant::now();
+    strata_ok(&root, &["umount", "-l", &mnt.to_string_lossy()]);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(!is_mounted(&mnt));
+    let again = Mounted::new(&root, "u/x:v1", &mnt).unwrap();
+    assert_eq!(fs::read(mnt.join("f")).unwrap(), b"hello\n");
+    drop(held);
+    drop(m);
+    again.unmount().unwrap();
+    m2.unmount().unwrap();
+
+    // A store root another user owns is refused (it could be swapped under a root daemon).
+    let foreign = tmp.join("foreign");
+    fs::create_dir_all(&foreign).unwrap();
+    nix::unistd::chown(&foreign, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    let out = strata(&foreign, &["images"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("owned by uid 65534"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    strata_ok(&root, &["daemon", "--stop"]);
+    fs::remove_dir_all(&tmp).ok();
+}

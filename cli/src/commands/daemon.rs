@@ -81,6 +81,9 @@ pub struct DaemonArgs {
     /// next daemon) and exits; returns once it has.
     #[arg(long)]
     pub stop: bool,
+    /// With --stop: forget the mounts instead of restoring them with the next daemon.
+    #[arg(long, requires = "stop")]
+    pub forget: bool,
     /// Internal: print a readiness line on stdout once the socket answers.
     #[arg(long, hide = true)]
     pub notify_ready: bool,
@@ -90,7 +93,7 @@ pub struct DaemonArgs {
 /// and restored by the next daemon), or, with `--exit-when-idle`, until idle.
 pub fn run(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<()> {
     if a.stop {
-        return stop(g);
+        return stop(g, a.forget);
     }
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGINT);
@@ -98,6 +101,25 @@ pub fn run(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<()> {
     signals.add(Signal::SIGHUP);
     signals.thread_block().context("blocking signals")?;
 
+    // The lock first: a daemon that is refused must not touch the running one's caches.
+    let layout = Layout::new(&g.root);
+    strata_fs::store::create_private_dir(&g.root)
+        .with_context(|| format!("opening store {}", g.root.display()))?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(layout.daemon_lock())
+        .with_context(|| format!("opening {}", layout.daemon_lock().display()))?;
+    let _lock = match Flock::lock(lock, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => l,
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            bail!("a strata daemon already serves {}", g.root.display())
+        }
+        Err((_, e)) => bail!("locking {}: {e}", layout.daemon_lock().display()),
+    };
     let service = MountService::open(
         &g.root,
         a.settings.service_config(),
@@ -112,21 +134,6 @@ pub fn run(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<()> {
         })),
     )
     .with_context(|| format!("opening store {}", g.root.display()))?;
-    let layout = service.store().layout().clone();
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(layout.daemon_lock())
-        .with_context(|| format!("opening {}", layout.daemon_lock().display()))?;
-    let _lock = match Flock::lock(lock, FlockArg::LockExclusiveNonblock) {
-        Ok(l) => l,
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-            bail!("a strata daemon already serves {}", g.root.display())
-        }
-        Err((_, e)) => bail!("locking {}: {e}", layout.daemon_lock().display()),
-    };
     let listener = server::bind(&layout.socket())
         .with_context(|| format!("binding {}", layout.socket().display()))?;
     for (mp, result) in service.restore() {
@@ -159,15 +166,16 @@ pub fn run(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<()> {
 }
 
 /// Asks the daemon to stop and waits until it has exited (its lock is free).
-fn stop(g: &GlobalArgs) -> anyhow::Result<()> {
+fn stop(g: &GlobalArgs, forget: bool) -> anyhow::Result<()> {
     let layout = Layout::new(&g.root);
     let Some(pid) = call_running(g, &Request::Ping)?.and_then(|v| v["pid"].as_u64()) else {
         println!("no strata daemon runs for {}", g.root.display());
         return Ok(());
     };
-    call_running(g, &Request::Shutdown)?;
+    call_running(g, &Request::Shutdown { forget })?;
     let lock = std::fs::OpenOptions::new()
         .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(layout.daemon_lock())
         .with_context(|| format!("opening {}", layout.daemon_lock().display()))?;
     let _exited = Flock::lock(lock, FlockArg::LockExclusive)
@@ -192,15 +200,27 @@ fn stop(g: &GlobalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Connects to the daemon of `--root`, if one runs.
-pub fn connect(g: &GlobalArgs) -> Option<Client> {
-    Client::connect(&Layout::new(&g.root).socket()).ok()
+/// Connects to the daemon of `--root`: `None` when none runs (no socket, or nobody listening);
+/// any other failure (no permission, …) is an error.
+pub fn connect(g: &GlobalArgs) -> anyhow::Result<Option<Client>> {
+    match Client::connect(&Layout::new(&g.root).socket()) {
+        Ok(c) => Ok(Some(c)),
+        Err(CallError::Connect { source, .. })
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Connects to the daemon of `--root`, starting one (which exits when idle) if none answers.
 pub fn connect_or_start(g: &GlobalArgs, settings: &DaemonSettings) -> anyhow::Result<Client> {
     let layout = Layout::new(&g.root);
-    if let Ok(c) = Client::connect(&layout.socket()) {
+    if let Some(c) = connect(g)? {
         return Ok(c);
     }
     // One starter at a time: whoever holds this lock starts the daemon, the others then find
@@ -213,6 +233,7 @@ pub fn connect_or_start(g: &GlobalArgs, settings: &DaemonSettings) -> anyhow::Re
         .truncate(false)
         .write(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&start_lock)
         .with_context(|| format!("opening {}", start_lock.display()))?;
     let _guard = Flock::lock(file, FlockArg::LockExclusive)
@@ -290,8 +311,15 @@ pub fn call(
 
 /// Sends one request to a running daemon; `None` when no daemon runs.
 pub fn call_running(g: &GlobalArgs, req: &Request) -> anyhow::Result<Option<serde_json::Value>> {
-    let Some(mut client) = connect(g) else {
+    let Some(mut client) = connect(g)? else {
         return Ok(None);
     };
-    Ok(Some(client.call(req)?))
+    match client.call(req) {
+        // A daemon exiting as we connected: ask whoever answers now, if anyone.
+        Err(CallError::Closed) => match connect(g)? {
+            Some(mut c) => Ok(Some(c.call(req)?)),
+            None => Ok(None),
+        },
+        other => Ok(Some(other?)),
+    }
 }

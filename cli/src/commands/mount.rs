@@ -152,7 +152,10 @@ pub fn umount(g: &GlobalArgs, a: UmountArgs) -> anyhow::Result<()> {
     if daemon::call_running(g, &req)?.is_some() {
         return Ok(());
     }
-    // No daemon runs: what is left is a dead mount (its daemon was killed).
+    // No daemon runs: what is left can only be a dead strata mount (its daemon was killed).
+    if !strata_fs::service::is_strata_mount(&mountpoint) {
+        bail!("{} is not a strata mount", mountpoint.display());
+    }
     let flags = if a.lazy {
         nix::mount::MntFlags::MNT_DETACH
     } else {

@@ -217,8 +217,18 @@ pub fn parse_body(b: &[u8], data_end: u64) -> Result<Toc> {
     let xattrs_at = chunks_at + n_chunks * CHUNK_RECORD_SIZE;
     let strings_at = xattrs_at + n_xattrs * XATTR_RECORD_SIZE;
     let strings = &b[strings_at..];
+    // References may overlap (a writer may share equal strings), so what they copy out is
+    // budgeted: a small TOC must not make a reader allocate without bound.
+    let budget = (b.len() as u64).saturating_mul(4).saturating_add(1 << 20);
+    let copied = std::cell::Cell::new(0u64);
     let string = |off: u32, len: u32, what: &str| -> Result<Vec<u8>> {
         let (off, len) = (off as usize, len as usize);
+        copied.set(copied.get() + len as u64);
+        if copied.get() > budget {
+            return Err(corrupt(format!(
+                "string references add up to more than {budget} bytes (overlapping references?)"
+            )));
+        }
         off.checked_add(len)
             .filter(|&end| end <= strings.len())
             .map(|end| strings[off..end].to_vec())

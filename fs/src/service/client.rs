@@ -35,9 +35,11 @@ pub struct Client {
 impl Client {
     /// Connects to the socket at `path`.
     pub fn connect(path: &Path) -> Result<Client, CallError> {
-        let stream = UnixStream::connect(path).map_err(|source| CallError::Connect {
-            path: path.to_path_buf(),
-            source,
+        let stream = with_short_path(path, |p| UnixStream::connect(p)).map_err(|source| {
+            CallError::Connect {
+                path: path.to_path_buf(),
+                source,
+            }
         })?;
         Ok(Client {
             stream: BufReader::new(stream),
@@ -62,4 +64,28 @@ impl Client {
             Err(e) => Err(CallError::Protocol(e.to_string())),
         }
     }
+}
+
+/// Longest socket path `sockaddr_un` holds (with its NUL).
+const SUN_PATH_MAX: usize = 107;
+
+/// Calls `f` with `path`, or, when `path` is too long for a unix socket address, with the
+/// same file reached through `/proc/self/fd/N/NAME` where N is an open descriptor of its
+/// directory (deep store roots keep working).
+pub fn with_short_path<T>(
+    path: &Path,
+    f: impl FnOnce(&Path) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    use std::os::fd::AsRawFd;
+    if path.as_os_str().len() <= SUN_PATH_MAX {
+        return f(path);
+    }
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return f(path);
+    };
+    let dir = std::fs::File::open(dir)?;
+    let short = Path::new("/proc/self/fd")
+        .join(dir.as_raw_fd().to_string())
+        .join(name);
+    f(&short)
 }

@@ -223,6 +223,9 @@ struct Live {
     started: Instant,
     time_to_mount_ms: std::sync::atomic::AtomicU64,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// fuser's handle on the mount. Taken (and used) right after our own `umount2`, so that
+    /// fuser never unmounts by path later, when something else may be mounted there.
+    unmounter: Mutex<Option<fuser::SessionUnmounter>>,
 }
 
 struct Inner {
@@ -242,6 +245,8 @@ struct Inner {
     keep_records: AtomicBool,
     /// Set once a shutdown has unmounted everything: the daemon exits.
     stopped: AtomicBool,
+    /// Set when a shutdown begins: no new mounts.
+    closing: AtomicBool,
 }
 
 /// The mount service (cheap to clone: one shared owner).
@@ -282,6 +287,7 @@ impl MountService {
                 last_activity: Mutex::new(Instant::now()),
                 keep_records: AtomicBool::new(false),
                 stopped: AtomicBool::new(false),
+                closing: AtomicBool::new(false),
             }),
         })
     }
@@ -317,9 +323,19 @@ impl MountService {
         }
         {
             let mounts = self.inner.mounts.lock();
+            if self.inner.closing.load(Ordering::SeqCst) {
+                return Err(ServiceError::Io("the daemon is shutting down".into()));
+            }
             let mut pending = self.inner.pending.lock();
             if mounts.contains_key(&mountpoint) || pending.contains(&mountpoint) {
                 return Err(ServiceError::AlreadyMounted(mountpoint));
+            }
+            // Never on top of another filesystem: unmounting ours would then be ambiguous.
+            if is_mount_point(&mountpoint) {
+                return Err(ServiceError::BadMountpoint {
+                    path: mountpoint,
+                    reason: "something is already mounted there".into(),
+                });
             }
             pending.push(mountpoint.clone());
         }
@@ -366,7 +382,7 @@ impl MountService {
             .map_err(|e| ServiceError::Image(format!("merging the layers of {reference}: {e}")))?;
         let entries = tree.len() as u64;
         let profile = match &req.profile {
-            Some(p) => std::fs::read(p)
+            Some(p) => read_limited(p, MAX_PROFILE)
                 .map_err(|e| ServiceError::Io(format!("reading profile {}: {e}", p.display())))?
                 .split(|&b| b == b'\n')
                 .filter(|l| !l.is_empty())
@@ -395,11 +411,12 @@ impl MountService {
         };
         let fs = StrataFs::new(tree, blobs, &config);
         let stats = fs.stats_handle();
-        let session =
+        let mut session =
             mount_session(fs, mountpoint, &config).map_err(|source| ServiceError::Mount {
                 path: mountpoint.to_path_buf(),
                 source,
             })?;
+        let unmounter = session.unmount_callable();
         let id = mount_id(mountpoint);
         let record = store.mounts_dir().join(format!("{id}.json"));
         let info = MountInfo {
@@ -422,11 +439,26 @@ impl MountService {
             started,
             time_to_mount_ms: Default::default(),
             thread: Mutex::new(None),
+            unmounter: Mutex::new(Some(unmounter)),
         });
-        self.inner
-            .mounts
-            .lock()
-            .insert(mountpoint.to_path_buf(), live.clone());
+        // Recorded before it goes live: a session that ends at once removes the record, and a
+        // crash from here on leaves a record the next daemon restores or drops.
+        let body = serde_json::json!({"request": live.request, "info": live.info});
+        if let Err(e) = store.write_file(&live.record, body.to_string().as_bytes()) {
+            tracing::warn!(mountpoint = %mountpoint.display(),
+                "cannot record the mount (it will not be restored after a restart): {e}");
+        }
+        {
+            let mut mounts = self.inner.mounts.lock();
+            if self.inner.closing.load(Ordering::SeqCst) {
+                drop(mounts);
+                // Dropping the session unmounts it (nothing else is mounted there).
+                drop(session);
+                let _ = std::fs::remove_file(&live.record);
+                return Err(ServiceError::Io("the daemon is shutting down".into()));
+            }
+            mounts.insert(mountpoint.to_path_buf(), live.clone());
+        }
         let weak = Arc::downgrade(&self.inner);
         let ended = live.clone();
         let thread = std::thread::Builder::new()
@@ -457,11 +489,6 @@ impl MountService {
         info.time_to_mount_ms = started.elapsed().as_millis() as u64;
         live.time_to_mount_ms
             .store(info.time_to_mount_ms, Ordering::Relaxed);
-        let body = serde_json::json!({"request": live.request, "info": info});
-        if let Err(e) = store.write_file(&live.record, body.to_string().as_bytes()) {
-            tracing::warn!(mountpoint = %mountpoint.display(),
-                "cannot record the mount (it will not be restored after a restart): {e}");
-        }
         tracing::info!(image = %reference, mountpoint = %mountpoint.display(), entries,
             "mounted in {:.3}s", started.elapsed().as_secs_f64());
         Ok(info)
@@ -536,8 +563,10 @@ impl MountService {
         Ok(cache)
     }
 
-    /// Unmounts `mountpoint` (with `lazy`, detaches it even if busy) and waits for its
-    /// session to end. A dead strata mount left by a crashed daemon is detached too.
+    /// Unmounts `mountpoint`. Without `lazy` it fails if the mount is busy and otherwise waits
+    /// for its session to end; with `lazy` it detaches the mount at once and returns (the
+    /// session ends when the last user lets go). A dead strata mount left by a crashed daemon
+    /// is detached too; anything that is not a strata mount is refused.
     pub fn unmount(&self, mountpoint: &Path, lazy: bool) -> Result<(), ServiceError> {
         let _busy = self.activity();
         let mountpoint = resolve_mountpoint(mountpoint);
@@ -547,12 +576,15 @@ impl MountService {
         } else {
             nix::mount::MntFlags::empty()
         };
+        let umount = |path: &Path| {
+            nix::mount::umount2(path, flags).map_err(|e| ServiceError::Unmount {
+                path: path.to_path_buf(),
+                source: e.into(),
+            })
+        };
         let Some(live) = live else {
             if is_strata_mount(&mountpoint) {
-                nix::mount::umount2(&mountpoint, flags).map_err(|e| ServiceError::Unmount {
-                    path: mountpoint.clone(),
-                    source: e.into(),
-                })?;
+                umount(&mountpoint)?;
                 let _ = std::fs::remove_file(
                     self.inner
                         .store
@@ -563,13 +595,30 @@ impl MountService {
             }
             return Err(ServiceError::NotMounted(mountpoint));
         };
-        nix::mount::umount2(&mountpoint, flags).map_err(|e| ServiceError::Unmount {
-            path: mountpoint.clone(),
-            source: e.into(),
-        })?;
-        let thread = live.thread.lock().take();
-        if let Some(t) = thread {
-            let _ = t.join();
+        umount(&mountpoint)?;
+        // fuser's own handle would unmount by path when the session ends: spend it now, while
+        // nothing else can be mounted there (mount points with mounts under them are refused).
+        if let Some(mut u) = live.unmounter.lock().take() {
+            let _ = u.unmount();
+        }
+        {
+            let mut mounts = self.inner.mounts.lock();
+            if mounts
+                .get(&mountpoint)
+                .is_some_and(|l| Arc::ptr_eq(l, &live))
+            {
+                mounts.remove(&mountpoint);
+            }
+        }
+        if !self.inner.keep_records.load(Ordering::SeqCst) {
+            let _ = std::fs::remove_file(&live.record);
+        }
+        self.inner.changed.notify_all();
+        if !lazy {
+            let thread = live.thread.lock().take();
+            if let Some(t) = thread {
+                let _ = t.join();
+            }
         }
         Ok(())
     }
@@ -663,11 +712,13 @@ impl MountService {
                     tracing::warn!(mountpoint = %mp.display(), "cannot detach a dead mount: {e}");
                 }
             }
-            let _ = std::fs::remove_file(&path);
             let result = self.mount(request);
             match &result {
                 Ok(_) => tracing::info!(mountpoint = %mp.display(), "mount restored"),
-                Err(e) => tracing::error!(mountpoint = %mp.display(), "cannot restore mount: {e}"),
+                Err(e) => {
+                    tracing::error!(mountpoint = %mp.display(), "cannot restore mount: {e}");
+                    let _ = std::fs::remove_file(&path);
+                }
             }
             out.push((mp, result));
         }
@@ -680,7 +731,11 @@ impl MountService {
         self.inner
             .keep_records
             .store(keep_records, Ordering::SeqCst);
-        let mounts: Vec<PathBuf> = self.inner.mounts.lock().keys().cloned().collect();
+        let mounts: Vec<PathBuf> = {
+            let mounts = self.inner.mounts.lock();
+            self.inner.closing.store(true, Ordering::SeqCst);
+            mounts.keys().cloned().collect()
+        };
         for mp in mounts {
             if let Err(e) = self.unmount(&mp, true) {
                 tracing::warn!(mountpoint = %mp.display(), "{e}");
@@ -706,6 +761,7 @@ impl MountService {
                     && self.inner.busy.load(Ordering::SeqCst) == 0
                     && self.inner.pending.lock().is_empty();
                 if idle_now && quiet >= grace {
+                    self.inner.closing.store(true, Ordering::SeqCst);
                     return;
                 }
                 wait = if idle_now {
@@ -789,6 +845,24 @@ fn mount_stats(l: &Live) -> serde_json::Value {
     })
 }
 
+/// Largest access profile read (a path per line: millions of paths).
+const MAX_PROFILE: u64 = 256 << 20;
+
+/// Reads a regular file of at most `max` bytes.
+fn read_limited(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let f = std::fs::File::open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut out = Vec::new();
+    f.take(max + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > max {
+        return Err(std::io::Error::other(format!("larger than {max} bytes")));
+    }
+    Ok(out)
+}
+
 /// A stable id for a mount point (the name of its record).
 pub fn mount_id(mountpoint: &Path) -> String {
     let s = mountpoint.to_string_lossy();
@@ -825,6 +899,19 @@ pub fn is_strata_mount(mountpoint: &Path) -> bool {
             fields.get(4).is_some_and(|p| unescape(p) == target)
                 && (fstype == "fuse" || fstype == "fuse.strata")
                 && source.starts_with("strata")
+        })
+}
+
+/// Whether anything is mounted exactly at `path` (per /proc/self/mountinfo).
+pub fn is_mount_point(path: &Path) -> bool {
+    let target = path.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            l.split_whitespace()
+                .nth(4)
+                .is_some_and(|p| unescape(p) == target)
         })
 }
 

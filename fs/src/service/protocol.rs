@@ -36,8 +36,11 @@ pub enum Request {
     Metrics,
     /// Trim the disk caches to `max_size` bytes.
     CacheGc { max_size: u64 },
-    /// Unmount everything and exit (records kept: the next daemon restores the mounts).
-    Shutdown,
+    /// Unmount everything and exit; the next daemon restores the mounts unless `forget`.
+    Shutdown {
+        #[serde(default)]
+        forget: bool,
+    },
 }
 
 /// The daemon's answer.

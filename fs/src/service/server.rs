@@ -19,7 +19,7 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
         Err(e) => return Err(e),
     }
     // Created under a 0700 root, then narrowed: no other user can reach it in between.
-    let listener = UnixListener::bind(path)?;
+    let listener = super::client::with_short_path(path, |p| UnixListener::bind(p))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
 }
@@ -44,9 +44,15 @@ pub fn serve(service: MountService, listener: UnixListener) {
             }
         }
         let service = service.clone();
+        // Counted from the accept, so an idle daemon never exits under a client that has
+        // connected but not yet sent its request.
+        let busy = service.activity();
         let _ = std::thread::Builder::new()
             .name("strata-control".into())
-            .spawn(move || connection(&service, stream));
+            .spawn(move || {
+                connection(&service, stream);
+                drop(busy);
+            });
     }
 }
 
@@ -56,7 +62,23 @@ fn peer_uid(stream: &UnixStream) -> Option<u32> {
         .map(|c| c.uid())
 }
 
+/// Whether the peer lives in the daemon's mount namespace (a mount made for a client in another
+/// namespace would be invisible to it).
+fn same_mount_namespace(stream: &UnixStream) -> bool {
+    let Ok(cred) = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+    else {
+        return false;
+    };
+    let ns = |pid: String| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    match (ns(cred.pid().to_string()), ns("self".into())) {
+        (Some(a), Some(b)) => a == b,
+        // Cannot tell (e.g. /proc hidden): do not refuse.
+        _ => true,
+    }
+}
+
 fn connection(service: &MountService, stream: UnixStream) {
+    let same_ns = same_mount_namespace(&stream);
     let Ok(write) = stream.try_clone() else {
         return;
     };
@@ -75,6 +97,12 @@ fn connection(service: &MountService, stream: UnixStream) {
             Response::Error("request too long".into())
         } else {
             match serde_json::from_slice::<Request>(&line) {
+                Ok(Request::Mount(_)) if !same_ns => Response::Error(
+                    "the strata daemon runs in another mount namespace: its mounts would not \
+                     be visible here (stop it with `strata daemon --stop`, or run the client in \
+                     the daemon's namespace)"
+                        .into(),
+                ),
                 Ok(req) => handle(service, req),
                 Err(e) => Response::Error(format!("bad request: {e}")),
             }
@@ -126,10 +154,10 @@ fn handle(service: &MountService, req: Request) -> Response {
         },
         Request::Metrics => Response::Ok(service.metrics()),
         Request::CacheGc { max_size } => Response::Ok(service.cache_gc(max_size)),
-        Request::Shutdown => {
+        Request::Shutdown { forget } => {
             let s = service.clone();
-            // Answer first; the daemon's main thread exits once the service is idle.
-            std::thread::spawn(move || s.shutdown(true));
+            // Answer first; the daemon's main thread exits once the service has stopped.
+            std::thread::spawn(move || s.shutdown(!forget));
             ok(serde_json::Value::Null)
         }
     }
