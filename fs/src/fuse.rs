@@ -983,6 +983,7 @@ impl Filesystem for StrataFs {
             match n
                 .xattrs
                 .iter()
+                .filter(|(k, _)| !is_overlay_xattr(k))
                 .find(|(k, _)| k.as_slice() == name.as_bytes())
             {
                 None => reply.error(FsError::NoAttr.errno()),
@@ -1002,7 +1003,7 @@ impl Filesystem for StrataFs {
                 Err(e) => return reply.error(e.errno()),
             };
             let mut list = Vec::new();
-            for (k, _) in &n.xattrs {
+            for (k, _) in n.xattrs.iter().filter(|(k, _)| !is_overlay_xattr(k)) {
                 list.extend_from_slice(k);
                 list.push(0);
             }
@@ -1016,6 +1017,13 @@ impl Filesystem for StrataFs {
         });
         self.shared.ops.record(Op::Getxattr, started.elapsed());
     }
+}
+
+/// overlayfs's own attributes (`trusted.overlay.*`, `user.overlay.*`) are never passed through
+/// from image content: an image could otherwise forge whiteouts, redirects or metacopy origins
+/// for an overlay mounted over this filesystem. They read as absent.
+fn is_overlay_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.")
 }
 
 /// A directory's entries from `offset` on, as (offset of the next entry, name, inode):
