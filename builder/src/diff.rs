@@ -50,7 +50,12 @@ pub fn is_whiteout(md: &std::fs::Metadata) -> bool {
 pub fn is_opaque(path: &Path) -> bool {
     ["trusted.overlay.opaque", "user.overlay.opaque"]
         .iter()
-        .any(|k| xattr::get(path, k).ok().flatten().is_some_and(|v| v == b"y"))
+        .any(|k| {
+            xattr::get(path, k)
+                .ok()
+                .flatten()
+                .is_some_and(|v| v == b"y")
+        })
 }
 
 /// The changes in `upper` relative to `lower` (the image's root, e.g. its strata mount).

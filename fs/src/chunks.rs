@@ -14,8 +14,8 @@ use lru::LruCache;
 use parking_lot::Mutex;
 
 use crate::blob::BlobSource;
-use crate::cache::DiskCache;
 use crate::format::{self, Chunk, Sha256Digest};
+use crate::packs::PackCache;
 
 /// Largest compressed span fetched in one range read.
 pub const MAX_RUN: u64 = 4 << 20;
@@ -58,7 +58,7 @@ pub struct ChunkPool {
     lru: Mutex<Lru>,
     capacity: usize,
     inflight: Mutex<HashMap<Sha256Digest, Slot>>,
-    disk: Option<Arc<DiskCache>>,
+    disk: Option<Arc<PackCache>>,
     /// Fetches for readers in progress on any mount (background work yields to them).
     active: AtomicUsize,
     /// When the last reader's fetch ended: background work waits for a quiet moment, so a
@@ -79,7 +79,7 @@ impl std::fmt::Debug for ChunkPool {
 }
 
 impl ChunkPool {
-    pub fn new(capacity_bytes: usize, disk: Option<Arc<DiskCache>>) -> Arc<Self> {
+    pub fn new(capacity_bytes: usize, disk: Option<Arc<PackCache>>) -> Arc<Self> {
         Arc::new(ChunkPool {
             lru: Mutex::new(Lru {
                 map: LruCache::unbounded(),
@@ -93,7 +93,7 @@ impl ChunkPool {
         })
     }
 
-    pub fn disk(&self) -> Option<&Arc<DiskCache>> {
+    pub fn disk(&self) -> Option<&Arc<PackCache>> {
         self.disk.as_ref()
     }
 
@@ -124,7 +124,7 @@ enum Step {
 
 impl ChunkCache {
     /// A cache of its own (one mount, no sharing).
-    pub fn new(capacity_bytes: usize, disk: Option<Arc<DiskCache>>, cache_local: bool) -> Self {
+    pub fn new(capacity_bytes: usize, disk: Option<Arc<PackCache>>, cache_local: bool) -> Self {
         Self::with_pool(ChunkPool::new(capacity_bytes, disk), cache_local)
     }
 
@@ -150,7 +150,7 @@ impl ChunkCache {
         self.pool.busy()
     }
 
-    pub fn disk(&self) -> Option<&Arc<DiskCache>> {
+    pub fn disk(&self) -> Option<&Arc<PackCache>> {
         self.pool.disk.as_ref()
     }
 
@@ -182,7 +182,7 @@ impl ChunkCache {
         }
     }
 
-    fn disk_for(&self, src: &dyn BlobSource) -> Option<&Arc<DiskCache>> {
+    fn disk_for(&self, src: &dyn BlobSource) -> Option<&Arc<PackCache>> {
         self.pool
             .disk
             .as_ref()
@@ -324,7 +324,7 @@ impl ChunkCache {
         &self,
         src: &dyn BlobSource,
         run: &[(Chunk, Slot)],
-        disk: Option<&Arc<DiskCache>>,
+        disk: Option<&Arc<PackCache>>,
         memory: bool,
     ) {
         let (Some((first, _)), Some((last, _))) = (run.first(), run.last()) else {

@@ -77,7 +77,7 @@ pub struct MountConfig {
     /// Name shown as the mount source (e.g. the image reference).
     pub fsname: String,
     /// The node's disk cache of verified chunks, if any.
-    pub disk_cache: Option<Arc<DiskCache>>,
+    pub disk_cache: Option<Arc<crate::packs::PackCache>>,
     /// Cache chunks of local layer blobs on disk too.
     pub cache_local: bool,
     /// After mounting, fetch the rest of every remote layer into the disk cache in the
@@ -138,6 +138,9 @@ struct Shared {
 /// in the blob (files of the same directory, usually read next): one round trip for many small
 /// files instead of one each.
 pub const NEIGHBOUR_FETCH: u64 = 256 << 10;
+
+/// Chunks up to this size are small files' (a file under the chunk size is one chunk).
+const SMALL_CHUNK: u32 = 64 << 10;
 
 /// A read waiting for chunks that are not in memory, handed from a FUSE worker to a fetch
 /// thread.
@@ -340,9 +343,15 @@ impl Shared {
             return Vec::new();
         };
         let mut bytes: u64 = needed.iter().map(|c| u64::from(c.compressed_len)).sum();
+        // Only small files' reads take neighbours, and only small files' chunks are taken: a
+        // large file's chunks are read in full by their own readers (and readahead), and would
+        // turn a small read into a large one on a slow link.
+        let small = |c: &Chunk| c.uncompressed_len <= SMALL_CHUNK;
         let (Some(last), true) = (
             needed.last(),
-            bytes < self.neighbour_fetch && needed.iter().any(|c| !self.cache.has(blob, &c.digest)),
+            bytes < self.neighbour_fetch
+                && needed.iter().all(small)
+                && needed.iter().any(|c| !self.cache.has(blob, &c.digest)),
         ) else {
             return Vec::new();
         };
@@ -353,6 +362,7 @@ impl Shared {
             // Stop at a gap a range read would not bridge, or at the budget.
             let gap = c.compressed_offset.saturating_sub(end);
             if gap > crate::chunks::MAX_GAP
+                || !small(c)
                 || bytes + u64::from(c.compressed_len) > self.neighbour_fetch
             {
                 break;

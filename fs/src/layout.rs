@@ -9,7 +9,7 @@
 //! ROOT/tocs/HEX             verified TOC frames of lazily pulled layers
 //! ROOT/indexed/HEX.json     strata descriptors of plain layers indexed on this node
 //! ROOT/profiles/            access profiles fetched next to images
-//! ROOT/cache/chunks/ab/HEX  the node's disk cache of verified chunks
+//! ROOT/cache/packs/N.pack   the node's disk cache of verified chunks, in pack files
 //! ROOT/cache/files/ab/KEY   whole files for FUSE passthrough
 //! ROOT/mounts/ID.json       the daemon's record of each live mount (restored after a restart)
 //! ROOT/containers/          containers (upper dirs and metadata)
@@ -65,6 +65,11 @@ impl Layout {
     }
 
     pub fn chunk_cache(&self) -> PathBuf {
+        self.root.join("cache/packs")
+    }
+
+    /// Where chunk files were kept before packs (removed when found).
+    pub fn old_chunk_cache(&self) -> PathBuf {
         self.root.join("cache/chunks")
     }
 

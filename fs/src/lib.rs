@@ -15,6 +15,7 @@ pub mod image;
 pub mod layout;
 pub mod oci;
 pub mod opstats;
+pub mod packs;
 pub mod passthrough;
 pub mod reference;
 pub mod registry;

@@ -100,17 +100,13 @@ fn stats(root: &Path, mnt: &Path) -> serde_json::Value {
     .unwrap()
 }
 
-/// Bytes of chunk files on disk under the store's chunk cache.
+/// Bytes of every file on disk under the store's chunk cache (its packs).
 fn cache_on_disk(root: &Path) -> u64 {
-    let dir = root.join("cache/chunks");
-    let Ok(shards) = fs::read_dir(&dir) else {
+    let Ok(entries) = fs::read_dir(root.join("cache/packs")) else {
         return 0;
     };
-    // Chunk files and temp files of chunks being written.
-    shards
+    entries
         .flatten()
-        .filter(|s| s.file_name().len() == 2 || s.file_name() == "tmp")
-        .flat_map(|s| fs::read_dir(s.path()).into_iter().flatten().flatten())
         .filter_map(|e| e.metadata().ok())
         .map(|m| m.len())
         .sum()
@@ -279,14 +275,12 @@ fn other_users_reach_neither_store_caches_nor_socket() {
     let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&root), 0o700);
     assert_eq!(mode(&root.join("daemon.sock")), 0o600);
-    assert_eq!(mode(&root.join("cache/chunks")), 0o700);
-    let chunk = fs::read_dir(root.join("cache/chunks"))
+    assert_eq!(mode(&root.join("cache/packs")), 0o700);
+    let chunk = fs::read_dir(root.join("cache/packs"))
         .unwrap()
         .flatten()
-        .filter(|s| s.file_name().len() == 2)
-        .flat_map(|s| fs::read_dir(s.path()).unwrap().flatten())
         .next()
-        .expect("a cached chunk")
+        .expect("a pack of cached chunks")
         .path();
     assert_eq!(mode(&chunk), 0o600);
     let blob = fs::read_dir(root.join("blobs/sha256"))

@@ -2,7 +2,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Subcommand;
-use strata_fs::cache::DiskCache;
+use strata_fs::cache::{CacheStats, DiskCache};
+use strata_fs::packs::PackCache;
 
 use super::{human_bytes, parse_size};
 use crate::GlobalArgs;
@@ -53,22 +54,66 @@ pub fn run(g: &GlobalArgs, a: CacheArgs) -> anyhow::Result<()> {
             return Ok(());
         }
     }
-    // The chunk cache, and the whole-file cache of passthrough mounts when there is one.
-    // Opening with an unlimited cap only indexes; eviction happens on request.
-    let mut caches = Vec::new();
-    for (what, dir) in [("chunks", cache_dir(g)), ("files", files_dir(g))] {
-        if what == "files" && !dir.exists() {
-            continue;
+    // With a daemon running, its own figures (it owns the caches).
+    if let CacheCommand::Stats { json } = a.command {
+        let req = strata_fs::service::protocol::Request::Metrics;
+        if let Some(v) = super::daemon::call_running(g, &req)? {
+            let node = &v["node"];
+            let n = |p: &str| node.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0);
+            if json {
+                let mut out = serde_json::json!({"dir": cache_dir(g), "chunks": n("/disk_cache/entries"),
+                    "bytes": n("/disk_cache/bytes")});
+                if node["file_cache"].is_object() {
+                    out["files"] = serde_json::json!({"dir": files_dir(g),
+                        "files": n("/file_cache/entries"), "bytes": n("/file_cache/bytes")});
+                }
+                println!("{out}");
+            } else {
+                println!(
+                    "{}: {} chunks, {}",
+                    cache_dir(g).display(),
+                    n("/disk_cache/entries"),
+                    human_bytes(n("/disk_cache/bytes"))
+                );
+            }
+            return Ok(());
         }
-        let cache = DiskCache::open(&dir, u64::MAX)
-            .with_context(|| format!("opening {}", dir.display()))?;
-        caches.push((what, dir, cache));
+    }
+    // No daemon: open the caches here (an unlimited cap only indexes; eviction on request):
+    // the chunk packs, and the whole-file cache of passthrough mounts when there is one.
+    type Stats = Box<dyn Fn() -> CacheStats>;
+    type Evict = Box<dyn Fn(u64)>;
+    let mut caches: Vec<(&str, PathBuf, Stats, Evict)> = Vec::new();
+    let dir = cache_dir(g);
+    let packs = std::sync::Arc::new(
+        PackCache::open(&dir, u64::MAX).with_context(|| format!("opening {}", dir.display()))?,
+    );
+    let p2 = packs.clone();
+    caches.push((
+        "chunks",
+        dir,
+        Box::new(move || packs.stats()),
+        Box::new(move |m| p2.evict_to(m)),
+    ));
+    let dir = files_dir(g);
+    if dir.exists() {
+        let files = std::sync::Arc::new(
+            DiskCache::open(&dir, u64::MAX)
+                .with_context(|| format!("opening {}", dir.display()))?,
+        );
+        let f2 = files.clone();
+        caches.push((
+            "files",
+            dir,
+            Box::new(move || files.stats()),
+            Box::new(move |m| f2.evict_to(m)),
+        ));
     }
     match a.command {
         CacheCommand::Stats { json } => {
             let mut out = serde_json::Map::new();
-            for (what, dir, cache) in &caches {
-                let s = cache.stats();
+            for (what, dir, stats, _) in &caches {
+                let s = stats();
                 if json {
                     let body = serde_json::json!({"dir": dir, *what: s.entries, "bytes": s.bytes});
                     if *what == "chunks" {
@@ -93,14 +138,14 @@ pub fn run(g: &GlobalArgs, a: CacheArgs) -> anyhow::Result<()> {
             }
         }
         CacheCommand::Gc { max_size } => {
-            for (what, _, cache) in &caches {
-                let before = cache.stats();
-                cache.evict_to(max_size);
-                let after = cache.stats();
+            for (what, _, stats, evict) in &caches {
+                let before = stats();
+                evict(max_size);
+                let after = stats();
                 println!(
                     "removed {} {what} ({}); {} {what}, {} remain",
-                    before.entries - after.entries,
-                    human_bytes(before.bytes - after.bytes),
+                    before.entries.saturating_sub(after.entries),
+                    human_bytes(before.bytes.saturating_sub(after.bytes)),
                     after.entries,
                     human_bytes(after.bytes)
                 );

@@ -264,8 +264,13 @@ impl MountService {
     ) -> Result<Self, ServiceError> {
         let store = Store::open(root).map_err(|e| ServiceError::Io(e.to_string()))?;
         let disk = if config.cache_size > 0 {
+            let old = store.layout().old_chunk_cache();
+            if old.is_dir() {
+                tracing::info!(dir = %old.display(), "removing the chunk cache of an older version");
+                let _ = std::fs::remove_dir_all(&old);
+            }
             let dir = store.layout().chunk_cache();
-            let cache = DiskCache::open(&dir, config.cache_size).map_err(|e| {
+            let cache = crate::packs::PackCache::open(&dir, config.cache_size).map_err(|e| {
                 ServiceError::Io(format!("opening the chunk cache {}: {e}", dir.display()))
             })?;
             Some(Arc::new(cache))

@@ -1,0 +1,511 @@
+//! The node's disk cache of verified, decompressed chunks, kept in append-only pack files.
+//!
+//! One file per chunk made a cold read of a cached image cost an inode lookup and a small
+//! random read per chunk; packs keep the chunks of a fetch next to each other in a few large
+//! files, so cold reads are sequential and the kernel's readahead works. The layout
+//! (`docs/architecture.md`, "The chunk cache"):
+//!
+//! ```text
+//! DIR/NNNNNNNN.pack   header: "STRAPACK" | version u16 | flags u16 | reserved [u8; 20]
+//!                     records: magic u32 "STRK" | len u32 | sha256 [u8; 32] | reserved u64 | data
+//! ```
+//!
+//! Writes append without fsync; every read is verified against the chunk's sha256 (a torn or
+//! damaged record is dropped and refetched, never served), and opening the cache scans the
+//! record headers, stopping at the first that does not fit (a torn tail). The size cap holds for
+//! the sum of pack files: eviction removes whole packs, least recently used first, never the pack
+//! being written; a reader still holding a removed pack reads it through its open descriptor.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::cache::CacheStats;
+use crate::format::Sha256Digest;
+
+const PACK_MAGIC: &[u8; 8] = b"STRAPACK";
+const PACK_VERSION: u16 = 1;
+const PACK_HEADER: u64 = 32;
+const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"STRK");
+const RECORD_HEADER: u64 = 48;
+/// Largest pack file (smaller for small caps, so eviction stays fine-grained).
+const MAX_PACK: u64 = 64 << 20;
+/// How long writes pause after the disk under the cache was found full.
+const FULL_BACKOFF: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Copy)]
+struct Loc {
+    pack: u32,
+    offset: u64,
+    len: u32,
+}
+
+struct Pack {
+    file: Arc<File>,
+    size: u64,
+    last_used: u64,
+    chunks: Vec<Sha256Digest>,
+}
+
+struct State {
+    index: HashMap<Sha256Digest, Loc>,
+    packs: HashMap<u32, Pack>,
+    /// The pack being appended to.
+    current: Option<u32>,
+    next_id: u32,
+    bytes: u64,
+    tick: u64,
+    full_until: Option<Instant>,
+}
+
+/// A size-capped, content-addressed cache of chunks in pack files.
+pub struct PackCache {
+    dir: PathBuf,
+    capacity: u64,
+    pack_size: u64,
+    state: Mutex<State>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    inserted: AtomicU64,
+    evicted: AtomicU64,
+    corrupt: AtomicU64,
+    skipped: AtomicU64,
+}
+
+impl std::fmt::Debug for PackCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackCache")
+            .field("dir", &self.dir)
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+fn pack_name(id: u32) -> String {
+    format!("{id:08}.pack")
+}
+
+fn is_disk_full(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+impl PackCache {
+    /// Opens the cache in `dir` (creating it), indexing the packs already there.
+    pub fn open(dir: impl Into<PathBuf>, capacity: u64) -> io::Result<Self> {
+        let dir = dir.into();
+        crate::store::create_private_dir(&dir).map_err(io::Error::other)?;
+        let mut state = State {
+            index: HashMap::new(),
+            packs: HashMap::new(),
+            current: None,
+            next_id: 0,
+            bytes: 0,
+            tick: 0,
+            full_until: None,
+        };
+        let mut ids: Vec<u32> = std::fs::read_dir(&dir)?
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_suffix(".pack")?.parse().ok()
+            })
+            .collect();
+        ids.sort_unstable();
+        for id in ids {
+            let path = dir.join(pack_name(id));
+            match scan(&path) {
+                Ok((file, size, records)) => {
+                    let mut chunks = Vec::with_capacity(records.len());
+                    for (digest, offset, len) in records {
+                        state.index.insert(
+                            digest,
+                            Loc {
+                                pack: id,
+                                offset,
+                                len,
+                            },
+                        );
+                        chunks.push(digest);
+                    }
+                    state.bytes += size;
+                    state.tick += 1;
+                    state.packs.insert(
+                        id,
+                        Pack {
+                            file: Arc::new(file),
+                            size,
+                            last_used: state.tick,
+                            chunks,
+                        },
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(pack = %path.display(), "dropping an unreadable pack: {e}");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+            state.next_id = state.next_id.max(id + 1);
+        }
+        let cache = PackCache {
+            dir,
+            capacity,
+            pack_size: (capacity / 8).clamp(1 << 20, MAX_PACK),
+            state: Mutex::new(state),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            inserted: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
+            corrupt: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+        };
+        cache.evict_to(capacity);
+        Ok(cache)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The size cap in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Whether the chunk is cached (without reading it).
+    pub fn contains(&self, d: &Sha256Digest) -> bool {
+        self.state.lock().index.contains_key(d)
+    }
+
+    /// Returns the chunk's bytes if cached and intact (`len` bytes hashing to `d`).
+    pub fn get(&self, d: &Sha256Digest, len: usize) -> Option<Vec<u8>> {
+        let (loc, file) = {
+            let mut st = self.state.lock();
+            let Some(loc) = st.index.get(d).copied() else {
+                drop(st);
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                return None;
+            };
+            st.tick += 1;
+            let tick = st.tick;
+            let pack = st.packs.get_mut(&loc.pack)?;
+            pack.last_used = tick;
+            (loc, pack.file.clone())
+        };
+        let mut buf = vec![0u8; loc.len as usize];
+        let ok = loc.len as usize == len
+            && file.read_exact_at(&mut buf, loc.offset).is_ok()
+            && &Sha256Digest::of(&buf) == d;
+        if ok {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Some(buf);
+        }
+        tracing::warn!(chunk = %d, "cached chunk is damaged; dropping it");
+        self.corrupt.fetch_add(1, Ordering::Relaxed);
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        self.state.lock().index.remove(d);
+        None
+    }
+
+    /// Stores a verified chunk (the caller has checked `data` hashes to `d`). A full disk is
+    /// not an error: the chunk stays uncached, writes pause briefly and resume by themselves.
+    pub fn put(&self, d: &Sha256Digest, data: &[u8]) -> io::Result<()> {
+        let len = data.len() as u64;
+        if data.is_empty() || len + RECORD_HEADER + PACK_HEADER > self.capacity {
+            return Ok(());
+        }
+        let mut st = self.state.lock();
+        if st.index.contains_key(d) {
+            return Ok(());
+        }
+        if st.full_until.is_some_and(|t| Instant::now() < t) {
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        match self.append(&mut st, d, data) {
+            Ok(()) => {
+                if st.full_until.take().is_some() {
+                    tracing::info!(dir = %self.dir.display(), "space returned: caching resumed");
+                }
+            }
+            Err(e) if is_disk_full(&e) => {
+                self.skipped.fetch_add(1, Ordering::Relaxed);
+                if st.full_until.is_none() {
+                    tracing::warn!(dir = %self.dir.display(),
+                        "the disk under the cache is full: serving without caching until space returns");
+                }
+                st.full_until = Some(Instant::now() + FULL_BACKOFF);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+        drop(st);
+        self.inserted.fetch_add(1, Ordering::Relaxed);
+        self.evict_to(self.capacity);
+        Ok(())
+    }
+
+    /// Appends one record to the current pack (starting a new pack when it is full).
+    fn append(&self, st: &mut State, d: &Sha256Digest, data: &[u8]) -> io::Result<()> {
+        let need = RECORD_HEADER + data.len() as u64;
+        let current = st.current.filter(|id| {
+            st.packs
+                .get(id)
+                .is_some_and(|p| p.size + need <= self.pack_size)
+        });
+        let id = match current {
+            Some(id) => id,
+            None => {
+                let id = st.next_id;
+                let path = self.dir.join(pack_name(id));
+                let file = {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                        .open(&path)?
+                };
+                let mut header = [0u8; PACK_HEADER as usize];
+                header[..8].copy_from_slice(PACK_MAGIC);
+                header[8..10].copy_from_slice(&PACK_VERSION.to_le_bytes());
+                if let Err(e) = file.write_all_at(&header, 0) {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(e);
+                }
+                st.next_id += 1;
+                st.tick += 1;
+                st.packs.insert(
+                    id,
+                    Pack {
+                        file: Arc::new(file),
+                        size: PACK_HEADER,
+                        last_used: st.tick,
+                        chunks: Vec::new(),
+                    },
+                );
+                st.bytes += PACK_HEADER;
+                st.current = Some(id);
+                id
+            }
+        };
+        let tick = st.tick + 1;
+        st.tick = tick;
+        let pack = st
+            .packs
+            .get_mut(&id)
+            .ok_or_else(|| io::Error::other("pack vanished"))?;
+        let offset = pack.size;
+        let mut rec = Vec::with_capacity(need as usize);
+        rec.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
+        rec.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        rec.extend_from_slice(&d.0);
+        rec.extend_from_slice(&0u64.to_le_bytes());
+        rec.extend_from_slice(data);
+        if let Err(e) = pack.file.write_all_at(&rec, offset) {
+            // Whatever part was written is past the recorded size: a later append overwrites
+            // it, and a scan stops before it.
+            let _ = pack.file.set_len(offset);
+            return Err(e);
+        }
+        pack.size += need;
+        pack.last_used = tick;
+        pack.chunks.push(*d);
+        st.bytes += need;
+        st.index.insert(
+            *d,
+            Loc {
+                pack: id,
+                offset: offset + RECORD_HEADER,
+                len: data.len() as u32,
+            },
+        );
+        Ok(())
+    }
+
+    /// Evicts least-recently-used packs (never the one being written) until at most `target`
+    /// bytes remain.
+    pub fn evict_to(&self, target: u64) {
+        let mut victims = Vec::new();
+        {
+            let mut st = self.state.lock();
+            while st.bytes > target {
+                let current = st.current;
+                let Some(id) = st
+                    .packs
+                    .iter()
+                    .filter(|(id, _)| Some(**id) != current || target == 0)
+                    .min_by_key(|(_, p)| p.last_used)
+                    .map(|(id, _)| *id)
+                else {
+                    break;
+                };
+                let Some(pack) = st.packs.remove(&id) else {
+                    break;
+                };
+                if st.current == Some(id) {
+                    st.current = None;
+                }
+                st.bytes -= pack.size;
+                for d in &pack.chunks {
+                    if st.index.get(d).is_some_and(|l| l.pack == id) {
+                        st.index.remove(d);
+                    }
+                }
+                self.evicted
+                    .fetch_add(pack.chunks.len() as u64, Ordering::Relaxed);
+                victims.push(id);
+            }
+        }
+        for id in victims {
+            let _ = std::fs::remove_file(self.dir.join(pack_name(id)));
+        }
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let st = self.state.lock();
+        CacheStats {
+            entries: st.index.len() as u64,
+            bytes: st.bytes,
+            capacity: self.capacity,
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            inserted: self.inserted.load(Ordering::Relaxed),
+            evicted: self.evicted.load(Ordering::Relaxed),
+            corrupt: self.corrupt.load(Ordering::Relaxed),
+            skipped_full: self.skipped.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Reads a pack's record headers: the file, its valid length, and (digest, data offset, len)
+/// of each record. A record that does not fit ends the pack (a torn tail is ignored).
+/// (digest, offset of the data, length) of a record.
+type Record = (Sha256Digest, u64, u32);
+
+fn scan(path: &Path) -> io::Result<(File, u64, Vec<Record>)> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags_nofollow()
+        .open(path)?;
+    let file_len = file.metadata()?.len();
+    let mut header = [0u8; PACK_HEADER as usize];
+    file.read_exact_at(&mut header, 0)?;
+    if &header[..8] != PACK_MAGIC {
+        return Err(io::Error::other("not a strata pack"));
+    }
+    let version = u16::from_le_bytes([header[8], header[9]]);
+    let flags = u16::from_le_bytes([header[10], header[11]]);
+    if version != PACK_VERSION || flags != 0 {
+        return Err(io::Error::other(format!(
+            "pack version {version} flags {flags:#x} unknown to this build"
+        )));
+    }
+    let mut records = Vec::new();
+    let mut pos = PACK_HEADER;
+    let mut rec = [0u8; RECORD_HEADER as usize];
+    while pos + RECORD_HEADER <= file_len {
+        if file.read_exact_at(&mut rec, pos).is_err() {
+            break;
+        }
+        let magic = u32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]);
+        let len = u32::from_le_bytes([rec[4], rec[5], rec[6], rec[7]]);
+        if magic != RECORD_MAGIC
+            || len == 0
+            || len > crate::format::MAX_CHUNK_SIZE
+            || pos + RECORD_HEADER + u64::from(len) > file_len
+        {
+            break;
+        }
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(&rec[8..40]);
+        records.push((Sha256Digest(digest), pos + RECORD_HEADER, len));
+        pos += RECORD_HEADER + u64::from(len);
+    }
+    // A torn tail stays as it is (this pack is never appended to again); it counts against
+    // the cap until the pack is evicted.
+    Ok((file, file_len, records))
+}
+
+trait NoFollow {
+    fn custom_flags_nofollow(&mut self) -> &mut Self;
+}
+
+impl NoFollow for std::fs::OpenOptions {
+    fn custom_flags_nofollow(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.custom_flags(libc::O_NOFOLLOW)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn chunk(i: u8, len: usize) -> (Sha256Digest, Vec<u8>) {
+        let data = vec![i; len];
+        (Sha256Digest::of(&data), data)
+    }
+
+    #[test]
+    fn put_get_reopen_evict_and_damage() {
+        let t = tempfile::tempdir().unwrap();
+        let cap = 8 << 20;
+        let c = PackCache::open(t.path(), cap).unwrap();
+        let chunks: Vec<_> = (0..20u8).map(|i| chunk(i, 1 << 20)).collect();
+        for (d, data) in &chunks[..4] {
+            c.put(d, data).unwrap();
+        }
+        assert_eq!(c.get(&chunks[0].0, 1 << 20).unwrap(), chunks[0].1);
+        drop(c);
+        // Reopened: the same chunks, from the packs' record headers.
+        let c = PackCache::open(t.path(), cap).unwrap();
+        assert_eq!(c.stats().entries, 4);
+        assert_eq!(c.get(&chunks[3].0, 1 << 20).unwrap(), chunks[3].1);
+        // More than the cap: whole packs go, the total stays under the cap.
+        for (d, data) in &chunks[4..] {
+            c.put(d, data).unwrap();
+            assert!(c.stats().bytes <= cap, "{:?}", c.stats());
+        }
+        assert!(c.contains(&chunks[19].0));
+        assert!(!c.contains(&chunks[4].0));
+        // A damaged record is dropped, not served.
+        let (d, data) = &chunks[19];
+        let loc = c.state.lock().index.get(d).copied().unwrap();
+        let path = t.path().join(pack_name(loc.pack));
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(b"X", loc.offset + 10).unwrap();
+        assert!(c.get(d, data.len()).is_none());
+        assert!(!c.contains(d));
+        assert_eq!(c.stats().corrupt, 1);
+        c.evict_to(0);
+        assert_eq!(c.stats().bytes, 0);
+    }
+
+    #[test]
+    fn a_torn_tail_is_ignored_at_open() {
+        let t = tempfile::tempdir().unwrap();
+        let c = PackCache::open(t.path(), 64 << 20).unwrap();
+        let (a, da) = chunk(1, 1000);
+        let (b, db) = chunk(2, 1000);
+        c.put(&a, &da).unwrap();
+        c.put(&b, &db).unwrap();
+        drop(c);
+        let path = t.path().join(pack_name(0));
+        let len = std::fs::metadata(&path).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len - 10).unwrap();
+        let c = PackCache::open(t.path(), 64 << 20).unwrap();
+        assert!(c.contains(&a) && !c.contains(&b));
+        assert_eq!(c.get(&a, 1000).unwrap(), da);
+    }
+}
