@@ -142,7 +142,8 @@ t_lazy_pf=$(echo "$(now) - $t0" | bc -l)
 # 1,000 small files (under 64 KiB, in path order) read lazily: one request per file (neighbour
 # fetch off, as before the node daemon) vs the default.
 find "$rootfs/usr/lib/python3.11" -type f -size -64k | sort | head -1000 | sed "s|^$rootfs||" > "$work/small.txt"
-read_small() { while read -r f; do cat "$1$f" > /dev/null; done < "$work/small.txt"; }
+# One reader process for all the files (a shell loop would time 1,000 process starts).
+read_small() { sed "s|^|$1|" "$work/small.txt" | xargs -d '\n' cat > /dev/null; }
 declare -A t_small b_small
 for nf in 0 256K; do
   sync; echo 3 > /proc/sys/vm/drop_caches

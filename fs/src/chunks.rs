@@ -66,8 +66,9 @@ pub struct ChunkPool {
     last_demand: Mutex<std::time::Instant>,
 }
 
-/// How long after a reader's fetch background prefetch stays paused.
-pub const DEMAND_QUIET: std::time::Duration = std::time::Duration::from_millis(100);
+/// How long after a reader's fetch background prefetch stays paused: a container's start reads
+/// in bursts with short gaps, and a prefetch request sent into a gap delays the next burst.
+pub const DEMAND_QUIET: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl std::fmt::Debug for ChunkPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -100,6 +101,11 @@ impl ChunkPool {
     /// Bytes of decoded chunks held in memory.
     pub fn memory_bytes(&self) -> usize {
         self.lru.lock().bytes
+    }
+
+    /// Counts as a reader's fetch now (a new mount: its first reads are about to come).
+    pub fn note_demand(&self) {
+        *self.last_demand.lock() = std::time::Instant::now();
     }
 
     /// Whether readers of any mount are waiting on fetches right now, or were a moment ago.

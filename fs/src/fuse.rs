@@ -128,8 +128,9 @@ struct Shared {
     blobs: Vec<Arc<dyn BlobSource>>,
     cache: ChunkCache,
     ops: OpStats,
-    /// Per remote layer, its chunks in blob order (empty for local layers): a small read that
-    /// must go to the registry takes the chunks that follow it in the same request.
+    /// Per remote layer, its small files' chunks in blob order (empty for local layers): a
+    /// small file's read that must go to the registry takes the small files that follow it
+    /// in the same request.
     blob_order: Vec<Vec<Chunk>>,
     neighbour_fetch: u64,
 }
@@ -139,7 +140,7 @@ struct Shared {
 /// files instead of one each.
 pub const NEIGHBOUR_FETCH: u64 = 256 << 10;
 
-/// Chunks up to this size are small files' (a file under the chunk size is one chunk).
+/// Files of one chunk up to this size are small files.
 const SMALL_CHUNK: u32 = 64 << 10;
 
 /// A read waiting for chunks that are not in memory, handed from a FUSE worker to a fetch
@@ -342,37 +343,37 @@ impl Shared {
         else {
             return Vec::new();
         };
-        let mut bytes: u64 = needed.iter().map(|c| u64::from(c.compressed_len)).sum();
-        // Only small files' reads take neighbours, and only small files' chunks are taken: a
-        // large file's chunks are read in full by their own readers (and readahead), and would
-        // turn a small read into a large one on a slow link.
-        let small = |c: &Chunk| c.uncompressed_len <= SMALL_CHUNK;
-        let (Some(last), true) = (
-            needed.last(),
-            bytes < self.neighbour_fetch
-                && needed.iter().all(small)
-                && needed.iter().any(|c| !self.cache.has(blob, &c.digest)),
+        // Only a small file's read (one small chunk, so it is in `order`) takes neighbours, and
+        // only small files are taken: a large file's chunks are read by their own readers (and
+        // readahead), and would turn a small read into a large one on a slow link.
+        let ([one], Some(from)) = (
+            needed,
+            order
+                .binary_search_by_key(&needed[0].compressed_offset, |c| c.compressed_offset)
+                .ok(),
         ) else {
             return Vec::new();
         };
-        let mut out = Vec::new();
-        let from = order.partition_point(|c| c.compressed_offset <= last.compressed_offset);
-        let mut end = last.compressed_offset + u64::from(last.compressed_len);
-        for c in &order[from..] {
-            // Stop at a gap a range read would not bridge, or at the budget.
+        if self.cache.has(blob, &one.digest) {
+            return Vec::new();
+        }
+        let mut bytes = u64::from(one.compressed_len);
+        let mut end = one.compressed_offset + u64::from(one.compressed_len);
+        let mut out: Vec<Chunk> = Vec::new();
+        for c in &order[from + 1..] {
+            if self.cache.has(blob, &c.digest) || out.iter().any(|o| o.digest == c.digest) {
+                continue;
+            }
+            // What one range read would carry from the last chunk taken: stop where it would
+            // not bridge the gap, or past the budget.
             let gap = c.compressed_offset.saturating_sub(end);
-            if gap > crate::chunks::MAX_GAP
-                || !small(c)
-                || bytes + u64::from(c.compressed_len) > self.neighbour_fetch
-            {
+            let cost = gap + u64::from(c.compressed_len);
+            if gap > crate::chunks::MAX_GAP || bytes + cost > self.neighbour_fetch {
                 break;
             }
+            bytes += cost;
             end = c.compressed_offset + u64::from(c.compressed_len);
-            bytes += u64::from(c.compressed_len) + gap;
-            if !self.cache.has(blob, &c.digest) && !out.iter().any(|o: &Chunk| o.digest == c.digest)
-            {
-                out.push(*c);
-            }
+            out.push(*c);
         }
         out
     }
@@ -737,6 +738,8 @@ impl Filesystem for StrataFs {
         self.start_prefetcher();
         self.start_fetchers();
         if self.background_prefetch {
+            // The workload's first reads come right after the mount: prefetch waits for them.
+            self.shared.cache.pool().note_demand();
             start_background_prefetch(Arc::downgrade(&self.shared), self.profile.clone());
         }
         Ok(())
@@ -1158,10 +1161,14 @@ fn blob_order(tree: &Tree, blobs: &[Arc<dyn BlobSource>]) -> Vec<Vec<Chunk>> {
             if blob.is_local() {
                 return Vec::new();
             }
+            // Small files only: one chunk, at most SMALL_CHUNK bytes.
             let mut v: Vec<Chunk> = toc
                 .entries
                 .iter()
-                .flat_map(|e| e.chunks.iter().copied())
+                .filter_map(|e| match e.chunks.as_slice() {
+                    [c] if c.uncompressed_len <= SMALL_CHUNK => Some(*c),
+                    _ => None,
+                })
                 .collect();
             v.sort_by_key(|c| c.compressed_offset);
             v

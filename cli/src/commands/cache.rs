@@ -40,6 +40,29 @@ pub fn files_dir(g: &GlobalArgs) -> PathBuf {
     strata_fs::layout::Layout::new(&g.root).file_cache()
 }
 
+/// Takes the daemon lock of `--root` (so no daemon starts while the caches are open here).
+fn hold_daemon_lock(g: &GlobalArgs) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let layout = strata_fs::layout::Layout::new(&g.root);
+    strata_fs::store::create_private_dir(&g.root)
+        .with_context(|| format!("opening store {}", g.root.display()))?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(layout.daemon_lock())
+        .with_context(|| format!("opening {}", layout.daemon_lock().display()))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(l),
+        Err((_, e)) => anyhow::bail!(
+            "a strata daemon is starting for {} ({e}); run the command again",
+            g.root.display()
+        ),
+    }
+}
+
 pub fn run(g: &GlobalArgs, a: CacheArgs) -> anyhow::Result<()> {
     // A running daemon owns the caches: trimming goes through it, so its index stays true.
     if let CacheCommand::Gc { max_size } = a.command {
@@ -79,8 +102,10 @@ pub fn run(g: &GlobalArgs, a: CacheArgs) -> anyhow::Result<()> {
             return Ok(());
         }
     }
-    // No daemon: open the caches here (an unlimited cap only indexes; eviction on request):
+    // No daemon: open the caches here, holding the daemon's lock so none starts meanwhile (an
+    // unlimited cap only indexes; eviction on request):
     // the chunk packs, and the whole-file cache of passthrough mounts when there is one.
+    let _lock = hold_daemon_lock(g)?;
     type Stats = Box<dyn Fn() -> CacheStats>;
     type Evict = Box<dyn Fn(u64)>;
     let mut caches: Vec<(&str, PathBuf, Stats, Evict)> = Vec::new();

@@ -101,6 +101,13 @@ pub fn run(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<()> {
     signals.add(Signal::SIGHUP);
     signals.thread_block().context("blocking signals")?;
 
+    // Packs, sockets, FUSE and registry connections: take the descriptors the node allows.
+    if let Ok((_, hard)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    {
+        let _ =
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    }
     // The lock first: a daemon that is refused must not touch the running one's caches.
     let layout = Layout::new(&g.root);
     strata_fs::store::create_private_dir(&g.root)
@@ -272,6 +279,12 @@ fn start(g: &GlobalArgs, settings: &DaemonSettings, log: &Path) -> anyhow::Resul
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log_file)
+        // Dozens of threads per mount: without a cap glibc gives most of them an arena of their
+        // own, and fragmentation multiplies the daemon's resident memory.
+        .env(
+            "MALLOC_ARENA_MAX",
+            std::env::var_os("MALLOC_ARENA_MAX").unwrap_or_else(|| "2".into()),
+        )
         .process_group(0)
         .spawn()
         .context("starting the strata daemon")?;

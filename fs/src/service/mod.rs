@@ -15,7 +15,7 @@ pub mod server;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -226,6 +226,8 @@ struct Live {
     /// fuser's handle on the mount. Taken (and used) right after our own `umount2`, so that
     /// fuser never unmounts by path later, when something else may be mounted there.
     unmounter: Mutex<Option<fuser::SessionUnmounter>>,
+    /// The mount's device number, to tell it from anything mounted over it later.
+    dev: AtomicU64,
 }
 
 struct Inner {
@@ -299,6 +301,11 @@ impl MountService {
 
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// Whether the service is shutting down (or an idle daemon decided to exit).
+    pub fn is_closing(&self) -> bool {
+        self.inner.closing.load(Ordering::SeqCst)
     }
 
     /// The node-wide chunk pool (its disk cache is the node's one chunk cache).
@@ -416,14 +423,35 @@ impl MountService {
         };
         let fs = StrataFs::new(tree, blobs, &config);
         let stats = fs.stats_handle();
-        let mut session =
-            mount_session(fs, mountpoint, &config).map_err(|source| ServiceError::Mount {
-                path: mountpoint.to_path_buf(),
-                source,
-            })?;
-        let unmounter = session.unmount_callable();
         let id = mount_id(mountpoint);
         let record = store.mounts_dir().join(format!("{id}.json"));
+        // Recorded before the kernel mount: a crash from here on leaves a record the next
+        // daemon restores (detaching a dead mount) or drops; a mount that fails removes it.
+        let body =
+            serde_json::json!({"request": req, "info": {"id": id, "mountpoint": mountpoint}});
+        if let Err(e) = store.write_file(&record, body.to_string().as_bytes()) {
+            tracing::warn!(mountpoint = %mountpoint.display(),
+                "cannot record the mount (it will not be restored after a restart): {e}");
+        }
+        // Pulling may have taken a while: still nothing mounted there?
+        if is_mount_point(mountpoint) {
+            let _ = std::fs::remove_file(&record);
+            return Err(ServiceError::BadMountpoint {
+                path: mountpoint.to_path_buf(),
+                reason: "something is already mounted there".into(),
+            });
+        }
+        let mut session = match mount_session(fs, mountpoint, &config) {
+            Ok(s) => s,
+            Err(source) => {
+                let _ = std::fs::remove_file(&record);
+                return Err(ServiceError::Mount {
+                    path: mountpoint.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        let unmounter = session.unmount_callable();
         let info = MountInfo {
             id,
             mountpoint: mountpoint.to_path_buf(),
@@ -445,14 +473,8 @@ impl MountService {
             time_to_mount_ms: Default::default(),
             thread: Mutex::new(None),
             unmounter: Mutex::new(Some(unmounter)),
+            dev: AtomicU64::new(0),
         });
-        // Recorded before it goes live: a session that ends at once removes the record, and a
-        // crash from here on leaves a record the next daemon restores or drops.
-        let body = serde_json::json!({"request": live.request, "info": live.info});
-        if let Err(e) = store.write_file(&live.record, body.to_string().as_bytes()) {
-            tracing::warn!(mountpoint = %mountpoint.display(),
-                "cannot record the mount (it will not be restored after a restart): {e}");
-        }
         {
             let mut mounts = self.inner.mounts.lock();
             if self.inner.closing.load(Ordering::SeqCst) {
@@ -466,20 +488,31 @@ impl MountService {
         }
         let weak = Arc::downgrade(&self.inner);
         let ended = live.clone();
-        let thread = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("strata-session".into())
             .spawn(move || {
                 let result = session.run();
                 if let Some(inner) = weak.upgrade() {
                     inner.ended(&ended, result);
                 }
-            })
-            .map_err(|e| ServiceError::Io(format!("starting the session thread: {e}")))?;
+            });
+        let thread = match spawned {
+            Ok(t) => t,
+            Err(e) => {
+                // The session went with the closure: fuser unmounted it. Forget the mount.
+                self.inner.mounts.lock().remove(mountpoint);
+                let _ = std::fs::remove_file(&live.record);
+                return Err(ServiceError::Io(format!(
+                    "starting the session thread: {e}"
+                )));
+            }
+        };
         *live.thread.lock() = Some(thread);
         // The first request through the mount waits for the kernel's INIT to be answered.
         match std::fs::metadata(mountpoint) {
             Ok(md) => {
                 use std::os::unix::fs::MetadataExt;
+                live.dev.store(md.dev(), Ordering::SeqCst);
                 set_read_ahead(md.dev(), live.request.read_ahead_kb);
             }
             Err(e) => {
@@ -494,6 +527,10 @@ impl MountService {
         info.time_to_mount_ms = started.elapsed().as_millis() as u64;
         live.time_to_mount_ms
             .store(info.time_to_mount_ms, Ordering::Relaxed);
+        let body = serde_json::json!({"request": live.request, "info": info});
+        if let Err(e) = store.write_file(&live.record, body.to_string().as_bytes()) {
+            tracing::warn!(mountpoint = %mountpoint.display(), "cannot update the mount record: {e}");
+        }
         tracing::info!(image = %reference, mountpoint = %mountpoint.display(), entries,
             "mounted in {:.3}s", started.elapsed().as_secs_f64());
         Ok(info)
@@ -575,7 +612,16 @@ impl MountService {
     pub fn unmount(&self, mountpoint: &Path, lazy: bool) -> Result<(), ServiceError> {
         let _busy = self.activity();
         let mountpoint = resolve_mountpoint(mountpoint);
-        let live = self.inner.mounts.lock().get(&mountpoint).cloned();
+        let live = {
+            let mounts = self.inner.mounts.lock();
+            if self.inner.pending.lock().contains(&mountpoint) {
+                return Err(ServiceError::BadMountpoint {
+                    path: mountpoint,
+                    reason: "it is being mounted right now".into(),
+                });
+            }
+            mounts.get(&mountpoint).cloned()
+        };
         let flags = if lazy {
             nix::mount::MntFlags::MNT_DETACH
         } else {
@@ -600,11 +646,21 @@ impl MountService {
             }
             return Err(ServiceError::NotMounted(mountpoint));
         };
-        umount(&mountpoint)?;
-        // fuser's own handle would unmount by path when the session ends: spend it now, while
-        // nothing else can be mounted there (mount points with mounts under them are refused).
-        if let Some(mut u) = live.unmounter.lock().take() {
-            let _ = u.unmount();
+        // Only ever the mount we made: not something mounted over it since.
+        let dev = live.dev.load(Ordering::SeqCst);
+        if dev != 0 && top_mount_dev(&mountpoint).is_some_and(|top| top != dev) {
+            return Err(ServiceError::BadMountpoint {
+                path: mountpoint,
+                reason: "another filesystem is mounted over the strata mount: unmount it first"
+                    .into(),
+            });
+        }
+        // fuser's own handle unmounts by path; spent first, while the top mount is ours (it
+        // fails if busy, and is spent either way), so fuser never unmounts by path later.
+        let spent = live.unmounter.lock().take().map(|mut u| u.unmount());
+        match spent {
+            Some(Ok(())) if !is_mount_point(&mountpoint) => {}
+            _ => umount(&mountpoint)?,
         }
         {
             let mut mounts = self.inner.mounts.lock();
@@ -677,7 +733,8 @@ impl MountService {
         })
     }
 
-    /// Trims the node's disk caches to `max` bytes (LRU; chunks in use stay).
+    /// Trims the node's disk caches to `max` bytes (least recently used packs and files first;
+    /// a reader of a removed pack finishes through its open descriptor or refetches).
     pub fn cache_gc(&self, max: u64) -> serde_json::Value {
         if let Some(d) = self.inner.pool.disk() {
             d.evict_to(max);
@@ -810,13 +867,17 @@ impl Inner {
             Ok(()) => tracing::info!(mountpoint = %mp.display(), "unmounted"),
             Err(e) => tracing::error!(mountpoint = %mp.display(), "session ended: {e}"),
         }
-        {
+        let ours = {
             let mut mounts = self.mounts.lock();
-            if mounts.get(mp).is_some_and(|l| Arc::ptr_eq(l, live)) {
+            let ours = mounts.get(mp).is_some_and(|l| Arc::ptr_eq(l, live));
+            if ours {
                 mounts.remove(mp);
             }
-        }
-        if !self.keep_records.load(Ordering::SeqCst) {
+            ours
+        };
+        // Unmounted through us, the record is already gone (and the path may hold a newer
+        // mount with a record of the same name): only a session that ended on its own drops it.
+        if ours && !self.keep_records.load(Ordering::SeqCst) {
             let _ = std::fs::remove_file(&live.record);
         }
         *self.last_activity.lock() = Instant::now();
@@ -888,22 +949,46 @@ pub fn resolve_mountpoint(mountpoint: &Path) -> PathBuf {
 /// `fuse` or `fuse.strata` mount whose source is `strata…`).
 pub fn is_strata_mount(mountpoint: &Path) -> bool {
     let target = mountpoint.to_string_lossy();
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    // The topmost mount at the path decides.
+    let top = info.lines().rfind(|l| {
+        l.split_whitespace()
+            .nth(4)
+            .is_some_and(|p| unescape(p) == target)
+    });
+    top.into_iter().any(|l| {
+        let fields: Vec<&str> = l.split_whitespace().collect();
+        let after = fields
+            .iter()
+            .position(|f| *f == "-")
+            .map(|i| &fields[i + 1..]);
+        let (fstype, source) = match after {
+            Some([t, s, ..]) => (*t, *s),
+            _ => return false,
+        };
+        fields.get(4).is_some_and(|p| unescape(p) == target)
+            && (fstype == "fuse" || fstype == "fuse.strata")
+            && source.starts_with("strata")
+    })
+}
+
+/// The device number of the topmost mount at `path` (the last mountinfo line naming it).
+pub fn top_mount_dev(path: &Path) -> Option<u64> {
+    let target = path.to_string_lossy();
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()
-        .any(|l| {
-            let fields: Vec<&str> = l.split_whitespace().collect();
-            let after = fields
-                .iter()
-                .position(|f| *f == "-")
-                .map(|i| &fields[i + 1..]);
-            let (fstype, source) = match after {
-                Some([t, s, ..]) => (*t, *s),
-                _ => return false,
-            };
-            fields.get(4).is_some_and(|p| unescape(p) == target)
-                && (fstype == "fuse" || fstype == "fuse.strata")
-                && source.starts_with("strata")
+        .rfind(|l| {
+            l.split_whitespace()
+                .nth(4)
+                .is_some_and(|p| unescape(p) == target)
+        })
+        .and_then(|l| {
+            let (major, minor) = l.split_whitespace().nth(2)?.split_once(':')?;
+            Some(nix::sys::stat::makedev(
+                major.parse().ok()?,
+                minor.parse().ok()?,
+            ))
         })
 }
 

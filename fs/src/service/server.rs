@@ -103,6 +103,9 @@ fn connection(service: &MountService, stream: UnixStream) {
                      the daemon's namespace)"
                         .into(),
                 ),
+                // A daemon on its way out takes no new mounts: closing without an answer makes
+                // the client start a new daemon.
+                Ok(Request::Mount(_)) if service.is_closing() => return,
                 Ok(req) => handle(service, req),
                 Err(e) => Response::Error(format!("bad request: {e}")),
             }
