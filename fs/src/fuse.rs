@@ -133,7 +133,18 @@ struct Shared {
     /// in the same request.
     blob_order: Vec<Vec<Chunk>>,
     neighbour_fetch: u64,
+    /// Runs of small-file reads through the blobs (several readers may each have one): (layer,
+    /// index in `blob_order` of the last chunk fetched, neighbour window in bytes), most recent
+    /// last. Scattered reads fetch no neighbours; reads that follow one another through a blob
+    /// double their run's window up to `neighbour_fetch`.
+    sequences: Mutex<Vec<(u32, usize, u64)>>,
 }
+
+/// Runs of small-file reads tracked at once.
+const RUNS: usize = 8;
+
+/// The first neighbour window of a run of small-file reads through a blob.
+const FIRST_WINDOW: u64 = 32 << 10;
 
 /// A fetch from a remote layer smaller than this is topped up with the chunks that follow it
 /// in the blob (files of the same directory, usually read next): one round trip for many small
@@ -357,6 +368,29 @@ impl Shared {
         if self.cache.has(blob, &one.digest) {
             return Vec::new();
         }
+        // Like readahead: only a read that continues a run through the blob (the next small
+        // file after the last one fetched) takes neighbours, in a window that grows with the run.
+        let window = {
+            let mut runs = self.sequences.lock();
+            let window = match runs
+                .iter()
+                .position(|r| r.0 == layer && from > r.1 && from <= r.1 + 8)
+            {
+                Some(i) => {
+                    let r = runs.remove(i);
+                    (r.2 * 2).clamp(FIRST_WINDOW, self.neighbour_fetch.max(FIRST_WINDOW))
+                }
+                None => 0,
+            };
+            if runs.len() >= RUNS {
+                runs.remove(0);
+            }
+            runs.push((layer, from, window));
+            window.min(self.neighbour_fetch)
+        };
+        if window == 0 {
+            return Vec::new();
+        }
         let mut bytes = u64::from(one.compressed_len);
         let mut end = one.compressed_offset + u64::from(one.compressed_len);
         let mut out: Vec<Chunk> = Vec::new();
@@ -368,12 +402,23 @@ impl Shared {
             // not bridge the gap, or past the budget.
             let gap = c.compressed_offset.saturating_sub(end);
             let cost = gap + u64::from(c.compressed_len);
-            if gap > crate::chunks::MAX_GAP || bytes + cost > self.neighbour_fetch {
+            if gap > crate::chunks::MAX_GAP || bytes + cost > window {
                 break;
             }
             bytes += cost;
             end = c.compressed_offset + u64::from(c.compressed_len);
             out.push(*c);
+        }
+        // The next read that continues the run starts after what was taken.
+        if let Some(last) = out.last() {
+            if let Ok(at) =
+                order.binary_search_by_key(&last.compressed_offset, |c| c.compressed_offset)
+            {
+                let mut runs = self.sequences.lock();
+                if let Some(r) = runs.iter_mut().rev().find(|r| r.0 == layer && r.1 == from) {
+                    r.1 = at;
+                }
+            }
         }
         out
     }
@@ -498,6 +543,7 @@ impl StrataFs {
             shared: Arc::new(Shared {
                 blob_order: blob_order(&tree, &blobs),
                 neighbour_fetch: config.neighbour_fetch,
+                sequences: Mutex::new(Vec::new()),
                 tree,
                 blobs,
                 cache: ChunkCache::with_pool(pool, config.cache_local),
