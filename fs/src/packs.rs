@@ -57,6 +57,8 @@ struct Pack {
     size: u64,
     last_used: u64,
     chunks: Vec<Sha256Digest>,
+    /// Reads in progress: eviction passes over the pack until they end.
+    readers: u32,
 }
 
 struct State {
@@ -172,6 +174,7 @@ impl PackCache {
                 size,
                 last_used: 0,
                 chunks,
+                readers: 0,
             };
             // Keep filling the newest pack rather than starting one per daemon run.
             if Some(id) == newest && valid < pack_size {
@@ -230,6 +233,7 @@ impl PackCache {
                 // hostile TOC) simply misses; the entry is not damaged.
                 Some(loc) if loc.len as usize == len => st.packs.get_mut(&loc.pack).map(|p| {
                     p.last_used = tick;
+                    p.readers += 1;
                     (loc, p.writer.clone())
                 }),
                 _ => None,
@@ -247,6 +251,9 @@ impl PackCache {
         };
         let mut buf = vec![0u8; len];
         let read = file.is_some_and(|f| f.read_exact_at(&mut buf, loc.offset).is_ok());
+        if let Some(p) = self.state.lock().packs.get_mut(&loc.pack) {
+            p.readers = p.readers.saturating_sub(1);
+        }
         if read && &Sha256Digest::of(&buf) == d {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return Some(buf);
@@ -392,6 +399,7 @@ impl PackCache {
                         size: PACK_HEADER,
                         last_used: st.tick,
                         chunks: Vec::new(),
+                        readers: 0,
                     },
                 );
                 st.bytes += PACK_HEADER;
@@ -423,7 +431,7 @@ impl PackCache {
                 let Some(id) = st
                     .packs
                     .iter()
-                    .filter(|(id, _)| Some(**id) != current || target == 0)
+                    .filter(|(id, p)| (Some(**id) != current && p.readers == 0) || target == 0)
                     .min_by_key(|(id, p)| (Some(**id) == current, p.last_used))
                     .map(|(id, _)| *id)
                 else {
