@@ -1,7 +1,6 @@
 //! strata-builder: making images — conversion to the strata format and image sources.
 
 pub mod convert;
-pub mod diff;
 pub mod source;
 pub mod verify;
 

@@ -44,6 +44,8 @@ enum Command {
     Convert(commands::convert::ConvertArgs),
     /// Mount an image read-only (lazily) at a directory.
     Mount(commands::mount::MountArgs),
+    /// What changed in a writable view (A/C/D lines, like `docker container diff`).
+    Diff(commands::mount::DiffArgs),
     /// List the daemon's live mounts.
     Mounts(commands::mount::MountsArgs),
     /// Unmount a strata mount.
@@ -127,6 +129,7 @@ fn main() {
         Command::Daemon(a) => commands::daemon::run(&cli.global, a),
         Command::Umount(a) => commands::mount::umount(&cli.global, a),
         Command::Mounts(a) => commands::mount::mounts(&cli.global, a),
+        Command::Diff(a) => commands::mount::diff(&cli.global, a),
         Command::Images(a) => commands::images::images(&cli.global, a),
         Command::Inspect(a) => commands::images::inspect(&cli.global, a),
         Command::Verify(a) => commands::images::verify(&cli.global, a),

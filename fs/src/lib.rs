@@ -23,3 +23,4 @@ pub mod service;
 pub mod store;
 pub mod transfer;
 pub mod tree;
+pub mod upper;

@@ -52,6 +52,10 @@ pub struct MountArgs {
     /// Platform to pick when the image must be pulled first (OS/ARCH).
     #[arg(long)]
     pub platform: Option<String>,
+    /// Mount a writable view: kernel overlayfs over the lazy mount, with its upper and work
+    /// directories under DIR (kept after unmounting: mount again with the same DIR to go on).
+    #[arg(long, value_name = "DIR")]
+    pub upper: Option<PathBuf>,
     /// Node-wide settings, used when this command starts the daemon.
     #[command(flatten)]
     pub daemon: DaemonSettings,
@@ -81,6 +85,8 @@ impl MountArgs {
             platform: self.platform.clone(),
             registry: self.registry.options(),
             setuid: false,
+            upper: self.upper.as_ref().map(|p| absolute(p)),
+            internal: false,
         }
     }
 }
@@ -118,8 +124,12 @@ pub fn mount(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
             }
         });
     }
-    let info = daemon::call(g, &a.daemon, &Request::Mount(a.request(&mountpoint)))
-        .with_context(|| format!("mounting {} at {}", a.image, mountpoint.display()))?;
+    let info = daemon::call(
+        g,
+        &a.daemon,
+        &Request::Mount(Box::new(a.request(&mountpoint))),
+    )
+    .with_context(|| format!("mounting {} at {}", a.image, mountpoint.display()))?;
     let info: MountInfo = serde_json::from_value(info).context("the daemon's answer")?;
     for w in &info.warnings {
         eprintln!("strata: warning: {w}");
@@ -252,6 +262,44 @@ pub fn mounts(g: &GlobalArgs, a: MountsArgs) -> anyhow::Result<()> {
             m.image,
             m.entries,
             m.time_to_mount_ms
+        );
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct DiffArgs {
+    /// A writable view (`strata mount --upper DIR IMAGE MNT`).
+    pub mountpoint: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `strata diff MNT`: what changed in a writable view, as `docker container diff` prints it.
+pub fn diff(g: &GlobalArgs, a: DiffArgs) -> anyhow::Result<()> {
+    let mountpoint = resolve_mountpoint(&a.mountpoint);
+    let v = daemon::call_running(
+        g,
+        &Request::Diff {
+            mountpoint: mountpoint.clone(),
+        },
+    )?
+    .with_context(|| {
+        format!(
+            "{} is not a strata mount (no daemon runs)",
+            mountpoint.display()
+        )
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    for c in v.as_array().map(Vec::as_slice).unwrap_or_default() {
+        println!(
+            "{} {}",
+            c["kind"].as_str().unwrap_or("?"),
+            c["path"].as_str().unwrap_or("")
         );
     }
     Ok(())

@@ -12,6 +12,7 @@
 pub mod client;
 pub mod protocol;
 pub mod server;
+mod writable;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -143,6 +144,14 @@ pub struct MountRequest {
     /// Honour setuid bits and devices (container lowers); inspection mounts are nosuid,nodev.
     #[serde(default)]
     pub setuid: bool,
+    /// A writable view: kernel overlayfs at `mountpoint` over the lazy mount, with its upper
+    /// and work directories under this directory (`DIR/upper`, `DIR/work`).
+    #[serde(default)]
+    pub upper: Option<PathBuf>,
+    /// A mount the service made for one of its own (the lower of a writable view): not
+    /// recorded (its owner's record restores it).
+    #[serde(default)]
+    pub internal: bool,
 }
 
 impl MountRequest {
@@ -160,6 +169,8 @@ impl MountRequest {
             platform: None,
             registry: RegistryOptions::default(),
             setuid: false,
+            upper: None,
+            internal: false,
         }
     }
 }
@@ -180,6 +191,9 @@ pub struct MountInfo {
     /// Things the user should know (e.g. layers that had to be fetched whole).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// For a writable view: the directory holding its upper and work directories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upper: Option<PathBuf>,
 }
 
 /// Node-wide settings of a service.
@@ -236,6 +250,8 @@ struct Inner {
     pool: Arc<ChunkPool>,
     files: Mutex<Option<Arc<DiskCache>>>,
     mounts: Mutex<BTreeMap<PathBuf, Arc<Live>>>,
+    /// Writable views (overlayfs over one of `mounts`), by mount point.
+    writable: Mutex<BTreeMap<PathBuf, writable::Writable>>,
     /// Mount points being mounted right now (so two requests cannot race for one).
     pending: Mutex<Vec<PathBuf>>,
     changed: Condvar,
@@ -287,6 +303,7 @@ impl MountService {
                 pool,
                 files: Mutex::new(None),
                 mounts: Mutex::new(BTreeMap::new()),
+                writable: Mutex::new(BTreeMap::new()),
                 pending: Mutex::new(Vec::new()),
                 changed: Condvar::new(),
                 indexer,
@@ -322,6 +339,9 @@ impl MountService {
     /// Mounts an image; returns once the mount answers.
     pub fn mount(&self, req: MountRequest) -> Result<MountInfo, ServiceError> {
         let _busy = self.activity();
+        if req.upper.is_some() {
+            return self.mount_writable(req);
+        }
         let mountpoint =
             std::fs::canonicalize(&req.mountpoint).map_err(|e| ServiceError::BadMountpoint {
                 path: req.mountpoint.clone(),
@@ -429,7 +449,9 @@ impl MountService {
         // daemon restores (detaching a dead mount) or drops; a mount that fails removes it.
         let body =
             serde_json::json!({"request": req, "info": {"id": id, "mountpoint": mountpoint}});
-        if let Err(e) = store.write_file(&record, body.to_string().as_bytes()) {
+        if req.internal {
+            // Its owner's record restores it.
+        } else if let Err(e) = store.write_file(&record, body.to_string().as_bytes()) {
             tracing::warn!(mountpoint = %mountpoint.display(),
                 "cannot record the mount (it will not be restored after a restart): {e}");
         }
@@ -463,6 +485,7 @@ impl MountService {
                 .map_or(0, |d| d.as_secs()),
             time_to_mount_ms: 0,
             warnings,
+            upper: None,
         };
         let live = Arc::new(Live {
             info,
@@ -528,7 +551,9 @@ impl MountService {
         live.time_to_mount_ms
             .store(info.time_to_mount_ms, Ordering::Relaxed);
         let body = serde_json::json!({"request": live.request, "info": info});
-        if let Err(e) = store.write_file(&live.record, body.to_string().as_bytes()) {
+        if live.request.internal {
+            // Not recorded.
+        } else if let Err(e) = store.write_file(&live.record, body.to_string().as_bytes()) {
             tracing::warn!(mountpoint = %mountpoint.display(), "cannot update the mount record: {e}");
         }
         tracing::info!(image = %reference, mountpoint = %mountpoint.display(), entries,
@@ -612,6 +637,9 @@ impl MountService {
     pub fn unmount(&self, mountpoint: &Path, lazy: bool) -> Result<(), ServiceError> {
         let _busy = self.activity();
         let mountpoint = resolve_mountpoint(mountpoint);
+        if self.inner.writable.lock().contains_key(&mountpoint) {
+            return self.unmount_writable(&mountpoint, lazy);
+        }
         let live = {
             let mounts = self.inner.mounts.lock();
             if self.inner.pending.lock().contains(&mountpoint) {
@@ -686,21 +714,39 @@ impl MountService {
 
     /// Live mounts, by mount point.
     pub fn list(&self) -> Vec<MountInfo> {
-        self.inner
+        let mut out: Vec<MountInfo> = self
+            .inner
             .mounts
             .lock()
             .values()
+            .filter(|l| !l.request.internal)
             .map(|l| {
                 let mut i = l.info.clone();
                 i.time_to_mount_ms = time_to_mount(l);
                 i
             })
-            .collect()
+            .collect();
+        out.extend(self.inner.writable.lock().values().map(|w| w.info.clone()));
+        out.sort_by(|a, b| a.mountpoint.cmp(&b.mountpoint));
+        out
     }
 
     /// A mount's counters (JSON: fetches, caches, passthrough, FUSE op latency histograms).
     pub fn stats(&self, mountpoint: &Path) -> Result<serde_json::Value, ServiceError> {
         let mountpoint = resolve_mountpoint(mountpoint);
+        // A writable view's counters are its lazy lower's.
+        let lower = self
+            .inner
+            .writable
+            .lock()
+            .get(&mountpoint)
+            .map(|w| w.lower.clone());
+        if let Some(lower) = lower {
+            let mut v = self.stats(&lower)?;
+            v["mountpoint"] = serde_json::json!(mountpoint);
+            v["lower"] = serde_json::json!(lower);
+            return Ok(v);
+        }
         let live = self
             .inner
             .mounts
@@ -769,9 +815,18 @@ impl MountService {
                 continue;
             };
             let mp = request.mountpoint.clone();
-            if is_strata_mount(&mp) {
-                if let Err(e) = nix::mount::umount2(&mp, nix::mount::MntFlags::MNT_DETACH) {
-                    tracing::warn!(mountpoint = %mp.display(), "cannot detach a dead mount: {e}");
+            // What a crashed daemon left: its FUSE mount (dead), or a writable view's overlay
+            // and the dead lazy mount under it.
+            let mut dead = vec![mp.clone()];
+            if request.upper.is_some() {
+                dead.insert(0, writable::lower_dir(&self.inner.store, &mp));
+            }
+            for d in dead.iter().rev() {
+                let overlay = request.upper.is_some() && d == &mp && is_mount_point(d);
+                if overlay || is_strata_mount(d) {
+                    if let Err(e) = nix::mount::umount2(d, nix::mount::MntFlags::MNT_DETACH) {
+                        tracing::warn!(mountpoint = %d.display(), "cannot detach a dead mount: {e}");
+                    }
                 }
             }
             let result = self.mount(request);
@@ -798,9 +853,12 @@ impl MountService {
             self.inner.closing.store(true, Ordering::SeqCst);
             mounts.keys().cloned().collect()
         };
-        for mp in mounts {
-            if let Err(e) = self.unmount(&mp, true) {
-                tracing::warn!(mountpoint = %mp.display(), "{e}");
+        let views: Vec<PathBuf> = self.inner.writable.lock().keys().cloned().collect();
+        for mp in views.into_iter().chain(mounts) {
+            match self.unmount(&mp, true) {
+                // A writable view's lower went with its view.
+                Ok(()) | Err(ServiceError::NotMounted(_)) => {}
+                Err(e) => tracing::warn!(mountpoint = %mp.display(), "{e}"),
             }
         }
         self.inner.stopped.store(true, Ordering::SeqCst);

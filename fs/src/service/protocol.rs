@@ -19,7 +19,7 @@ pub enum Request {
     /// Is the daemon there? Answers its pid and store root.
     Ping,
     /// Mount an image; answers the mount's [`super::MountInfo`] once it answers.
-    Mount(MountRequest),
+    Mount(Box<MountRequest>),
     /// Unmount a mount point (`lazy`: detach even if busy).
     Unmount {
         mountpoint: PathBuf,
@@ -32,6 +32,8 @@ pub enum Request {
     Wait { mountpoint: PathBuf },
     /// One mount's counters.
     Stats { mountpoint: PathBuf },
+    /// A writable view's changes (A/C/D) relative to its image.
+    Diff { mountpoint: PathBuf },
     /// Every mount's counters and the node's.
     Metrics,
     /// Trim the disk caches to `max_size` bytes.

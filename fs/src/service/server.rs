@@ -137,7 +137,7 @@ fn handle(service: &MountService, req: Request) -> Response {
             "pid": std::process::id(),
             "root": service.store().root(),
         })),
-        Request::Mount(r) => match service.mount(r) {
+        Request::Mount(r) => match service.mount(*r) {
             Ok(info) => ok(info),
             Err(e) => Response::Error(e.to_string()),
         },
@@ -156,6 +156,10 @@ fn handle(service: &MountService, req: Request) -> Response {
             Err(e) => Response::Error(e.to_string()),
         },
         Request::Metrics => Response::Ok(service.metrics()),
+        Request::Diff { mountpoint } => match service.changes(&mountpoint) {
+            Ok(c) => ok(c),
+            Err(e) => Response::Error(e.to_string()),
+        },
         Request::CacheGc { max_size } => Response::Ok(service.cache_gc(max_size)),
         Request::Shutdown { forget } => {
             let s = service.clone();

@@ -1,4 +1,10 @@
-//! A container's changes relative to its image, read from an overlayfs upper directory.
+//! The writable layer: kernel overlayfs over a lazy strata mount, and the changes it holds.
+//!
+//! A writable view (a container's root, `strata mount --upper`) is `overlay` with the image's
+//! strata mount as its lower directory and an upper and a work directory on local disk, mounted
+//! with `metacopy=on` (a chmod or chown of a lower file copies no data and fetches nothing),
+//! `redirect_dir=on` and `index=on`: the form containerd's overlayfs snapshotter, stargz and
+//! Nydus use.
 //!
 //! The upper directory is in kernel overlayfs's own form: a deletion is a 0/0 character device
 //! (a whiteout), a directory whose lower contents are hidden carries `trusted.overlay.opaque`
@@ -166,6 +172,68 @@ fn deleted_under(
 fn meta_differs(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
     // Directories: mode and owner only (their mtime says little; Docker does the same).
     a.mode() != b.mode() || a.uid() != b.uid() || a.gid() != b.gid()
+}
+
+/// The directories of a writable layer: `DIR/upper` and `DIR/work`.
+#[derive(Clone, Debug)]
+pub struct UpperDirs {
+    pub upper: PathBuf,
+    pub work: PathBuf,
+}
+
+impl UpperDirs {
+    /// The upper and work directories under `dir` (created if missing).
+    pub fn under(dir: &Path) -> std::io::Result<Self> {
+        let dirs = UpperDirs {
+            upper: dir.join("upper"),
+            work: dir.join("work"),
+        };
+        std::fs::create_dir_all(&dirs.upper)?;
+        std::fs::create_dir_all(&dirs.work)?;
+        Ok(dirs)
+    }
+}
+
+/// Escapes a path for overlayfs's option string (`:` separates lower dirs, `,` options).
+fn escape_option(p: &Path) -> String {
+    let mut out = String::new();
+    for ch in p.to_string_lossy().chars() {
+        if matches!(ch, '\\' | ':' | ',') {
+            out.push('\\');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+/// Mounts kernel overlayfs at `target` over the read-only `lower`; `nosuid` for views meant for
+/// inspection (a container's root honours setuid bits).
+pub fn mount_overlay(
+    lower: &Path,
+    dirs: &UpperDirs,
+    target: &Path,
+    nosuid: bool,
+) -> std::io::Result<()> {
+    use nix::mount::MsFlags;
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={},metacopy=on,redirect_dir=on,index=on",
+        escape_option(lower),
+        escape_option(&dirs.upper),
+        escape_option(&dirs.work)
+    );
+    let flags = if nosuid {
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV
+    } else {
+        MsFlags::empty()
+    };
+    nix::mount::mount(
+        Some("overlay"),
+        target,
+        Some("overlay"),
+        flags,
+        Some(options.as_str()),
+    )
+    .map_err(std::io::Error::from)
 }
 
 /// `A /path` lines, as `docker container diff` prints them.
