@@ -54,6 +54,8 @@ pub struct Node {
 /// The merged tree of a layer stack; inode `n` is `nodes[n - 1]`.
 pub struct Tree {
     nodes: Vec<Node>,
+    /// The layers' TOCs, for file data: their entries keep kind, size and chunks only (names,
+    /// link targets and xattrs live in the nodes).
     pub layers: Vec<Toc>,
 }
 
@@ -293,6 +295,14 @@ impl Tree {
             let n = &mut nodes[(ino - 1) as usize];
             n.children = children;
             n.nlink = 2 + subdirs;
+        }
+        // The nodes hold names, link targets and xattrs now; a mount needs only each entry's
+        // kind, size and chunks from the TOCs (about a third of a mount's memory per entry).
+        let mut layers = layers;
+        for e in layers.iter_mut().flat_map(|t| t.entries.iter_mut()) {
+            e.path = Vec::new();
+            e.link = Vec::new();
+            e.xattrs = Vec::new();
         }
         Ok(Tree { nodes, layers })
     }
