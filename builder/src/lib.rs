@@ -1,6 +1,7 @@
 //! strata-builder: making images — conversion to the strata format and image sources.
 
 pub mod convert;
+pub mod runtime;
 pub mod source;
 pub mod verify;
 
