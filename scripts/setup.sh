@@ -4,7 +4,7 @@
 set -euo pipefail
 
 need=()
-for pkg in fuse3 umoci skopeo zstd tar bc attr docker-registry apache2-utils curl openssl; do
+for pkg in fuse3 umoci skopeo zstd tar bc attr docker-registry apache2-utils curl openssl runc busybox-static; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -42,6 +42,12 @@ pub struct GlobalArgs {
 enum Command {
     /// Convert an image into the strata lazy format.
     Convert(commands::convert::ConvertArgs),
+    /// Run a command in a new container on a lazily mounted image.
+    Run(commands::container::RunArgs),
+    /// List containers.
+    Ps(commands::container::PsArgs),
+    /// Remove containers.
+    Rm(commands::container::RmArgs),
     /// Mount an image read-only (lazily) at a directory.
     Mount(commands::mount::MountArgs),
     /// What changed in a writable view (A/C/D lines, like `docker container diff`).
@@ -126,6 +132,9 @@ fn main() {
     let result = match cli.command {
         Command::Convert(a) => commands::convert::run(&cli.global, a),
         Command::Mount(a) => commands::mount::mount(&cli.global, a),
+        Command::Run(a) => commands::container::run(&cli.global, a),
+        Command::Ps(a) => commands::container::ps(&cli.global, a),
+        Command::Rm(a) => commands::container::rm(&cli.global, a),
         Command::Daemon(a) => commands::daemon::run(&cli.global, a),
         Command::Umount(a) => commands::mount::umount(&cli.global, a),
         Command::Mounts(a) => commands::mount::mounts(&cli.global, a),

@@ -378,7 +378,8 @@ impl Shared {
             {
                 Some(i) => {
                     let r = runs.remove(i);
-                    (r.2 * 2).clamp(FIRST_WINDOW, self.neighbour_fetch.max(FIRST_WINDOW))
+                    r.2.saturating_mul(2)
+                        .clamp(FIRST_WINDOW, self.neighbour_fetch.max(FIRST_WINDOW))
                 }
                 None => 0,
             };

@@ -258,11 +258,14 @@ impl PackCache {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return Some(buf);
         }
-        if read {
-            tracing::warn!(chunk = %d, "cached chunk is damaged; dropping it");
-            self.corrupt.fetch_add(1, Ordering::Relaxed);
-        }
         self.misses.fetch_add(1, Ordering::Relaxed);
+        if !read {
+            // Not readable now (out of descriptors, I/O error, pack just evicted): a miss,
+            // and the entry stays for the next reader.
+            return None;
+        }
+        tracing::warn!(chunk = %d, "cached chunk is damaged; dropping it");
+        self.corrupt.fetch_add(1, Ordering::Relaxed);
         // Drop the entry only if it is still the one read (it may have been evicted and
         // stored again meanwhile).
         let mut st = self.state.lock();

@@ -52,16 +52,14 @@ pub fn is_whiteout(md: &std::fs::Metadata) -> bool {
     md.file_type().is_char_device() && md.rdev() == 0
 }
 
-/// Whether an upper-dir directory hides the lower directory's contents.
+/// Whether an upper-dir directory hides the lower directory's contents. Only the `trusted.`
+/// namespace counts (strata mounts overlays without `userxattr`): a container can set
+/// `user.overlay.opaque` itself and must not fake deletions with it.
 pub fn is_opaque(path: &Path) -> bool {
-    ["trusted.overlay.opaque", "user.overlay.opaque"]
-        .iter()
-        .any(|k| {
-            xattr::get(path, k)
-                .ok()
-                .flatten()
-                .is_some_and(|v| v == b"y")
-        })
+    xattr::get(path, "trusted.overlay.opaque")
+        .ok()
+        .flatten()
+        .is_some_and(|v| v == b"y")
 }
 
 /// The changes in `upper` relative to `lower` (the image's root, e.g. its strata mount).

@@ -1,4 +1,5 @@
 pub mod cache;
+pub mod container;
 pub mod convert;
 pub mod daemon;
 pub mod images;

@@ -48,6 +48,12 @@ pub enum ServiceError {
         #[source]
         source: std::io::Error,
     },
+    #[error("mounting overlayfs at {path}: {source}")]
+    Overlay {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("mounting FUSE at {path}: {source}")]
     Mount {
         path: PathBuf,
@@ -149,8 +155,8 @@ pub struct MountRequest {
     #[serde(default)]
     pub upper: Option<PathBuf>,
     /// A mount the service made for one of its own (the lower of a writable view): not
-    /// recorded (its owner's record restores it).
-    #[serde(default)]
+    /// recorded (its owner's record restores it). Never taken from a client.
+    #[serde(skip)]
     pub internal: bool,
 }
 
@@ -637,9 +643,21 @@ impl MountService {
     pub fn unmount(&self, mountpoint: &Path, lazy: bool) -> Result<(), ServiceError> {
         let _busy = self.activity();
         let mountpoint = resolve_mountpoint(mountpoint);
-        if self.inner.writable.lock().contains_key(&mountpoint) {
+        if self.is_view(&mountpoint) {
             return self.unmount_writable(&mountpoint, lazy);
         }
+        if let Some(view) = self.is_view_lower(&mountpoint) {
+            return Err(ServiceError::BadMountpoint {
+                path: mountpoint,
+                reason: format!("it belongs to the writable view {}", view.display()),
+            });
+        }
+        self.unmount_lazy_mount(&mountpoint, lazy)
+    }
+
+    /// Unmounts a lazy (FUSE) mount, a client's or one of the service's own.
+    fn unmount_lazy_mount(&self, mountpoint: &Path, lazy: bool) -> Result<(), ServiceError> {
+        let mountpoint = mountpoint.to_path_buf();
         let live = {
             let mounts = self.inner.mounts.lock();
             if self.inner.pending.lock().contains(&mountpoint) {
@@ -822,7 +840,9 @@ impl MountService {
                 dead.insert(0, writable::lower_dir(&self.inner.store, &mp));
             }
             for d in dead.iter().rev() {
-                let overlay = request.upper.is_some() && d == &mp && is_mount_point(d);
+                // Only what is ours: our overlay over our `.lower`, or a strata mount.
+                let overlay =
+                    request.upper.is_some() && d == &mp && writable::is_our_overlay(d, &dead[0]);
                 if overlay || is_strata_mount(d) {
                     if let Err(e) = nix::mount::umount2(d, nix::mount::MntFlags::MNT_DETACH) {
                         tracing::warn!(mountpoint = %d.display(), "cannot detach a dead mount: {e}");
@@ -900,7 +920,9 @@ impl MountService {
     pub fn wait_unmounted(&self, mountpoint: &Path) {
         let mountpoint = resolve_mountpoint(mountpoint);
         let mut mounts = self.inner.mounts.lock();
-        while mounts.contains_key(&mountpoint) {
+        while mounts.contains_key(&mountpoint)
+            || self.inner.writable.lock().contains_key(&mountpoint)
+        {
             self.inner.changed.wait(&mut mounts);
         }
     }

@@ -1,0 +1,198 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failure should abort loudly
+//! `strata run` on a lazily pulled busybox image with real runc: Docker's ENTRYPOINT/CMD
+//! rules, exit codes, -e/-w/-u, --hostname, --rm leaving nothing behind, `ps -a`, `rm`, and bad
+//! input refused before anything is created.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use strata_tests::image::{scratch, Compression, LayerBuilder};
+use strata_tests::registry::TestRegistry;
+use strata_tests::util::{convert_one_layer, strata, strata_bin, strata_ok};
+
+/// A busybox-static image (entrypoint `/usr/bin/sh`, cmd `-c "echo hi"`, from the sample
+/// config), pushed to `reg`.
+fn busybox_image(tmp: &Path, reg: &TestRegistry) -> String {
+    let busybox = fs::read("/bin/busybox").expect("busybox-static is installed (setup.sh)");
+    let mut l = LayerBuilder::new();
+    l.dir(".", 0o755)
+        .unwrap()
+        .dir("bin", 0o755)
+        .unwrap()
+        .file("bin/busybox", 0o755, &busybox)
+        .unwrap()
+        .dir("usr", 0o755)
+        .unwrap()
+        .dir("usr/bin", 0o755)
+        .unwrap()
+        .symlink("usr/bin/sh", "/bin/busybox")
+        .unwrap()
+        .dir("etc", 0o755)
+        .unwrap()
+        .file(
+            "etc/passwd",
+            0o644,
+            b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+        )
+        .unwrap()
+        .file("etc/group", 0o644, b"root:x:0:\napp:x:1000:\n")
+        .unwrap()
+        .dir("tmp", 0o1777)
+        .unwrap()
+        .dir("root", 0o700)
+        .unwrap();
+    for tool in [
+        "sh", "echo", "cat", "id", "hostname", "pwd", "env", "ls", "true",
+    ] {
+        l.symlink(&format!("bin/{tool}"), "busybox").unwrap();
+    }
+    let local = tmp.join("local");
+    convert_one_layer(
+        &tmp.join("src"),
+        &local,
+        l.finish().unwrap(),
+        Compression::Gzip,
+        "c/busybox:v1",
+    );
+    let image = format!("{}/c/busybox:v1", reg.addr);
+    strata_ok(&local, &["push", "c/busybox:v1", &image]);
+    image
+}
+
+fn run(root: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(strata_bin())
+        .arg("--root")
+        .arg(root)
+        .arg("run")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    assert!(
+        o.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn run_containers_on_a_lazy_image() {
+    let tmp = scratch("containers").unwrap();
+    let reg = TestRegistry::start(&tmp.join("registry"), None).unwrap();
+    let image = busybox_image(&tmp, &reg);
+    let root = tmp.join("node");
+
+    // ENTRYPOINT + CMD from the image, from a fresh store (lazily).
+    assert_eq!(stdout(&run(&root, &["--rm", &image])), "hi\n");
+    // Trailing arguments replace CMD; the exit code is the container's.
+    let o = run(&root, &["--rm", &image, "-c", "exit 3"]);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // --entrypoint replaces ENTRYPOINT and drops CMD.
+    assert_eq!(
+        stdout(&run(
+            &root,
+            &["--rm", "--entrypoint", "/bin/echo", &image, "a", "b"]
+        )),
+        "a b\n"
+    );
+    // Environment (image's and -e), working directory, user resolved in the image, host name.
+    let o = run(
+        &root,
+        &[
+            "--rm",
+            "-e",
+            "FOO=bar",
+            "-w",
+            "/tmp",
+            "-u",
+            "app",
+            "--hostname",
+            "box",
+            &image,
+            "-c",
+            "echo $GREETING $FOO $(pwd) $(id -u):$(id -g) $(hostname) $HOME",
+        ],
+    );
+    assert_eq!(stdout(&o), "hello bar /tmp 1000:1000 box /home/app\n");
+    // /etc/hosts and /etc/hostname come from the container's own files.
+    let o = run(
+        &root,
+        &[
+            "--rm",
+            "--hostname",
+            "box",
+            &image,
+            "-c",
+            "cat /etc/hostname",
+        ],
+    );
+    assert_eq!(stdout(&o), "box\n");
+
+    // --rm leaves nothing: no containers, no mounts under the store.
+    let ps: serde_json::Value =
+        serde_json::from_str(&strata_ok(&root, &["ps", "-a", "--json"])).unwrap();
+    assert_eq!(ps.as_array().unwrap().len(), 0, "{ps}");
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        !mounts.contains(&root.to_string_lossy().to_string()),
+        "{mounts}"
+    );
+
+    // Without --rm the container stays (exited) with its changes, until `strata rm`.
+    stdout(&run(
+        &root,
+        &["--name", "keep", &image, "-c", "echo data > /new"],
+    ));
+    let ps: serde_json::Value =
+        serde_json::from_str(&strata_ok(&root, &["ps", "-a", "--json"])).unwrap();
+    let c = &ps.as_array().unwrap()[0];
+    assert_eq!(
+        (c["name"].as_str(), c["status"].as_str()),
+        (Some("keep"), Some("exited"))
+    );
+    assert_eq!(c["exit_code"], 0);
+    let id = c["id"].as_str().unwrap().to_string();
+    let upper = root.join("containers").join(&id).join("layer/upper/new");
+    assert_eq!(fs::read(&upper).unwrap(), b"data\n");
+    // A name is taken only once.
+    let o = run(&root, &["--name", "keep", &image, "-c", "true"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already in use"));
+    strata_ok(&root, &["rm", "keep"]);
+    assert!(!root.join("containers").join(&id).exists());
+
+    // Bad input: a clear error and no half-created container.
+    for (args, needle) in [
+        (
+            vec!["--rm", "-u", "nosuchuser", image.as_str(), "-c", "true"],
+            "nosuchuser",
+        ),
+        (
+            vec!["--rm", "--runtime", "/nonexistent/runc", image.as_str()],
+            "runtime",
+        ),
+        (vec!["--rm", "127.0.0.1:1/none/such:v1"], "none/such"),
+    ] {
+        let o = run(&root, &args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        let left: Vec<_> = fs::read_dir(root.join("containers"))
+            .map(|d| d.flatten().filter(|e| e.file_name() != "runc").collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{args:?} left {left:?}");
+    }
+    let out = strata(&root, &["daemon", "--stop"]);
+    assert!(out.status.success());
+    fs::remove_dir_all(&tmp).ok();
+}
