@@ -163,6 +163,7 @@ fn run_containers_on_a_lazy_image() {
     let id = c["id"].as_str().unwrap().to_string();
     let upper = root.join("containers").join(&id).join("layer/upper/new");
     assert_eq!(fs::read(&upper).unwrap(), b"data\n");
+    assert_eq!(strata_ok(&root, &["diff", "keep"]), "A /new\n");
     // A name is taken only once.
     let o = run(&root, &["--name", "keep", &image, "-c", "true"]);
     assert!(!o.status.success());

@@ -269,7 +269,7 @@ pub fn mounts(g: &GlobalArgs, a: MountsArgs) -> anyhow::Result<()> {
 
 #[derive(clap::Args)]
 pub struct DiffArgs {
-    /// A writable view (`strata mount --upper DIR IMAGE MNT`).
+    /// A container (name or id), or a writable view (`strata mount --upper DIR IMAGE MNT`).
     pub mountpoint: PathBuf,
     /// Print JSON.
     #[arg(long)]
@@ -278,7 +278,14 @@ pub struct DiffArgs {
 
 /// `strata diff MNT`: what changed in a writable view, as `docker container diff` prints it.
 pub fn diff(g: &GlobalArgs, a: DiffArgs) -> anyhow::Result<()> {
-    let mountpoint = resolve_mountpoint(&a.mountpoint);
+    let mut mountpoint = resolve_mountpoint(&a.mountpoint);
+    if !mountpoint.is_dir() {
+        // A container: its root is a writable view.
+        let store = super::open_store(g)?;
+        let containers = strata_builder::container::Containers::new(&store);
+        let r = containers.find(&a.mountpoint.to_string_lossy())?;
+        mountpoint = containers.dir(&r.id).rootfs();
+    }
     let v = daemon::call_running(
         g,
         &Request::Diff {
