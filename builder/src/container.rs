@@ -28,6 +28,9 @@ pub struct ContainerRecord {
     pub exit_code: Option<i32>,
     #[serde(default)]
     pub auto_remove: bool,
+    /// Where the runtime mounts things in the container's root (left out of its diff).
+    #[serde(default)]
+    pub mount_points: Vec<PathBuf>,
 }
 
 /// A container's paths.

@@ -62,10 +62,13 @@ pub fn is_opaque(path: &Path) -> bool {
         .is_some_and(|v| v == b"y")
 }
 
-/// The changes in `upper` relative to `lower` (the image's root, e.g. its strata mount).
-pub fn changes(upper: &Path, lower: &Path) -> std::io::Result<Vec<Change>> {
+/// The changes in `upper` relative to `lower` (the image's root, e.g. its strata mount),
+/// leaving out the paths in `exclude` and everything under them: a container's mount points,
+/// which the runtime creates in its root (Docker keeps them in an init layer of their own).
+pub fn changes(upper: &Path, lower: &Path, exclude: &[PathBuf]) -> std::io::Result<Vec<Change>> {
     let mut out: BTreeMap<PathBuf, Kind> = BTreeMap::new();
     walk(upper, lower, Path::new("/"), &mut out)?;
+    out.retain(|p, _| !exclude.iter().any(|x| p.starts_with(x)));
     // Every directory above a change that the image has is changed too.
     let changed: Vec<PathBuf> = out.keys().cloned().collect();
     for p in changed {
@@ -281,7 +284,7 @@ mod tests {
         fs::create_dir_all(upper.join("opq")).unwrap();
         xattr::set(upper.join("opq"), "trusted.overlay.opaque", b"y").unwrap();
         fs::write(upper.join("opq/b"), b"b").unwrap();
-        let got = render(&changes(&upper, &lower).unwrap());
+        let got = render(&changes(&upper, &lower, &[]).unwrap());
         assert_eq!(
             got,
             "C /etc\nC /etc/group\nD /etc/motd\nA /new.txt\nC /opq\nD /opq/a\nA /opq/b\n\

@@ -182,6 +182,12 @@ pub fn run(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<()> {
             etc_files,
             volumes,
         })?;
+        let mount_points: Vec<PathBuf> = spec
+            .mounts()
+            .iter()
+            .flatten()
+            .map(|m| m.destination().clone())
+            .collect();
         let bundle = dir.bundle();
         std::fs::write(
             bundle.join("config.json"),
@@ -198,6 +204,7 @@ pub fn run(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<()> {
             status: "running".into(),
             exit_code: None,
             auto_remove: a.rm,
+            mount_points,
         };
         containers.save(&record)?;
         Ok((record, bundle))

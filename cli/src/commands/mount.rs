@@ -279,17 +279,20 @@ pub struct DiffArgs {
 /// `strata diff MNT`: what changed in a writable view, as `docker container diff` prints it.
 pub fn diff(g: &GlobalArgs, a: DiffArgs) -> anyhow::Result<()> {
     let mut mountpoint = resolve_mountpoint(&a.mountpoint);
+    let mut exclude = Vec::new();
     if !mountpoint.is_dir() {
-        // A container: its root is a writable view.
+        // A container: its root is a writable view; its mount points are not its changes.
         let store = super::open_store(g)?;
         let containers = strata_builder::container::Containers::new(&store);
         let r = containers.find(&a.mountpoint.to_string_lossy())?;
         mountpoint = containers.dir(&r.id).rootfs();
+        exclude = r.mount_points;
     }
     let v = daemon::call_running(
         g,
         &Request::Diff {
             mountpoint: mountpoint.clone(),
+            exclude,
         },
     )?
     .with_context(|| {

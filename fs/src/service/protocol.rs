@@ -32,8 +32,13 @@ pub enum Request {
     Wait { mountpoint: PathBuf },
     /// One mount's counters.
     Stats { mountpoint: PathBuf },
-    /// A writable view's changes (A/C/D) relative to its image.
-    Diff { mountpoint: PathBuf },
+    /// A writable view's changes (A/C/D) relative to its image, without `exclude` (a
+    /// container's mount points).
+    Diff {
+        mountpoint: PathBuf,
+        #[serde(default)]
+        exclude: Vec<PathBuf>,
+    },
     /// Every mount's counters and the node's.
     Metrics,
     /// Trim the disk caches to `max_size` bytes.

@@ -156,7 +156,10 @@ fn handle(service: &MountService, req: Request) -> Response {
             Err(e) => Response::Error(e.to_string()),
         },
         Request::Metrics => Response::Ok(service.metrics()),
-        Request::Diff { mountpoint } => match service.changes(&mountpoint) {
+        Request::Diff {
+            mountpoint,
+            exclude,
+        } => match service.changes(&mountpoint, &exclude) {
             Ok(c) => ok(c),
             Err(e) => Response::Error(e.to_string()),
         },

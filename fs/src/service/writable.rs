@@ -337,8 +337,13 @@ impl MountService {
         self.inner.writable.lock().contains_key(path)
     }
 
-    /// The changes a writable view holds relative to its image.
-    pub fn changes(&self, mountpoint: &Path) -> Result<Vec<Change>, ServiceError> {
+    /// The changes a writable view holds relative to its image, leaving out `exclude` (and
+    /// what is under it).
+    pub fn changes(
+        &self,
+        mountpoint: &Path,
+        exclude: &[PathBuf],
+    ) -> Result<Vec<Change>, ServiceError> {
         let target = resolve_mountpoint(mountpoint);
         let (upper, lower) = {
             let views = self.inner.writable.lock();
@@ -347,7 +352,7 @@ impl MountService {
                 .ok_or_else(|| bad(&target, "not a writable view (mount it with --upper)"))?;
             (w.dirs.upper.clone(), w.lower.clone())
         };
-        upper::changes(&upper, &lower)
+        upper::changes(&upper, &lower, exclude)
             .map_err(|e| ServiceError::Io(format!("reading {}: {e}", upper.display())))
     }
 }
