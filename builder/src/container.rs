@@ -31,6 +31,13 @@ pub struct ContainerRecord {
     /// Where the runtime mounts things in the container's root (left out of its diff).
     #[serde(default)]
     pub mount_points: Vec<PathBuf>,
+    /// The OCI runtime it runs with.
+    #[serde(default = "default_runtime")]
+    pub runtime: PathBuf,
+}
+
+fn default_runtime() -> PathBuf {
+    PathBuf::from("runc")
 }
 
 /// A container's paths.
@@ -54,6 +61,10 @@ impl ContainerDir {
     }
     pub fn etc_file(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+    /// What a detached container writes to standard output and error.
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("ctr.log")
     }
 }
 

@@ -48,6 +48,16 @@ enum Command {
     Ps(commands::container::PsArgs),
     /// Remove containers.
     Rm(commands::container::RmArgs),
+    /// Start a stopped container again.
+    Start(commands::container::StartArgs),
+    /// Stop containers (SIGTERM, then SIGKILL after -t seconds).
+    Stop(commands::container::StopArgs),
+    /// Send a signal to containers.
+    Kill(commands::container::KillArgs),
+    /// Print what a detached container wrote.
+    Logs(commands::container::LogsArgs),
+    #[command(hide = true)]
+    ContainerMonitor(commands::container::MonitorArgs),
     /// Mount an image read-only (lazily) at a directory.
     Mount(commands::mount::MountArgs),
     /// What changed in a writable view (A/C/D lines, like `docker container diff`).
@@ -135,6 +145,11 @@ fn main() {
         Command::Run(a) => commands::container::run(&cli.global, a),
         Command::Ps(a) => commands::container::ps(&cli.global, a),
         Command::Rm(a) => commands::container::rm(&cli.global, a),
+        Command::Start(a) => commands::container::start(&cli.global, a),
+        Command::Stop(a) => commands::container::stop(&cli.global, a),
+        Command::Kill(a) => commands::container::kill(&cli.global, a),
+        Command::Logs(a) => commands::container::logs(&cli.global, a),
+        Command::ContainerMonitor(a) => commands::container::monitor(&cli.global, a),
         Command::Daemon(a) => commands::daemon::run(&cli.global, a),
         Command::Umount(a) => commands::mount::umount(&cli.global, a),
         Command::Mounts(a) => commands::mount::mounts(&cli.global, a),

@@ -193,6 +193,76 @@ fn run_containers_on_a_lazy_image() {
             .unwrap_or_default();
         assert!(left.is_empty(), "{args:?} left {left:?}");
     }
+    // Detached: -d, logs, stop, start, kill, rm.
+    let id = stdout(&run(
+        &root,
+        &[
+            "-d",
+            "--name",
+            "bg",
+            &image,
+            "-c",
+            "echo started; sleep 300",
+        ],
+    ));
+    assert_eq!(id.trim().len(), 64, "{id}");
+    let logs = || strata_ok(&root, &["logs", "bg"]);
+    let wait_for = |what: &dyn Fn() -> bool, why: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !what() {
+            assert!(std::time::Instant::now() < deadline, "{why}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    wait_for(
+        &|| logs().contains("started"),
+        "no output from the detached container",
+    );
+    let status = || -> (String, serde_json::Value) {
+        let ps: serde_json::Value =
+            serde_json::from_str(&strata_ok(&root, &["ps", "-a", "--json"])).unwrap();
+        let c = ps
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "bg")
+            .unwrap()
+            .clone();
+        (
+            c["status"].as_str().unwrap().to_string(),
+            c["exit_code"].clone(),
+        )
+    };
+    assert_eq!(status().0, "running");
+    // The shell is PID 1 and ignores SIGTERM: stop kills it after -t.
+    strata_ok(&root, &["stop", "-t", "1", "bg"]);
+    let (s, code) = status();
+    assert_eq!(s, "exited");
+    assert!(code == 137 || code == 143, "{code}");
+    strata_ok(&root, &["start", "bg"]);
+    wait_for(
+        &|| logs().matches("started").count() == 2,
+        "restart did not run",
+    );
+    assert_eq!(status().0, "running");
+    strata_ok(&root, &["kill", "bg"]);
+    wait_for(&|| status().0 == "exited", "kill did not end it");
+    assert_eq!(status().1, 137);
+    strata_ok(&root, &["rm", "bg"]);
+    // A detached --rm container removes itself when it ends.
+    stdout(&run(
+        &root,
+        &["-d", "--rm", "--name", "gone", &image, "-c", "true"],
+    ));
+    wait_for(
+        &|| {
+            let ps: serde_json::Value =
+                serde_json::from_str(&strata_ok(&root, &["ps", "-a", "--json"])).unwrap();
+            ps.as_array().unwrap().is_empty()
+        },
+        "--rm container left behind",
+    );
+
     let out = strata(&root, &["daemon", "--stop"]);
     assert!(out.status.success());
     fs::remove_dir_all(&tmp).ok();

@@ -34,6 +34,9 @@ pub struct RunArgs {
     /// Remove the container (its writable layer too) when it exits.
     #[arg(long)]
     pub rm: bool,
+    /// Run in the background and print the container's id (`logs` shows its output).
+    #[arg(short = 'd', long)]
+    pub detach: bool,
     /// Name of the container (default `strata_` and the start of its id).
     #[arg(long)]
     pub name: Option<String>,
@@ -205,25 +208,58 @@ pub fn run(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<()> {
             exit_code: None,
             auto_remove: a.rm,
             mount_points,
+            runtime: runtime.clone(),
         };
         containers.save(&record)?;
         Ok((record, bundle))
     })();
-    let (mut record, bundle) = match prepared {
+    let (mut record, _bundle) = match prepared {
         Ok(p) => p,
         Err(e) => {
             cleanup(g);
             return Err(e);
         }
     };
+    if a.detach {
+        spawn_monitor(g, &record, &containers)?;
+        println!("{id}");
+        return Ok(());
+    }
+    let code = run_attached(g, &containers, &mut record, a.interactive || a.tty)?;
+    if code != 0 {
+        std::process::exit(code);
+    }
+    Ok(())
+}
+
+/// Runs a created container in the foreground with the runtime, records how it ended and, for
+/// `--rm`, removes it; returns its exit code.
+fn run_attached(
+    g: &GlobalArgs,
+    containers: &Containers,
+    record: &mut ContainerRecord,
+    stdin: bool,
+) -> anyhow::Result<i32> {
+    let dir = containers.dir(&record.id);
+    let runtime = find_program(&record.runtime)
+        .with_context(|| format!("OCI runtime {} not found", record.runtime.display()))?;
+    // A previous run leaves the runtime's state behind: start from none.
+    let _ = Command::new(&runtime)
+        .arg("--root")
+        .arg(containers.runtime_root())
+        .args(["delete", "--force", &record.id])
+        .output();
+    record.status = "running".into();
+    record.exit_code = None;
+    containers.save(record)?;
     let status = Command::new(&runtime)
         .arg("--root")
         .arg(containers.runtime_root())
         .arg("run")
         .arg("--bundle")
-        .arg(&bundle)
-        .arg(&id)
-        .stdin(if a.interactive || a.tty {
+        .arg(dir.bundle())
+        .arg(&record.id)
+        .stdin(if stdin {
             std::process::Stdio::inherit()
         } else {
             std::process::Stdio::null()
@@ -238,21 +274,246 @@ pub fn run(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<()> {
     };
     record.status = "exited".into();
     record.exit_code = Some(code);
-    if a.rm {
+    if record.auto_remove {
         let _ = Command::new(&runtime)
             .arg("--root")
             .arg(containers.runtime_root())
-            .args(["delete", "--force", &id])
+            .args(["delete", "--force", &record.id])
             .output();
-        cleanup(g);
-    } else {
-        containers.save(&record)?;
+        let _ = daemon::call_running(
+            g,
+            &Request::Unmount {
+                mountpoint: dir.rootfs(),
+                lazy: true,
+            },
+        );
+        let _ = containers.remove_dir(&record.id);
+    } else if dir.dir.exists() {
+        // (Removed meanwhile by `rm -f`: nothing to record.)
+        containers.save(record)?;
     }
     status?;
-    if code != 0 {
-        std::process::exit(code);
+    Ok(code)
+}
+
+/// Starts a container in the background: a `strata container-monitor` process runs it with
+/// its output in the container's log and records its exit.
+fn spawn_monitor(
+    g: &GlobalArgs,
+    record: &ContainerRecord,
+    containers: &Containers,
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::process::CommandExt;
+    let log = containers.dir(&record.id).log();
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let err = out.try_clone()?;
+    let exe = std::env::current_exe().context("locating the strata binary")?;
+    Command::new(exe)
+        .arg("--root")
+        .arg(&g.root)
+        .arg("--log-level")
+        .arg(&g.log_level)
+        .arg("container-monitor")
+        .arg(&record.id)
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .context("starting the container monitor")?;
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct MonitorArgs {
+    /// The container.
+    pub id: String,
+}
+
+/// `strata container-monitor ID` (internal): runs a detached container and records its exit.
+pub fn monitor(g: &GlobalArgs, a: MonitorArgs) -> anyhow::Result<()> {
+    let store = open_store(g)?;
+    let containers = Containers::new(&store);
+    let mut record = containers.find(&a.id)?;
+    run_attached(g, &containers, &mut record, false)?;
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct StartArgs {
+    /// Attach: run in the foreground and exit with the container's code.
+    #[arg(short = 'a', long)]
+    pub attach: bool,
+    /// The container.
+    pub container: String,
+}
+
+/// `strata start`: run a stopped container again (its writable layer kept).
+pub fn start(g: &GlobalArgs, a: StartArgs) -> anyhow::Result<()> {
+    let store = open_store(g)?;
+    let containers = Containers::new(&store);
+    let mut record = containers.find(&a.container)?;
+    if record.status == "running" {
+        bail!("container {} is already running", record.name);
+    }
+    if !strata_fs::service::is_mount_point(&containers.dir(&record.id).rootfs()) {
+        bail!(
+            "the root of container {} is no longer mounted (was the daemon stopped with --forget?)",
+            record.name
+        );
+    }
+    if a.attach {
+        let code = run_attached(g, &containers, &mut record, false)?;
+        if code != 0 {
+            std::process::exit(code);
+        }
+        return Ok(());
+    }
+    record.status = "running".into();
+    containers.save(&record)?;
+    spawn_monitor(g, &record, &containers)?;
+    println!("{}", record.name);
+    Ok(())
+}
+
+/// Sends `signal` to a container's process through its runtime.
+fn signal(containers: &Containers, r: &ContainerRecord, signal: &str) -> anyhow::Result<()> {
+    let runtime = find_program(&r.runtime)
+        .with_context(|| format!("OCI runtime {} not found", r.runtime.display()))?;
+    let out = Command::new(runtime)
+        .arg("--root")
+        .arg(containers.runtime_root())
+        .args(["kill", &r.id, signal])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "signalling {}: {}",
+            r.name,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
+}
+
+/// Waits until the record says the container exited; false after `timeout`.
+fn wait_exited(containers: &Containers, id: &str, timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match containers.find(id) {
+            Ok(r) if r.status == "running" => {}
+            _ => return true,
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[derive(clap::Args)]
+pub struct StopArgs {
+    /// Seconds to wait after SIGTERM before SIGKILL.
+    #[arg(short = 't', long, default_value_t = 10)]
+    pub time: u64,
+    /// Containers.
+    #[arg(required = true)]
+    pub containers: Vec<String>,
+}
+
+/// `strata stop`: SIGTERM, then SIGKILL after `-t` seconds.
+pub fn stop(g: &GlobalArgs, a: StopArgs) -> anyhow::Result<()> {
+    let store = open_store(g)?;
+    let containers = Containers::new(&store);
+    for key in &a.containers {
+        let r = containers.find(key)?;
+        if r.status != "running" {
+            println!("{}", r.name);
+            continue;
+        }
+        let _ = signal(&containers, &r, "TERM");
+        if !wait_exited(&containers, &r.id, std::time::Duration::from_secs(a.time)) {
+            let _ = signal(&containers, &r, "KILL");
+            if !wait_exited(&containers, &r.id, std::time::Duration::from_secs(10)) {
+                bail!("container {} did not stop", r.name);
+            }
+        }
+        println!("{}", r.name);
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct KillArgs {
+    /// Signal to send.
+    #[arg(short = 's', long, default_value = "KILL")]
+    pub signal: String,
+    /// Containers.
+    #[arg(required = true)]
+    pub containers: Vec<String>,
+}
+
+/// `strata kill`: send a signal (default SIGKILL).
+pub fn kill(g: &GlobalArgs, a: KillArgs) -> anyhow::Result<()> {
+    let store = open_store(g)?;
+    let containers = Containers::new(&store);
+    for key in &a.containers {
+        let r = containers.find(key)?;
+        if r.status != "running" {
+            bail!("container {} is not running", r.name);
+        }
+        signal(&containers, &r, a.signal.trim_start_matches("SIG"))?;
+        println!("{}", r.name);
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct LogsArgs {
+    /// Keep printing what the container writes until it exits.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// The container.
+    pub container: String,
+}
+
+/// `strata logs`: what a detached container wrote.
+pub fn logs(g: &GlobalArgs, a: LogsArgs) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let store = open_store(g)?;
+    let containers = Containers::new(&store);
+    let r = containers.find(&a.container)?;
+    let path = containers.dir(&r.id).log();
+    let mut f = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let mut out = std::io::stdout();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n > 0 {
+            out.write_all(&buf[..n])?;
+            continue;
+        }
+        out.flush()?;
+        let running = containers.find(&r.id).is_ok_and(|c| c.status == "running");
+        if !a.follow || !running {
+            // One last read: what was written just before the exit.
+            let mut rest = Vec::new();
+            f.read_to_end(&mut rest)?;
+            out.write_all(&rest)?;
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 #[derive(clap::Args)]
