@@ -1,5 +1,6 @@
 //! strata-builder: making images — conversion to the strata format and image sources.
 
+pub mod commit;
 pub mod container;
 pub mod convert;
 pub mod runtime;

@@ -56,6 +56,10 @@ enum Command {
     Kill(commands::container::KillArgs),
     /// Print what a detached container wrote.
     Logs(commands::container::LogsArgs),
+    /// Make a container's changes a new layer of a new image.
+    Commit(commands::container::CommitArgs),
+    /// Show an image's history.
+    History(commands::container::HistoryArgs),
     #[command(hide = true)]
     ContainerMonitor(commands::container::MonitorArgs),
     /// Mount an image read-only (lazily) at a directory.
@@ -149,6 +153,8 @@ fn main() {
         Command::Stop(a) => commands::container::stop(&cli.global, a),
         Command::Kill(a) => commands::container::kill(&cli.global, a),
         Command::Logs(a) => commands::container::logs(&cli.global, a),
+        Command::Commit(a) => commands::container::commit(&cli.global, a),
+        Command::History(a) => commands::container::history(&cli.global, a),
         Command::ContainerMonitor(a) => commands::container::monitor(&cli.global, a),
         Command::Daemon(a) => commands::daemon::run(&cli.global, a),
         Command::Umount(a) => commands::mount::umount(&cli.global, a),

@@ -168,6 +168,78 @@ fn run_containers_on_a_lazy_image() {
     let o = run(&root, &["--name", "keep", &image, "-c", "true"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("already in use"));
+    // commit: the changes (a new file, a deletion) become a layer of a new image.
+    stdout(&run(
+        &root,
+        &[
+            "--name",
+            "edit",
+            &image,
+            "-c",
+            "echo more > /etc/extra; rm /etc/group",
+        ],
+    ));
+    let bad = strata(
+        &root,
+        &["commit", "-c", "FROBNICATE x", "edit", "c/mine:v1"],
+    );
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("FROBNICATE"));
+    let digest = strata_ok(
+        &root,
+        &[
+            "commit",
+            "-m",
+            "my change",
+            "-a",
+            "me",
+            "-c",
+            "ENV ADDED=yes",
+            "edit",
+            "c/mine:v1",
+        ],
+    );
+    assert!(digest.trim().starts_with("sha256:"), "{digest}");
+    let hist: serde_json::Value =
+        serde_json::from_str(&strata_ok(&root, &["history", "--json", "c/mine:v1"])).unwrap();
+    let top = &hist.as_array().unwrap()[0];
+    assert_eq!(top["comment"], "my change");
+    assert!(
+        top["created_by"].as_str().unwrap().contains("echo more"),
+        "{top}"
+    );
+    assert!(top["size"].as_u64().unwrap() > 0);
+    assert!(strata_ok(&root, &["history", "c/mine:v1"]).contains("my change"));
+    let o = run(
+        &root,
+        &[
+            "--rm",
+            "c/mine:v1",
+            "-c",
+            "cat /etc/extra; echo $ADDED; ls /etc",
+        ],
+    );
+    let out = stdout(&o);
+    assert!(out.starts_with("more\nyes\n"), "{out}");
+    assert!(
+        !out.contains("group"),
+        "the whiteout did not survive the commit: {out}"
+    );
+    // The committed image verifies and is an ordinary image of the store.
+    strata_ok(&root, &["verify", "c/mine:v1"]);
+    // Pushed, then mounted lazily on a fresh store: the same tree.
+    let pushed = format!("{}/c/mine:v1", reg.addr);
+    strata_ok(&root, &["push", "c/mine:v1", &pushed]);
+    let fresh = tmp.join("fresh");
+    let mnt = tmp.join("mnt");
+    let m = strata_tests::util::Mounted::new(&fresh, &pushed, &mnt).unwrap();
+    assert_eq!(fs::read(mnt.join("etc/extra")).unwrap(), b"more\n");
+    assert!(!mnt.join("etc/group").exists());
+    assert!(mnt.join("etc/passwd").exists());
+    m.unmount().unwrap();
+    strata_ok(&fresh, &["daemon", "--stop"]);
+    strata_ok(&root, &["rm", "edit"]);
+
     strata_ok(&root, &["rm", "keep"]);
     assert!(!root.join("containers").join(&id).exists());
 

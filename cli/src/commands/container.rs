@@ -620,3 +620,178 @@ pub fn rm(g: &GlobalArgs, a: RmArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct CommitArgs {
+    /// Commit message (the history entry's comment).
+    #[arg(short = 'm', long)]
+    pub message: Option<String>,
+    /// Author.
+    #[arg(short = 'a', long)]
+    pub author: Option<String>,
+    /// Dockerfile instruction to apply to the image config (CMD, ENTRYPOINT, ENV, WORKDIR,
+    /// USER, LABEL, EXPOSE, VOLUME, STOPSIGNAL); repeatable.
+    #[arg(short = 'c', long = "change")]
+    pub changes: Vec<String>,
+    /// Pause a running container while its layer is read.
+    #[arg(long)]
+    pub pause: bool,
+    /// The container.
+    pub container: String,
+    /// Name of the new image (default: the container's name).
+    pub reference: Option<String>,
+}
+
+/// `strata commit`: the container's changes become a new layer of a new image.
+pub fn commit(g: &GlobalArgs, a: CommitArgs) -> anyhow::Result<()> {
+    let store = open_store(g)?;
+    let containers = Containers::new(&store);
+    let r = containers.find(&a.container)?;
+    let dst = strata_fs::reference::Reference::parse(a.reference.as_deref().unwrap_or(&r.name))?;
+    // Instructions are checked before anything is read or written.
+    let mut probe = serde_json::json!({"config": {}});
+    for c in &a.changes {
+        strata_builder::commit::apply_change(&mut probe, c)?;
+    }
+    let dir = containers.dir(&r.id);
+    if !strata_fs::service::is_mount_point(&dir.rootfs()) {
+        bail!("the root of container {} is not mounted", r.name);
+    }
+    let base = store.resolve(&r.manifest)?;
+    let runtime = find_program(&r.runtime);
+    let paused = a.pause && r.status == "running" && runtime.is_some();
+    let runc = |verb: &str| {
+        if let Some(rt) = &runtime {
+            let _ = Command::new(rt)
+                .arg("--root")
+                .arg(containers.runtime_root())
+                .args([verb, &r.id])
+                .output();
+        }
+    };
+    if paused {
+        runc("pause");
+    }
+    let result = strata_builder::commit::commit(
+        &store,
+        &r.manifest,
+        &base.descriptor.annotations,
+        &dir.layer().join("upper"),
+        &dir.rootfs(),
+        &r.mount_points,
+        &dst,
+        &strata_builder::commit::CommitOptions {
+            message: a.message.clone().unwrap_or_default(),
+            author: a.author.clone().unwrap_or_default(),
+            created_by: r.command.join(" "),
+            changes: a.changes.clone(),
+        },
+    );
+    if paused {
+        runc("resume");
+    }
+    let committed = result.with_context(|| format!("committing {}", r.name))?;
+    println!("{}", committed.manifest.digest);
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct HistoryArgs {
+    /// Do not truncate the output.
+    #[arg(long)]
+    pub no_trunc: bool,
+    /// Print only the image ids.
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// The image.
+    pub image: String,
+}
+
+fn ago(created: &str) -> String {
+    let Ok(t) =
+        time::OffsetDateTime::parse(created, &time::format_description::well_known::Rfc3339)
+    else {
+        return created.to_string();
+    };
+    let s = (time::OffsetDateTime::now_utc() - t).whole_seconds().max(0);
+    match s {
+        0..=59 => format!("{s} seconds ago"),
+        60..=3599 => format!("{} minutes ago", s / 60),
+        3600..=86_399 => format!("{} hours ago", s / 3600),
+        _ => format!("{} days ago", s / 86_400),
+    }
+}
+
+/// `strata history`: an image's history, newest first, with Docker's columns.
+pub fn history(g: &GlobalArgs, a: HistoryArgs) -> anyhow::Result<()> {
+    let store = open_store(g)?;
+    let rec = store.resolve(&a.image)?;
+    let m = store.manifest(&rec.descriptor.digest)?;
+    let config: serde_json::Value = serde_json::from_slice(&store.read_blob(&m.config.digest)?)?;
+    let empty = Vec::new();
+    let hist = config["history"].as_array().unwrap_or(&empty);
+    let mut layers = m.layers.iter();
+    let mut rows: Vec<serde_json::Value> = Vec::new();
+    for h in hist {
+        let size = if h["empty_layer"].as_bool() == Some(true) {
+            0
+        } else {
+            layers.next().map_or(0, |l| l.size)
+        };
+        rows.push(serde_json::json!({
+            "created": h["created"].as_str().unwrap_or(""),
+            "created_by": h["created_by"].as_str().unwrap_or(""),
+            "size": size,
+            "comment": h["comment"].as_str().unwrap_or(""),
+        }));
+    }
+    rows.reverse();
+    let hex = rec
+        .descriptor
+        .digest
+        .trim_start_matches("sha256:")
+        .to_string();
+    for (i, r) in rows.iter_mut().enumerate() {
+        r["id"] = serde_json::json!(if i == 0 {
+            if a.no_trunc {
+                rec.descriptor.digest.clone()
+            } else {
+                hex[..12].to_string()
+            }
+        } else {
+            "<missing>".to_string()
+        });
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    if a.quiet {
+        for r in &rows {
+            println!("{}", r["id"].as_str().unwrap_or(""));
+        }
+        return Ok(());
+    }
+    println!(
+        "{:<14} {:<16} {:<46} {:<10} COMMENT",
+        "IMAGE", "CREATED", "CREATED BY", "SIZE"
+    );
+    for r in &rows {
+        let mut by = r["created_by"].as_str().unwrap_or("").to_string();
+        if !a.no_trunc && by.chars().count() > 45 {
+            by = by.chars().take(44).collect::<String>() + "…";
+        }
+        println!(
+            "{:<14} {:<16} {:<46} {:<10} {}",
+            r["id"].as_str().unwrap_or(""),
+            ago(r["created"].as_str().unwrap_or("")),
+            by,
+            super::human_bytes(r["size"].as_u64().unwrap_or(0)),
+            r["comment"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}

@@ -213,20 +213,33 @@ pub fn verify(g: &GlobalArgs, a: VerifyArgs) -> anyhow::Result<()> {
         let m = store.manifest(&rec.descriptor.digest)?;
         Ok(m.layers.iter().any(|l| !store.has_blob(&l.digest)))
     };
-    let pull_from = match store.resolve(&a.image) {
+    match store.resolve(&a.image) {
+        // In the store with layers missing (lazily pulled): fetch those blobs, by digest, from
+        // the repository the image came from.
         Ok(rec) if missing(&store)? => {
-            Some(strata_fs::image::source_of(&rec).with_context(|| {
+            let src = strata_fs::image::source_of(&rec).with_context(|| {
                 format!("{}: layers are missing and no source is known", a.image)
-            })?)
+            })?;
+            let client = a.registry.client()?;
+            let m = store.manifest(&rec.descriptor.digest)?;
+            for l in m.layers.iter().filter(|l| !store.has_blob(&l.digest)) {
+                let mut reader = client
+                    .open_blob(&src, &l.digest)
+                    .with_context(|| format!("fetching layer {} from {src}", l.digest))?;
+                let mut w = store.blob_writer()?;
+                std::io::copy(&mut reader, &mut w)
+                    .with_context(|| format!("fetching layer {}", l.digest))?;
+                w.commit(Some(&l.digest))?;
+            }
         }
-        Ok(_) => None,
-        Err(_) => Some(strata_fs::reference::Reference::parse(&a.image)?),
-    };
-    if let Some(r) = pull_from {
-        let client = a.registry.client()?;
-        let (os, arch) = super::registry::platform(None)?;
-        strata_fs::transfer::pull(&store, &client, &r, (&os, &arch), true, &mut |_| {})
-            .with_context(|| format!("pulling {r} to verify it"))?;
+        Ok(_) => {}
+        Err(_) => {
+            let r = strata_fs::reference::Reference::parse(&a.image)?;
+            let client = a.registry.client()?;
+            let (os, arch) = super::registry::platform(None)?;
+            strata_fs::transfer::pull(&store, &client, &r, (&os, &arch), true, &mut |_| {})
+                .with_context(|| format!("pulling {r} to verify it"))?;
+        }
     }
     let report = strata_builder::verify::verify_image(&store, &a.image)
         .with_context(|| format!("verifying {}", a.image))?;

@@ -1,0 +1,340 @@
+//! `commit`: a container's upper layer becomes one strata layer of a new image.
+//!
+//! The upper directory (overlayfs's form) is walked and written as an OCI layer tar: whiteouts
+//! (0/0 character devices) become `.wh.NAME`, opaque directories get `.wh..wh..opq`, files take
+//! their content and metadata from the container's merged view (so metadata-only copy-ups and
+//! renamed directories carry the image's bytes), hard links stay links. The tar goes through the
+//! same converter as `strata convert`; the image config gains the diff ID and a history entry,
+//! `-c` instructions change the config, and the name is written last: a crash leaves no image or
+//! a complete one.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use strata_fs::oci::{self, Descriptor};
+use strata_fs::reference::Reference;
+use strata_fs::store::Store;
+
+use crate::convert::{convert_layer, layer_descriptor, ConvertOptions};
+use crate::BuildError;
+
+/// What `commit` records about the new layer.
+#[derive(Clone, Debug, Default)]
+pub struct CommitOptions {
+    /// History `comment` (`-m`).
+    pub message: String,
+    /// History and config `author` (`-a`).
+    pub author: String,
+    /// History `created_by` (the container's command).
+    pub created_by: String,
+    /// Dockerfile instructions applied to the config (`-c`).
+    pub changes: Vec<String>,
+}
+
+/// The new image's manifest descriptor and its layer's diff ID.
+#[derive(Clone, Debug)]
+pub struct Committed {
+    pub manifest: Descriptor,
+    pub diff_id: String,
+}
+
+fn rel_name(p: &Path) -> Vec<u8> {
+    p.as_os_str().as_bytes().to_vec()
+}
+
+/// The header of an empty whiteout or opaque marker file.
+fn marker_header() -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_size(0);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h
+}
+
+/// Writes the upper directory as an OCI layer tar into `out`.
+fn write_layer_tar(
+    upper: &Path,
+    merged: &Path,
+    exclude: &[PathBuf],
+    out: &mut impl Write,
+) -> Result<(), BuildError> {
+    let mut b = tar::Builder::new(out);
+    b.mode(tar::HeaderMode::Complete);
+    let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(dir) = stack.pop() {
+        let up_dir = upper.join(&dir);
+        let mut names: Vec<_> = std::fs::read_dir(&up_dir)
+            .map_err(|e| BuildError::io(&up_dir, e))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()
+            .map_err(|e| BuildError::io(&up_dir, e))?;
+        names.sort();
+        for name in names {
+            let rel = dir.join(&name);
+            if exclude
+                .iter()
+                .any(|x| Path::new("/").join(&rel).starts_with(x))
+            {
+                continue;
+            }
+            let up = upper.join(&rel);
+            let md = std::fs::symlink_metadata(&up).map_err(|e| BuildError::io(&up, e))?;
+            if strata_fs::upper::is_whiteout(&md) {
+                let mut h = marker_header();
+                let mut wh = rel_name(&dir);
+                if !wh.is_empty() {
+                    wh.push(b'/');
+                }
+                wh.extend_from_slice(b".wh.");
+                wh.extend_from_slice(name.as_bytes());
+                b.append_data(&mut h, Path::new(std::ffi::OsStr::from_bytes(&wh)), &[][..])
+                    .map_err(BuildError::Write)?;
+                continue;
+            }
+            // Metadata (and content) as the container sees them.
+            let view = merged.join(&rel);
+            let vmd = std::fs::symlink_metadata(&view).map_err(|e| BuildError::io(&view, e))?;
+            let mut h = tar::Header::new_gnu();
+            h.set_metadata_in_mode(&vmd, tar::HeaderMode::Complete);
+            let ft = vmd.file_type();
+            if ft.is_dir() {
+                h.set_size(0);
+                b.append_data(&mut h, &rel, &[][..])
+                    .map_err(BuildError::Write)?;
+                if strata_fs::upper::is_opaque(&up) {
+                    let mut o = marker_header();
+                    b.append_data(&mut o, rel.join(".wh..wh..opq"), &[][..])
+                        .map_err(BuildError::Write)?;
+                }
+                stack.push(rel);
+            } else if ft.is_file() {
+                if vmd.nlink() > 1 {
+                    if let Some(first) = links.get(&(vmd.dev(), vmd.ino())) {
+                        h.set_entry_type(tar::EntryType::Link);
+                        h.set_size(0);
+                        b.append_link(&mut h, &rel, first)
+                            .map_err(BuildError::Write)?;
+                        continue;
+                    }
+                    links.insert((vmd.dev(), vmd.ino()), rel.clone());
+                }
+                let f = File::open(&view).map_err(|e| BuildError::io(&view, e))?;
+                b.append_data(&mut h, &rel, f).map_err(BuildError::Write)?;
+            } else if ft.is_symlink() {
+                let target = std::fs::read_link(&view).map_err(|e| BuildError::io(&view, e))?;
+                h.set_size(0);
+                b.append_link(&mut h, &rel, &target)
+                    .map_err(BuildError::Write)?;
+            } else if ft.is_char_device() || ft.is_block_device() || ft.is_fifo() {
+                h.set_size(0);
+                b.append_data(&mut h, &rel, &[][..])
+                    .map_err(BuildError::Write)?;
+            }
+            // Sockets are not kept (as Docker).
+        }
+    }
+    b.finish().map_err(BuildError::Write)?;
+    Ok(())
+}
+
+/// Applies one Dockerfile instruction (`-c`) to an image config's `config` object.
+pub fn apply_change(config: &mut serde_json::Value, change: &str) -> Result<(), BuildError> {
+    let bad = |why: &str| BuildError::Source(format!("bad -c instruction {change:?}: {why}"));
+    let (word, rest) = change
+        .trim()
+        .split_once(char::is_whitespace)
+        .ok_or_else(|| bad("expected INSTRUCTION ARGUMENTS"))?;
+    let rest = rest.trim();
+    let list = |s: &str| -> Result<serde_json::Value, BuildError> {
+        if s.starts_with('[') {
+            let v: Vec<String> =
+                serde_json::from_str(s).map_err(|_| bad("not a JSON array of strings"))?;
+            Ok(serde_json::json!(v))
+        } else {
+            Ok(serde_json::json!(["/bin/sh", "-c", s]))
+        }
+    };
+    let c = &mut config["config"];
+    if !c.is_object() {
+        *c = serde_json::json!({});
+    }
+    match word.to_ascii_uppercase().as_str() {
+        "CMD" => c["Cmd"] = list(rest)?,
+        "ENTRYPOINT" => c["Entrypoint"] = list(rest)?,
+        "WORKDIR" => c["WorkingDir"] = serde_json::json!(rest),
+        "USER" => c["User"] = serde_json::json!(rest),
+        "STOPSIGNAL" => c["StopSignal"] = serde_json::json!(rest),
+        "ENV" => {
+            let (k, v) = rest
+                .split_once('=')
+                .or_else(|| rest.split_once(char::is_whitespace))
+                .ok_or_else(|| bad("expected KEY=VALUE"))?;
+            let mut env: Vec<String> = c["Env"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            env.retain(|e| e.split('=').next() != Some(k.trim()));
+            env.push(format!("{}={}", k.trim(), v.trim().trim_matches('"')));
+            c["Env"] = serde_json::json!(env);
+        }
+        "LABEL" => {
+            let (k, v) = rest
+                .split_once('=')
+                .ok_or_else(|| bad("expected KEY=VALUE"))?;
+            if !c["Labels"].is_object() {
+                c["Labels"] = serde_json::json!({});
+            }
+            c["Labels"][k.trim().trim_matches('"')] = serde_json::json!(v.trim().trim_matches('"'));
+        }
+        "EXPOSE" => {
+            if !c["ExposedPorts"].is_object() {
+                c["ExposedPorts"] = serde_json::json!({});
+            }
+            for p in rest.split_whitespace() {
+                let p = if p.contains('/') {
+                    p.to_string()
+                } else {
+                    format!("{p}/tcp")
+                };
+                c["ExposedPorts"][p] = serde_json::json!({});
+            }
+        }
+        "VOLUME" => {
+            if !c["Volumes"].is_object() {
+                c["Volumes"] = serde_json::json!({});
+            }
+            let paths: Vec<String> = if rest.starts_with('[') {
+                serde_json::from_str(rest).map_err(|_| bad("not a JSON array of strings"))?
+            } else {
+                rest.split_whitespace().map(str::to_string).collect()
+            };
+            for p in paths {
+                c["Volumes"][p] = serde_json::json!({});
+            }
+        }
+        other => {
+            return Err(bad(&format!(
+                "{other} cannot be applied to an image config"
+            )))
+        }
+    }
+    Ok(())
+}
+
+/// Commits `upper` (with `merged`, the container's view of it) over the image whose manifest
+/// is `base` as a new image named `dst`.
+#[allow(clippy::too_many_arguments)]
+pub fn commit(
+    store: &Store,
+    base: &str,
+    base_annotations: &oci::Annotations,
+    upper: &Path,
+    merged: &Path,
+    exclude: &[PathBuf],
+    dst: &Reference,
+    opts: &CommitOptions,
+) -> Result<Committed, BuildError> {
+    let manifest = store.manifest(base)?;
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&store.read_blob(&manifest.config.digest)?)
+            .map_err(|e| BuildError::Source(format!("image config: {e}")))?;
+    for c in &opts.changes {
+        apply_change(&mut config, c)?;
+    }
+    // The layer tar in a private temp file under the store (bounded by disk, not memory).
+    let tmp_path = store.layout().tmp().join(format!(
+        "commit-{}-{}.tar",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    let tmp = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp_path)
+            .map_err(|e| BuildError::io(&tmp_path, e))?
+    };
+    let result = (|| {
+        let mut w = BufWriter::new(tmp);
+        write_layer_tar(upper, merged, exclude, &mut w)?;
+        let mut f = w
+            .into_inner()
+            .map_err(|e| BuildError::Write(e.into_error()))?;
+        f.flush().map_err(BuildError::Write)?;
+        f.seek(SeekFrom::Start(0)).map_err(BuildError::Write)?;
+        let (blob, c) = convert_layer(f, store.blob_writer()?, &ConvertOptions::default())?;
+        let digest = blob.commit(None)?;
+        Ok::<_, BuildError>((layer_descriptor(digest, &c.summary), c))
+    })();
+    let _ = std::fs::remove_file(&tmp_path);
+    let (layer, c) = result?;
+    let diff_id = c.summary.diff_id.oci();
+    let now = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    config["created"] = serde_json::json!(now);
+    if !opts.author.is_empty() {
+        config["author"] = serde_json::json!(opts.author);
+    }
+    match config["rootfs"]["diff_ids"].as_array_mut() {
+        Some(ids) => ids.push(serde_json::json!(diff_id)),
+        None => {
+            return Err(BuildError::Source(
+                "image config has no rootfs.diff_ids".into(),
+            ))
+        }
+    }
+    let mut entry = serde_json::json!({"created": now, "created_by": opts.created_by});
+    if !opts.message.is_empty() {
+        entry["comment"] = serde_json::json!(opts.message);
+    }
+    if !opts.author.is_empty() {
+        entry["author"] = serde_json::json!(opts.author);
+    }
+    match config["history"].as_array_mut() {
+        Some(h) => h.push(entry),
+        None => config["history"] = serde_json::json!([entry]),
+    }
+    let config_bytes =
+        serde_json::to_vec(&config).map_err(|e| BuildError::Source(e.to_string()))?;
+    let config_digest = store.put_blob(&config_bytes)?;
+    let mut new = manifest.clone();
+    new.config = Descriptor::new(
+        oci::MEDIA_TYPE_CONFIG,
+        config_digest,
+        config_bytes.len() as u64,
+    );
+    new.layers.push(layer);
+    let bytes = serde_json::to_vec(&new).map_err(|e| BuildError::Source(e.to_string()))?;
+    let digest = store.put_blob(&bytes)?;
+    let mut desc = Descriptor::new(oci::MEDIA_TYPE_MANIFEST, digest, bytes.len() as u64);
+    // Layers still in the base's registry stay reachable: the source goes with the name.
+    for (k, v) in base_annotations {
+        if k != oci::ANNOTATION_REF_NAME {
+            desc.annotations.insert(k.clone(), v.clone());
+        }
+    }
+    store.tag(dst, desc.clone())?;
+    Ok(Committed {
+        manifest: desc,
+        diff_id,
+    })
+}
