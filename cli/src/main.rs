@@ -56,6 +56,8 @@ enum Command {
     Kill(commands::container::KillArgs),
     /// Print what a detached container wrote.
     Logs(commands::container::LogsArgs),
+    /// Run another process in a running container.
+    Exec(commands::container::ExecArgs),
     /// Make a container's changes a new layer of a new image.
     Commit(commands::container::CommitArgs),
     /// Show an image's history.
@@ -74,7 +76,7 @@ enum Command {
     /// List images in the local store.
     #[command(alias = "ls")]
     Images(commands::images::ImagesArgs),
-    /// Show an image's manifest, config and layers with TOC statistics.
+    /// Show a container's record, or an image's manifest, config and layers with TOC statistics.
     Inspect(commands::images::InspectArgs),
     /// Check a whole image: blobs, diff IDs, every TOC against its tar stream, every chunk.
     Verify(commands::images::VerifyArgs),
@@ -154,6 +156,7 @@ fn main() {
         Command::Kill(a) => commands::container::kill(&cli.global, a),
         Command::Logs(a) => commands::container::logs(&cli.global, a),
         Command::Commit(a) => commands::container::commit(&cli.global, a),
+        Command::Exec(a) => commands::container::exec(&cli.global, a),
         Command::History(a) => commands::container::history(&cli.global, a),
         Command::ContainerMonitor(a) => commands::container::monitor(&cli.global, a),
         Command::Daemon(a) => commands::daemon::run(&cli.global, a),

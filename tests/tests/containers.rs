@@ -317,6 +317,21 @@ fn run_containers_on_a_lazy_image() {
         "restart did not run",
     );
     assert_eq!(status().0, "running");
+    // exec in the running container: output, user, exit code.
+    assert_eq!(
+        strata_ok(&root, &["exec", "bg", "/bin/echo", "inside"]),
+        "inside\n"
+    );
+    assert_eq!(
+        strata_ok(&root, &["exec", "-u", "app", "bg", "/bin/id", "-u"]),
+        "1000\n"
+    );
+    let o = strata(&root, &["exec", "bg", "/bin/sh", "-c", "exit 4"]);
+    assert_eq!(o.status.code(), Some(4));
+    let info: serde_json::Value =
+        serde_json::from_str(&strata_ok(&root, &["inspect", "bg"])).unwrap();
+    assert_eq!(info["name"], "bg");
+    assert!(info["rootfs"].as_str().unwrap().ends_with("/rootfs"));
     strata_ok(&root, &["kill", "bg"]);
     wait_for(&|| status().0 == "exited", "kill did not end it");
     assert_eq!(status().1, 137);

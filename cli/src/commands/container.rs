@@ -795,3 +795,73 @@ pub fn history(g: &GlobalArgs, a: HistoryArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct ExecArgs {
+    /// Keep standard input open.
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// Give the process a terminal.
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// Environment variable `KEY=VALUE`; repeatable.
+    #[arg(short = 'e', long = "env")]
+    pub env: Vec<String>,
+    /// Working directory.
+    #[arg(short = 'w', long)]
+    pub workdir: Option<String>,
+    /// USER[:GROUP] (names resolved in the container).
+    #[arg(short = 'u', long)]
+    pub user: Option<String>,
+    /// The container.
+    pub container: String,
+    /// Command and arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+    pub command: Vec<String>,
+}
+
+/// `strata exec`: run another process in a running container; exits with its code.
+pub fn exec(g: &GlobalArgs, a: ExecArgs) -> anyhow::Result<()> {
+    let store = open_store(g)?;
+    let containers = Containers::new(&store);
+    let r = containers.find(&a.container)?;
+    if r.status != "running" {
+        bail!("container {} is not running", r.name);
+    }
+    let runtime = find_program(&r.runtime)
+        .with_context(|| format!("OCI runtime {} not found", r.runtime.display()))?;
+    let rootfs = containers.dir(&r.id).rootfs();
+    let mut cmd = Command::new(runtime);
+    cmd.arg("--root").arg(containers.runtime_root()).arg("exec");
+    if a.tty {
+        cmd.arg("--tty");
+    }
+    if let Some(u) = &a.user {
+        let read = |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap_or_default();
+        let user = runtime::resolve_user(u, &read("etc/passwd"), &read("etc/group"))?;
+        cmd.arg("--user").arg(format!("{}:{}", user.uid, user.gid));
+        for g in &user.additional_gids {
+            cmd.arg("--additional-gids").arg(g.to_string());
+        }
+    }
+    if let Some(w) = &a.workdir {
+        cmd.arg("--cwd").arg(w);
+    }
+    for e in &a.env {
+        cmd.arg("--env").arg(e);
+    }
+    cmd.arg(&r.id).args(&a.command);
+    cmd.stdin(if a.interactive || a.tty {
+        std::process::Stdio::inherit()
+    } else {
+        std::process::Stdio::null()
+    });
+    let status = cmd.status().context("running the runtime")?;
+    let code = status.code().unwrap_or_else(|| {
+        128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)
+    });
+    if code != 0 {
+        std::process::exit(code);
+    }
+    Ok(())
+}

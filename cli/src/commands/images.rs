@@ -108,6 +108,18 @@ pub fn images(g: &GlobalArgs, a: ImagesArgs) -> anyhow::Result<()> {
 
 pub fn inspect(g: &GlobalArgs, a: InspectArgs) -> anyhow::Result<()> {
     let store = open_store(g)?;
+    // A container of that name or id first, as `docker inspect` does.
+    let containers = strata_builder::container::Containers::new(&store);
+    if let Ok(c) = containers.find(&a.image) {
+        let dir = containers.dir(&c.id);
+        let mut v = serde_json::to_value(&c)?;
+        v["rootfs"] = serde_json::json!(dir.rootfs());
+        v["upper"] = serde_json::json!(dir.layer().join("upper"));
+        v["bundle"] = serde_json::json!(dir.bundle());
+        v["log"] = serde_json::json!(dir.log());
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
     let client = a.registry.client()?;
     let image =
         open(&store, &a.image, Some(&client)).with_context(|| format!("opening {}", a.image))?;
