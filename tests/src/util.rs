@@ -175,3 +175,14 @@ pub fn convert_one_layer(
         &["convert", &format!("oci:{}:v1", src.display()), name],
     );
 }
+
+/// Converts a one-layer image (`tar`, gzip) in a store of its own under `tmp/local`, pushes it
+/// to the registry at `registry` (`host:port`) as `name`, and returns the remote reference.
+pub fn publish_layer(tmp: &Path, registry: &str, tar: Vec<u8>, name: &str) -> String {
+    let local = tmp.join("local");
+    let src = tmp.join(format!("src-{}", name.replace(['/', ':'], "-")));
+    convert_one_layer(&src, &local, tar, crate::image::Compression::Gzip, name);
+    let remote = format!("{registry}/{name}");
+    strata_ok(&local, &["push", name, &remote]);
+    remote
+}

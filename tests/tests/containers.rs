@@ -7,9 +7,9 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use strata_tests::image::{scratch, Compression, LayerBuilder};
+use strata_tests::image::{scratch, LayerBuilder};
 use strata_tests::registry::TestRegistry;
-use strata_tests::util::{convert_one_layer, strata, strata_bin, strata_ok};
+use strata_tests::util::{publish_layer, strata, strata_bin, strata_ok};
 
 /// A busybox-static image (entrypoint `/usr/bin/sh`, cmd `-c "echo hi"`, from the sample
 /// config), pushed to `reg`.
@@ -47,17 +47,7 @@ fn busybox_image(tmp: &Path, reg: &TestRegistry) -> String {
     ] {
         l.symlink(&format!("bin/{tool}"), "busybox").unwrap();
     }
-    let local = tmp.join("local");
-    convert_one_layer(
-        &tmp.join("src"),
-        &local,
-        l.finish().unwrap(),
-        Compression::Gzip,
-        "c/busybox:v1",
-    );
-    let image = format!("{}/c/busybox:v1", reg.addr);
-    strata_ok(&local, &["push", "c/busybox:v1", &image]);
-    image
+    publish_layer(tmp, &reg.addr, l.finish().unwrap(), "c/busybox:v1")
 }
 
 fn run(root: &Path, args: &[&str]) -> std::process::Output {

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use strata_tests::image::{noise, scratch, Compression, LayerBuilder};
 use strata_tests::proxy::{Fault, FaultProxy};
 use strata_tests::registry::TestRegistry;
-use strata_tests::util::{convert_one_layer, is_mounted, strata, strata_bin, strata_ok, Mounted};
+use strata_tests::util::{
+    convert_one_layer, is_mounted, publish_layer, strata, strata_bin, strata_ok, Mounted,
+};
 
 const MIB: usize = 1 << 20;
 
@@ -75,17 +77,7 @@ fn remote_image(tmp: &Path, reg: &TestRegistry, name: &str, prefix: &str, n: u64
         l.file(&format!("{prefix}{i}"), 0o644, &noise(seed(prefix, i), MIB))
             .unwrap();
     }
-    let local = tmp.join(format!("build-{prefix}"));
-    convert_one_layer(
-        &tmp.join(format!("src-{prefix}")),
-        &local,
-        l.finish().unwrap(),
-        Compression::Gzip,
-        name,
-    );
-    let remote = format!("{}/{name}", reg.addr);
-    strata_ok(&local, &["push", name, &remote]);
-    remote
+    publish_layer(tmp, &reg.addr, l.finish().unwrap(), name)
 }
 
 fn seed(prefix: &str, i: u64) -> u64 {
@@ -401,15 +393,7 @@ fn lookups_answer_while_readers_wait_on_a_stalled_registry() {
         l.file(&format!("d/s{i}"), 0o644, &noise(7000 + i, MIB))
             .unwrap();
     }
-    let local = tmp.join("local");
-    convert_one_layer(
-        &tmp.join("src"),
-        &local,
-        l.finish().unwrap(),
-        Compression::Gzip,
-        "t/s:v1",
-    );
-    strata_ok(&local, &["push", "t/s:v1", &format!("{}/t/s:v1", reg.addr)]);
+    publish_layer(&tmp, &reg.addr, l.finish().unwrap(), "t/s:v1");
     let proxy = FaultProxy::start(&reg.addr).unwrap();
     let root = tmp.join("node");
     let mnt = tmp.join("mnt");

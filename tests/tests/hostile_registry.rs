@@ -7,10 +7,10 @@ use std::fs;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use strata_tests::image::{noise, scratch, Compression, LayerBuilder};
+use strata_tests::image::{noise, scratch, LayerBuilder};
 use strata_tests::proxy::{Fault, FaultProxy};
 use strata_tests::registry::TestRegistry;
-use strata_tests::util::{convert_one_layer, strata_bin, strata_ok, Mounted};
+use strata_tests::util::{publish_layer, strata_bin, strata_ok, Mounted};
 
 const MIB: usize = 1 << 20;
 const EIO: i32 = 5;
@@ -35,16 +35,8 @@ fn hostile_registry_replies_cost_bounded_time_and_memory() {
         l.file(&format!("f{i}"), 0o644, &noise(500 + i, MIB))
             .unwrap();
     }
-    let local = tmp.join("local");
-    convert_one_layer(
-        &tmp.join("src"),
-        &local,
-        l.finish().unwrap(),
-        Compression::Gzip,
-        "h/x:v1",
-    );
     let reg = TestRegistry::start(&tmp.join("registry"), None).unwrap();
-    strata_ok(&local, &["push", "h/x:v1", &format!("{}/h/x:v1", reg.addr)]);
+    publish_layer(&tmp, &reg.addr, l.finish().unwrap(), "h/x:v1");
     let proxy = FaultProxy::start(&reg.addr).unwrap();
     let image = format!("{}/h/x:v1", proxy.addr);
 

@@ -7,9 +7,9 @@
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 
-use strata_tests::image::{noise, scratch, Compression, LayerBuilder};
+use strata_tests::image::{noise, scratch, LayerBuilder};
 use strata_tests::registry::TestRegistry;
-use strata_tests::util::{convert_one_layer, is_mounted, strata_ok};
+use strata_tests::util::{is_mounted, publish_layer, strata_ok};
 
 const MIB: usize = 1 << 20;
 
@@ -31,17 +31,8 @@ fn writable_view_over_a_lazy_mount() {
         .unwrap()
         .dir("var", 0o755)
         .unwrap();
-    let local = tmp.join("local");
-    convert_one_layer(
-        &tmp.join("src"),
-        &local,
-        l.finish().unwrap(),
-        Compression::Gzip,
-        "w/x:v1",
-    );
     let reg = TestRegistry::start(&tmp.join("registry"), None).unwrap();
-    let image = format!("{}/w/x:v1", reg.addr);
-    strata_ok(&local, &["push", "w/x:v1", &image]);
+    let image = publish_layer(&tmp, &reg.addr, l.finish().unwrap(), "w/x:v1");
 
     let root = tmp.join("node");
     let mnt = tmp.join("mnt");

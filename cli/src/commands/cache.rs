@@ -42,18 +42,7 @@ pub fn files_dir(g: &GlobalArgs) -> PathBuf {
 
 /// Takes the daemon lock of `--root` (so no daemon starts while the caches are open here).
 fn hold_daemon_lock(g: &GlobalArgs) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let layout = strata_fs::layout::Layout::new(&g.root);
-    strata_fs::store::create_private_dir(&g.root)
-        .with_context(|| format!("opening store {}", g.root.display()))?;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(layout.daemon_lock())
-        .with_context(|| format!("opening {}", layout.daemon_lock().display()))?;
+    let file = super::daemon::open_lock(g)?;
     match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
         Ok(l) => Ok(l),
         Err((_, e)) => anyhow::bail!(

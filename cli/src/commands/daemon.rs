@@ -110,16 +110,7 @@ pub fn run(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<()> {
     }
     // The lock first: a daemon that is refused must not touch the running one's caches.
     let layout = Layout::new(&g.root);
-    strata_fs::store::create_private_dir(&g.root)
-        .with_context(|| format!("opening store {}", g.root.display()))?;
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(layout.daemon_lock())
-        .with_context(|| format!("opening {}", layout.daemon_lock().display()))?;
+    let lock = open_lock(g)?;
     let _lock = match Flock::lock(lock, FlockArg::LockExclusiveNonblock) {
         Ok(l) => l,
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
@@ -170,6 +161,21 @@ pub fn run(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<()> {
     service.wait_stop(a.exit_when_idle.then_some(IDLE_GRACE));
     let _ = std::fs::remove_file(layout.socket());
     Ok(())
+}
+
+/// Opens (creating the store root and the file if needed) the lock a running daemon holds.
+pub fn open_lock(g: &GlobalArgs) -> anyhow::Result<std::fs::File> {
+    let layout = Layout::new(&g.root);
+    strata_fs::store::create_private_dir(&g.root)
+        .with_context(|| format!("opening store {}", g.root.display()))?;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(layout.daemon_lock())
+        .with_context(|| format!("opening {}", layout.daemon_lock().display()))
 }
 
 /// Asks the daemon to stop and waits until it has exited (its lock is free).
