@@ -4,7 +4,7 @@
 set -euo pipefail
 
 need=()
-for pkg in fuse3 umoci skopeo zstd tar bc attr docker-registry apache2-utils curl openssl runc busybox-static; do
+for pkg in fuse3 umoci skopeo zstd tar bc attr docker-registry apache2-utils curl openssl runc crun podman busybox-static; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -18,3 +18,16 @@ if [ ! -e /dev/fuse ]; then
 fi
 [ -e /dev/fuse ] || { echo "setup: /dev/fuse is missing; strata needs FUSE" >&2; exit 1; }
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust (rustup)" >&2; exit 1; }
+
+# crun refuses a hybrid cgroup layout whose unified (v2) hierarchy still holds controllers
+# ("cgroups in hybrid mode not supported, drop all controllers from cgroupv2"). A systemd host in
+# hybrid mode mounts every v1 controller, which leaves v2 none; some sandboxes leave one (e.g.
+# hugetlb) unmounted. Mount those as v1 hierarchies, as systemd would, so crun runs.
+unified=/sys/fs/cgroup/unified
+if [ -r "$unified/cgroup.controllers" ] && [ "$(id -u)" = 0 ]; then
+  for c in $(cat "$unified/cgroup.controllers"); do
+    mkdir -p "/sys/fs/cgroup/$c" 2>/dev/null &&
+      mount -t cgroup -o "$c" cgroup "/sys/fs/cgroup/$c" 2>/dev/null ||
+      echo "setup: could not mount the $c cgroup v1 hierarchy (crun may refuse to run)" >&2
+  done
+fi

@@ -58,6 +58,40 @@ fn marker_header() -> tar::Header {
     h
 }
 
+/// Whether an upper directory was renamed from elsewhere (`redirect_dir=on`): its contents are
+/// partly the lower directory it came from, which the upper dir does not hold.
+fn is_redirected(up: &Path) -> bool {
+    xattr::get(up, "trusted.overlay.redirect")
+        .ok()
+        .flatten()
+        .is_some()
+}
+
+/// The container-visible extended attributes of `view` as PAX records (`SCHILY.xattr.NAME`),
+/// as Docker and containers/storage write them. overlayfs's own are never shown in the merged
+/// view; `trusted.overlay.*` is dropped anyway, so no layer can carry it.
+fn xattr_records(view: &Path) -> Result<Vec<(String, Vec<u8>)>, BuildError> {
+    let names = match xattr::list(view) {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),
+        Err(e) => return Err(BuildError::io(view, e)),
+    };
+    let mut out = Vec::new();
+    for name in names {
+        let Some(name) = name.to_str().map(str::to_string) else {
+            continue;
+        };
+        if name.starts_with("trusted.overlay.") {
+            continue;
+        }
+        if let Some(value) = xattr::get(view, &name).map_err(|e| BuildError::io(view, e))? {
+            out.push((format!("SCHILY.xattr.{name}"), value));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// Writes the upper directory as an OCI layer tar into `out`.
 fn write_layer_tar(
     upper: &Path,
@@ -68,14 +102,16 @@ fn write_layer_tar(
     let mut b = tar::Builder::new(out);
     b.mode(tar::HeaderMode::Complete);
     let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(dir) = stack.pop() {
-        let up_dir = upper.join(&dir);
-        let mut names: Vec<_> = std::fs::read_dir(&up_dir)
-            .map_err(|e| BuildError::io(&up_dir, e))?
+    // (directory, whether it is listed from the merged view: below a renamed directory every
+    // entry is written, the upper dir holding only what changed since)
+    let mut stack = vec![(PathBuf::new(), false)];
+    while let Some((dir, whole)) = stack.pop() {
+        let list_dir = if whole { merged } else { upper }.join(&dir);
+        let mut names: Vec<_> = std::fs::read_dir(&list_dir)
+            .map_err(|e| BuildError::io(&list_dir, e))?
             .map(|e| e.map(|e| e.file_name()))
             .collect::<Result<_, _>>()
-            .map_err(|e| BuildError::io(&up_dir, e))?;
+            .map_err(|e| BuildError::io(&list_dir, e))?;
         names.sort();
         for name in names {
             let rel = dir.join(&name);
@@ -86,35 +122,46 @@ fn write_layer_tar(
                 continue;
             }
             let up = upper.join(&rel);
-            let md = std::fs::symlink_metadata(&up).map_err(|e| BuildError::io(&up, e))?;
-            if strata_fs::upper::is_whiteout(&md) {
-                let mut h = marker_header();
-                let mut wh = rel_name(&dir);
-                if !wh.is_empty() {
-                    wh.push(b'/');
+            if !whole {
+                let md = std::fs::symlink_metadata(&up).map_err(|e| BuildError::io(&up, e))?;
+                if strata_fs::upper::is_whiteout(&md) {
+                    let mut h = marker_header();
+                    let mut wh = rel_name(&dir);
+                    if !wh.is_empty() {
+                        wh.push(b'/');
+                    }
+                    wh.extend_from_slice(b".wh.");
+                    wh.extend_from_slice(name.as_bytes());
+                    b.append_data(&mut h, Path::new(std::ffi::OsStr::from_bytes(&wh)), &[][..])
+                        .map_err(BuildError::Write)?;
+                    continue;
                 }
-                wh.extend_from_slice(b".wh.");
-                wh.extend_from_slice(name.as_bytes());
-                b.append_data(&mut h, Path::new(std::ffi::OsStr::from_bytes(&wh)), &[][..])
-                    .map_err(BuildError::Write)?;
-                continue;
             }
             // Metadata (and content) as the container sees them.
             let view = merged.join(&rel);
             let vmd = std::fs::symlink_metadata(&view).map_err(|e| BuildError::io(&view, e))?;
+            let ft = vmd.file_type();
+            if ft.is_socket() {
+                continue; // not kept (as Docker)
+            }
+            let xattrs = xattr_records(&view)?;
+            if !xattrs.is_empty() {
+                b.append_pax_extensions(xattrs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+                    .map_err(BuildError::Write)?;
+            }
             let mut h = tar::Header::new_gnu();
             h.set_metadata_in_mode(&vmd, tar::HeaderMode::Complete);
-            let ft = vmd.file_type();
             if ft.is_dir() {
                 h.set_size(0);
                 b.append_data(&mut h, &rel, &[][..])
                     .map_err(BuildError::Write)?;
-                if strata_fs::upper::is_opaque(&up) {
+                let renamed = !whole && is_redirected(&up);
+                if !whole && (renamed || strata_fs::upper::is_opaque(&up)) {
                     let mut o = marker_header();
                     b.append_data(&mut o, rel.join(".wh..wh..opq"), &[][..])
                         .map_err(BuildError::Write)?;
                 }
-                stack.push(rel);
+                stack.push((rel, whole || renamed));
             } else if ft.is_file() {
                 if vmd.nlink() > 1 {
                     if let Some(first) = links.get(&(vmd.dev(), vmd.ino())) {
@@ -133,12 +180,11 @@ fn write_layer_tar(
                 h.set_size(0);
                 b.append_link(&mut h, &rel, &target)
                     .map_err(BuildError::Write)?;
-            } else if ft.is_char_device() || ft.is_block_device() || ft.is_fifo() {
+            } else {
                 h.set_size(0);
                 b.append_data(&mut h, &rel, &[][..])
                     .map_err(BuildError::Write)?;
             }
-            // Sockets are not kept (as Docker).
         }
     }
     b.finish().map_err(BuildError::Write)?;

@@ -10,10 +10,9 @@
 //! (a whiteout), a directory whose lower contents are hidden carries `trusted.overlay.opaque`
 //! (`user.overlay.opaque` when unprivileged), and a metadata-only copy-up (`metacopy=on`) holds
 //! no data. Changes are reported as `docker container diff` and `podman diff` report them:
-//! `A` added, `C` changed, `D` deleted, sorted by path; every directory above a change that
-//! exists in the image is `C` too.
+//! `A` added, `C` changed, `D` deleted, by the same rules (see [`changes`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -47,6 +46,13 @@ pub struct Change {
     pub kind: Kind,
 }
 
+/// Where a renamed upper directory's image contents are (`trusted.overlay.redirect`: a path
+/// from the root, or a name in the same parent), if it was renamed.
+fn redirect(up: &Path) -> Option<PathBuf> {
+    let v = xattr::get(up, "trusted.overlay.redirect").ok().flatten()?;
+    Some(PathBuf::from(std::ffi::OsStr::from_bytes(&v)))
+}
+
 /// Whether an upper-dir entry is an overlayfs whiteout (a 0/0 character device).
 pub fn is_whiteout(md: &std::fs::Metadata) -> bool {
     md.file_type().is_char_device() && md.rdev() == 0
@@ -65,24 +71,25 @@ pub fn is_opaque(path: &Path) -> bool {
 /// The changes in `upper` relative to `lower` (the image's root, e.g. its strata mount),
 /// leaving out the paths in `exclude` and everything under them: a container's mount points,
 /// which the runtime creates in its root (Docker keeps them in an init layer of their own).
+///
+/// The rules are those of `podman diff` / `docker container diff` on an overlay upper dir
+/// (containers/storage's walk), so the two print the same lines for the same commands:
+/// every upper entry is `A` (not in the image) or `C` (in it), except a directory that the
+/// image has with the same mode, size and mtime (copied up only because something below it
+/// changed: not listed itself); a whiteout is `D`; an opaque directory the image has is `D` (the
+/// image's directory was removed) with its new contents `A` (overlayfs also marks new
+/// directories opaque: those are just `A`); every directory above an `A` or a `D`
+/// that is not listed already is `C`. Sorted as the walk visits: by path component.
 pub fn changes(upper: &Path, lower: &Path, exclude: &[PathBuf]) -> std::io::Result<Vec<Change>> {
-    let mut out: BTreeMap<PathBuf, Kind> = BTreeMap::new();
-    walk(upper, lower, Path::new("/"), &mut out)?;
+    let mut walk = Walk {
+        upper,
+        lower,
+        out: BTreeMap::new(),
+        listed_dirs: BTreeSet::new(),
+    };
+    walk.dir(Path::new("/"), None)?;
+    let mut out = walk.out;
     out.retain(|p, _| !exclude.iter().any(|x| p.starts_with(x)));
-    // Every directory above a change that the image has is changed too.
-    let changed: Vec<PathBuf> = out.keys().cloned().collect();
-    for p in changed {
-        let mut parent = p.parent();
-        while let Some(dir) = parent {
-            if dir == Path::new("/") {
-                break;
-            }
-            if !out.contains_key(dir) && exists(&lower.join(rel(dir))) {
-                out.insert(dir.to_path_buf(), Kind::Changed);
-            }
-            parent = dir.parent();
-        }
-    }
     Ok(out
         .into_iter()
         .map(|(path, kind)| Change { path, kind })
@@ -93,86 +100,129 @@ fn rel(p: &Path) -> &Path {
     p.strip_prefix("/").unwrap_or(p)
 }
 
-fn exists(p: &Path) -> bool {
-    std::fs::symlink_metadata(p).is_ok()
+struct Walk<'a> {
+    upper: &'a Path,
+    lower: &'a Path,
+    out: BTreeMap<PathBuf, Kind>,
+    /// Directories visited and listed (or listed as a parent): no parent `C` line for them.
+    listed_dirs: BTreeSet<PathBuf>,
 }
 
-fn walk(
-    upper: &Path,
-    lower: &Path,
-    at: &Path,
-    out: &mut BTreeMap<PathBuf, Kind>,
-) -> std::io::Result<()> {
-    let dir = upper.join(rel(at));
-    let mut names: Vec<OsString> = std::fs::read_dir(&dir)?
-        .map(|e| e.map(|e| e.file_name()))
-        .collect::<Result<_, _>>()?;
-    names.sort();
-    for name in names {
-        let path = at.join(&name);
-        let up = upper.join(rel(&path));
-        let md = std::fs::symlink_metadata(&up)?;
-        let low = lower.join(rel(&path));
-        let low_md = std::fs::symlink_metadata(&low).ok();
-        if is_whiteout(&md) {
-            out.insert(path, Kind::Deleted);
-            continue;
-        }
-        if md.is_dir() {
-            let opaque = is_opaque(&up);
-            match &low_md {
-                Some(l) if l.is_dir() => {
-                    if opaque {
-                        out.insert(path.clone(), Kind::Changed);
-                        deleted_under(&up, &low, &path, out)?;
-                    } else if meta_differs(&md, l) {
-                        out.insert(path.clone(), Kind::Changed);
+impl Walk<'_> {
+    /// Walks the upper directory `at`; `from` is the image directory it merges when that is
+    /// elsewhere (a renamed directory, `redirect_dir=on`): its entries the upper dir lacks are
+    /// listed as added, as a copy would be.
+    fn dir(&mut self, at: &Path, from: Option<&Path>) -> std::io::Result<()> {
+        let dir = self.upper.join(rel(at));
+        let mut names: Vec<OsString> = std::fs::read_dir(&dir)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()?;
+        if let Some(from) = from {
+            if let Ok(entries) = std::fs::read_dir(self.lower.join(rel(from))) {
+                for e in entries.flatten() {
+                    if !names.contains(&e.file_name()) {
+                        names.push(e.file_name());
                     }
                 }
-                // A directory replacing a file, or a new one.
-                Some(_) => {
-                    out.insert(path.clone(), Kind::Changed);
+            }
+        }
+        names.sort();
+        for name in names {
+            let path = at.join(&name);
+            let up = self.upper.join(rel(&path));
+            let Ok(md) = std::fs::symlink_metadata(&up) else {
+                // Only in the renamed directory's source: added here, with all below it.
+                if let Some(from) = from {
+                    self.all_added(&path, &self.lower.join(rel(from)).join(&name));
                 }
-                None => {
-                    out.insert(path.clone(), Kind::Added);
+                continue;
+            };
+            if from.is_some() && is_whiteout(&md) {
+                continue; // removed from a renamed directory: it was never here
+            }
+            if let Some(kind) = self.classify(&path, &up, &md) {
+                if md.is_dir() {
+                    self.listed_dirs.insert(path.clone());
+                }
+                if kind != Kind::Changed {
+                    self.parents_changed(&path);
+                }
+                self.out.insert(path.clone(), kind);
+            }
+            if md.is_dir() {
+                let source = match redirect(&up) {
+                    Some(r) if r.starts_with("/") => Some(r),
+                    Some(r) => Some(at.join(r)),
+                    None if is_opaque(&up) => None,
+                    None => from.map(|f| f.join(&name)),
+                };
+                self.dir(&path, source.as_deref())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `path` and everything below it (the image's entries at `source`) as added.
+    fn all_added(&mut self, path: &Path, source: &Path) {
+        self.parents_changed(path);
+        self.out.insert(path.to_path_buf(), Kind::Added);
+        let Ok(md) = std::fs::symlink_metadata(source) else {
+            return;
+        };
+        if md.is_dir() {
+            self.listed_dirs.insert(path.to_path_buf());
+            if let Ok(entries) = std::fs::read_dir(source) {
+                for e in entries.flatten() {
+                    self.all_added(&path.join(e.file_name()), &e.path());
                 }
             }
-            walk(upper, lower, &path, out)?;
-            continue;
         }
-        let kind = if low_md.is_some() {
-            Kind::Changed
-        } else {
-            Kind::Added
+    }
+
+    /// What an upper entry says happened at `path`; `None` for a directory the image has
+    /// unchanged.
+    fn classify(&self, path: &Path, up: &Path, md: &std::fs::Metadata) -> Option<Kind> {
+        if is_whiteout(md) {
+            return Some(Kind::Deleted);
+        }
+        let Ok(low) = std::fs::symlink_metadata(self.lower.join(rel(path))) else {
+            return Some(Kind::Added);
         };
-        out.insert(path, kind);
+        if md.is_dir() && is_opaque(up) {
+            return Some(Kind::Deleted); // the image's was removed, this one made anew
+        }
+        let same_dir = md.is_dir()
+            && low.is_dir()
+            && md.mode() == low.mode()
+            && md.size() == low.size()
+            && same_time(
+                (md.mtime(), md.mtime_nsec()),
+                (low.mtime(), low.mtime_nsec()),
+            );
+        (!same_dir).then_some(Kind::Changed)
     }
-    Ok(())
-}
 
-/// An opaque directory hides everything the image had under it that the upper dir lacks.
-fn deleted_under(
-    up: &Path,
-    low: &Path,
-    at: &Path,
-    out: &mut BTreeMap<PathBuf, Kind>,
-) -> std::io::Result<()> {
-    let Ok(entries) = std::fs::read_dir(low) else {
-        return Ok(());
-    };
-    for e in entries {
-        let e = e?;
-        let name = e.file_name();
-        if !exists(&up.join(&name)) {
-            out.insert(at.join(&name), Kind::Deleted);
+    fn parents_changed(&mut self, path: &Path) {
+        let mut parent = path.parent();
+        while let Some(dir) = parent.filter(|d| *d != Path::new("/")) {
+            if self.listed_dirs.insert(dir.to_path_buf()) {
+                self.out.entry(dir.to_path_buf()).or_insert(Kind::Changed);
+            }
+            parent = dir.parent();
         }
     }
-    Ok(())
 }
 
-fn meta_differs(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
-    // Directories: mode and owner only (their mtime says little; Docker does the same).
-    a.mode() != b.mode() || a.uid() != b.uid() || a.gid() != b.gid()
+/// Modification times equal, allowing for a writer that dropped the nanoseconds (tar headers
+/// carry whole seconds) and rounded either way, as containers/storage compares them.
+fn same_time(a: (i64, i64), b: (i64, i64)) -> bool {
+    if a == b {
+        return true;
+    }
+    if a.1 != 0 && b.1 != 0 {
+        return false;
+    }
+    a.0 == b.0 || (b.1 == 0 && a.0 == b.0 - 1) || (a.1 == 0 && a.0 - 1 == b.0)
 }
 
 /// The directories of a writable layer: `DIR/upper` and `DIR/work`.
@@ -284,11 +334,27 @@ mod tests {
         fs::create_dir_all(upper.join("opq")).unwrap();
         xattr::set(upper.join("opq"), "trusted.overlay.opaque", b"y").unwrap();
         fs::write(upper.join("opq/b"), b"b").unwrap();
+        // echo k >> /keep/k: /keep is copied up with its mode, size and mtime (not listed).
+        fs::create_dir_all(upper.join("keep")).unwrap();
+        fs::write(upper.join("keep/k"), b"lowerk").unwrap();
+        let lower_keep = fs::metadata(lower.join("keep")).unwrap();
+        let mtime = nix::sys::time::TimeSpec::new(lower_keep.mtime(), lower_keep.mtime_nsec());
+        nix::sys::stat::utimensat(
+            None,
+            &upper.join("keep"),
+            &mtime,
+            &mtime,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+        .unwrap();
         let got = render(&changes(&upper, &lower, &[]).unwrap());
         assert_eq!(
             got,
-            "C /etc\nC /etc/group\nD /etc/motd\nA /new.txt\nC /opq\nD /opq/a\nA /opq/b\n\
-             D /opq/x\nC /var\nA /var/lib\nA /var/lib/x\n"
+            "C /etc\nC /etc/group\nD /etc/motd\nC /keep/k\nA /new.txt\nD /opq\nA /opq/b\n\
+             C /var\nA /var/lib\nA /var/lib/x\n"
         );
+        // Leaving out a mount point drops it and what is under it, not its parent's line.
+        let got = render(&changes(&upper, &lower, &[PathBuf::from("/var/lib")]).unwrap());
+        assert!(got.ends_with("A /opq/b\nC /var\n"), "{got}");
     }
 }

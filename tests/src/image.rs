@@ -243,6 +243,16 @@ pub struct Layer {
 
 /// Writes an OCI image layout at `dir` holding one image tagged `tag`; returns the config JSON.
 pub fn write_oci_layout(dir: &Path, tag: &str, layers: &[Layer]) -> Result<serde_json::Value> {
+    write_oci_layout_with(dir, tag, layers, &|_| {})
+}
+
+/// [`write_oci_layout`] with the sample config changed by `edit` first.
+pub fn write_oci_layout_with(
+    dir: &Path,
+    tag: &str,
+    layers: &[Layer],
+    edit: &dyn Fn(&mut serde_json::Value),
+) -> Result<serde_json::Value> {
     let blobs = dir.join("blobs/sha256");
     fs::create_dir_all(&blobs)?;
     let put = |data: &[u8]| -> Result<String> {
@@ -265,7 +275,8 @@ pub fn write_oci_layout(dir: &Path, tag: &str, layers: &[Layer]) -> Result<serde
     }
     history
         .push(json!({"created": "2024-01-01T00:00:00Z", "created_by": "CMD", "empty_layer": true}));
-    let config = sample_config(diff_ids, history);
+    let mut config = sample_config(diff_ids, history);
+    edit(&mut config);
     let config_bytes = serde_json::to_vec(&config)?;
     let cd = put(&config_bytes)?;
     let manifest = json!({

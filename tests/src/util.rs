@@ -186,3 +186,71 @@ pub fn publish_layer(tmp: &Path, registry: &str, tar: Vec<u8>, name: &str) -> St
     strata_ok(&local, &["push", name, &remote]);
     remote
 }
+
+/// A busybox-static image pushed to the registry at `registry` as `c/busybox:v1` (a small base
+/// the container tests build themselves): busybox and its applets in /bin, `/usr/bin/sh`,
+/// users root and app (1000), /etc/motd, /var, /tmp, and /opt with directories to remove and
+/// rename. Entrypoint `/usr/bin/sh`, cmd `-c "echo hi"` (the sample config).
+pub fn busybox_image(tmp: &Path, registry: &str) -> String {
+    busybox_image_with(tmp, registry, "c/busybox:v1", &|_| {})
+}
+
+/// [`busybox_image`] as `name`, its config changed by `edit`.
+pub fn busybox_image_with(
+    tmp: &Path,
+    registry: &str,
+    name: &str,
+    edit: &dyn Fn(&mut serde_json::Value),
+) -> String {
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static is installed (setup.sh)");
+    let mut l = crate::image::LayerBuilder::new();
+    let r: Result<()> = (|| {
+        l.dir(".", 0o755)?
+            .dir("bin", 0o755)?
+            .file("bin/busybox", 0o755, &busybox)?
+            .dir("usr", 0o755)?
+            .dir("usr/bin", 0o755)?
+            .symlink("usr/bin/sh", "/bin/busybox")?
+            .dir("etc", 0o755)?
+            .file(
+                "etc/passwd",
+                0o644,
+                b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+            )?
+            .file("etc/group", 0o644, b"root:x:0:\napp:x:1000:\n")?
+            .file("etc/motd", 0o644, b"welcome\n")?
+            .dir("var", 0o755)?
+            .dir("tmp", 0o1777)?
+            .dir("root", 0o700)?
+            .dir("opt", 0o755)?
+            .dir("opt/d", 0o755)?
+            .file("opt/d/f1", 0o644, b"one\n")?
+            .file("opt/d/f2", 0o644, b"two\n")?
+            .dir("opt/keep", 0o755)?
+            .file("opt/keep/k1", 0o644, b"k1\n")?
+            .dir("opt/keep/sub", 0o750)?
+            .file("opt/keep/sub/k2", 0o600, b"k2\n")?;
+        for tool in [
+            "sh", "echo", "cat", "id", "hostname", "pwd", "env", "ls", "true", "rm", "mkdir",
+            "touch", "ln", "chmod", "chown", "mv", "tty", "sleep", "sync", "dd", "stat", "find",
+        ] {
+            l.symlink(&format!("bin/{tool}"), "busybox")?;
+        }
+        Ok(())
+    })();
+    r.expect("building the busybox layer");
+    let local = tmp.join("local");
+    let src = tmp.join(format!("src-{}", name.replace(['/', ':'], "-")));
+    let layer = crate::image::Layer {
+        tar: l.finish().expect("busybox layer"),
+        compression: crate::image::Compression::Gzip,
+    };
+    crate::image::write_oci_layout_with(&src, "v1", &[layer], edit).expect("the OCI layout");
+    strata_ok(
+        &local,
+        &["convert", &format!("oci:{}:v1", src.display()), name],
+    );
+    let remote = format!("{registry}/{name}");
+    strata_ok(&local, &["push", name, &remote]);
+    remote
+}

@@ -67,6 +67,9 @@ pub struct RunArgs {
     /// OCI runtime to run the container with.
     #[arg(long, default_value = "runc")]
     pub runtime: PathBuf,
+    /// Fetch only what the container reads (no background fetch of the image's layers).
+    #[arg(long)]
+    pub no_prefetch: bool,
     #[command(flatten)]
     pub registry: super::registry::RegistryArgs,
     #[command(flatten)]
@@ -143,6 +146,7 @@ pub fn run(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<()> {
         let mut req = MountRequest::new(a.image.clone(), rootfs.clone());
         req.upper = Some(dir.layer());
         req.setuid = true;
+        req.prefetch = !a.no_prefetch;
         req.registry = a.registry.options();
         let info = daemon::call(g, &a.daemon, &Request::Mount(Box::new(req)))
             .with_context(|| format!("mounting {}", a.image))?;
@@ -252,20 +256,21 @@ fn run_attached(
     record.status = "running".into();
     record.exit_code = None;
     containers.save(record)?;
-    let status = Command::new(&runtime)
-        .arg("--root")
-        .arg(containers.runtime_root())
-        .arg("run")
-        .arg("--bundle")
-        .arg(dir.bundle())
-        .arg(&record.id)
-        .stdin(if stdin {
-            std::process::Stdio::inherit()
-        } else {
-            std::process::Stdio::null()
-        })
-        .status()
-        .with_context(|| format!("starting {}", runtime.display()));
+    let status = status_forwarding_signals(
+        Command::new(&runtime)
+            .arg("--root")
+            .arg(containers.runtime_root())
+            .arg("run")
+            .arg("--bundle")
+            .arg(dir.bundle())
+            .arg(&record.id)
+            .stdin(if stdin {
+                std::process::Stdio::inherit()
+            } else {
+                std::process::Stdio::null()
+            }),
+    )
+    .with_context(|| format!("starting {}", runtime.display()));
     let code = match &status {
         Ok(s) => s
             .code()
@@ -294,6 +299,44 @@ fn run_attached(
     }
     status?;
     Ok(code)
+}
+
+/// The signals `strata run`/`exec` pass on to the container, as `docker run` does.
+const FORWARDED: [i32; 6] = [
+    signal_hook::consts::SIGINT,
+    signal_hook::consts::SIGTERM,
+    signal_hook::consts::SIGHUP,
+    signal_hook::consts::SIGQUIT,
+    signal_hook::consts::SIGUSR1,
+    signal_hook::consts::SIGUSR2,
+];
+
+/// Runs the runtime (`runc run`/`exec` in the foreground) to its end, passing on the signals
+/// this process is sent: the runtime forwards them to the container's process. A signal from
+/// the terminal (Ctrl-C, without `-t`) already reaches the runtime, which shares our process
+/// group, and is not sent twice. Meanwhile those signals do not end this process, so a
+/// container that survives them keeps its record and `--rm` still cleans up.
+fn status_forwarding_signals(cmd: &mut Command) -> std::io::Result<std::process::ExitStatus> {
+    use signal_hook::iterator::exfiltrator::WithOrigin;
+    use signal_hook::low_level::siginfo::Cause;
+    let mut signals = signal_hook::iterator::SignalsInfo::<WithOrigin>::new(FORWARDED)?;
+    let mut child = cmd.spawn()?;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+    let handle = signals.handle();
+    let proxy = std::thread::spawn(move || {
+        for origin in signals.forever() {
+            if matches!(origin.cause, Cause::Kernel) {
+                continue;
+            }
+            if let Ok(sig) = nix::sys::signal::Signal::try_from(origin.signal) {
+                let _ = nix::sys::signal::kill(pid, sig);
+            }
+        }
+    });
+    let status = child.wait();
+    handle.close();
+    let _ = proxy.join();
+    status
 }
 
 /// Starts a container in the background: a `strata container-monitor` process runs it with
@@ -545,11 +588,12 @@ pub fn ps(g: &GlobalArgs, a: PsArgs) -> anyhow::Result<()> {
     for r in list {
         let status = match (r.status.as_str(), r.exit_code) {
             ("exited", Some(c)) => format!("Exited ({c})"),
+            ("running", _) => "Up".to_string(),
             (s, _) => s.to_string(),
         };
         let mut cmd = r.command.join(" ");
-        if cmd.len() > 28 {
-            cmd.truncate(27);
+        if cmd.chars().count() > 28 {
+            cmd = cmd.chars().take(27).collect();
             cmd.push('…');
         }
         println!(
@@ -557,7 +601,7 @@ pub fn ps(g: &GlobalArgs, a: PsArgs) -> anyhow::Result<()> {
             &r.id[..12],
             r.image,
             format!("\"{cmd}\""),
-            r.created,
+            ago(&r.created),
             status,
             r.name
         );
@@ -716,12 +760,29 @@ fn ago(created: &str) -> String {
     else {
         return created.to_string();
     };
-    let s = (time::OffsetDateTime::now_utc() - t).whole_seconds().max(0);
+    format!(
+        "{} ago",
+        human_duration(time::OffsetDateTime::now_utc() - t)
+    )
+}
+
+/// A duration as Docker prints one (go-units' `HumanDuration`): "Less than a second",
+/// "About a minute", "3 hours", "2 weeks", "5 years".
+fn human_duration(d: time::Duration) -> String {
+    let s = d.whole_seconds().max(0);
+    let (minutes, hours) = (s / 60, (s as f64 / 3600.0).round() as i64);
     match s {
-        0..=59 => format!("{s} seconds ago"),
-        60..=3599 => format!("{} minutes ago", s / 60),
-        3600..=86_399 => format!("{} hours ago", s / 3600),
-        _ => format!("{} days ago", s / 86_400),
+        0 => "Less than a second".into(),
+        1 => "1 second".into(),
+        2..=59 => format!("{s} seconds"),
+        _ if minutes == 1 => "About a minute".into(),
+        _ if minutes < 60 => format!("{minutes} minutes"),
+        _ if hours == 1 => "About an hour".into(),
+        _ if hours < 48 => format!("{hours} hours"),
+        _ if hours < 24 * 7 * 2 => format!("{} days", hours / 24),
+        _ if hours < 24 * 30 * 2 => format!("{} weeks", hours / 24 / 7),
+        _ if hours < 24 * 365 * 2 => format!("{} months", hours / 24 / 30),
+        _ => format!("{} years", hours / 24 / 365),
     }
 }
 
@@ -856,7 +917,7 @@ pub fn exec(g: &GlobalArgs, a: ExecArgs) -> anyhow::Result<()> {
     } else {
         std::process::Stdio::null()
     });
-    let status = cmd.status().context("running the runtime")?;
+    let status = status_forwarding_signals(&mut cmd).context("running the runtime")?;
     let code = status.code().unwrap_or_else(|| {
         128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)
     });
