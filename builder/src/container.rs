@@ -34,6 +34,38 @@ pub struct ContainerRecord {
     /// The OCI runtime it runs with.
     #[serde(default = "default_runtime")]
     pub runtime: PathBuf,
+    /// The strata process running it (foreground `run`, or the detached container's monitor)
+    /// while it runs: if that process is killed, nobody records the exit, and the runtime is
+    /// asked instead.
+    #[serde(default)]
+    pub owner: Option<Owner>,
+}
+
+/// A process, told apart from a later one with the same pid by its start time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub pid: u32,
+    pub start: u64,
+}
+
+impl Owner {
+    /// The process `pid`, if it runs.
+    pub fn of(pid: u32) -> Option<Owner> {
+        // Field 22 of /proc/PID/stat, counted after the parenthesised command name.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let after = &stat[stat.rfind(')')? + 1..];
+        let start = after.split_whitespace().nth(19)?.parse().ok()?;
+        Some(Owner { pid, start })
+    }
+
+    /// This process.
+    pub fn current() -> Option<Owner> {
+        Owner::of(std::process::id())
+    }
+
+    pub fn alive(&self) -> bool {
+        Owner::of(self.pid) == Some(*self)
+    }
 }
 
 fn default_runtime() -> PathBuf {
@@ -141,9 +173,39 @@ impl Containers {
             .flatten()
             .filter_map(|e| std::fs::read(e.path().join("container.json")).ok())
             .filter_map(|b| serde_json::from_slice(&b).ok())
+            .map(|r| self.refresh(r))
             .collect();
         out.sort_by(|a, b| b.created.cmp(&a.created));
         out
+    }
+
+    /// What the runtime says of the container (`creating`, `created`, `running`, `paused`,
+    /// `stopped`), or `None` when it knows none.
+    pub fn runtime_state(&self, r: &ContainerRecord) -> Option<String> {
+        std::process::Command::new(&r.runtime)
+            .arg("--root")
+            .arg(self.runtime_root())
+            .args(["state", &r.id])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+            .and_then(|v| v["status"].as_str().map(str::to_string))
+    }
+
+    /// A record that says running while the strata process running it is gone (killed):
+    /// exited unless the runtime still runs it.
+    fn refresh(&self, mut r: ContainerRecord) -> ContainerRecord {
+        if r.status != "running" || r.owner.is_none_or(|o| o.alive()) {
+            return r;
+        }
+        let state = self.runtime_state(&r);
+        if !matches!(state.as_deref(), Some("running" | "created" | "paused")) {
+            r.status = "exited".into();
+            r.owner = None;
+            let _ = self.save(&r);
+        }
+        r
     }
 
     /// The container named `key`: a name, a full id or a unique id prefix.

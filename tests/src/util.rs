@@ -229,7 +229,8 @@ pub fn busybox_image_with(
             .dir("opt/keep", 0o755)?
             .file("opt/keep/k1", 0o644, b"k1\n")?
             .dir("opt/keep/sub", 0o750)?
-            .file("opt/keep/sub/k2", 0o600, b"k2\n")?;
+            .file("opt/keep/sub/k2", 0o600, b"k2\n")?
+            .file("opt/data.bin", 0o644, &crate::image::noise(7, 4 << 20))?;
         for tool in [
             "sh", "echo", "cat", "id", "hostname", "pwd", "env", "ls", "true", "rm", "mkdir",
             "touch", "ln", "chmod", "chown", "mv", "tty", "sleep", "sync", "dd", "stat", "find",

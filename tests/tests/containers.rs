@@ -4,7 +4,7 @@
 //! input refused before anything is created.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use strata_tests::image::scratch;
@@ -304,5 +304,177 @@ fn run_containers_on_a_lazy_image() {
 
     let out = strata(&root, &["daemon", "--stop"]);
     assert!(out.status.success());
+    fs::remove_dir_all(&tmp).ok();
+}
+
+fn pids_of(pattern: &str) -> Vec<i32> {
+    let o = Command::new("pgrep")
+        .args(["-f", "--", pattern])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+fn mounts_under(root: &Path) -> Vec<String> {
+    fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&*root.to_string_lossy()))
+        .map(str::to_string)
+        .collect()
+}
+
+/// chmod -R / chown -R over a lazily mounted image fetch no file data; SIGKILL of every strata
+/// process while a container writes loses no fsynced file and leaves no stray mount; crun runs
+/// containers too.
+#[test]
+fn containers_survive_faults_and_metadata_changes_fetch_nothing() {
+    let tmp = scratch("containers-faults").unwrap();
+    let reg = TestRegistry::start(&tmp.join("registry"), None).unwrap();
+    let image = busybox_image(&tmp, &reg.addr);
+    let root = tmp.join("node");
+    let wait_for = |what: &dyn Fn() -> bool, why: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !what() {
+            assert!(std::time::Instant::now() < deadline, "{why}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+
+    // chmod -R / chown -R in a container: metadata only, nothing fetched.
+    stdout(&run(
+        &root,
+        &[
+            "-d",
+            "--no-prefetch",
+            "--name",
+            "meta",
+            &image,
+            "-c",
+            "sleep 300",
+        ],
+    ));
+    let info: serde_json::Value =
+        serde_json::from_str(&strata_ok(&root, &["inspect", "meta"])).unwrap();
+    let rootfs = info["rootfs"].as_str().unwrap().to_string();
+    let fetched = || -> u64 {
+        let v: serde_json::Value =
+            serde_json::from_str(&strata_ok(&root, &["stats", "--json", &rootfs])).unwrap();
+        v["fetch"]["source_bytes"].as_u64().unwrap()
+    };
+    wait_for(
+        &|| strata_ok(&root, &["ps", "--json"]).contains("meta"),
+        "not running",
+    );
+    // busybox itself is read in full first: its chmod and chown code is fetched then.
+    strata_ok(
+        &root,
+        &["exec", "meta", "sh", "-c", "cat /bin/busybox > /dev/null"],
+    );
+    let before = fetched();
+    strata_ok(
+        &root,
+        &[
+            "exec", "meta", "chmod", "-R", "g+w", "/bin", "/etc", "/opt", "/usr",
+        ],
+    );
+    strata_ok(
+        &root,
+        &[
+            "exec",
+            "meta",
+            "chown",
+            "-R",
+            "1000:1000",
+            "/opt",
+            "/bin",
+            "/usr",
+        ],
+    );
+    assert_eq!(fetched(), before, "chmod -R / chown -R fetched file data");
+    assert_eq!(
+        strata_ok(
+            &root,
+            &["exec", "meta", "stat", "-c", "%a %u", "/opt/data.bin"]
+        ),
+        "664 1000\n"
+    );
+    // Reading the data does fetch (the counter is live).
+    strata_ok(&root, &["exec", "meta", "cat", "/opt/data.bin"]);
+    assert!(fetched() >= before + (1 << 20), "reading fetched nothing");
+    strata_ok(&root, &["rm", "-f", "meta"]);
+
+    // crun runs the same containers.
+    assert_eq!(
+        stdout(&run(
+            &root,
+            &["--rm", "--runtime", "crun", &image, "-c", "echo via crun"]
+        )),
+        "via crun\n"
+    );
+
+    // A container writing and fsyncing files; then SIGKILL of every strata process.
+    let script = "i=0; while true; do echo payload-$i > /tmp/f$i && sync && echo $i >> /tmp/done \
+                  && sync; i=$((i+1)); done";
+    stdout(&run(&root, &["-d", "--name", "w", &image, "-c", script]));
+    let info: serde_json::Value =
+        serde_json::from_str(&strata_ok(&root, &["inspect", "w"])).unwrap();
+    let upper = PathBuf::from(info["upper"].as_str().unwrap());
+    wait_for(
+        &|| {
+            fs::read_to_string(upper.join("tmp/done"))
+                .map(|s| s.lines().count() > 50)
+                .unwrap_or(false)
+        },
+        "the container wrote nothing",
+    );
+    let root_s = root.to_string_lossy().to_string();
+    let strata_pids = pids_of(&format!("--root {root_s} "));
+    assert!(
+        strata_pids.len() >= 2,
+        "daemon and monitor: {strata_pids:?}"
+    );
+    for pid in &strata_pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The node comes back: stop the orphaned container, start it again on restored mounts.
+    strata_ok(&root, &["stop", "-t", "1", "w"]);
+    let done = fs::read_to_string(upper.join("tmp/done")).unwrap();
+    let done: Vec<&str> = done.lines().filter(|l| !l.is_empty()).collect();
+    let check = |label: &str| {
+        for i in &done[..done.len() - 1] {
+            let f = fs::read_to_string(upper.join(format!("tmp/f{i}"))).unwrap();
+            assert_eq!(f, format!("payload-{i}\n"), "{label}: f{i}");
+        }
+    };
+    check("after SIGKILL");
+    strata_ok(&root, &["start", "w"]);
+    wait_for(
+        &|| {
+            fs::read_to_string(upper.join("tmp/done"))
+                .map(|s| s.lines().filter(|l| *l == "0").count() == 2)
+                .unwrap_or(false)
+        },
+        "the restarted container did not run",
+    );
+    let o = strata(&root, &["exec", "w", "cat", &format!("/tmp/f{}", done[0])]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // rm -f: nothing left behind, the store intact.
+    strata_ok(&root, &["rm", "-f", "w"]);
+    assert!(!root
+        .join("containers")
+        .join(info["id"].as_str().unwrap())
+        .exists());
+    strata_ok(&root, &["verify", &image]);
+    strata_ok(&root, &["daemon", "--stop"]);
+    let left = mounts_under(&root);
+    assert!(left.is_empty(), "stray mounts: {left:?}");
     fs::remove_dir_all(&tmp).ok();
 }

@@ -321,7 +321,7 @@ fn interactive_walkthrough_matches_podman() {
     // Whiteouts, the opaque directory and the renamed one survive the commit.
     assert_eq!(
         run(&["--rm", "my-base", "ls", "/etc", "/opt", "/opt/d", "/opt/moved/sub"]),
-        "/etc:\ngroup\nhostname\nhosts\npasswd\npw2\nresolv.conf\n\n/opt:\nd\nmoved\n\n/opt/d:\nn\n\n/opt/moved/sub:\nk2\nk3\n"
+        "/etc:\ngroup\nhostname\nhosts\npasswd\npw2\nresolv.conf\n\n/opt:\nd\ndata.bin\nmoved\n\n/opt/d:\nn\n\n/opt/moved/sub:\nk2\nk3\n"
     );
 
     // Pushed, then mounted lazily on a fresh store: the container's tree.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context};
-use strata_builder::container::{default_name, hosts_file, ContainerRecord, Containers};
+use strata_builder::container::{default_name, hosts_file, ContainerRecord, Containers, Owner};
 use strata_builder::runtime::{self, ImageProcess, SpecOptions, Volume};
 use strata_fs::service::protocol::Request;
 use strata_fs::service::MountRequest;
@@ -213,6 +213,7 @@ pub fn run(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<()> {
             auto_remove: a.rm,
             mount_points,
             runtime: runtime.clone(),
+            owner: None,
         };
         containers.save(&record)?;
         Ok((record, bundle))
@@ -255,6 +256,7 @@ fn run_attached(
         .output();
     record.status = "running".into();
     record.exit_code = None;
+    record.owner = Owner::current();
     containers.save(record)?;
     let status = status_forwarding_signals(
         Command::new(&runtime)
@@ -279,6 +281,7 @@ fn run_attached(
     };
     record.status = "exited".into();
     record.exit_code = Some(code);
+    record.owner = None;
     if record.auto_remove {
         let _ = Command::new(&runtime)
             .arg("--root")
@@ -358,7 +361,7 @@ fn spawn_monitor(
         .with_context(|| format!("opening {}", log.display()))?;
     let err = out.try_clone()?;
     let exe = std::env::current_exe().context("locating the strata binary")?;
-    Command::new(exe)
+    let mut monitor = Command::new(exe)
         .arg("--root")
         .arg(&g.root)
         .arg("--log-level")
@@ -371,7 +374,34 @@ fn spawn_monitor(
         .process_group(0)
         .spawn()
         .context("starting the container monitor")?;
-    Ok(())
+    // Return once the container runs (as `docker run -d`) under the monitor (its record names
+    // it, so the container never looks orphaned), or has ended already.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let started = match std::fs::read(containers.dir(&record.id).record()) {
+            Ok(b) => serde_json::from_slice::<ContainerRecord>(&b).is_ok_and(|r| {
+                r.status != "running"
+                    || (r.owner.map(|o| o.pid) == Some(monitor.id())
+                        && containers
+                            .runtime_state(&r)
+                            .is_some_and(|s| s != "creating"))
+            }),
+            Err(_) => true, // ended and removed itself (--rm)
+        };
+        if started {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = monitor.try_wait() {
+            bail!(
+                "the container monitor ended at once ({status}): see {}",
+                log.display()
+            );
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("the container monitor did not start the container");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 #[derive(clap::Args)]
@@ -394,6 +424,8 @@ pub struct StartArgs {
     /// Attach: run in the foreground and exit with the container's code.
     #[arg(short = 'a', long)]
     pub attach: bool,
+    #[command(flatten)]
+    pub daemon: DaemonSettings,
     /// The container.
     pub container: String,
 }
@@ -406,6 +438,8 @@ pub fn start(g: &GlobalArgs, a: StartArgs) -> anyhow::Result<()> {
     if record.status == "running" {
         bail!("container {} is already running", record.name);
     }
+    // A killed daemon is started again and takes its mounts back (the container's root too).
+    daemon::call(g, &a.daemon, &Request::Ping).context("starting the strata daemon")?;
     if !strata_fs::service::is_mount_point(&containers.dir(&record.id).rootfs()) {
         bail!(
             "the root of container {} is no longer mounted (was the daemon stopped with --forget?)",
@@ -420,6 +454,7 @@ pub fn start(g: &GlobalArgs, a: StartArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     record.status = "running".into();
+    record.owner = Owner::current();
     containers.save(&record)?;
     spawn_monitor(g, &record, &containers)?;
     println!("{}", record.name);
@@ -617,6 +652,8 @@ pub struct RmArgs {
     /// OCI runtime the containers run with.
     #[arg(long, default_value = "runc")]
     pub runtime: PathBuf,
+    #[command(flatten)]
+    pub daemon: DaemonSettings,
     /// Containers (names, ids or unique id prefixes).
     #[arg(required = true)]
     pub containers: Vec<String>,
@@ -642,13 +679,22 @@ pub fn rm(g: &GlobalArgs, a: RmArgs) -> anyhow::Result<()> {
             }
             let rootfs = containers.dir(&r.id).rootfs();
             if strata_fs::service::is_mount_point(&rootfs) {
-                daemon::call_running(
-                    g,
-                    &Request::Unmount {
-                        mountpoint: rootfs,
-                        lazy: true,
-                    },
-                )?;
+                // Through the daemon (started if it was killed: it takes its mounts back).
+                let req = Request::Unmount {
+                    mountpoint: rootfs.clone(),
+                    lazy: true,
+                };
+                if let Err(e) = daemon::call(g, &a.daemon, &req) {
+                    tracing::warn!("unmounting {}: {e:#}", rootfs.display());
+                }
+                // What no daemon holds any more: the overlay and the lazy mount under it.
+                let lower = strata_fs::service::writable_lower_dir(&store, &rootfs);
+                for m in [&rootfs, &lower] {
+                    if strata_fs::service::is_mount_point(m) {
+                        nix::mount::umount2(m.as_path(), nix::mount::MntFlags::MNT_DETACH)
+                            .with_context(|| format!("unmounting {}", m.display()))?;
+                    }
+                }
             }
             containers.remove_dir(&r.id)?;
             println!("{}", r.name);

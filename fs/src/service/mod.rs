@@ -13,6 +13,7 @@ pub mod client;
 pub mod protocol;
 pub mod server;
 mod writable;
+pub use writable::lower_dir as writable_lower_dir;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

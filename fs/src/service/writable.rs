@@ -27,7 +27,7 @@ pub(super) struct Writable {
 }
 
 /// Where the lazy lower of the writable view at `mountpoint` is mounted.
-pub(super) fn lower_dir(store: &Store, mountpoint: &Path) -> PathBuf {
+pub fn lower_dir(store: &Store, mountpoint: &Path) -> PathBuf {
     store
         .mounts_dir()
         .join(format!("{}.lower", mount_id(mountpoint)))
