@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::io::{BufReader, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -56,6 +56,88 @@ fn marker_header() -> tar::Header {
     h.set_gid(0);
     h.set_mtime(0);
     h
+}
+
+/// A pipe between two threads in 1 MiB blocks (a kernel pipe copies twice, 64 KiB at a time):
+/// at most `depth` blocks in flight. The reader sees the end when the writer is dropped; the
+/// writer fails once the reader is gone.
+fn block_pipe(depth: usize) -> (BlockWriter, BlockReader) {
+    let (tx, rx) = crossbeam_channel::bounded(depth);
+    // Read blocks go back to the writer (no fresh pages per block).
+    let (back_tx, back_rx) = crossbeam_channel::bounded(depth + 1);
+    (
+        BlockWriter {
+            tx,
+            back: back_rx,
+            buf: Vec::with_capacity(BLOCK),
+        },
+        BlockReader {
+            rx,
+            back: back_tx,
+            block: Vec::new(),
+            at: 0,
+        },
+    )
+}
+
+const BLOCK: usize = 1 << 20;
+
+struct BlockWriter {
+    tx: crossbeam_channel::Sender<Vec<u8>>,
+    back: crossbeam_channel::Receiver<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl Write for BlockWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = data.len().min(BLOCK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == BLOCK {
+            self.flush()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let mut next = self
+            .back
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(BLOCK));
+        next.clear();
+        let full = std::mem::replace(&mut self.buf, next);
+        self.tx
+            .send(full)
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+    }
+}
+
+struct BlockReader {
+    rx: crossbeam_channel::Receiver<Vec<u8>>,
+    back: crossbeam_channel::Sender<Vec<u8>>,
+    block: Vec<u8>,
+    at: usize,
+}
+
+impl std::io::Read for BlockReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.block.len() {
+            match self.rx.recv() {
+                Ok(b) => {
+                    let done = std::mem::replace(&mut self.block, b);
+                    self.at = 0;
+                    let _ = self.back.try_send(done);
+                }
+                Err(_) => return Ok(0), // the writer is done
+            }
+        }
+        let n = out.len().min(self.block.len() - self.at);
+        out[..n].copy_from_slice(&self.block[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
 }
 
 /// Whether an upper directory was renamed from elsewhere (`redirect_dir=on`): its contents are
@@ -174,6 +256,7 @@ fn write_layer_tar(
                     links.insert((vmd.dev(), vmd.ino()), rel.clone());
                 }
                 let f = File::open(&view).map_err(|e| BuildError::io(&view, e))?;
+                let f = BufReader::with_capacity(BLOCK.min(vmd.len() as usize).max(4096), f);
                 b.append_data(&mut h, &rel, f).map_err(BuildError::Write)?;
             } else if ft.is_symlink() {
                 let target = std::fs::read_link(&view).map_err(|e| BuildError::io(&view, e))?;
@@ -299,38 +382,30 @@ pub fn commit(
     for c in &opts.changes {
         apply_change(&mut config, c)?;
     }
-    // The layer tar in a private temp file under the store (bounded by disk, not memory).
-    let tmp_path = store.layout().tmp().join(format!(
-        "commit-{}-{}.tar",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos())
-    ));
-    let tmp = {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&tmp_path)
-            .map_err(|e| BuildError::io(&tmp_path, e))?
-    };
-    let result = (|| {
-        let mut w = BufWriter::new(tmp);
-        write_layer_tar(upper, merged, exclude, &mut w)?;
-        let mut f = w
-            .into_inner()
-            .map_err(|e| BuildError::Write(e.into_error()))?;
-        f.flush().map_err(BuildError::Write)?;
-        f.seek(SeekFrom::Start(0)).map_err(BuildError::Write)?;
-        let (blob, c) = convert_layer(f, store.blob_writer()?, &ConvertOptions::default())?;
+    // The layer tar streams from a walker thread straight into the converter (no temp copy).
+    let (writer, reader) = block_pipe(8);
+    let result = std::thread::scope(|s| {
+        let walker = s.spawn(move || {
+            let mut w = writer;
+            write_layer_tar(upper, merged, exclude, &mut w)?;
+            w.flush().map_err(BuildError::Write)
+        });
+        let opts = ConvertOptions {
+            hash_source: false,
+            ..ConvertOptions::default()
+        };
+        let converted = convert_layer(reader, store.blob_writer()?, &opts);
+        // The walker's error first: a tar cut short by it must not become a layer.
+        let walked = walker
+            .join()
+            .unwrap_or_else(|_| Err(BuildError::Source("the layer walker panicked".into())));
+        let (blob, c) = match (walked, converted) {
+            (Err(e), _) | (Ok(()), Err(e)) => return Err(e),
+            (Ok(()), Ok(done)) => done,
+        };
         let digest = blob.commit(None)?;
         Ok::<_, BuildError>((layer_descriptor(digest, &c.summary), c))
-    })();
-    let _ = std::fs::remove_file(&tmp_path);
+    });
     let (layer, c) = result?;
     let diff_id = c.summary.diff_id.oci();
     let now = time::OffsetDateTime::now_utc()

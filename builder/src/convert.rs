@@ -25,6 +25,9 @@ pub struct ConvertOptions {
     pub level: i32,
     /// Compression workers; 0 = one per core.
     pub threads: usize,
+    /// Hash the source tar (its diff ID, checked against the image config's). A layer made
+    /// here (commit) has no config to check and skips that pass over its bytes.
+    pub hash_source: bool,
 }
 
 impl Default for ConvertOptions {
@@ -33,6 +36,7 @@ impl Default for ConvertOptions {
             chunk_size: format::DEFAULT_CHUNK_SIZE,
             level: 3,
             threads: 0,
+            hash_source: true,
         }
     }
 }
@@ -134,6 +138,9 @@ pub fn convert_layer<W: Write + Send>(
         }
     };
     let mut tar_stream = Hashing::new(decoded);
+    if !opts.hash_source {
+        tar_stream.hasher = None;
+    }
     let threads = if opts.threads == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
     } else {
@@ -147,6 +154,9 @@ pub fn convert_layer<W: Write + Send>(
     for _ in 0..in_flight {
         let _ = token_tx.send(());
     }
+    // Chunk buffers go back to the reader once written: fresh 1 MiB allocations are fresh
+    // pages from the kernel, faulted in and zeroed each time.
+    let (recycle_tx, recycle_rx) = crossbeam_channel::bounded::<Vec<u8>>(in_flight);
     let writer = LayerWriter::new(
         BufWriter::with_capacity(1 << 20, out),
         opts.chunk_size,
@@ -198,7 +208,8 @@ pub fn convert_layer<W: Write + Send>(
                     match done {
                         Done::Entry(e) => writer.add_entry(e)?,
                         Done::Chunk { frame, raw, digest } => {
-                            writer.add_chunk(&frame, &raw, digest)?
+                            writer.add_chunk(&frame, &raw, digest)?;
+                            let _ = recycle_tx.try_send(raw);
                         }
                     }
                     next += 1;
@@ -242,7 +253,9 @@ pub fn convert_layer<W: Write + Send>(
                     let mut left = size;
                     while left > 0 {
                         let n = left.min(u64::from(opts.chunk_size)) as usize;
-                        let mut buf = vec![0u8; n];
+                        let mut buf = recycle_rx.try_recv().unwrap_or_default();
+                        buf.clear();
+                        buf.resize(n, 0);
                         item.read_exact(&mut buf).map_err(|e| {
                             BuildError::Layer(format!("reading file data: {e} (truncated layer?)"))
                         })?;

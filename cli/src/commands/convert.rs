@@ -49,6 +49,7 @@ pub fn run(g: &GlobalArgs, a: ConvertArgs) -> anyhow::Result<()> {
         chunk_size,
         level: a.compression_level,
         threads: a.threads,
+        ..ConvertOptions::default()
     };
     let start = Instant::now();
     let mut layer_start = Instant::now();
