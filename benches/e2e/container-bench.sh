@@ -25,7 +25,7 @@ cleanup() {
   done
   [ -n "${reg_pid:-}" ] && kill "$reg_pid" 2>/dev/null || true
   for p in "$work"/podman-*; do
-    [ -d "$p" ] && podman --root "$p/root" --runroot "$p/run" --storage-driver overlay \
+    [ -d "$p" ] && podman --root "$p/root" --runroot "/run/strata-bench-${p##*-}" --storage-driver overlay \
       system reset -f >/dev/null 2>&1 || true
   done
 }
@@ -104,7 +104,7 @@ done
 
 pod() { # podman with storage of its own under $work/podman-$1
   local p="$work/podman-$1"; shift
-  podman --root "$p/root" --runroot "$p/run" --storage-driver overlay --events-backend file "$@"
+  podman --root "$p/root" --runroot "/run/strata-bench-$1" --storage-driver overlay --events-backend file "$@"
 }
 podrun=(run --rm --network none --ulimit nofile=20000:20000 --ulimit nproc=1000:1000)
 

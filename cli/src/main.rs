@@ -121,6 +121,47 @@ impl std::io::Write for QuietStderr {
     }
 }
 
+/// Drops fuser's report of a reply the kernel no longer wanted (ENOENT: the request was
+/// interrupted, e.g. by the Go runtime's preemption signals in `runc init` during an exec, and
+/// answered meanwhile). That is FUSE's normal outcome for an interrupted request, which libfuse
+/// does not report either; every other failed reply still is.
+struct InterruptedReplies;
+
+impl<S> tracing_subscriber::layer::Filter<S> for InterruptedReplies {
+    fn enabled(
+        &self,
+        _meta: &tracing::Metadata<'_>,
+        _cx: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        true
+    }
+
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        _cx: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        struct Message(bool);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    let text = format!("{value:?}");
+                    self.0 |= text.starts_with("Failed to send FUSE reply")
+                        && text.contains("(os error 2)");
+                }
+            }
+        }
+        // (fuser logs through `log`: the event's own target is "log".)
+        let target = event.metadata().target();
+        if !(target == "log" || target.starts_with("fuser")) {
+            return true;
+        }
+        let mut m = Message(false);
+        event.record(&mut m);
+        !m.0
+    }
+}
+
 fn main() {
     let args: Vec<OsString> = std::env::args_os().collect();
     let defaults = match config::locate(&args) {
@@ -140,11 +181,20 @@ fn main() {
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&directive)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(|| QuietStderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        use tracing_subscriber::Layer as _;
+        tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(|| QuietStderr)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .with_filter(filter)
+                    .with_filter(InterruptedReplies),
+            )
+            .init();
+    }
     let result = match cli.command {
         Command::Convert(a) => commands::convert::run(&cli.global, a),
         Command::Mount(a) => commands::mount::mount(&cli.global, a),

@@ -304,6 +304,10 @@ fn run_containers_on_a_lazy_image() {
 
     let out = strata(&root, &["daemon", "--stop"]);
     assert!(out.status.success());
+    // overlayfs's queries to the lower (and their interrupts) were answered cleanly.
+    let log = fs::read_to_string(root.join("daemon.log")).unwrap_or_default();
+    assert!(!log.contains("Failed to send FUSE reply"), "{log}");
+    assert!(!log.contains("ERROR"), "{log}");
     fs::remove_dir_all(&tmp).ok();
 }
 

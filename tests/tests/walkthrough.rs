@@ -36,6 +36,8 @@ const COMMANDS: &[&str] = &[
 /// podman with its own storage under `dir` (no network, rlimits this machine allows).
 struct Podman {
     root: PathBuf,
+    /// podman refuses a run root path longer than 50 bytes: a short one under /tmp.
+    runroot: tempfile::TempDir,
 }
 
 impl Podman {
@@ -44,7 +46,7 @@ impl Podman {
         c.arg("--root")
             .arg(self.root.join("root"))
             .arg("--runroot")
-            .arg(self.root.join("run"))
+            .arg(self.runroot.path())
             .args(["--storage-driver", "overlay", "--events-backend", "file"]);
         c
     }
@@ -244,6 +246,10 @@ fn interactive_walkthrough_matches_podman() {
     let root = tmp.join("node");
     let podman = Podman {
         root: tmp.join("podman"),
+        runroot: tempfile::Builder::new()
+            .prefix("strata-pd")
+            .tempdir_in("/tmp")
+            .unwrap(),
     };
 
     // `strata run -it --name sample IMAGE /bin/sh` on a real terminal, from a fresh store.
