@@ -3,6 +3,7 @@
 pub mod commit;
 pub mod container;
 pub mod convert;
+pub mod dockerfile;
 pub mod runtime;
 pub mod source;
 pub mod verify;
