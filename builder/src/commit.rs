@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufReader, Write};
+use std::io::{BufReader, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -140,6 +140,27 @@ impl std::io::Read for BlockReader {
     }
 }
 
+/// Reads exactly `left` bytes of a file, failing if it ends sooner.
+struct Exact<'a, R> {
+    inner: std::io::Take<R>,
+    left: u64,
+    path: &'a Path,
+}
+
+impl<R: std::io::Read> std::io::Read for Exact<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && self.left > 0 && !buf.is_empty() {
+            return Err(std::io::Error::other(format!(
+                "{} shrank while being committed: pause the container (--pause)",
+                self.path.display()
+            )));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
 /// Whether an upper directory was renamed from elsewhere (`redirect_dir=on`): its contents are
 /// partly the lower directory it came from, which the upper dir does not hold.
 fn is_redirected(up: &Path) -> bool {
@@ -149,9 +170,8 @@ fn is_redirected(up: &Path) -> bool {
         .is_some()
 }
 
-/// The container-visible extended attributes of `view` as PAX records (`SCHILY.xattr.NAME`),
-/// as Docker and containers/storage write them. overlayfs's own are never shown in the merged
-/// view; `trusted.overlay.*` is dropped anyway, so no layer can carry it.
+/// The container-visible extended attributes of `view` that a layer keeps, as PAX records
+/// (`SCHILY.xattr.NAME`), as Docker and containers/storage write them.
 fn xattr_records(view: &Path) -> Result<Vec<(String, Vec<u8>)>, BuildError> {
     let names = match xattr::list(view) {
         Ok(n) => n,
@@ -163,7 +183,9 @@ fn xattr_records(view: &Path) -> Result<Vec<(String, Vec<u8>)>, BuildError> {
         let Some(name) = name.to_str().map(str::to_string) else {
             continue;
         };
-        if name.starts_with("trusted.overlay.") {
+        // What Docker and containers/storage keep: file capabilities and user attributes
+        // (not SELinux labels, ACLs, IMA or other trusted.* of the host).
+        if !(name == "security.capability" || name.starts_with("user.")) {
             continue;
         }
         if let Some(value) = xattr::get(view, &name).map_err(|e| BuildError::io(view, e))? {
@@ -257,7 +279,15 @@ fn write_layer_tar(
                 }
                 let f = File::open(&view).map_err(|e| BuildError::io(&view, e))?;
                 let f = BufReader::with_capacity(BLOCK.min(vmd.len() as usize).max(4096), f);
-                b.append_data(&mut h, &rel, f).map_err(BuildError::Write)?;
+                // Exactly the size in the header: a file that grows or shrinks meanwhile (the
+                // container runs on) fails the commit instead of corrupting the stream.
+                let exact = Exact {
+                    inner: f.take(vmd.len()),
+                    left: vmd.len(),
+                    path: &view,
+                };
+                b.append_data(&mut h, &rel, exact)
+                    .map_err(|e| BuildError::io(&view, e))?;
             } else if ft.is_symlink() {
                 let target = std::fs::read_link(&view).map_err(|e| BuildError::io(&view, e))?;
                 h.set_size(0);
@@ -395,13 +425,19 @@ pub fn commit(
             ..ConvertOptions::default()
         };
         let converted = convert_layer(reader, store.blob_writer()?, &opts);
-        // The walker's error first: a tar cut short by it must not become a layer.
+        // Any walker error fails the commit (a tar cut short must not become a layer); the
+        // converter's error is the cause when the walker only saw it stop reading.
         let walked = walker
             .join()
             .unwrap_or_else(|_| Err(BuildError::Source("the layer walker panicked".into())));
         let (blob, c) = match (walked, converted) {
-            (Err(e), _) | (Ok(()), Err(e)) => return Err(e),
             (Ok(()), Ok(done)) => done,
+            (Err(BuildError::Write(e) | BuildError::Io { source: e, .. }), Err(conv))
+                if e.kind() == std::io::ErrorKind::BrokenPipe =>
+            {
+                return Err(conv)
+            }
+            (Err(e), _) | (Ok(()), Err(e)) => return Err(e),
         };
         let digest = blob.commit(None)?;
         Ok::<_, BuildError>((layer_descriptor(digest, &c.summary), c))

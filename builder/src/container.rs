@@ -54,7 +54,12 @@ impl Owner {
         // Field 22 of /proc/PID/stat, counted after the parenthesised command name.
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         let after = &stat[stat.rfind(')')? + 1..];
-        let start = after.split_whitespace().nth(19)?.parse().ok()?;
+        let mut fields = after.split_whitespace();
+        // A zombie (state Z) has ended: it runs nothing.
+        if fields.next()? == "Z" {
+            return None;
+        }
+        let start = fields.nth(18)?.parse().ok()?;
         Some(Owner { pid, start })
     }
 
@@ -151,7 +156,12 @@ impl Containers {
     pub fn save(&self, r: &ContainerRecord) -> Result<(), BuildError> {
         let dir = self.dir(&r.id);
         let path = dir.record();
-        let tmp = dir.dir.join(".container.json.tmp");
+        // A temp name of this writer's own: two saves at once must not cross.
+        let tmp = dir.dir.join(format!(
+            ".container.json.{}.{:?}.tmp",
+            std::process::id(),
+            std::thread::current().id()
+        ));
         let body = serde_json::to_vec_pretty(r).map_err(|e| BuildError::Source(e.to_string()))?;
         let write = || -> std::io::Result<()> {
             use std::io::Write;

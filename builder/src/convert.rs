@@ -197,7 +197,9 @@ pub fn convert_layer<W: Write + Send>(
         drop(done_tx);
         drop(work_rx);
 
-        let token_tx = token_tx.clone();
+        // The writer holds the only token sender: if it stops (a full disk), the reader's
+        // wait for a token ends instead of blocking forever.
+        let token_tx = token_tx;
         let writer_thread = s.spawn(move || -> Result<(W, LayerSummary), BuildError> {
             let mut writer = writer;
             let mut next = 0u64;
@@ -233,10 +235,10 @@ pub fn convert_layer<W: Write + Send>(
             let mut send = |work: Work| -> Result<(), BuildError> {
                 token_rx
                     .recv()
-                    .map_err(|_| BuildError::Source("writer stopped".into()))?;
+                    .map_err(|_| BuildError::Pipeline("writer stopped"))?;
                 work_tx
                     .send((seq, work))
-                    .map_err(|_| BuildError::Source("workers stopped".into()))?;
+                    .map_err(|_| BuildError::Pipeline("workers stopped"))?;
                 seq += 1;
                 Ok(())
             };
@@ -272,8 +274,15 @@ pub fn convert_layer<W: Write + Send>(
         let summary = writer_thread
             .join()
             .map_err(|_| BuildError::Source("writer thread panicked".into()))?;
-        read_result?;
-        summary
+        // The first cause: a writer failure (no space left) stops the reader, which then only
+        // sees the pipeline gone; a reader failure (a bad tar) stops the writer early.
+        match (summary, read_result) {
+            (Ok(s), Ok(())) => Ok(s),
+            (Err(e), Err(BuildError::Pipeline(_))) | (Err(e @ BuildError::Io { .. }), _) => Err(e),
+            (Err(e @ BuildError::Write(_)), _) | (Err(e @ BuildError::Format(_)), _) => Err(e),
+            (_, Err(e)) => Err(e),
+            (Err(e), Ok(())) => Err(e),
+        }
     })?;
     let (out, summary) = result;
     let source_diff_id = tar_stream.digest().unwrap_or_default();

@@ -1,5 +1,6 @@
 //! strata-builder: making images — conversion to the strata format and image sources.
 
+pub mod build;
 pub mod commit;
 pub mod container;
 pub mod convert;
@@ -28,6 +29,10 @@ pub enum BuildError {
     Source(String),
     #[error("{0}")]
     Layer(String),
+    /// A stage of a conversion pipeline stopped because another failed (its error is the one
+    /// to report).
+    #[error("conversion pipeline stopped: {0}")]
+    Pipeline(&'static str),
     #[error("refusing layer entry {path:?}: {reason}")]
     HostilePath { path: String, reason: &'static str },
     #[error("{what} digest mismatch: expected {expected}, got {actual}")]

@@ -190,8 +190,8 @@ fn main() {
                 tracing_subscriber::fmt::layer()
                     .with_writer(|| QuietStderr)
                     .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                    .with_filter(filter)
-                    .with_filter(InterruptedReplies),
+                    .with_filter(InterruptedReplies)
+                    .with_filter(filter),
             )
             .init();
     }

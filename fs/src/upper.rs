@@ -12,7 +12,7 @@
 //! no data. Changes are reported as `docker container diff` and `podman diff` report them:
 //! `A` added, `C` changed, `D` deleted, by the same rules (see [`changes`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeSet, HashSet};
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -79,21 +79,19 @@ pub fn is_opaque(path: &Path) -> bool {
 /// changed: not listed itself); a whiteout is `D`; an opaque directory the image has is `D` (the
 /// image's directory was removed) with its new contents `A` (overlayfs also marks new
 /// directories opaque: those are just `A`); every directory above an `A` or a `D`
-/// that is not listed already is `C`. Sorted as the walk visits: by path component.
+/// that is not listed already is `C`, printed just before it. In the walk's order (names
+/// sorted bytewise per directory), as podman prints them.
 pub fn changes(upper: &Path, lower: &Path, exclude: &[PathBuf]) -> std::io::Result<Vec<Change>> {
     let mut walk = Walk {
         upper,
         lower,
-        out: BTreeMap::new(),
+        out: Vec::new(),
         listed_dirs: BTreeSet::new(),
     };
     walk.dir(Path::new("/"), None)?;
     let mut out = walk.out;
-    out.retain(|p, _| !exclude.iter().any(|x| p.starts_with(x)));
-    Ok(out
-        .into_iter()
-        .map(|(path, kind)| Change { path, kind })
-        .collect())
+    out.retain(|c| !exclude.iter().any(|x| c.path.starts_with(x)));
+    Ok(out)
 }
 
 fn rel(p: &Path) -> &Path {
@@ -103,7 +101,8 @@ fn rel(p: &Path) -> &Path {
 struct Walk<'a> {
     upper: &'a Path,
     lower: &'a Path,
-    out: BTreeMap<PathBuf, Kind>,
+    /// In the order podman prints: the walk's, a change's missing parents just before it.
+    out: Vec<Change>,
     /// Directories visited and listed (or listed as a parent): no parent `C` line for them.
     listed_dirs: BTreeSet<PathBuf>,
 }
@@ -111,16 +110,17 @@ struct Walk<'a> {
 impl Walk<'_> {
     /// Walks the upper directory `at`; `from` is the image directory it merges when that is
     /// elsewhere (a renamed directory, `redirect_dir=on`): its entries the upper dir lacks are
-    /// listed as added, as a copy would be.
+    /// listed as a copy would have made them.
     fn dir(&mut self, at: &Path, from: Option<&Path>) -> std::io::Result<()> {
         let dir = self.upper.join(rel(at));
         let mut names: Vec<OsString> = std::fs::read_dir(&dir)?
             .map(|e| e.map(|e| e.file_name()))
             .collect::<Result<_, _>>()?;
         if let Some(from) = from {
+            let have: HashSet<OsString> = names.iter().cloned().collect();
             if let Ok(entries) = std::fs::read_dir(self.lower.join(rel(from))) {
                 for e in entries.flatten() {
-                    if !names.contains(&e.file_name()) {
+                    if !have.contains(&e.file_name()) {
                         names.push(e.file_name());
                     }
                 }
@@ -131,9 +131,9 @@ impl Walk<'_> {
             let path = at.join(&name);
             let up = self.upper.join(rel(&path));
             let Ok(md) = std::fs::symlink_metadata(&up) else {
-                // Only in the renamed directory's source: added here, with all below it.
+                // Only in the renamed directory's source: copied here, with all below it.
                 if let Some(from) = from {
-                    self.all_added(&path, &self.lower.join(rel(from)).join(&name));
+                    self.all_copied(&path, &self.lower.join(rel(from)).join(&name));
                 }
                 continue;
             };
@@ -141,18 +141,13 @@ impl Walk<'_> {
                 continue; // removed from a renamed directory: it was never here
             }
             if let Some(kind) = self.classify(&path, &up, &md) {
-                if md.is_dir() {
-                    self.listed_dirs.insert(path.clone());
-                }
-                if kind != Kind::Changed {
-                    self.parents_changed(&path);
-                }
-                self.out.insert(path.clone(), kind);
+                self.record(&path, kind, md.is_dir());
             }
             if md.is_dir() {
+                // A relative redirect names an entry of the parent's image directory.
                 let source = match redirect(&up) {
                     Some(r) if r.starts_with("/") => Some(r),
-                    Some(r) => Some(at.join(r)),
+                    Some(r) => Some(from.unwrap_or(at).join(r)),
                     None if is_opaque(&up) => None,
                     None => from.map(|f| f.join(&name)),
                 };
@@ -162,21 +157,44 @@ impl Walk<'_> {
         Ok(())
     }
 
-    /// `path` and everything below it (the image's entries at `source`) as added.
-    fn all_added(&mut self, path: &Path, source: &Path) {
-        self.parents_changed(path);
-        self.out.insert(path.to_path_buf(), Kind::Added);
-        let Ok(md) = std::fs::symlink_metadata(source) else {
-            return;
-        };
-        if md.is_dir() {
+    fn record(&mut self, path: &Path, kind: Kind, is_dir: bool) {
+        if is_dir {
             self.listed_dirs.insert(path.to_path_buf());
+        }
+        if kind != Kind::Changed {
+            self.parents_changed(path);
+        }
+        self.out.push(Change {
+            path: path.to_path_buf(),
+            kind,
+        });
+    }
+
+    /// The image's entry `source` and everything below it, copied to `path` (a renamed
+    /// directory's contents): `C` where the image has `path`, `A` elsewhere.
+    fn all_copied(&mut self, path: &Path, source: &Path) {
+        let kind = if self.in_image(path).is_some() {
+            Kind::Changed
+        } else {
+            Kind::Added
+        };
+        let is_dir = std::fs::symlink_metadata(source).is_ok_and(|m| m.is_dir());
+        self.record(path, kind, is_dir);
+        if is_dir {
             if let Ok(entries) = std::fs::read_dir(source) {
-                for e in entries.flatten() {
-                    self.all_added(&path.join(e.file_name()), &e.path());
+                let mut entries: Vec<_> = entries.flatten().collect();
+                entries.sort_by_key(|e| e.file_name());
+                for e in entries {
+                    self.all_copied(&path.join(e.file_name()), &e.path());
                 }
             }
         }
+    }
+
+    /// The image's entry at `path`, as podman looks it up in a layer directory (`os.Stat`:
+    /// symlinks followed, a dangling one is absent).
+    fn in_image(&self, path: &Path) -> Option<std::fs::Metadata> {
+        std::fs::metadata(self.lower.join(rel(path))).ok()
     }
 
     /// What an upper entry says happened at `path`; `None` for a directory the image has
@@ -185,11 +203,13 @@ impl Walk<'_> {
         if is_whiteout(md) {
             return Some(Kind::Deleted);
         }
-        let Ok(low) = std::fs::symlink_metadata(self.lower.join(rel(path))) else {
+        let Some(low) = self.in_image(path) else {
             return Some(Kind::Added);
         };
-        if md.is_dir() && is_opaque(up) {
-            return Some(Kind::Deleted); // the image's was removed, this one made anew
+        // The image's directory was removed and this one made anew (or renamed into its
+        // place): podman's copy would be an opaque directory.
+        if md.is_dir() && (is_opaque(up) || redirect(up).is_some()) {
+            return Some(Kind::Deleted);
         }
         let same_dir = md.is_dir()
             && low.is_dir()
@@ -202,13 +222,21 @@ impl Walk<'_> {
         (!same_dir).then_some(Kind::Changed)
     }
 
+    /// The directories above an `A` or `D` not listed yet, as `C` lines before it (top down).
     fn parents_changed(&mut self, path: &Path) {
+        let mut missing = Vec::new();
         let mut parent = path.parent();
         while let Some(dir) = parent.filter(|d| *d != Path::new("/")) {
             if self.listed_dirs.insert(dir.to_path_buf()) {
-                self.out.entry(dir.to_path_buf()).or_insert(Kind::Changed);
+                missing.push(dir.to_path_buf());
             }
             parent = dir.parent();
+        }
+        for dir in missing.into_iter().rev() {
+            self.out.push(Change {
+                path: dir,
+                kind: Kind::Changed,
+            });
         }
     }
 }
@@ -318,6 +346,18 @@ mod tests {
         for f in ["etc/motd", "etc/group", "etc/hostname", "opq/a", "keep/k"] {
             fs::write(lower.join(f), b"lower").unwrap();
         }
+        // The image's directories are old (the upper's are made now).
+        let old = nix::sys::time::TimeSpec::new(1_000_000_000, 0);
+        for d in ["etc", "var", "opq", "keep"] {
+            nix::sys::stat::utimensat(
+                None,
+                &lower.join(d),
+                &old,
+                &old,
+                nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+            )
+            .unwrap();
+        }
         // echo hi > /new.txt; rm /etc/motd; echo x >> /etc/group; mkdir -p /var/lib/x;
         // rm -rf /opq; mkdir /opq; touch /opq/b
         fs::create_dir_all(upper.join("etc")).unwrap();
@@ -353,6 +393,39 @@ mod tests {
             "C /etc\nC /etc/group\nD /etc/motd\nC /keep/k\nA /new.txt\nD /opq\nA /opq/b\n\
              C /var\nA /var/lib\nA /var/lib/x\n"
         );
+        // A file added deep in directories copied up unchanged: the missing parents are
+        // printed when the addition is reached, after what the walk printed before.
+        fs::create_dir_all(lower.join("a/b/c")).unwrap();
+        fs::create_dir_all(upper.join("a/b/c")).unwrap();
+        for d in ["a", "a/b"] {
+            let m = fs::metadata(lower.join(d)).unwrap();
+            let ts = nix::sys::time::TimeSpec::new(m.mtime(), m.mtime_nsec());
+            nix::sys::stat::utimensat(
+                None,
+                &upper.join(d),
+                &ts,
+                &ts,
+                nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+            )
+            .unwrap();
+        }
+        fs::write(upper.join("a/b/c/new"), b"n").unwrap();
+        let c = fs::metadata(upper.join("a/b/c")).unwrap();
+        let ts = nix::sys::time::TimeSpec::new(c.mtime() + 5, 0);
+        nix::sys::stat::utimensat(
+            None,
+            &upper.join("a/b/c"),
+            &ts,
+            &ts,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+        .unwrap();
+        let got = render(&changes(&upper, &lower, &[]).unwrap());
+        assert!(
+            got.starts_with("C /a/b/c\nC /a\nC /a/b\nA /a/b/c/new\nC /etc\n"),
+            "{got}"
+        );
+        fs::remove_dir_all(upper.join("a")).unwrap();
         // Leaving out a mount point drops it and what is under it, not its parent's line.
         let got = render(&changes(&upper, &lower, &[PathBuf::from("/var/lib")]).unwrap());
         assert!(got.ends_with("A /opq/b\nC /var\n"), "{got}");

@@ -230,7 +230,16 @@ pub fn busybox_image_with(
             .file("opt/keep/k1", 0o644, b"k1\n")?
             .dir("opt/keep/sub", 0o750)?
             .file("opt/keep/sub/k2", 0o600, b"k2\n")?
-            .file("opt/data.bin", 0o644, &crate::image::noise(7, 4 << 20))?;
+            .file("opt/data.bin", 0o644, &crate::image::noise(7, 4 << 20))?
+            .dir("opt/e", 0o755)?
+            .file("opt/e/g", 0o644, b"eg\n")?
+            .dir("opt/f", 0o755)?
+            .file("opt/f/g", 0o644, b"fg\n")?
+            .file("opt/f/h", 0o644, b"fh\n")?
+            .dir("usr/share", 0o755)?
+            .dir("usr/share/doc", 0o755)?
+            .dir("usr/share/doc/pkg", 0o755)?
+            .file("usr/share/doc/pkg/README", 0o644, b"readme\n")?;
         for tool in [
             "sh", "echo", "cat", "id", "hostname", "pwd", "env", "ls", "true", "rm", "mkdir",
             "touch", "ln", "chmod", "chown", "mv", "tty", "sleep", "sync", "dd", "stat", "find",

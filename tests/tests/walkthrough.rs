@@ -28,7 +28,9 @@ const COMMANDS: &[&str] = &[
     "mkdir -p /tmp/a/b && touch /tmp/a/b/c && rm -rf /tmp/a",
     "ln /etc/passwd /etc/pw2",
     "rm -rf /opt/d && mkdir /opt/d && echo n > /opt/d/n",
-    "mv /opt/keep /opt/moved && echo k3 > /opt/moved/sub/k3",
+    "mv /opt/keep /opt/moved && mv /opt/moved/sub /opt/moved/sub2 && echo k3 > /opt/moved/sub2/k3",
+    "rm -rf /opt/f && mv /opt/e /opt/f",
+    "echo new > /usr/share/doc/pkg/new",
     "touch /bin/busybox",
     "chmod 700 /root",
 ];
@@ -287,7 +289,7 @@ fn interactive_walkthrough_matches_podman() {
     let want = podman.ok(&["diff", "sample"]);
     let got = strata_ok(&root, &["diff", "sample"]);
     assert_eq!(got, want, "strata diff (left) vs podman diff (right)");
-    assert!(want.contains("D /opt/d\n") && want.contains("A /opt/moved/sub/k2\n"));
+    assert!(want.contains("D /opt/d\n") && want.contains("A /opt/moved/sub2/k2\n"));
 
     // An extended attribute set on the container's files is committed with them.
     let info: serde_json::Value =
@@ -326,13 +328,13 @@ fn interactive_walkthrough_matches_podman() {
     assert_eq!(run(&["--rm", "my-base", "cat", "/new.txt"]), "hi\n");
     // Whiteouts, the opaque directory and the renamed one survive the commit.
     assert_eq!(
-        run(&["--rm", "my-base", "ls", "/etc", "/opt", "/opt/d", "/opt/moved/sub"]),
-        "/etc:\ngroup\nhostname\nhosts\npasswd\npw2\nresolv.conf\n\n/opt:\nd\ndata.bin\nmoved\n\n/opt/d:\nn\n\n/opt/moved/sub:\nk2\nk3\n"
+        run(&["--rm", "my-base", "ls", "/etc", "/opt", "/opt/d", "/opt/f", "/opt/moved/sub2"]),
+        "/etc:\ngroup\nhostname\nhosts\npasswd\npw2\nresolv.conf\n\n/opt:\nd\ndata.bin\nf\nmoved\n\n/opt/d:\nn\n\n/opt/f:\ng\n\n/opt/moved/sub2:\nk2\nk3\n"
     );
 
     // Pushed, then mounted lazily on a fresh store: the container's tree.
     let merged = tree(&rootfs, &mount_points);
-    assert!(merged.contains_key(b"opt/moved/sub/k2".as_slice()));
+    assert!(merged.contains_key(b"opt/moved/sub2/k2".as_slice()));
     let pushed = format!("{}/c/my-base:v1", reg.addr);
     strata_ok(&root, &["push", "my-base", &pushed]);
     let fresh = tmp.join("fresh");
@@ -361,9 +363,10 @@ fn interactive_walkthrough_matches_podman() {
         "cat",
         "/new.txt",
         "/opt/d/n",
-        "/opt/moved/sub/k3",
+        "/opt/moved/sub2/k3",
+        "/opt/f/g",
     ]);
-    assert_eq!(out, "hi\nn\nk3\n");
+    assert_eq!(out, "hi\nn\nk3\neg\n");
 
     strata_ok(&root, &["rm", "sample"]);
     strata_ok(&root, &["daemon", "--stop"]);

@@ -93,6 +93,21 @@ fn find_program(p: &Path) -> Option<PathBuf> {
     })
 }
 
+/// `USER[:GROUP]` resolved through the container root's `/etc/passwd` and `/etc/group`, read
+/// as the container would see them (never through a symlink out of the root, regular files of
+/// at most 4 MiB).
+fn resolve_user_in(rootfs: &Path, spec: &str) -> anyhow::Result<runtime::ResolvedUser> {
+    let read = |p: &str| {
+        strata_builder::build::fsops::read_root_file(rootfs, p, 4 << 20)
+            .with_context(|| format!("reading {p} of the image"))
+    };
+    Ok(runtime::resolve_user(
+        spec,
+        &read("/etc/passwd")?,
+        &read("/etc/group")?,
+    )?)
+}
+
 fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
@@ -156,9 +171,8 @@ pub fn run(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<()> {
             .context("the image config")?;
         let image = ImageProcess::from_config(&config);
         let args = runtime::process_args(&image, a.entrypoint.as_deref(), &a.command)?;
-        let read = |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap_or_default();
         let user_spec = a.user.clone().unwrap_or_else(|| image.user.clone());
-        let user = runtime::resolve_user(&user_spec, &read("etc/passwd"), &read("etc/group"))?;
+        let user = resolve_user_in(&rootfs, &user_spec)?;
         let hostname = a.hostname.clone().unwrap_or_else(|| id[..12].to_string());
         let etc = [
             ("hosts", hosts_file(&hostname)),
@@ -392,6 +406,14 @@ fn spawn_monitor(
             return Ok(());
         }
         if let Ok(Some(status)) = monitor.try_wait() {
+            // A short-lived container may have run and ended already.
+            let ended = std::fs::read(containers.dir(&record.id).record())
+                .ok()
+                .and_then(|b| serde_json::from_slice::<ContainerRecord>(&b).ok())
+                .is_none_or(|r| r.status != "running");
+            if ended {
+                return Ok(());
+            }
             bail!(
                 "the container monitor ended at once ({status}): see {}",
                 log.display()
@@ -623,6 +645,7 @@ pub fn ps(g: &GlobalArgs, a: PsArgs) -> anyhow::Result<()> {
     for r in list {
         let status = match (r.status.as_str(), r.exit_code) {
             ("exited", Some(c)) => format!("Exited ({c})"),
+            ("exited", None) => "Exited".to_string(),
             ("running", _) => "Up".to_string(),
             (s, _) => s.to_string(),
         };
@@ -633,7 +656,7 @@ pub fn ps(g: &GlobalArgs, a: PsArgs) -> anyhow::Result<()> {
         }
         println!(
             "{:<14} {:<40} {:<30} {:<26} {:<12} {}",
-            &r.id[..12],
+            r.id.get(..12).unwrap_or(&r.id),
             r.image,
             format!("\"{cmd}\""),
             ago(&r.created),
@@ -670,12 +693,21 @@ pub fn rm(g: &GlobalArgs, a: RmArgs) -> anyhow::Result<()> {
             if r.status == "running" && !a.force {
                 bail!("container {} is running: stop it first or use -f", r.name);
             }
-            if let Some(runtime) = find_program(&a.runtime) {
-                let _ = Command::new(runtime)
-                    .arg("--root")
-                    .arg(containers.runtime_root())
-                    .args(["delete", "--force", &r.id])
-                    .output();
+            // The runtime it runs with (crun's state is not runc's).
+            let runtime = find_program(&r.runtime)
+                .or_else(|| find_program(&a.runtime))
+                .with_context(|| format!("OCI runtime {} not found", r.runtime.display()))?;
+            let out = Command::new(runtime)
+                .arg("--root")
+                .arg(containers.runtime_root())
+                .args(["delete", "--force", &r.id])
+                .output()?;
+            if !out.status.success() && containers.runtime_state(&r).is_some() {
+                bail!(
+                    "cannot remove container {}: {}",
+                    r.name,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
             }
             let rootfs = containers.dir(&r.id).rootfs();
             if strata_fs::service::is_mount_point(&rootfs) {
@@ -944,8 +976,7 @@ pub fn exec(g: &GlobalArgs, a: ExecArgs) -> anyhow::Result<()> {
         cmd.arg("--tty");
     }
     if let Some(u) = &a.user {
-        let read = |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap_or_default();
-        let user = runtime::resolve_user(u, &read("etc/passwd"), &read("etc/group"))?;
+        let user = resolve_user_in(&rootfs, u)?;
         cmd.arg("--user").arg(format!("{}:{}", user.uid, user.gid));
         for g in &user.additional_gids {
             cmd.arg("--additional-gids").arg(g.to_string());
