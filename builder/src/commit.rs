@@ -392,27 +392,15 @@ pub fn apply_change(config: &mut serde_json::Value, change: &str) -> Result<(), 
     Ok(())
 }
 
-/// Commits `upper` (with `merged`, the container's view of it) over the image whose manifest
-/// is `base` as a new image named `dst`.
-#[allow(clippy::too_many_arguments)]
-pub fn commit(
+/// Writes `upper` (an overlay upper directory, or any directory: then `merged` is the same
+/// directory) as one strata layer in the store: the layer's descriptor and diff ID. The tar
+/// streams from a walker thread straight into the converter (no temp copy).
+pub fn layer_from_upper(
     store: &Store,
-    base: &str,
-    base_annotations: &oci::Annotations,
     upper: &Path,
     merged: &Path,
     exclude: &[PathBuf],
-    dst: &Reference,
-    opts: &CommitOptions,
-) -> Result<Committed, BuildError> {
-    let manifest = store.manifest(base)?;
-    let mut config: serde_json::Value =
-        serde_json::from_slice(&store.read_blob(&manifest.config.digest)?)
-            .map_err(|e| BuildError::Source(format!("image config: {e}")))?;
-    for c in &opts.changes {
-        apply_change(&mut config, c)?;
-    }
-    // The layer tar streams from a walker thread straight into the converter (no temp copy).
+) -> Result<(Descriptor, String), BuildError> {
     let (writer, reader) = block_pipe(8);
     let result = std::thread::scope(|s| {
         let walker = s.spawn(move || {
@@ -443,7 +431,63 @@ pub fn commit(
         Ok::<_, BuildError>((layer_descriptor(digest, &c.summary), c))
     });
     let (layer, c) = result?;
-    let diff_id = c.summary.diff_id.oci();
+    Ok((layer, c.summary.diff_id.oci()))
+}
+
+/// Writes `config` and a manifest of `layers` to the store and names it `dst`, keeping the
+/// registry source annotations of the image the layers came from (lazily pulled layers stay
+/// reachable): the manifest's descriptor.
+pub fn save_image(
+    store: &Store,
+    template: &oci::Manifest,
+    layers: Vec<Descriptor>,
+    config: &serde_json::Value,
+    source_annotations: &oci::Annotations,
+    dst: &Reference,
+) -> Result<Descriptor, BuildError> {
+    let config_bytes = serde_json::to_vec(config).map_err(|e| BuildError::Source(e.to_string()))?;
+    let config_digest = store.put_blob(&config_bytes)?;
+    let mut new = template.clone();
+    new.config = Descriptor::new(
+        oci::MEDIA_TYPE_CONFIG,
+        config_digest,
+        config_bytes.len() as u64,
+    );
+    new.layers = layers;
+    let bytes = serde_json::to_vec(&new).map_err(|e| BuildError::Source(e.to_string()))?;
+    let digest = store.put_blob(&bytes)?;
+    let mut desc = Descriptor::new(oci::MEDIA_TYPE_MANIFEST, digest, bytes.len() as u64);
+    for (k, v) in source_annotations {
+        if k != oci::ANNOTATION_REF_NAME {
+            desc.annotations.insert(k.clone(), v.clone());
+        }
+    }
+    store.tag(dst, desc.clone())?;
+    Ok(desc)
+}
+
+/// Commits `upper` (with `merged`, the container's view of it) over the image whose manifest
+/// is `base` as a new image named `dst`.
+#[allow(clippy::too_many_arguments)]
+pub fn commit(
+    store: &Store,
+    base: &str,
+    base_annotations: &oci::Annotations,
+    upper: &Path,
+    merged: &Path,
+    exclude: &[PathBuf],
+    dst: &Reference,
+    opts: &CommitOptions,
+) -> Result<Committed, BuildError> {
+    let manifest = store.manifest(base)?;
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&store.read_blob(&manifest.config.digest)?)
+            .map_err(|e| BuildError::Source(format!("image config: {e}")))?;
+    for c in &opts.changes {
+        apply_change(&mut config, c)?;
+    }
+    let (layer, diff_id) = layer_from_upper(store, upper, merged, exclude)?;
+
     let now = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
@@ -470,26 +514,9 @@ pub fn commit(
         Some(h) => h.push(entry),
         None => config["history"] = serde_json::json!([entry]),
     }
-    let config_bytes =
-        serde_json::to_vec(&config).map_err(|e| BuildError::Source(e.to_string()))?;
-    let config_digest = store.put_blob(&config_bytes)?;
-    let mut new = manifest.clone();
-    new.config = Descriptor::new(
-        oci::MEDIA_TYPE_CONFIG,
-        config_digest,
-        config_bytes.len() as u64,
-    );
-    new.layers.push(layer);
-    let bytes = serde_json::to_vec(&new).map_err(|e| BuildError::Source(e.to_string()))?;
-    let digest = store.put_blob(&bytes)?;
-    let mut desc = Descriptor::new(oci::MEDIA_TYPE_MANIFEST, digest, bytes.len() as u64);
-    // Layers still in the base's registry stay reachable: the source goes with the name.
-    for (k, v) in base_annotations {
-        if k != oci::ANNOTATION_REF_NAME {
-            desc.annotations.insert(k.clone(), v.clone());
-        }
-    }
-    store.tag(dst, desc.clone())?;
+    let mut layers = manifest.layers.clone();
+    layers.push(layer);
+    let desc = save_image(store, &manifest, layers, &config, base_annotations, dst)?;
     Ok(Committed {
         manifest: desc,
         diff_id,

@@ -60,6 +60,8 @@ enum Command {
     Exec(commands::container::ExecArgs),
     /// Make a container's changes a new layer of a new image.
     Commit(commands::container::CommitArgs),
+    /// Build an image from a Dockerfile (bases mounted lazily, steps cached).
+    Build(commands::build::BuildArgs),
     /// Show an image's history.
     History(commands::container::HistoryArgs),
     #[command(hide = true)]
@@ -208,6 +210,7 @@ fn main() {
         Command::Commit(a) => commands::container::commit(&cli.global, a),
         Command::Exec(a) => commands::container::exec(&cli.global, a),
         Command::History(a) => commands::container::history(&cli.global, a),
+        Command::Build(a) => commands::build::build(&cli.global, a),
         Command::ContainerMonitor(a) => commands::container::monitor(&cli.global, a),
         Command::Daemon(a) => commands::daemon::run(&cli.global, a),
         Command::Umount(a) => commands::mount::umount(&cli.global, a),

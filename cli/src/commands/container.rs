@@ -96,7 +96,7 @@ fn find_program(p: &Path) -> Option<PathBuf> {
 /// `USER[:GROUP]` resolved through the container root's `/etc/passwd` and `/etc/group`, read
 /// as the container would see them (never through a symlink out of the root, regular files of
 /// at most 4 MiB).
-fn resolve_user_in(rootfs: &Path, spec: &str) -> anyhow::Result<runtime::ResolvedUser> {
+pub(crate) fn resolve_user_in(rootfs: &Path, spec: &str) -> anyhow::Result<runtime::ResolvedUser> {
     let read = |p: &str| {
         strata_builder::build::fsops::read_root_file(rootfs, p, 4 << 20)
             .with_context(|| format!("reading {p} of the image"))
