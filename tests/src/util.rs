@@ -243,6 +243,7 @@ pub fn busybox_image_with(
         for tool in [
             "sh", "echo", "cat", "id", "hostname", "pwd", "env", "ls", "true", "rm", "mkdir",
             "touch", "ln", "chmod", "chown", "mv", "tty", "sleep", "sync", "dd", "stat", "find",
+            "ping",
         ] {
             l.symlink(&format!("bin/{tool}"), "busybox")?;
         }

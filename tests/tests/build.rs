@@ -1,0 +1,323 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failure should abort loudly
+//! `strata build` on a lazily pulled busybox base, side by side with `buildah bud`: Docker's
+//! textbook examples (ENTRYPOINT + CMD, WORKDIR vs `RUN cd`, `--chown`, ADD of a local tar), the
+//! same file trees and config fields as buildah's, history rows, and the layer cache.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use strata_tests::image::scratch;
+use strata_tests::registry::TestRegistry;
+use strata_tests::snapshot::{self, Snapshot, SnapshotOptions};
+use strata_tests::util::{busybox_image, strata, strata_bin, strata_ok, Mounted};
+
+/// buildah with storage of its own (a short run root: podman's tools refuse long ones).
+struct Buildah {
+    root: PathBuf,
+    runroot: tempfile::TempDir,
+}
+
+impl Buildah {
+    fn new(tmp: &Path) -> Buildah {
+        Buildah {
+            root: tmp.join("buildah"),
+            runroot: tempfile::Builder::new()
+                .prefix("strata-ba")
+                .tempdir_in("/tmp")
+                .unwrap(),
+        }
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new("buildah");
+        c.arg("--root")
+            .arg(&self.root)
+            .arg("--runroot")
+            .arg(self.runroot.path())
+            .args(["--storage-driver", "overlay"]);
+        c
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.cmd().args(args).output().expect("buildah runs");
+        assert!(
+            o.status.success(),
+            "buildah {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn bud(&self, ctx: &Path, tag: &str) {
+        self.ok(&[
+            "bud",
+            "--tls-verify=false",
+            "--ulimit",
+            "nofile=20000:20000",
+            "--ulimit",
+            "nproc=1000:1000",
+            "--network",
+            "host",
+            "-t",
+            tag,
+            &ctx.to_string_lossy(),
+        ]);
+    }
+
+    /// The image's root (mounted by buildah) and its config.
+    fn tree_and_config(&self, tag: &str) -> (Snapshot, serde_json::Value) {
+        let c = self.ok(&["from", tag]).trim().to_string();
+        let m = self.ok(&["mount", &c]).trim().to_string();
+        let tree = comparable(Path::new(&m));
+        self.ok(&["umount", &c]);
+        self.ok(&["rm", &c]);
+        let inspect: serde_json::Value =
+            serde_json::from_str(&self.ok(&["inspect", "--type", "image", tag])).unwrap();
+        (tree, inspect["OCIv1"]["config"].clone())
+    }
+}
+
+impl Drop for Buildah {
+    fn drop(&mut self) {
+        let _ = self.cmd().args(["rm", "--all"]).output();
+        let _ = self.cmd().args(["rmi", "--all", "--force"]).output();
+    }
+}
+
+/// What buildah leaves of its RUN mount points (strata leaves them out of layers, as Docker).
+const RUN_ARTIFACTS: &[&str] = &[
+    "dev",
+    "proc",
+    "sys",
+    "run",
+    "etc/hostname",
+    "etc/hosts",
+    "etc/resolv.conf",
+];
+
+/// A snapshot for comparing two builders: the root itself, RUN artifacts and times left out
+/// (RUN makes files at different moments).
+fn comparable(root: &Path) -> Snapshot {
+    let mut s = snapshot::snapshot(root, SnapshotOptions::default()).unwrap();
+    s.retain(|p, _| {
+        let p = String::from_utf8_lossy(p);
+        !p.is_empty()
+            && !RUN_ARTIFACTS
+                .iter()
+                .any(|a| p == *a || p.starts_with(&format!("{a}/")))
+    });
+    for e in s.values_mut() {
+        e.mtime = (0, 0);
+    }
+    s
+}
+
+/// The config fields Docker users rely on, buildah's own label left out.
+fn fields(config: &serde_json::Value) -> serde_json::Value {
+    let mut labels = config["Labels"].clone();
+    if let Some(l) = labels.as_object_mut() {
+        l.remove("io.buildah.version");
+        if l.is_empty() {
+            labels = serde_json::Value::Null;
+        }
+    }
+    let mut env: Vec<String> = config["Env"]
+        .as_array()
+        .map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default();
+    env.sort();
+    serde_json::json!({
+        "Cmd": config["Cmd"], "Entrypoint": config["Entrypoint"], "Env": env,
+        "WorkingDir": config["WorkingDir"], "User": config["User"],
+        "ExposedPorts": config["ExposedPorts"], "Labels": labels,
+    })
+}
+
+fn build(root: &Path, ctx: &Path, tag: &str) -> String {
+    let o = Command::new(strata_bin())
+        .arg("--root")
+        .arg(root)
+        .args(["build", "-t", tag])
+        .arg(ctx)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "strata build: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn run(root: &Path, args: &[&str]) -> String {
+    let o = strata(root, &[&["run", "--rm"], args].concat());
+    assert!(
+        o.status.success(),
+        "run {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn blobs(root: &Path) -> usize {
+    fs::read_dir(root.join("blobs/sha256")).unwrap().count()
+}
+
+#[test]
+fn builds_match_buildah_and_cache() {
+    let tmp = scratch("build").unwrap();
+    let reg = TestRegistry::start(&tmp.join("registry"), None).unwrap();
+    let base = busybox_image(&tmp, &reg.addr);
+    let root = tmp.join("node");
+    let buildah = Buildah::new(&tmp);
+
+    // 1. ENTRYPOINT ["ping"] + CMD: default args, trailing args, --entrypoint.
+    let ping = tmp.join("ping");
+    fs::create_dir_all(&ping).unwrap();
+    fs::write(
+        ping.join("Dockerfile"),
+        format!("FROM {base}\nENTRYPOINT [\"ping\"]\nCMD [\"-c\", \"1\", \"127.0.0.1\"]\n"),
+    )
+    .unwrap();
+    build(&root, &ping, "t/ping:v1");
+    assert!(run(&root, &["t/ping:v1"]).contains("1 packets transmitted"));
+    assert!(run(&root, &["t/ping:v1", "-c", "2", "127.0.0.1"]).contains("2 packets transmitted"));
+    assert_eq!(
+        run(&root, &["--entrypoint", "/bin/echo", "t/ping:v1", "hi"]),
+        "hi\n"
+    );
+
+    // 2. WORKDIR vs `RUN cd`, --chown, ADD of a local tar, metadata.
+    let ctx = tmp.join("ctx");
+    fs::create_dir_all(ctx.join("dir/sub")).unwrap();
+    fs::write(ctx.join("file.txt"), b"file\n").unwrap();
+    fs::write(ctx.join("dir/sub/deep.txt"), b"deep\n").unwrap();
+    fs::write(ctx.join("ignored.md"), b"no\n").unwrap();
+    fs::write(ctx.join(".dockerignore"), b"*.md\n").unwrap();
+    let tar = Command::new("tar")
+        .arg("-czf")
+        .arg(ctx.join("archive.tar.gz"))
+        .arg("-C")
+        .arg(&ctx)
+        .args(["dir"])
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    fs::write(
+        ctx.join("Dockerfile"),
+        format!(
+            "ARG BASE={base}\nFROM $BASE\nARG GREETING=hello\n\
+             RUN cd /tmp && touch in-tmp.txt\nRUN touch sample.txt\nWORKDIR /work\n\
+             RUN touch sample.txt && echo \"$GREETING\" > greeting\n\
+             COPY --chown=11:22 file.txt /owned/\nADD --chown=11:22 file.txt /added/\n\
+             ADD archive.tar.gz /unpacked/\nCOPY dir /copied\nCOPY * /all/\n\
+             ENV APP=demo PATH=/usr/local/bin:/usr/bin:/bin\nLABEL org.example.name=\"demo app\" v=1\n\
+             EXPOSE 8080 53/udp\nUSER app\nCMD [\"-c\", \"echo $APP\"]\n"
+        ),
+    )
+    .unwrap();
+    build(&root, &ctx, "t/demo:v1");
+    assert_eq!(run(&root, &["t/demo:v1"]), "demo\n");
+    let listing = run(
+        &root,
+        &[
+            "-u",
+            "0",
+            "--entrypoint",
+            "/bin/sh",
+            "t/demo:v1",
+            "-c",
+            "ls /sample.txt /tmp/in-tmp.txt /work/sample.txt; test ! -e /tmp/sample.txt && echo ok; \
+             stat -c '%u:%g' /owned/file.txt /added/file.txt; cat /unpacked/dir/sub/deep.txt /work/greeting; \
+             ls /all",
+        ],
+    );
+    assert_eq!(
+        listing,
+        "/sample.txt\n/tmp/in-tmp.txt\n/work/sample.txt\nok\n11:22\n11:22\ndeep\nhello\n\
+         Dockerfile\narchive.tar.gz\nfile.txt\nsub\n"
+    );
+
+    // 3. The same Dockerfiles under buildah: the same trees and config fields.
+    let mnt = tmp.join("mnt");
+    for (dir, tag) in [(&ping, "t/ping:v1"), (&ctx, "t/demo:v1")] {
+        let btag = format!("localhost/{}", tag.replace("t/", "b-"));
+        buildah.bud(dir, &btag);
+        let (want, want_config) = buildah.tree_and_config(&btag);
+        let m = Mounted::new(&root, tag, &mnt).unwrap();
+        let got = comparable(&mnt);
+        m.unmount().unwrap();
+        let d = snapshot::diff(&want, &got);
+        assert!(d.is_empty(), "{tag}: strata vs buildah:\n{}", d.join("\n"));
+        let inspect: serde_json::Value =
+            serde_json::from_str(&strata_ok(&root, &["inspect", tag])).unwrap();
+        assert_eq!(
+            fields(&inspect["config"]["config"]),
+            fields(&want_config),
+            "{tag}: config (strata, buildah)"
+        );
+    }
+
+    // 4. History: one row per instruction, metadata-only ones as empty layers.
+    let inspect: serde_json::Value =
+        serde_json::from_str(&strata_ok(&root, &["inspect", "t/demo:v1"])).unwrap();
+    let history = inspect["config"]["history"].as_array().unwrap().clone();
+    let ours: Vec<&serde_json::Value> = history
+        .iter()
+        .filter(|h| h["comment"] == "strata build")
+        .collect();
+    // FROM and ARG make no rows; the 14 others do, metadata-only ones as empty layers.
+    let empty: Vec<bool> = ours.iter().map(|h| h["empty_layer"] == true).collect();
+    let (f, t) = (false, true);
+    assert_eq!(
+        empty,
+        vec![f, f, t, f, f, f, f, f, f, t, t, t, t, t],
+        "{history:#?}"
+    );
+
+    // 5. Cache: an unchanged rebuild runs nothing and makes no layer; a changed COPY source
+    // rebuilds from that step on.
+    let before = blobs(&root);
+    let out = build(&root, &ctx, "t/demo:v2");
+    assert!(!out.contains("Running in"), "{out}");
+    assert_eq!(out.matches("Using cache").count(), 8, "{out}");
+    assert!(blobs(&root) <= before + 2, "a cached rebuild wrote layers");
+    fs::write(ctx.join("file.txt"), b"changed\n").unwrap();
+    let out = build(&root, &ctx, "t/demo:v3");
+    assert_eq!(out.matches("Using cache").count(), 3, "{out}");
+    assert_eq!(
+        run(&root, &["t/demo:v3", "-c", "cat /owned/file.txt"]),
+        "changed\n"
+    );
+
+    // Bad Dockerfiles: the line is named, nothing is built.
+    let bad = tmp.join("bad");
+    fs::create_dir_all(&bad).unwrap();
+    fs::write(
+        bad.join("Dockerfile"),
+        format!("FROM {base}\nRUN true\nFROBNICATE\n"),
+    )
+    .unwrap();
+    let o = strata(&root, &["build", &bad.to_string_lossy()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("Dockerfile:3") && err.contains("FROBNICATE"),
+        "{err}"
+    );
+    fs::write(bad.join("Dockerfile"), format!("FROM {base}\nRUN exit 7\n")).unwrap();
+    let o = strata(&root, &["build", &bad.to_string_lossy()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("Dockerfile:2") && err.contains("7"),
+        "{err}"
+    );
+
+    strata_ok(&root, &["daemon", "--stop"]);
+    let left = fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(!left.contains(&*root.to_string_lossy()), "{left}");
+    drop(buildah);
+    fs::remove_dir_all(&tmp).ok();
+}
