@@ -62,6 +62,8 @@ enum Command {
     Commit(commands::container::CommitArgs),
     /// Build an image from a Dockerfile (bases mounted lazily, steps cached).
     Build(commands::build::BuildArgs),
+    /// Make a one-layer image from a rootfs tarball.
+    Import(commands::archive::ImportArgs),
     /// Show an image's history.
     History(commands::container::HistoryArgs),
     #[command(hide = true)]
@@ -211,6 +213,7 @@ fn main() {
         Command::Exec(a) => commands::container::exec(&cli.global, a),
         Command::History(a) => commands::container::history(&cli.global, a),
         Command::Build(a) => commands::build::build(&cli.global, a),
+        Command::Import(a) => commands::archive::import(&cli.global, a),
         Command::ContainerMonitor(a) => commands::container::monitor(&cli.global, a),
         Command::Daemon(a) => commands::daemon::run(&cli.global, a),
         Command::Umount(a) => commands::mount::umount(&cli.global, a),

@@ -321,3 +321,99 @@ fn builds_match_buildah_and_cache() {
     drop(buildah);
     fs::remove_dir_all(&tmp).ok();
 }
+
+/// A multi-stage build: a C toolchain stage (this machine's gcc, binutils and libc files in an
+/// image the test assembles and imports) compiles hello.c; only the binary goes into a
+/// `scratch` final stage, which holds no compiler and is far smaller. buildah builds the same.
+#[test]
+fn multi_stage_build_keeps_only_the_binary() {
+    let tmp = scratch("build-multi").unwrap();
+    let reg = TestRegistry::start(&tmp.join("registry"), None).unwrap();
+    let rootfs = tmp.join("toolchain");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/toolchain-rootfs.sh");
+    let st = Command::new("bash")
+        .arg(&script)
+        .arg(&rootfs)
+        .status()
+        .unwrap();
+    assert!(st.success(), "assembling the toolchain");
+    // `strata import` of the rootfs tarball, pushed: the base is lazy on the building node.
+    let local = tmp.join("local");
+    let tar = Command::new("tar")
+        .arg("-C")
+        .arg(&rootfs)
+        .args(["-cf", "-", "."])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let o = Command::new(strata_bin())
+        .arg("--root")
+        .arg(&local)
+        .args(["import", "-c", "CMD [\"/bin/sh\"]", "-", "c/toolchain:v1"])
+        .stdin(tar.stdout.unwrap())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let base = format!("{}/c/toolchain:v1", reg.addr);
+    strata_ok(&local, &["push", "c/toolchain:v1", &base]);
+
+    let ctx = tmp.join("ctx");
+    fs::create_dir_all(&ctx).unwrap();
+    fs::write(
+        ctx.join("hello.c"),
+        "#include <stdio.h>\nint main(void) { puts(\"hello, world\"); return 0; }\n",
+    )
+    .unwrap();
+    fs::write(
+        ctx.join("Dockerfile"),
+        format!(
+            "FROM {base} AS build\nWORKDIR /src\nCOPY hello.c .\n\
+             RUN mkdir -p /out && gcc -O2 -static -o /out/hello hello.c\n\n\
+             FROM scratch\nCOPY --from=build /out/hello /hello\nCMD [\"/hello\"]\n"
+        ),
+    )
+    .unwrap();
+    let root = tmp.join("node");
+    build(&root, &ctx, "t/hello:v1");
+    assert_eq!(run(&root, &["t/hello:v1"]), "hello, world\n");
+    let size = |image: &str| -> u64 {
+        let v: serde_json::Value =
+            serde_json::from_str(&strata_ok(&root, &["inspect", image])).unwrap();
+        v["manifest"]["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["size"].as_u64().unwrap())
+            .sum()
+    };
+    let (final_size, base_size) = (size("t/hello:v1"), size(&base));
+    assert!(
+        final_size * 20 < base_size,
+        "final {final_size} B vs toolchain {base_size} B"
+    );
+    let mnt = tmp.join("mnt");
+    let m = Mounted::new(&root, "t/hello:v1", &mnt).unwrap();
+    let tree = comparable(&mnt);
+    m.unmount().unwrap();
+    let names: Vec<String> = tree
+        .keys()
+        .map(|k| String::from_utf8_lossy(k).to_string())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["hello"],
+        "the final image holds only the binary"
+    );
+
+    let buildah = Buildah::new(&tmp);
+    buildah.bud(&ctx, "localhost/b-hello:v1");
+    let (want, want_config) = buildah.tree_and_config("localhost/b-hello:v1");
+    let d = snapshot::diff(&want, &tree);
+    assert!(d.is_empty(), "strata vs buildah:\n{}", d.join("\n"));
+    let inspect: serde_json::Value =
+        serde_json::from_str(&strata_ok(&root, &["inspect", "t/hello:v1"])).unwrap();
+    assert_eq!(fields(&inspect["config"]["config"]), fields(&want_config));
+    strata_ok(&root, &["daemon", "--stop"]);
+    drop(buildah);
+    fs::remove_dir_all(&tmp).ok();
+}

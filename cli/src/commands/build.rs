@@ -155,7 +155,7 @@ fn now() -> String {
 }
 
 /// An empty manifest to build `FROM scratch` images on.
-fn scratch_manifest() -> anyhow::Result<Manifest> {
+pub(crate) fn scratch_manifest() -> anyhow::Result<Manifest> {
     Ok(serde_json::from_value(json!({
         "schemaVersion": 2,
         "mediaType": oci::MEDIA_TYPE_MANIFEST,
@@ -1043,6 +1043,10 @@ impl<'a> Builder<'a> {
         let stage = self.df.stages[idx].clone();
         self.announce(&stage.from.text);
         let mut st = self.from(&stage.from)?;
+        // An image without PATH gets the default one, as Docker and buildah give it.
+        if !env_vars(&st.config).iter().any(|(k, _)| k == "PATH") {
+            set_env(&mut st.config, "PATH", runtime::DEFAULT_PATH);
+        }
         println!(" ---> {}", short(&st.key));
         // Triggers of the base (ONBUILD) run first, then are gone.
         let triggers: Vec<String> = st.config["config"]["OnBuild"]

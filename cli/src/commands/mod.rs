@@ -1,3 +1,4 @@
+pub mod archive;
 pub mod build;
 pub mod cache;
 pub mod container;
