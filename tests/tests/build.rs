@@ -339,7 +339,7 @@ fn multi_stage_build_keeps_only_the_binary() {
     assert!(st.success(), "assembling the toolchain");
     // `strata import` of the rootfs tarball, pushed: the base is lazy on the building node.
     let local = tmp.join("local");
-    let tar = Command::new("tar")
+    let mut tar = Command::new("tar")
         .arg("-C")
         .arg(&rootfs)
         .args(["-cf", "-", "."])
@@ -350,9 +350,10 @@ fn multi_stage_build_keeps_only_the_binary() {
         .arg("--root")
         .arg(&local)
         .args(["import", "-c", "CMD [\"/bin/sh\"]", "-", "c/toolchain:v1"])
-        .stdin(tar.stdout.unwrap())
+        .stdin(tar.stdout.take().unwrap())
         .output()
         .unwrap();
+    assert!(tar.wait().unwrap().success());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let base = format!("{}/c/toolchain:v1", reg.addr);
     strata_ok(&local, &["push", "c/toolchain:v1", &base]);
