@@ -210,68 +210,89 @@ fn open_oci_layout(dir: &Path, tag: Option<&str>) -> Result<SourceImage, BuildEr
 struct ArchiveManifest {
     config: String,
     layers: Vec<String>,
+    #[serde(default)]
+    repo_tags: Option<Vec<String>>,
 }
 
 fn open_docker_archive(path: &Path) -> Result<SourceImage, BuildError> {
-    // Index the outer tar once: member name → (offset, size). Layers are then read in place.
+    let mut images = docker_archive_images(path)?;
+    match images.len() {
+        1 => Ok(images.remove(0).0),
+        n => Err(BuildError::Source(format!(
+            "{} holds {n} images; exactly one is supported here",
+            path.display()
+        ))),
+    }
+}
+
+/// Every image of a Docker archive (`docker save`, `podman save`, `strata save`) with the names
+/// it gives them (`RepoTags`). Layers are read in place from the archive.
+pub fn docker_archive_images(path: &Path) -> Result<Vec<(SourceImage, Vec<String>)>, BuildError> {
+    // Index the outer tar once: member name → (offset, size).
     let f = File::open(path).map_err(|e| BuildError::io(path, e))?;
     let mut archive = tar::Archive::new(io::BufReader::new(f));
     let mut members: HashMap<Vec<u8>, (u64, u64)> = HashMap::new();
-    let mut small: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
     let bad =
         |e: io::Error| BuildError::Source(format!("{}: not a tar archive: {e}", path.display()));
     for entry in archive.entries().map_err(bad)? {
-        let mut entry = entry.map_err(bad)?;
+        let entry = entry.map_err(bad)?;
         let name = strata_fs::format::normalize_path(&entry.path_bytes())
             .map_err(|r| BuildError::Source(format!("archive member: {r}")))?;
-        if name == b"manifest.json" || name.ends_with(b".json") {
-            let mut data = Vec::new();
-            entry
-                .by_ref()
-                .take(64 << 20)
-                .read_to_end(&mut data)
-                .map_err(bad)?;
-            small.insert(name.clone(), data);
-        }
         members.insert(name, (entry.raw_file_position(), entry.size()));
     }
-    let manifest = small
-        .get(&b"manifest.json"[..])
-        .ok_or_else(|| BuildError::Source(format!("{}: no manifest.json", path.display())))?;
-    let manifests: Vec<ArchiveManifest> = parse_json(manifest, "manifest.json")?;
-    let m = match manifests.as_slice() {
-        [one] => one,
-        _ => {
+    let read_member = |name: &[u8]| -> Result<Vec<u8>, BuildError> {
+        let (offset, size) = members.get(name).copied().ok_or_else(|| {
+            BuildError::Source(format!(
+                "{} missing from the archive",
+                String::from_utf8_lossy(name)
+            ))
+        })?;
+        if size > 64 << 20 {
             return Err(BuildError::Source(format!(
-                "{} holds {} images; exactly one is supported",
-                path.display(),
-                manifests.len()
-            )))
+                "{}: too large for metadata",
+                String::from_utf8_lossy(name)
+            )));
         }
+        let mut f = File::open(path).map_err(|e| BuildError::io(path, e))?;
+        f.seek(SeekFrom::Start(offset))
+            .map_err(|e| BuildError::io(path, e))?;
+        let mut data = Vec::new();
+        f.take(size)
+            .read_to_end(&mut data)
+            .map_err(|e| BuildError::io(path, e))?;
+        Ok(data)
     };
+    let manifests: Vec<ArchiveManifest> = parse_json(
+        &read_member(b"manifest.json")
+            .map_err(|_| BuildError::Source(format!("{}: no manifest.json", path.display())))?,
+        "manifest.json",
+    )?;
     let key = |n: &str| strata_fs::format::normalize_path(n.as_bytes()).unwrap_or_default();
-    let config = small
-        .get(&key(&m.config))
-        .cloned()
-        .ok_or_else(|| BuildError::Source(format!("config {} missing from archive", m.config)))?;
-    let layers = m
-        .layers
-        .iter()
-        .map(|l| {
-            let (offset, size) = members
-                .get(&key(l))
-                .copied()
-                .ok_or_else(|| BuildError::Source(format!("layer {l} missing from archive")))?;
-            Ok(SourceLayer {
-                digest: None,
-                size,
-                location: Location::Slice(path.to_path_buf(), offset),
-            })
-        })
-        .collect::<Result<_, BuildError>>()?;
-    Ok(SourceImage {
-        config,
-        layers,
-        annotations: oci::Annotations::new(),
-    })
+    let mut out = Vec::new();
+    for m in manifests {
+        let config = read_member(&key(&m.config))?;
+        let layers =
+            m.layers
+                .iter()
+                .map(|l| {
+                    let (offset, size) = members.get(&key(l)).copied().ok_or_else(|| {
+                        BuildError::Source(format!("layer {l} missing from archive"))
+                    })?;
+                    Ok(SourceLayer {
+                        digest: None,
+                        size,
+                        location: Location::Slice(path.to_path_buf(), offset),
+                    })
+                })
+                .collect::<Result<_, BuildError>>()?;
+        out.push((
+            SourceImage {
+                config,
+                layers,
+                annotations: oci::Annotations::new(),
+            },
+            m.repo_tags.unwrap_or_default(),
+        ));
+    }
+    Ok(out)
 }

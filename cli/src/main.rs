@@ -64,6 +64,10 @@ enum Command {
     Build(commands::build::BuildArgs),
     /// Make a one-layer image from a rootfs tarball.
     Import(commands::archive::ImportArgs),
+    /// Write images to a tarball (a Docker archive that is also an OCI layout).
+    Save(commands::archive::SaveArgs),
+    /// Load images from a Docker archive or an OCI layout tarball.
+    Load(commands::archive::LoadArgs),
     /// Show an image's history.
     History(commands::container::HistoryArgs),
     #[command(hide = true)]
@@ -214,6 +218,8 @@ fn main() {
         Command::History(a) => commands::container::history(&cli.global, a),
         Command::Build(a) => commands::build::build(&cli.global, a),
         Command::Import(a) => commands::archive::import(&cli.global, a),
+        Command::Save(a) => commands::archive::save(&cli.global, a),
+        Command::Load(a) => commands::archive::load(&cli.global, a),
         Command::ContainerMonitor(a) => commands::container::monitor(&cli.global, a),
         Command::Daemon(a) => commands::daemon::run(&cli.global, a),
         Command::Umount(a) => commands::mount::umount(&cli.global, a),

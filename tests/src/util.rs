@@ -265,3 +265,68 @@ pub fn busybox_image_with(
     strata_ok(&local, &["push", name, &remote]);
     remote
 }
+
+/// Unpacks an OCI image's layers (from a skopeo `oci:` copy) with GNU tar, applying whiteouts
+/// and opaque markers as the image spec says: before a layer's entries, its `.wh.NAME` files
+/// remove NAME and its `.wh..wh..opq` files empty their directory.
+pub fn unpack_with_tar(layout: &Path, dest: &Path) {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let blob = |digest: &str| layout.join("blobs/sha256").join(&digest["sha256:".len()..]);
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap(),
+    )
+    .unwrap();
+    std::fs::create_dir_all(dest).unwrap();
+    for layer in manifest["layers"].as_array().unwrap() {
+        let file = blob(layer["digest"].as_str().unwrap());
+        let list = Command::new("tar")
+            .arg("--zstd")
+            .arg("-tf")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(list.status.success());
+        for name in String::from_utf8_lossy(&list.stdout).lines() {
+            let path = Path::new(name.trim_start_matches("./"));
+            let Some(base) = path.file_name().map(|b| b.to_string_lossy().to_string()) else {
+                continue; // the root
+            };
+            let parent = dest.join(path.parent().unwrap_or(Path::new("")));
+            if base == ".wh..wh..opq" {
+                for e in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+                    let p = e.path();
+                    if p.is_dir() && !p.is_symlink() {
+                        std::fs::remove_dir_all(&p).unwrap();
+                    } else {
+                        std::fs::remove_file(&p).unwrap();
+                    }
+                }
+            } else if let Some(gone) = base.strip_prefix(".wh.") {
+                let p = parent.join(gone);
+                match std::fs::symlink_metadata(&p) {
+                    Ok(m) if m.is_dir() => std::fs::remove_dir_all(&p).unwrap(),
+                    Ok(_) => std::fs::remove_file(&p).unwrap(),
+                    Err(_) => {}
+                }
+            }
+        }
+        let x = Command::new("tar")
+            .args([
+                "--zstd",
+                "-xpf",
+                &file.to_string_lossy(),
+                "--numeric-owner",
+                "--xattrs",
+                "--xattrs-include=*",
+                "--wildcards",
+                "--exclude=.wh.*",
+                "--exclude=*/.wh.*",
+                "-C",
+                &dest.to_string_lossy(),
+            ])
+            .output()
+            .unwrap();
+        assert!(x.status.success(), "{}", String::from_utf8_lossy(&x.stderr));
+    }
+}

@@ -418,3 +418,118 @@ fn multi_stage_build_keeps_only_the_binary() {
     drop(buildah);
     fs::remove_dir_all(&tmp).ok();
 }
+
+/// `strata save` writes a Docker archive that skopeo reads (and GNU tar unpacks to the same
+/// tree); `strata load` takes it back, and takes podman's docker-archive and oci-archive.
+#[test]
+fn save_and_load_archives() {
+    let tmp = scratch("archives").unwrap();
+    let reg = TestRegistry::start(&tmp.join("registry"), None).unwrap();
+    let base = busybox_image(&tmp, &reg.addr);
+    let root = tmp.join("node");
+    let ctx = tmp.join("ctx");
+    fs::create_dir_all(&ctx).unwrap();
+    fs::write(ctx.join("data.txt"), b"data\n").unwrap();
+    fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM {base}\nRUN rm /etc/motd && mkdir /made\nCOPY data.txt /made/\n"),
+    )
+    .unwrap();
+    build(&root, &ctx, "t/saved:v1");
+    let archive = tmp.join("saved.tar");
+    strata_ok(
+        &root,
+        &["save", "-o", &archive.to_string_lossy(), "t/saved:v1"],
+    );
+
+    // skopeo reads it as a Docker archive; its layers unpack to the image's tree.
+    let layout = tmp.join("oci");
+    let o = Command::new("skopeo")
+        .arg("copy")
+        .arg(format!("docker-archive:{}", archive.display()))
+        .arg(format!("oci:{}:v1", layout.display()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let unpacked = tmp.join("unpacked");
+    strata_tests::util::unpack_with_tar(&layout, &unpacked);
+    let mnt = tmp.join("mnt");
+    let m = Mounted::new(&root, "t/saved:v1", &mnt).unwrap();
+    let opts = SnapshotOptions::default();
+    let mut want = snapshot::snapshot(&mnt, opts).unwrap();
+    m.unmount().unwrap();
+    let mut got = snapshot::snapshot(&unpacked, opts).unwrap();
+    want.remove(&b""[..]);
+    got.remove(&b""[..]);
+    let d = snapshot::diff(&want, &got);
+    assert!(
+        d.is_empty(),
+        "strata mount vs tar unpack:\n{}",
+        d.join("\n")
+    );
+    assert!(!got.contains_key(&b"etc/motd"[..]) && got.contains_key(&b"made/data.txt"[..]));
+
+    // strata load takes its own archive back.
+    let other = tmp.join("other");
+    strata_ok(&other, &["load", "-i", &archive.to_string_lossy()]);
+    assert_eq!(
+        run(&other, &["t/saved:v1", "-c", "cat /made/data.txt"]),
+        "data\n"
+    );
+
+    // podman's archives of a gzip image (podman cannot write zstd layers to a Docker archive).
+    let podman_root = tmp.join("podman");
+    let runroot = tempfile::Builder::new()
+        .prefix("strata-pl")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let podman = |args: &[&str]| {
+        let o = Command::new("podman")
+            .arg("--root")
+            .arg(&podman_root)
+            .arg("--runroot")
+            .arg(runroot.path())
+            .args(["--storage-driver", "overlay"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "podman {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let src = tmp.join("src-c-busybox-v1");
+    let name = format!("{}/c/gzbox:v1", reg.addr);
+    let o = Command::new("skopeo")
+        .args(["copy", "-q", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:v1", src.display()))
+        .arg(format!("docker://{name}"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    podman(&["pull", "-q", "--tls-verify=false", &name]);
+    let docker_tar = tmp.join("podman-docker.tar");
+    let oci_tar = tmp.join("podman-oci.tar");
+    podman(&["save", "-o", &docker_tar.to_string_lossy(), &name]);
+    podman(&[
+        "save",
+        "--format",
+        "oci-archive",
+        "-o",
+        &oci_tar.to_string_lossy(),
+        &name,
+    ]);
+    let fresh = tmp.join("fresh");
+    for t in [&docker_tar, &oci_tar] {
+        let out = strata_ok(&fresh, &["load", "-i", &t.to_string_lossy()]);
+        assert!(out.starts_with("Loaded image: "), "{out}");
+        let loaded = out.trim().trim_start_matches("Loaded image: ").to_string();
+        assert_eq!(run(&fresh, &[&loaded, "-c", "echo loaded"]), "loaded\n");
+    }
+    podman(&["system", "reset", "-f"]);
+    for r in [&root, &other, &fresh] {
+        let _ = strata(r, &["daemon", "--stop"]);
+    }
+    fs::remove_dir_all(&tmp).ok();
+}

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use strata_tests::image::scratch;
 use strata_tests::registry::TestRegistry;
 use strata_tests::snapshot::{self, Snapshot, SnapshotOptions};
-use strata_tests::util::{busybox_image_with, strata_bin, strata_ok};
+use strata_tests::util::{busybox_image_with, strata_bin, strata_ok, unpack_with_tar};
 
 /// What the user types in the container: creates, modifies, deletes, links, renames a directory
 /// the image has, replaces one (opaque), and touches a binary (metadata-only copy-up).
@@ -169,71 +169,6 @@ fn tree(root: &Path, mount_points: &[String]) -> Snapshot {
 fn assert_same_tree(want: &Snapshot, got: &Snapshot, what: &str) {
     let d = snapshot::diff(want, got);
     assert!(d.is_empty(), "{what} differs:\n{}", d.join("\n"));
-}
-
-/// Unpacks an OCI image's layers (from a skopeo `oci:` copy) with GNU tar, applying whiteouts
-/// and opaque markers as the image spec says: before a layer's entries, its `.wh.NAME` files
-/// remove NAME and its `.wh..wh..opq` files empty their directory.
-fn unpack_with_tar(layout: &Path, dest: &Path) {
-    let index: serde_json::Value =
-        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
-    let blob = |digest: &str| layout.join("blobs/sha256").join(&digest["sha256:".len()..]);
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &fs::read(blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap(),
-    )
-    .unwrap();
-    fs::create_dir_all(dest).unwrap();
-    for layer in manifest["layers"].as_array().unwrap() {
-        let file = blob(layer["digest"].as_str().unwrap());
-        let list = Command::new("tar")
-            .arg("--zstd")
-            .arg("-tf")
-            .arg(&file)
-            .output()
-            .unwrap();
-        assert!(list.status.success());
-        for name in String::from_utf8_lossy(&list.stdout).lines() {
-            let path = Path::new(name.trim_start_matches("./"));
-            let Some(base) = path.file_name().map(|b| b.to_string_lossy().to_string()) else {
-                continue; // the root
-            };
-            let parent = dest.join(path.parent().unwrap_or(Path::new("")));
-            if base == ".wh..wh..opq" {
-                for e in fs::read_dir(&parent).into_iter().flatten().flatten() {
-                    let p = e.path();
-                    if p.is_dir() && !p.is_symlink() {
-                        fs::remove_dir_all(&p).unwrap();
-                    } else {
-                        fs::remove_file(&p).unwrap();
-                    }
-                }
-            } else if let Some(gone) = base.strip_prefix(".wh.") {
-                let p = parent.join(gone);
-                match fs::symlink_metadata(&p) {
-                    Ok(m) if m.is_dir() => fs::remove_dir_all(&p).unwrap(),
-                    Ok(_) => fs::remove_file(&p).unwrap(),
-                    Err(_) => {}
-                }
-            }
-        }
-        let x = Command::new("tar")
-            .args([
-                "--zstd",
-                "-xpf",
-                &file.to_string_lossy(),
-                "--numeric-owner",
-                "--xattrs",
-                "--xattrs-include=*",
-                "--wildcards",
-                "--exclude=.wh.*",
-                "--exclude=*/.wh.*",
-                "-C",
-                &dest.to_string_lossy(),
-            ])
-            .output()
-            .unwrap();
-        assert!(x.status.success(), "{}", String::from_utf8_lossy(&x.stderr));
-    }
 }
 
 #[test]

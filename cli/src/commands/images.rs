@@ -216,35 +216,39 @@ pub struct VerifyArgs {
     pub registry: super::registry::RegistryArgs,
 }
 
+/// Fetches the layers of a lazily pulled `image` that are not in the store, by digest, from
+/// the repository the image came from.
+pub fn fetch_missing_layers(
+    store: &strata_fs::store::Store,
+    client: &std::sync::Arc<strata_fs::registry::Registry>,
+    image: &str,
+) -> anyhow::Result<()> {
+    let rec = store.resolve(image)?;
+    let m = store.manifest(&rec.descriptor.digest)?;
+    if m.layers.iter().all(|l| store.has_blob(&l.digest)) {
+        return Ok(());
+    }
+    let src = strata_fs::image::source_of(&rec)
+        .with_context(|| format!("{image}: layers are missing and no source is known"))?;
+    for l in m.layers.iter().filter(|l| !store.has_blob(&l.digest)) {
+        let mut reader = client
+            .open_blob(&src, &l.digest)
+            .with_context(|| format!("fetching layer {} from {src}", l.digest))?;
+        let mut w = store.blob_writer()?;
+        std::io::copy(&mut reader, &mut w)
+            .with_context(|| format!("fetching layer {}", l.digest))?;
+        w.commit(Some(&l.digest))?;
+    }
+    Ok(())
+}
+
 /// `strata verify IMAGE`: every blob against its digest, every layer's tar stream against its
 /// diff ID and (strata layers) its TOC, every chunk at its offset.
 pub fn verify(g: &GlobalArgs, a: VerifyArgs) -> anyhow::Result<()> {
     let store = open_store(g)?;
-    let missing = |store: &strata_fs::store::Store| -> anyhow::Result<bool> {
-        let rec = store.resolve(&a.image)?;
-        let m = store.manifest(&rec.descriptor.digest)?;
-        Ok(m.layers.iter().any(|l| !store.has_blob(&l.digest)))
-    };
     match store.resolve(&a.image) {
-        // In the store with layers missing (lazily pulled): fetch those blobs, by digest, from
-        // the repository the image came from.
-        Ok(rec) if missing(&store)? => {
-            let src = strata_fs::image::source_of(&rec).with_context(|| {
-                format!("{}: layers are missing and no source is known", a.image)
-            })?;
-            let client = a.registry.client()?;
-            let m = store.manifest(&rec.descriptor.digest)?;
-            for l in m.layers.iter().filter(|l| !store.has_blob(&l.digest)) {
-                let mut reader = client
-                    .open_blob(&src, &l.digest)
-                    .with_context(|| format!("fetching layer {} from {src}", l.digest))?;
-                let mut w = store.blob_writer()?;
-                std::io::copy(&mut reader, &mut w)
-                    .with_context(|| format!("fetching layer {}", l.digest))?;
-                w.commit(Some(&l.digest))?;
-            }
-        }
-        Ok(_) => {}
+        // In the store with layers missing (lazily pulled): fetch those blobs.
+        Ok(_) => fetch_missing_layers(&store, &a.registry.client()?, &a.image)?,
         Err(_) => {
             let r = strata_fs::reference::Reference::parse(&a.image)?;
             let client = a.registry.client()?;
