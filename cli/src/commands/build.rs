@@ -31,7 +31,7 @@ use super::open_store;
 use crate::GlobalArgs;
 
 /// Where cached step results are named.
-const CACHE_REPO: &str = "localhost/strata-build-cache";
+pub(crate) const CACHE_REPO: &str = "localhost/strata-build-cache";
 
 #[derive(clap::Args)]
 pub struct BuildArgs {

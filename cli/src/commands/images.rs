@@ -11,6 +11,9 @@ pub struct ImagesArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also list the build cache's images (`localhost/strata-build-cache`).
+    #[arg(short = 'a', long)]
+    pub all: bool,
 }
 
 #[derive(clap::Args)]
@@ -28,6 +31,9 @@ pub fn images(g: &GlobalArgs, a: ImagesArgs) -> anyhow::Result<()> {
     let store = open_store(g)?;
     let mut rows = Vec::new();
     for rec in store.images()? {
+        if !a.all && rec.reference.to_string().starts_with(super::build::CACHE_REPO) {
+            continue;
+        }
         let manifest = store.manifest(&rec.descriptor.digest);
         let (layers, size, created) = match &manifest {
             Ok(m) => {
