@@ -533,3 +533,84 @@ fn save_and_load_archives() {
     }
     fs::remove_dir_all(&tmp).ok();
 }
+
+/// ARG scoping and --build-arg, heredocs (RUN and COPY), ADD of a URL with --checksum,
+/// ONBUILD triggers of a stage used as a base, --target.
+#[test]
+fn dockerfile_features() {
+    let tmp = scratch("build-features").unwrap();
+    let reg = TestRegistry::start(&tmp.join("registry"), None).unwrap();
+    let base = busybox_image(&tmp, &reg.addr);
+    let root = tmp.join("node");
+    strata_ok(&root, &["pull", &base]);
+    let inspect: serde_json::Value =
+        serde_json::from_str(&strata_ok(&root, &["inspect", &base])).unwrap();
+    let digest = inspect["manifest"]["config"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let url = format!("http://{}/v2/c/busybox/blobs/{digest}", reg.addr);
+    let ctx = tmp.join("ctx");
+    fs::create_dir_all(&ctx).unwrap();
+    let dockerfile = |checksum: &str| {
+        format!(
+            "ARG V=1\nFROM {base} AS first\nARG V\nARG OTHER=x\n\
+             RUN echo \"v=$V other=$OTHER\" > /args\n\
+             RUN <<EOF\necho heredoc > /here\nEOF\n\
+             COPY <<CONF /etc/conf\nvalue=$V\nCONF\n\
+             ADD --checksum={checksum} {url} /dl/blob\n\
+             ONBUILD RUN echo triggered > /onbuild\n\n\
+             FROM first AS second\nRUN cat /onbuild\n\n\
+             FROM {base} AS unused\nRUN exit 1\n"
+        )
+    };
+    fs::write(ctx.join("Dockerfile"), dockerfile(&digest)).unwrap();
+    let o = Command::new(strata_bin())
+        .arg("--root")
+        .arg(&root)
+        .args([
+            "build",
+            "--build-arg",
+            "V=7",
+            "--target",
+            "second",
+            "-t",
+            "t/feat:v1",
+        ])
+        .arg(&ctx)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        !out.contains("exit 1"),
+        "a stage the target does not need ran:\n{out}"
+    );
+    assert_eq!(
+        run(
+            &root,
+            &["t/feat:v1", "-c", "cat /args /here /etc/conf /onbuild"]
+        ),
+        "v=7 other=x\nheredoc\nvalue=7\ntriggered\n"
+    );
+    let blob = run(&root, &["t/feat:v1", "-c", "cat /dl/blob"]);
+    assert_eq!(strata_tests::image::sha256(blob.as_bytes()), digest);
+    // A wrong checksum fails the build and names the URL.
+    fs::write(
+        ctx.join("Dockerfile"),
+        dockerfile(&format!("sha256:{}", "0".repeat(64))),
+    )
+    .unwrap();
+    let o = strata(
+        &root,
+        &["build", "--target", "first", &ctx.to_string_lossy()],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("checksum"), "{err}");
+    strata_ok(&root, &["daemon", "--stop"]);
+    fs::remove_dir_all(&tmp).ok();
+}

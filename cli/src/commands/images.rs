@@ -31,7 +31,12 @@ pub fn images(g: &GlobalArgs, a: ImagesArgs) -> anyhow::Result<()> {
     let store = open_store(g)?;
     let mut rows = Vec::new();
     for rec in store.images()? {
-        if !a.all && rec.reference.to_string().starts_with(super::build::CACHE_REPO) {
+        if !a.all
+            && rec
+                .reference
+                .to_string()
+                .starts_with(super::build::CACHE_REPO)
+        {
             continue;
         }
         let manifest = store.manifest(&rec.descriptor.digest);
