@@ -597,6 +597,30 @@ fn dockerfile_features() {
         ),
         "v=7 other=x\nheredoc\nvalue=7\ntriggered\n"
     );
+    // A changed build arg reaches the heredoc: no stale cache hit.
+    strata_ok(
+        &root,
+        &[
+            "build",
+            "--build-arg",
+            "V=8",
+            "--target",
+            "second",
+            "-t",
+            "t/feat:v2",
+            &ctx.to_string_lossy(),
+        ],
+    );
+    assert_eq!(
+        run(&root, &["t/feat:v2", "-c", "cat /etc/conf"]),
+        "value=8\n"
+    );
+    // The build cache's names are not for other images.
+    let o = strata(
+        &root,
+        &["tag", "t/feat:v1", "localhost/strata-build-cache:0123"],
+    );
+    assert!(!o.status.success());
     let blob = run(&root, &["t/feat:v1", "-c", "cat /dl/blob"]);
     assert_eq!(strata_tests::image::sha256(blob.as_bytes()), digest);
     // A wrong checksum fails the build and names the URL.

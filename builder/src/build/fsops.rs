@@ -209,17 +209,28 @@ pub fn copy_sources(
     own: CopyOwnership,
     ignore: Option<&Ignore>,
 ) -> Result<(), BuildError> {
-    let dest_is_dir = dest.ends_with('/')
+    // `..` in the destination resolves lexically, as Docker cleans it.
+    let trailing = dest.ends_with('/');
+    let dest = format!("/{}", clean(dest).join("/"));
+    let dest_is_dir = trailing
         || sources.len() > 1
-        || secure_join(root, dest, true)
+        || secure_join(root, &dest, true)
             .ok()
             .and_then(|p| fs::metadata(p).ok())
             .is_some_and(|m| m.is_dir());
     for src in sources {
         let host_src = secure_join(base, src, true).map_err(|e| BuildError::io(base, e))?;
+        // What the source resolves to is what the ignore rules judge (a symlink must not
+        // reach an ignored file).
+        let resolved = resolved_rel(base, &host_src);
+        if ignore.is_some_and(|ig| !resolved.is_empty() && ig.excluded(&resolved)) {
+            return Err(BuildError::Source(format!(
+                "{src}: resolves to {resolved}, which .dockerignore excludes"
+            )));
+        }
         let md = fs::metadata(&host_src).map_err(|e| BuildError::io(&host_src, e))?;
         let target = if md.is_dir() {
-            dest.trim_end_matches('/').to_string()
+            dest.clone()
         } else if dest_is_dir {
             let name = Path::new(src)
                 .file_name()
@@ -227,24 +238,25 @@ pub fn copy_sources(
                 .unwrap_or_default();
             format!("{}/{name}", dest.trim_end_matches('/'))
         } else {
-            dest.to_string()
-        };
-        let target = if target.is_empty() {
-            "/".to_string()
-        } else {
-            target
+            dest.clone()
         };
         if let Some(parent) = Path::new(&target).parent() {
             mkdir_all(root, &parent.to_string_lossy(), own.chown)
                 .map_err(|e| BuildError::io(Path::new(&target), e))?;
         }
         if md.is_dir() {
+            let existed = secure_join(root, &target, true)
+                .ok()
+                .is_some_and(|p| fs::metadata(p).is_ok_and(|m| m.is_dir()));
             mkdir_all(root, &target, own.chown)
                 .map_err(|e| BuildError::io(Path::new(&target), e))?;
             let host_dst = secure_join(root, &target, true).map_err(|e| BuildError::io(root, e))?;
-            copy_tree(&host_src, &host_dst, src, own, ignore)?;
-            // The directory itself takes the source's mode (and owner rules), as Docker's.
-            apply_meta(&host_dst, &md, own)?;
+            copy_tree(&host_src, &host_dst, &resolved, own, ignore)?;
+            // A directory made here takes the source's mode (and owner rules); an existing
+            // one keeps its own, as buildkit's copy.
+            if !existed {
+                apply_meta(&host_dst, &md, own)?;
+            }
         } else {
             let host_dst =
                 secure_join(root, &target, false).map_err(|e| BuildError::io(root, e))?;
@@ -252,6 +264,35 @@ pub fn copy_sources(
         }
     }
     Ok(())
+}
+
+/// `host` (under `base`) as a path relative to `base`.
+fn resolved_rel(base: &Path, host: &Path) -> String {
+    host.strip_prefix(base)
+        .map(|p| p.to_string_lossy().to_string())
+        .unwrap_or_default()
+}
+
+/// Lexically cleaned components of a path inside a root (`..` stops at the root).
+fn clean(path: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for c in components(path) {
+        if c == ".." {
+            out.pop();
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Whether a directory entry at `rel` is left out by the ignore rules, and whether the walk
+/// must still go below it (a later `!` pattern may re-include something there).
+fn skip_entry(ignore: Option<&Ignore>, rel: &str, is_dir: bool) -> bool {
+    match ignore {
+        Some(ig) if ig.excluded(rel) => !(is_dir && ig.may_include_below(rel)),
+        _ => false,
+    }
 }
 
 fn copy_tree(
@@ -274,25 +315,28 @@ fn copy_tree(
             format!("{rel}/{}", n.to_string_lossy())
         };
         let s = src.join(&n);
-        if ignore.is_some_and(|ig| ig.excluded(&child_rel)) {
-            let below = ignore.is_some_and(|ig| ig.may_include_below(&child_rel));
-            if !(below && s.is_dir()) {
-                continue;
-            }
+        let md = fs::symlink_metadata(&s).map_err(|e| BuildError::io(&s, e))?;
+        if skip_entry(ignore, &child_rel, md.is_dir()) {
+            continue;
         }
         let d = dst.join(&n);
-        let md = fs::symlink_metadata(&s).map_err(|e| BuildError::io(&s, e))?;
         if md.is_dir() {
-            match fs::symlink_metadata(&d) {
-                Ok(m) if m.is_dir() => {}
+            let created = match fs::symlink_metadata(&d) {
+                Ok(m) if m.is_dir() => false,
                 Ok(_) => {
                     remove(&d)?;
                     fs::create_dir(&d).map_err(|e| BuildError::io(&d, e))?;
+                    true
                 }
-                Err(_) => fs::create_dir(&d).map_err(|e| BuildError::io(&d, e))?,
-            }
+                Err(_) => {
+                    fs::create_dir(&d).map_err(|e| BuildError::io(&d, e))?;
+                    true
+                }
+            };
             copy_tree(&s, &d, &child_rel, own, ignore)?;
-            apply_meta(&d, &md, own)?;
+            if created {
+                apply_meta(&d, &md, own)?;
+            }
         } else {
             copy_entry(&s, &d, own)?;
         }
@@ -311,8 +355,11 @@ fn remove(p: &Path) -> Result<(), BuildError> {
 /// One non-directory entry (file, symlink, fifo); the source's top level is followed.
 fn copy_entry(src: &Path, dst: &Path, own: CopyOwnership) -> Result<(), BuildError> {
     let md = fs::symlink_metadata(src).map_err(|e| BuildError::io(src, e))?;
-    if fs::symlink_metadata(dst).is_ok_and(|m| m.is_dir()) && !md.is_dir() {
-        remove(dst)?;
+    if fs::symlink_metadata(dst).is_ok_and(|m| m.is_dir()) {
+        return Err(BuildError::Source(format!(
+            "cannot replace directory {} with a file",
+            dst.display()
+        )));
     } else if fs::symlink_metadata(dst).is_ok() {
         fs::remove_file(dst).map_err(|e| BuildError::io(dst, e))?;
     }
@@ -363,11 +410,21 @@ pub fn sources_digest(
     let mut seen = BTreeSet::new();
     for s in sources {
         let host = secure_join(base, s, true).map_err(|e| BuildError::io(base, e))?;
-        hash_tree(&host, s, &mut h, ignore, &mut seen)?;
+        let rel = resolved_rel(base, &host);
+        // The name as written matters too (it names the copy).
+        frame(&mut h, s.as_bytes());
+        hash_tree(&host, &rel, &mut h, ignore, &mut seen)?;
     }
     Ok(format!("sha256:{}", hex::encode(h.finalize())))
 }
 
+/// Hashes `data` with its length first: no two sequences of fields hash alike.
+fn frame(h: &mut Sha256, data: &[u8]) {
+    h.update((data.len() as u64).to_le_bytes());
+    h.update(data);
+}
+
+/// Hashes what [`copy_tree`] would copy from `p`: the same entries, ignore rules included.
 fn hash_tree(
     p: &Path,
     rel: &str,
@@ -379,17 +436,13 @@ fn hash_tree(
         return Ok(());
     }
     let md = fs::symlink_metadata(p).map_err(|e| BuildError::io(p, e))?;
-    h.update(rel.as_bytes());
-    h.update([0]);
+    frame(h, rel.as_bytes());
     h.update(md.mode().to_le_bytes());
     if md.file_type().is_symlink() {
-        h.update(
-            fs::read_link(p)
-                .map_err(|e| BuildError::io(p, e))?
-                .as_os_str()
-                .as_encoded_bytes(),
-        );
+        let target = fs::read_link(p).map_err(|e| BuildError::io(p, e))?;
+        frame(h, target.as_os_str().as_encoded_bytes());
     } else if md.is_file() {
+        h.update(md.len().to_le_bytes());
         let mut f = fs::File::open(p).map_err(|e| BuildError::io(p, e))?;
         let mut buf = vec![0u8; 1 << 16];
         loop {
@@ -412,7 +465,8 @@ fn hash_tree(
             } else {
                 format!("{rel}/{n}")
             };
-            if ignore.is_some_and(|ig| ig.excluded(&child)) {
+            let is_dir = fs::symlink_metadata(p.join(&n)).is_ok_and(|m| m.is_dir());
+            if skip_entry(ignore, &child, is_dir) {
                 continue;
             }
             hash_tree(&p.join(&n), &child, h, ignore, seen)?;
@@ -458,21 +512,30 @@ pub fn unpack_archive(archive: &Path, kind: &str, dest: &Path) -> Result<(), Bui
         "zstd" => Box::new(zstd::stream::read::Decoder::new(file).map_err(BuildError::Read)?),
         "bzip2" | "xz" => {
             let tool = if kind == "bzip2" { "bzip2" } else { "xz" };
-            let child = std::process::Command::new(tool)
+            // Decompressed to a temp file first: the tool's exit status is known before a
+            // single entry is unpacked (a corrupt stream must not unpack partially).
+            let mut tmp = tempfile::tempfile().map_err(BuildError::Read)?;
+            let out = std::process::Command::new(tool)
                 .arg("-dc")
                 .stdin(file)
-                .stdout(std::process::Stdio::piped())
-                .spawn()
+                .stdout(tmp.try_clone().map_err(BuildError::Read)?)
+                .stderr(std::process::Stdio::piped())
+                .output()
                 .map_err(|e| {
                     BuildError::Source(format!(
                         "{tool} is needed to unpack {}: {e}",
                         archive.display()
                     ))
                 })?;
-            let out = child
-                .stdout
-                .ok_or_else(|| BuildError::Source(format!("{tool}: no output")))?;
-            Box::new(out)
+            if !out.status.success() {
+                return Err(BuildError::Source(format!(
+                    "{}: {tool}: {}",
+                    archive.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            std::io::Seek::seek(&mut tmp, std::io::SeekFrom::Start(0)).map_err(BuildError::Read)?;
+            Box::new(tmp)
         }
         _ => Box::new(file),
     };

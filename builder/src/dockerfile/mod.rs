@@ -196,7 +196,7 @@ pub fn parse(text: &str, file: &str) -> Result<Dockerfile, ParseError> {
         // Heredocs take the lines that follow.
         let mut heredocs = Vec::new();
         if matches!(keyword.as_str(), "RUN" | "COPY" | "ADD") {
-            for (name, quoted, strip_tabs) in heredoc_markers(rest) {
+            for (name, quoted, strip_tabs) in heredoc_markers(rest, escape) {
                 let mut content = String::new();
                 let mut closed = false;
                 while i < lines.len() {
@@ -300,41 +300,39 @@ fn trim_continuation(line: &mut String, escape: char) -> bool {
     }
 }
 
-/// The heredoc markers on an instruction line: (delimiter, quoted, strip tabs), in order.
-fn heredoc_markers(rest: &str) -> Vec<(String, bool, bool)> {
+/// The heredoc markers on an instruction line: (delimiter, quoted, strip tabs), in order. As in
+/// buildkit, only a word that starts with `<<` is one (`$((1<<2))` is not).
+fn heredoc_markers(rest: &str, escape: char) -> Vec<(String, bool, bool)> {
+    let Ok(words) = words::split_raw(rest, escape) else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
-    let b = rest.as_bytes();
-    let mut i = 0;
-    while i + 1 < b.len() {
-        if b[i] == b'<' && b[i + 1] == b'<' && (i + 2 >= b.len() || b[i + 2] != b'<') {
-            let mut j = i + 2;
-            let strip = j < b.len() && b[j] == b'-';
-            if strip {
-                j += 1;
-            }
-            let quote = b.get(j).copied().filter(|c| *c == b'"' || *c == b'\'');
-            if quote.is_some() {
-                j += 1;
-            }
-            let start = j;
-            while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_') {
-                j += 1;
-            }
-            if j > start {
-                let name = rest[start..j].to_string();
-                if let Some(q) = quote {
-                    if b.get(j) != Some(&q) {
-                        i = j;
-                        continue;
-                    }
-                    j += 1;
-                }
-                out.push((name, quote.is_some(), strip));
-            }
-            i = j.max(i + 2);
-        } else {
-            i += 1;
+    for w in words {
+        let Some(body) = w.strip_prefix("<<") else {
+            continue;
+        };
+        if body.starts_with('<') {
+            continue; // a here-string
         }
+        let (strip, body) = match body.strip_prefix('-') {
+            Some(b) => (true, b),
+            None => (false, body),
+        };
+        let (quoted, name) = match body.chars().next() {
+            Some(q @ ('"' | '\'')) => match body[1..].strip_suffix(q) {
+                Some(n) => (true, n),
+                None => continue,
+            },
+            _ => (false, body),
+        };
+        // The delimiter is a word; what follows it (`<<EOF>file`) is shell syntax.
+        let end = name
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(name.len());
+        if end == 0 || (quoted && end != name.len()) {
+            continue;
+        }
+        out.push((name[..end].to_string(), quoted, strip));
     }
     out
 }

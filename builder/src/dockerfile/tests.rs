@@ -152,6 +152,11 @@ fn heredocs() {
         }
         other => panic!("{other:?}"),
     }
+    // Only a word starting with `<<` is a heredoc.
+    match &steps("FROM a\nRUN echo $((1<<2))\nRUN cat <<<here\n")[1].1 {
+        Instruction::Run { heredocs, .. } => assert!(heredocs.is_empty()),
+        other => panic!("{other:?}"),
+    }
     let e = error("FROM a\nRUN <<EOF\necho never closed\n");
     assert_eq!(e.line, 2);
     assert!(e.message.contains("unterminated heredoc"), "{e}");

@@ -231,6 +231,29 @@ pub fn expand(word: &str, vars: &Vars, escape: char) -> Result<String, WordError
     Ok(lx.words(false)?.concat())
 }
 
+/// Heredoc content: variables substituted, quotes and other escapes left as written (buildkit's
+/// `SkipProcessQuotes`); `\$` is a literal `$`.
+pub fn expand_raw(text: &str, vars: &Vars, escape: char) -> Result<String, WordError> {
+    let mut lx = Lexer {
+        chars: text.chars().collect(),
+        at: 0,
+        escape,
+        vars,
+    };
+    let mut out = String::new();
+    while let Some(c) = lx.next() {
+        if c == escape && lx.peek() == Some('$') {
+            lx.at += 1;
+            out.push('$');
+        } else if c == '$' {
+            out.push_str(&lx.variable()?);
+        } else {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
 /// Several words split at unquoted whitespace, each processed (COPY sources, EXPOSE, …).
 pub fn expand_words(text: &str, vars: &Vars, escape: char) -> Result<Vec<String>, WordError> {
     let mut lx = Lexer {
@@ -321,6 +344,10 @@ mod tests {
         assert!(expand("${A", &v, '\\').is_err());
         assert!(expand("'open", &v, '\\').is_err());
         assert_eq!(expand("`$A", &v, '`').unwrap(), "$A");
+        assert_eq!(
+            expand_raw("echo 'q' $A \"it's\" \\$A printf \"a\\tb\"", &v, '\\').unwrap(),
+            "echo 'q' 1 \"it's\" $A printf \"a\\tb\""
+        );
     }
 
     #[test]

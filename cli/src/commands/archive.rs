@@ -37,6 +37,9 @@ pub fn import(g: &GlobalArgs, a: ImportArgs) -> anyhow::Result<()> {
         apply_change(&mut config, c)?;
     }
     let dst = a.reference.as_deref().map(Reference::parse).transpose()?;
+    if let Some(d) = &dst {
+        super::build::refuse_cache_name(d)?;
+    }
     let store = open_store(g)?;
     let input: Box<dyn Read> = if a.file.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
@@ -349,6 +352,7 @@ pub fn load(g: &GlobalArgs, a: LoadArgs) -> anyhow::Result<()> {
                     t
                 };
                 let dst = Reference::parse(&name)?;
+                super::build::refuse_cache_name(&dst)?;
                 strata_builder::convert::convert_image(&store, &src, &dst, &opts, &mut |_| {})
                     .with_context(|| format!("loading {name}"))?;
                 println!("Loaded image: {dst}");
@@ -382,6 +386,7 @@ pub fn load(g: &GlobalArgs, a: LoadArgs) -> anyhow::Result<()> {
                 None,
             )?;
             let dst = Reference::parse(&name)?;
+            super::build::refuse_cache_name(&dst)?;
             strata_builder::convert::convert_image(&store, &src, &dst, &opts, &mut |_| {})
                 .with_context(|| format!("loading {name}"))?;
             println!("Loaded image: {dst}");

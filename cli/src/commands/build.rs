@@ -30,6 +30,17 @@ use super::daemon::{self, DaemonSettings};
 use super::open_store;
 use crate::GlobalArgs;
 
+/// The annotation carrying a cache entry's full key.
+const CACHE_KEY_ANNOTATION: &str = "dev.strata.build.key";
+
+/// Refuses names in the build cache's repository for images that do not come from a build.
+pub(crate) fn refuse_cache_name(r: &Reference) -> anyhow::Result<()> {
+    if r.to_string().starts_with(CACHE_REPO) {
+        bail!("{r}: {CACHE_REPO} is reserved for the build cache");
+    }
+    Ok(())
+}
+
 /// Where cached step results are named.
 pub(crate) const CACHE_REPO: &str = "localhost/strata-build-cache";
 
@@ -47,7 +58,7 @@ pub struct BuildArgs {
     /// Build this stage (name or index) instead of the last.
     #[arg(long)]
     pub target: Option<String>,
-    /// Run every step (the cache is neither read nor written).
+    /// Run every step (cached results are not used; the new ones are recorded).
     #[arg(long)]
     pub no_cache: bool,
     /// Push the named images when built.
@@ -109,6 +120,7 @@ struct Builder<'a> {
     total: usize,
     results: HashMap<usize, State>,
     runtime: PathBuf,
+    interrupted: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// A writable view of a state (a container root without a container), or a plain directory
@@ -288,7 +300,7 @@ impl<'a> Builder<'a> {
                 annotations: Annotations::new(),
                 config: json!({"architecture": arch, "os": os, "config": {},
                     "rootfs": {"type": "layers", "diff_ids": []}, "history": []}),
-                key: key_of(&["scratch"]),
+                key: key_of(&["scratch", os, arch]),
                 args: BTreeMap::new(),
                 shell,
                 pending_dirs: Vec::new(),
@@ -301,7 +313,12 @@ impl<'a> Builder<'a> {
                 let r = Reference::parse(&image)
                     .with_context(|| format!("{}:{}: FROM {image}", self.file_name, step.line))?;
                 let plat = match platform {
-                    Some(p) => super::registry::platform(Some(p))?,
+                    Some(p) => {
+                        let p = words::expand(p, &vars, self.df.escape).map_err(|e| {
+                            anyhow::anyhow!("{}:{}: {}", self.file_name, step.line, e.0)
+                        })?;
+                        super::registry::platform(Some(&p))?
+                    }
                     None => self.platform.clone(),
                 };
                 strata_fs::transfer::pull(
@@ -401,12 +418,15 @@ impl<'a> Builder<'a> {
         self.history(st, created_by, false);
         st.key = key;
         let name = format!("{CACHE_REPO}:{}", &st.key[..32]);
+        // The key in the name's record: only an entry this builder made is ever a hit.
+        let mut annotations = st.annotations.clone();
+        annotations.insert(CACHE_KEY_ANNOTATION.into(), st.key.clone());
         save_image(
             &self.store,
             &st.template,
             st.layers.clone(),
             &st.config,
-            &st.annotations,
+            &annotations,
             &Reference::parse(&name)?,
         )?;
         st.mount_ref = Some(name);
@@ -432,6 +452,15 @@ impl<'a> Builder<'a> {
         }
         let name = format!("{CACHE_REPO}:{}", &key[..32]);
         let rec = self.store.resolve(&name).ok()?;
+        if rec
+            .descriptor
+            .annotations
+            .get(CACHE_KEY_ANNOTATION)
+            .map(String::as_str)
+            != Some(key)
+        {
+            return None;
+        }
         let manifest = self.store.manifest(&rec.descriptor.digest).ok()?;
         if manifest.layers.iter().any(|l| {
             !self.store.has_blob(&l.digest) && !st.layers.iter().any(|m| m.digest == l.digest)
@@ -454,19 +483,36 @@ impl<'a> Builder<'a> {
     /// Creates the pending WORKDIRs in a view.
     fn make_pending_dirs(&self, st: &mut State, root: &Path) -> anyhow::Result<bool> {
         let mut any = false;
-        for d in std::mem::take(&mut st.pending_dirs) {
-            any |= fsops::mkdir_all(root, &d, None).with_context(|| format!("WORKDIR {d}"))?;
+        for entry in std::mem::take(&mut st.pending_dirs) {
+            let (d, user) = entry.split_once('\u{0}').unwrap_or((&entry, ""));
+            let owner = if user.is_empty() {
+                None
+            } else {
+                let u = super::container::resolve_user_in(root, user)
+                    .with_context(|| format!("WORKDIR {d}: USER {user}"))?;
+                Some((u.uid, u.gid))
+            };
+            any |= fsops::mkdir_all(root, d, owner).with_context(|| format!("WORKDIR {d}"))?;
         }
         Ok(any)
     }
 
     fn run_step(&mut self, st: &mut State, step: &Step) -> anyhow::Result<()> {
         let Instruction::Run {
-            command, heredocs, ..
+            command,
+            heredocs,
+            flags,
         } = &step.instruction
         else {
             bail!("not a RUN");
         };
+        if let Some(k) = flags.keys().next() {
+            bail!(
+                "{}:{}: RUN --{k} is not supported by strata build yet",
+                self.file_name,
+                step.line
+            );
+        }
         let args: Vec<String> = match command {
             CommandForm::Exec(v) => v.clone(),
             CommandForm::Shell(s) => {
@@ -622,6 +668,27 @@ impl<'a> Builder<'a> {
         else {
             bail!("not a COPY");
         };
+        let (file_name, line) = (self.file_name.clone(), step.line);
+        let at = move |m: String| anyhow::anyhow!("{file_name}:{line}: {m}");
+        let allowed: &[&str] = if *add {
+            &["chown", "chmod", "checksum", "link"]
+        } else {
+            &["from", "chown", "chmod", "link"]
+        };
+        if let Some(k) = flags.keys().find(|k| !allowed.contains(&k.as_str())) {
+            return Err(at(format!("{} --{k} is not supported", step.keyword)));
+        }
+        // Everything the step's result depends on, expanded, goes into its cache key.
+        let flag = |name: &str| -> anyhow::Result<Option<String>> {
+            flags
+                .get(name)
+                .map(|v| self.expand(st, step, v))
+                .transpose()
+        };
+        let chown_spec = flag("chown")?;
+        let chmod_spec = flag("chmod")?;
+        let from = flag("from")?;
+        let checksum = flag("checksum")?;
         let mut srcs = Vec::new();
         for s in sources {
             srcs.push(self.expand(st, step, s)?);
@@ -631,7 +698,7 @@ impl<'a> Builder<'a> {
             .as_str()
             .unwrap_or("/")
             .to_string();
-        let dest = if dest.starts_with('/') {
+        let mut dest = if dest.starts_with('/') {
             dest
         } else {
             let mut d = format!("{}/{}", workdir.trim_end_matches('/'), dest);
@@ -640,22 +707,30 @@ impl<'a> Builder<'a> {
             }
             d
         };
-        let chmod = match flags.get("chmod") {
+        if srcs.len() > 1 && !dest.ends_with('/') {
+            dest.push('/');
+        }
+        let chmod = match &chmod_spec {
             Some(m) => Some(
                 u32::from_str_radix(m, 8)
                     .ok()
                     .filter(|m| *m <= 0o7777)
-                    .with_context(|| {
-                        format!(
-                            "{}:{}: --chmod={m}: expected octal",
-                            self.file_name, step.line
-                        )
-                    })?,
+                    .ok_or_else(|| at(format!("--chmod={m}: expected octal")))?,
             ),
             None => None,
         };
+        // Heredoc sources, expanded unless their delimiter was quoted.
+        let mut docs: BTreeMap<String, String> = BTreeMap::new();
+        for h in heredocs {
+            let content = if h.quoted {
+                h.content.clone()
+            } else {
+                words::expand_raw(&h.content, &self.vars(st), self.df.escape)
+                    .map_err(|e| at(e.0))?
+            };
+            docs.insert(h.name.clone(), content);
+        }
         // Where the sources come from: the context, another stage, or an image.
-        let from = flags.get("from").cloned();
         let from_state: Option<State> = match &from {
             None => None,
             Some(f) => match self.df.stage_index(f) {
@@ -680,42 +755,46 @@ impl<'a> Builder<'a> {
                 }
             },
         };
-        let urls: Vec<&String> = srcs
-            .iter()
-            .filter(|s| s.starts_with("http://") || s.starts_with("https://"))
-            .collect();
-        if !urls.is_empty() && !*add {
-            bail!(
-                "{}:{}: COPY cannot fetch URLs (ADD can)",
-                self.file_name,
-                step.line
-            );
+        let is_url = |s: &str| s.starts_with("http://") || s.starts_with("https://");
+        if srcs.iter().any(|s| is_url(s)) && !*add {
+            return Err(at("COPY cannot fetch URLs (ADD can)".into()));
         }
-        // The cache key: parent, instruction, and a digest of the sources.
-        let mut inputs = vec![st.key.clone(), step.text.clone(), dest.clone()];
-        inputs.extend(flags.iter().map(|(k, v)| format!("{k}={v}")));
-        inputs.extend(heredocs.iter().map(|h| h.content.clone()));
+        let scratch = tempfile::Builder::new()
+            .prefix("src-")
+            .tempdir_in(self.store.layout().tmp())?;
+        // URLs are fetched first: their content is an input of the key.
+        let mut fetched: Vec<(String, String)> = Vec::new();
+        for u in srcs.iter().filter(|s| is_url(s)) {
+            let (name, digest) = self.fetch_url(u, checksum.as_deref(), scratch.path())?;
+            fetched.push((name, digest));
+        }
+        let mut inputs = vec![
+            st.key.clone(),
+            step.keyword.clone(),
+            dest.clone(),
+            format!("{chown_spec:?} {chmod_spec:?} {checksum:?}"),
+        ];
+        inputs.extend(srcs.iter().cloned());
+        inputs.extend(docs.iter().map(|(k, v)| format!("{k}\u{1}{v}")));
+        inputs.extend(fetched.iter().map(|(n, d)| format!("{n}\u{1}{d}")));
         inputs.push(st.pending_dirs.join(":"));
+        let plain: Vec<String> = srcs
+            .iter()
+            .filter(|s| !s.starts_with("<<") && !is_url(s))
+            .cloned()
+            .collect();
         match &from_state {
             Some(f) => inputs.push(f.key.clone()),
-            None => {
-                let local: Vec<String> = srcs
-                    .iter()
-                    .filter(|s| {
-                        !s.starts_with("<<")
-                            && !s.starts_with("http://")
-                            && !s.starts_with("https://")
-                    })
-                    .cloned()
-                    .collect();
-                let expanded = fsops::expand_sources(&self.context, &local, Some(&self.ignore))
-                    .map_err(|e| anyhow::anyhow!("{}:{}: {e}", self.file_name, step.line))?;
+            None if !plain.is_empty() => {
+                let expanded = fsops::expand_sources(&self.context, &plain, Some(&self.ignore))
+                    .map_err(|e| at(e.to_string()))?;
                 inputs.push(fsops::sources_digest(
                     &self.context,
                     &expanded,
                     Some(&self.ignore),
                 )?);
             }
+            None => {}
         }
         let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
         let key = key_of(&refs);
@@ -728,7 +807,7 @@ impl<'a> Builder<'a> {
         let view = self.view(st)?;
         self.make_pending_dirs(st, &view.root)?;
         let own = CopyOwnership {
-            chown: self.chown(flags.get("chown"), &view.root)?,
+            chown: self.chown(chown_spec.as_ref(), &view.root)?,
             chmod,
             keep_owners: from_state.is_some(),
         };
@@ -743,50 +822,32 @@ impl<'a> Builder<'a> {
             }
             None => self.context.clone(),
         };
-        let scratch = tempfile::Builder::new()
-            .prefix("src-")
-            .tempdir_in(self.store.layout().tmp())?;
-        let mut plain = Vec::new();
-        for s in &srcs {
-            if let Some(name) = s.strip_prefix("<<") {
-                let h = heredocs
-                    .iter()
-                    .find(|h| h.name == name)
-                    .with_context(|| format!("no heredoc {name}"))?;
-                let content = if h.quoted {
-                    h.content.clone()
-                } else {
-                    self.expand(st, step, &h.content.replace('"', "\\\""))
-                        .unwrap_or_else(|_| h.content.clone())
-                };
-                std::fs::write(scratch.path().join(name), content)?;
-                fsops::copy_sources(
-                    scratch.path(),
-                    &[name.to_string()],
-                    &view.root,
-                    &dest,
-                    own,
-                    None,
-                )?;
-            } else if s.starts_with("http://") || s.starts_with("https://") {
-                self.fetch_url(
-                    s,
-                    flags.get("checksum"),
-                    scratch.path(),
-                    &view.root,
-                    &dest,
-                    own,
-                )?;
-            } else {
-                plain.push(s.clone());
-            }
+        for (name, content) in &docs {
+            std::fs::write(scratch.path().join(name), content)?;
+            fsops::copy_sources(
+                scratch.path(),
+                std::slice::from_ref(name),
+                &view.root,
+                &dest,
+                own,
+                None,
+            )?;
+        }
+        for (name, _) in &fetched {
+            fsops::copy_sources(
+                scratch.path(),
+                std::slice::from_ref(name),
+                &view.root,
+                &dest,
+                own,
+                None,
+            )?;
         }
         if !plain.is_empty() {
             let ignore = from_state.is_none().then_some(&self.ignore);
-            let expanded = fsops::expand_sources(&base, &plain, ignore)
-                .map_err(|e| anyhow::anyhow!("{}:{}: {e}", self.file_name, step.line))?;
-            let multi = expanded.len() > 1 || srcs.len() > 1;
-            let dest = if multi && !dest.ends_with('/') {
+            let expanded =
+                fsops::expand_sources(&base, &plain, ignore).map_err(|e| at(e.to_string()))?;
+            let dest = if expanded.len() > 1 && !dest.ends_with('/') {
                 format!("{dest}/")
             } else {
                 dest.clone()
@@ -817,41 +878,51 @@ impl<'a> Builder<'a> {
         self.finish_layer(st, view, &[], &created_by, key)
     }
 
+    /// Downloads `url` into `dir` (checked against `checksum`): the file's name and digest.
     fn fetch_url(
         &self,
         url: &str,
-        checksum: Option<&String>,
-        scratch: &Path,
-        root: &Path,
-        dest: &str,
-        own: CopyOwnership,
-    ) -> anyhow::Result<()> {
-        let resp = ureq::get(url)
+        checksum: Option<&str>,
+        dir: &Path,
+    ) -> anyhow::Result<(String, String)> {
+        use std::io::Write as _;
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(std::time::Duration::from_secs(600)))
+            .build()
+            .into();
+        let resp = agent
+            .get(url)
             .call()
             .with_context(|| format!("fetching {url}"))?;
-        let mut body = Vec::new();
-        std::io::Read::read_to_end(
-            &mut std::io::Read::take(resp.into_body().into_reader(), 4 << 30),
-            &mut body,
-        )?;
-        if let Some(want) = checksum {
-            let got = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
-            if &got != want {
-                bail!("{url}: checksum mismatch: expected {want}, got {got}");
-            }
-        }
         let name = url
             .split(['?', '#'])
             .next()
             .and_then(|u| u.rsplit('/').next())
-            .filter(|n| !n.is_empty())
+            .filter(|n| !n.is_empty() && *n != "." && *n != "..")
             .unwrap_or("download")
             .to_string();
-        let path = scratch.join(&name);
-        std::fs::write(&path, &body)?;
+        let path = dir.join(&name);
+        let mut f = std::fs::File::create(&path)?;
+        let mut r = resp.into_body().into_reader();
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n =
+                std::io::Read::read(&mut r, &mut buf).with_context(|| format!("fetching {url}"))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            f.write_all(&buf[..n])?;
+        }
+        let got = format!("sha256:{}", hex::encode(h.finalize()));
+        if let Some(want) = checksum {
+            if got != want {
+                bail!("{url}: checksum mismatch: expected {want}, got {got}");
+            }
+        }
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-        fsops::copy_sources(scratch, &[name], root, dest, own, None)?;
-        Ok(())
+        Ok((name, got))
     }
 
     /// A metadata instruction's effect on the config; its history line.
@@ -885,10 +956,14 @@ impl<'a> Builder<'a> {
                 return Ok(());
             }
             Instruction::Env(pairs) => {
+                // Every value sees the environment from before the instruction, as Docker's.
+                let values = pairs
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), self.expand(st, step, v)?)))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
                 let mut shown = Vec::new();
-                for (k, v) in pairs {
-                    let v = self.expand(st, step, v)?;
-                    set_env(&mut st.config, k, &v);
+                for (k, v) in values {
+                    set_env(&mut st.config, &k, &v);
                     shown.push(format!("{k}={v}"));
                 }
                 created_by = format!("ENV {}", shown.join(" "));
@@ -958,7 +1033,16 @@ impl<'a> Builder<'a> {
                 };
                 let clean = clean_path(&joined);
                 st.config["config"]["WorkingDir"] = json!(clean);
-                st.pending_dirs.push(clean.clone());
+                // Made with the next filesystem step, owned by the USER of this point.
+                let user = st.config["config"]["User"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string();
+                st.pending_dirs.push(if user.is_empty() {
+                    clean.clone()
+                } else {
+                    format!("{clean}\u{0}{user}")
+                });
                 created_by = format!("WORKDIR {clean}");
             }
             Instruction::Stopsignal(s) => {
@@ -1063,10 +1147,28 @@ impl<'a> Builder<'a> {
         let mut steps = Vec::new();
         for t in &triggers {
             let parsed = dockerfile::parse(&format!("FROM scratch\n{t}\n"), "ONBUILD")?;
+            let ok = t.lines().count() == 1
+                && parsed.stages.len() == 1
+                && parsed.stages[0].steps.len() == 1
+                && !matches!(
+                    parsed.stages[0].steps[0].keyword.as_str(),
+                    "ONBUILD" | "FROM" | "MAINTAINER"
+                );
+            if !ok {
+                bail!("the base image has an invalid ONBUILD trigger {t:?}: one instruction, not FROM, ONBUILD or MAINTAINER");
+            }
             steps.extend(parsed.stages[0].steps.iter().cloned());
         }
+        self.total += triggers.len();
         steps.extend(stage.steps.iter().cloned());
         for step in &steps {
+            if self
+                .interrupted
+                .as_ref()
+                .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+            {
+                bail!("interrupted");
+            }
             let start = Instant::now();
             self.announce(&step.text);
             match &step.instruction {
@@ -1087,7 +1189,12 @@ impl<'a> Builder<'a> {
                 st = hit;
             } else {
                 let view = self.view(&st)?;
-                let dirs = st.pending_dirs.join(" ");
+                let dirs = st
+                    .pending_dirs
+                    .iter()
+                    .map(|d| d.split('\u{0}').next().unwrap_or(d))
+                    .collect::<Vec<_>>()
+                    .join(" ");
                 if self.make_pending_dirs(&mut st, &view.root)? {
                     // The history line for these is the WORKDIR's own: make it a layer's.
                     if let Some(h) = st.config["history"].as_array_mut() {
@@ -1172,13 +1279,21 @@ pub fn build(g: &GlobalArgs, a: BuildArgs) -> anyhow::Result<()> {
     let tags: Vec<Reference> = a
         .tags
         .iter()
-        .map(|t| Reference::parse(t).with_context(|| format!("-t {t}")))
+        .map(|t| {
+            let r = Reference::parse(t).with_context(|| format!("-t {t}"))?;
+            refuse_cache_name(&r)?;
+            Ok(r)
+        })
         .collect::<anyhow::Result<_>>()?;
     let mut build_args = BTreeMap::new();
     for kv in &a.build_args {
         match kv.split_once('=') {
             Some((k, v)) => build_args.insert(k.to_string(), v.to_string()),
-            None => build_args.insert(kv.clone(), std::env::var(kv).unwrap_or_default()),
+            // `--build-arg KEY`: this process's value, or none (the ARG keeps its default).
+            None => match std::env::var(kv) {
+                Ok(v) => build_args.insert(kv.clone(), v),
+                Err(_) => None,
+            },
         };
     }
     let platform = super::registry::platform(a.platform.as_deref())?;
@@ -1240,7 +1355,15 @@ pub fn build(g: &GlobalArgs, a: BuildArgs) -> anyhow::Result<()> {
         total,
         results: HashMap::new(),
         runtime,
+        interrupted: None,
     };
+    // Ctrl-C or TERM ends the build between steps (a RUN's container gets the terminal's
+    // signal itself), so every writable view is unmounted and removed on the way out.
+    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, interrupted.clone())?;
+    }
+    b.interrupted = Some(interrupted);
     for &i in &need {
         let st = b.run_stage(i)?;
         b.results.insert(i, st);

@@ -183,6 +183,7 @@ pub fn tag(g: &GlobalArgs, a: TagArgs) -> anyhow::Result<()> {
     let store = open_store(g)?;
     let rec = store.resolve(&a.source)?;
     let target = strata_fs::reference::Reference::parse(&a.target)?;
+    super::build::refuse_cache_name(&target)?;
     store.tag(&target, rec.descriptor)?;
     Ok(())
 }
