@@ -361,12 +361,9 @@ fn containers_survive_faults_and_metadata_changes_fetch_nothing() {
             "sleep 300",
         ],
     ));
-    let info: serde_json::Value =
-        serde_json::from_str(&strata_ok(&root, &["inspect", "meta"])).unwrap();
-    let rootfs = info["rootfs"].as_str().unwrap().to_string();
     let fetched = || -> u64 {
         let v: serde_json::Value =
-            serde_json::from_str(&strata_ok(&root, &["stats", "--json", &rootfs])).unwrap();
+            serde_json::from_str(&strata_ok(&root, &["stats", "--json", "meta"])).unwrap();
         v["fetch"]["source_bytes"].as_u64().unwrap()
     };
     wait_for(

@@ -885,20 +885,18 @@ pub fn history(g: &GlobalArgs, a: HistoryArgs) -> anyhow::Result<()> {
             "created_by": h["created_by"].as_str().unwrap_or(""),
             "size": size,
             "comment": h["comment"].as_str().unwrap_or(""),
+            "empty_layer": h["empty_layer"].as_bool() == Some(true),
         }));
     }
     rows.reverse();
-    let hex = rec
-        .descriptor
-        .digest
-        .trim_start_matches("sha256:")
-        .to_string();
+    // The image ID, as Docker's: the config's digest.
+    let hex = m.config.digest.trim_start_matches("sha256:").to_string();
     for (i, r) in rows.iter_mut().enumerate() {
         r["id"] = serde_json::json!(if i == 0 {
             if a.no_trunc {
-                rec.descriptor.digest.clone()
+                m.config.digest.clone()
             } else {
-                hex[..12].to_string()
+                hex.get(..12).unwrap_or(&hex).to_string()
             }
         } else {
             "<missing>".to_string()

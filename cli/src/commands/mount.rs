@@ -178,7 +178,7 @@ pub fn umount(g: &GlobalArgs, a: UmountArgs) -> anyhow::Result<()> {
 
 #[derive(clap::Args)]
 pub struct StatsArgs {
-    /// The mount point.
+    /// The mount point (or a container: its root).
     pub mountpoint: PathBuf,
     /// Print the raw JSON.
     #[arg(long)]
@@ -187,7 +187,14 @@ pub struct StatsArgs {
 
 /// `strata stats MOUNTPOINT`: a mount's counters, from the daemon.
 pub fn stats(g: &GlobalArgs, a: StatsArgs) -> anyhow::Result<()> {
-    let mountpoint = resolve_mountpoint(&a.mountpoint);
+    let mut mountpoint = resolve_mountpoint(&a.mountpoint);
+    if !mountpoint.is_dir() {
+        // A container: the counters of its root.
+        let store = super::open_store(g)?;
+        let containers = strata_builder::container::Containers::new(&store);
+        let r = containers.find(&a.mountpoint.to_string_lossy())?;
+        mountpoint = containers.dir(&r.id).rootfs();
+    }
     let req = Request::Stats {
         mountpoint: mountpoint.clone(),
     };
