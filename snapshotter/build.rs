@@ -22,5 +22,11 @@ fn main() -> anyhow::Result<()> {
         .build_server(true)
         .compile_fds(fds)?;
     println!("cargo:rerun-if-changed={}", proto.display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("github.com/containerd/containerd/api/types/mount.proto")
+            .display()
+    );
+    println!("cargo:rerun-if-env-changed=STRATA_GOCODE");
     Ok(())
 }

@@ -434,6 +434,9 @@ pub fn layer_from_upper(
     Ok((layer, c.summary.diff_id.oci()))
 }
 
+/// The annotation marking a build cache entry with its full key (set by the builder only).
+pub const BUILD_KEY_ANNOTATION: &str = "dev.strata.build.key";
+
 /// Writes `config` and a manifest of `layers` to the store and names it `dst`, keeping the
 /// registry source annotations of the image the layers came from (lazily pulled layers stay
 /// reachable): the manifest's descriptor.
@@ -458,7 +461,8 @@ pub fn save_image(
     let digest = store.put_blob(&bytes)?;
     let mut desc = Descriptor::new(oci::MEDIA_TYPE_MANIFEST, digest, bytes.len() as u64);
     for (k, v) in source_annotations {
-        if k != oci::ANNOTATION_REF_NAME {
+        // The build cache's key mark is never inherited: only the builder sets it.
+        if k != oci::ANNOTATION_REF_NAME && k != BUILD_KEY_ANNOTATION {
             desc.annotations.insert(k.clone(), v.clone());
         }
     }

@@ -39,6 +39,8 @@ pub enum MetaError {
     NotFound(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    #[error("{0}")]
+    InvalidArgument(String),
     #[error("snapshot metadata at {path}: {source}")]
     Io {
         path: PathBuf,
@@ -73,9 +75,19 @@ impl Meta {
             let path = path.to_path_buf();
             move |source| MetaError::Io { path, source }
         };
-        std::fs::create_dir_all(root.join("snapshots")).map_err(io(root))?;
+        // Layer contents (setuid binaries among them) are for root only.
+        strata_fs::store::create_private_dir(root).map_err(|e| MetaError::Io {
+            path: root.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        strata_fs::store::create_private_dir(&root.join("snapshots")).map_err(|e| {
+            MetaError::Io {
+                path: root.join("snapshots"),
+                source: std::io::Error::other(e.to_string()),
+            }
+        })?;
         let file = root.join("metadata.json");
-        let db = match std::fs::read(&file) {
+        let mut db: Db = match std::fs::read(&file) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| MetaError::Io {
                 path: file.clone(),
                 source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
@@ -83,10 +95,40 @@ impl Meta {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Db::default(),
             Err(e) => return Err(io(&file)(e)),
         };
+        // Never hand out a directory that exists (a crash between mkdir and save, or lost
+        // metadata): ids continue after the largest one on disk.
+        let on_disk = std::fs::read_dir(root.join("snapshots"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_string_lossy().parse::<u64>().ok())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0);
+        db.next_id = db.next_id.max(on_disk);
         Ok(Meta {
             root: root.to_path_buf(),
             db,
         })
+    }
+
+    /// Applies `change` to a copy of the metadata, saves it, and only then keeps it: a
+    /// failed save changes nothing.
+    fn transact<T>(
+        &mut self,
+        change: impl FnOnce(&mut Db) -> Result<T, MetaError>,
+    ) -> Result<T, MetaError> {
+        let mut next = Db {
+            next_id: self.db.next_id,
+            snapshots: self.db.snapshots.clone(),
+        };
+        let out = change(&mut next)?;
+        let old = std::mem::replace(&mut self.db, next);
+        if let Err(e) = self.save() {
+            self.db = old;
+            return Err(e);
+        }
+        Ok(out)
     }
 
     fn save(&self) -> Result<(), MetaError> {
@@ -139,22 +181,26 @@ impl Meta {
         kind: Kind,
         labels: BTreeMap<String, String>,
     ) -> Result<Snapshot, MetaError> {
+        if key.is_empty() {
+            return Err(MetaError::InvalidArgument(
+                "a snapshot key cannot be empty".into(),
+            ));
+        }
         if self.db.snapshots.contains_key(key) {
             return Err(MetaError::AlreadyExists(key.to_string()));
         }
         if !parent.is_empty() {
             let p = self.get(parent)?;
             if p.kind != Kind::Committed {
-                return Err(MetaError::FailedPrecondition(format!(
+                return Err(MetaError::InvalidArgument(format!(
                     "parent {parent} is not committed"
                 )));
             }
         }
-        self.db.next_id += 1;
-        let id = self.db.next_id;
+        let id = self.db.next_id + 1;
         let dir = self.dir(id);
-        for d in [dir.join("fs"), dir.join("work")] {
-            std::fs::create_dir_all(&d).map_err(|source| MetaError::Io { path: d, source })?;
+        for d in [dir.clone(), dir.join("fs"), dir.join("work")] {
+            std::fs::create_dir(&d).map_err(|source| MetaError::Io { path: d, source })?;
         }
         let t = now();
         let s = Snapshot {
@@ -165,18 +211,30 @@ impl Meta {
             created: t,
             updated: t,
         };
-        self.db.snapshots.insert(key.to_string(), s.clone());
-        self.save()?;
+        let saved = self.transact(|db| {
+            db.next_id = id;
+            db.snapshots.insert(key.to_string(), s.clone());
+            Ok(())
+        });
+        if let Err(e) = saved {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
         Ok(s)
     }
 
-    /// Active `key` becomes committed `name`.
+    /// Active `key` becomes committed `name`, with the labels given (containerd's rule).
     pub fn commit(
         &mut self,
         name: &str,
         key: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<(), MetaError> {
+        if name.is_empty() {
+            return Err(MetaError::InvalidArgument(
+                "a snapshot name cannot be empty".into(),
+            ));
+        }
         if self.db.snapshots.contains_key(name) {
             return Err(MetaError::AlreadyExists(name.to_string()));
         }
@@ -186,12 +244,15 @@ impl Meta {
                 "{key} is not an active snapshot"
             )));
         }
-        self.db.snapshots.remove(key);
         s.kind = Kind::Committed;
-        s.labels.extend(labels);
-        s.updated = now();
-        self.db.snapshots.insert(name.to_string(), s);
-        self.save()
+        s.labels = labels;
+        s.created = now();
+        s.updated = s.created;
+        self.transact(|db| {
+            db.snapshots.remove(key);
+            db.snapshots.insert(name.to_string(), s);
+            Ok(())
+        })
     }
 
     /// Removes `key` (not while others stand on it); its directory is left for cleanup.
@@ -202,13 +263,11 @@ impl Meta {
                 "cannot remove {key}: other snapshots stand on it"
             )));
         }
-        let s = self
-            .db
-            .snapshots
-            .remove(key)
-            .ok_or_else(|| MetaError::NotFound(key.to_string()))?;
-        self.save()?;
-        Ok(s)
+        self.transact(|db| {
+            db.snapshots
+                .remove(key)
+                .ok_or_else(|| MetaError::NotFound(key.to_string()))
+        })
     }
 
     /// Replaces `key`'s labels (all of them, or those named `labels.NAME` in `fields`).
@@ -218,34 +277,45 @@ impl Meta {
         labels: BTreeMap<String, String>,
         fields: &[String],
     ) -> Result<Snapshot, MetaError> {
-        let s = self
-            .db
-            .snapshots
-            .get_mut(key)
-            .ok_or_else(|| MetaError::NotFound(key.to_string()))?;
-        if fields.is_empty() || fields.iter().any(|f| f == "labels") {
-            s.labels = labels;
-        } else {
-            for f in fields {
-                let Some(name) = f.strip_prefix("labels.") else {
-                    return Err(MetaError::FailedPrecondition(format!(
-                        "cannot update {f}: only labels can change"
-                    )));
-                };
-                match labels.get(name) {
-                    Some(v) => s.labels.insert(name.to_string(), v.clone()),
-                    None => s.labels.remove(name),
-                };
-            }
+        if let Some(f) = fields
+            .iter()
+            .find(|f| *f != "labels" && !f.starts_with("labels."))
+        {
+            return Err(MetaError::InvalidArgument(format!(
+                "cannot update {f}: only labels can change"
+            )));
         }
-        s.updated = now();
-        let out = s.clone();
-        self.save()?;
-        Ok(out)
+        self.get(key)?;
+        self.transact(|db| {
+            let s = db
+                .snapshots
+                .get_mut(key)
+                .ok_or_else(|| MetaError::NotFound(key.to_string()))?;
+            let labels: BTreeMap<String, String> =
+                labels.into_iter().filter(|(_, v)| !v.is_empty()).collect();
+            if fields.is_empty() || fields.iter().any(|f| f == "labels") {
+                s.labels = labels;
+            } else {
+                for f in fields {
+                    let name = f.trim_start_matches("labels.");
+                    match labels.get(name) {
+                        Some(v) => s.labels.insert(name.to_string(), v.clone()),
+                        None => s.labels.remove(name),
+                    };
+                }
+            }
+            s.updated = now();
+            Ok(s.clone())
+        })
     }
 
     pub fn all(&self) -> impl Iterator<Item = (&String, &Snapshot)> {
         self.db.snapshots.iter()
+    }
+
+    /// Where Cleanup moves orphaned directories before deleting them.
+    pub fn trash_dir(&self) -> PathBuf {
+        self.root.join("trash")
     }
 
     /// Directories under `snapshots/` no snapshot owns.

@@ -22,6 +22,7 @@ fn status(e: MetaError) -> Status {
         MetaError::AlreadyExists(_) => Status::already_exists(e.to_string()),
         MetaError::NotFound(_) => Status::not_found(e.to_string()),
         MetaError::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
+        MetaError::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
         MetaError::Io { .. } => Status::internal(e.to_string()),
     }
 }
@@ -68,6 +69,11 @@ impl Service {
     /// The mounts of snapshot `key`, as containerd's overlayfs snapshotter gives them.
     fn mounts_of(meta: &Meta, key: &str) -> Result<Vec<Mount>, Status> {
         let s = meta.get(key).map_err(status)?;
+        if s.kind == Kind::Committed {
+            return Err(Status::failed_precondition(format!(
+                "{key} is committed: only active and view snapshots have mounts"
+            )));
+        }
         let lowers: Vec<PathBuf> = meta
             .chain(&s.parent)
             .map_err(status)?
@@ -199,14 +205,19 @@ impl pb::snapshots_server::Snapshots for Service {
         request: Request<pb::RemoveSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
         let r = request.into_inner();
-        let mut meta = self.meta()?;
-        let s = meta.remove(&r.key).map_err(status)?;
-        let dir = meta.dir(s.id);
-        drop(meta);
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            // Left for Cleanup (e.g. still mounted somewhere).
-            tracing::warn!(dir = %dir.display(), "removing a snapshot's directory: {e}");
-        }
+        let dir = {
+            let mut meta = self.meta()?;
+            let s = meta.remove(&r.key).map_err(status)?;
+            meta.dir(s.id)
+        };
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                // Left for Cleanup (e.g. still mounted somewhere).
+                tracing::warn!(dir = %dir.display(), "removing a snapshot's directory: {e}");
+            }
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(()))
     }
 
@@ -271,10 +282,24 @@ impl pb::snapshots_server::Snapshots for Service {
     }
 
     async fn cleanup(&self, _request: Request<pb::CleanupRequest>) -> Result<Response<()>, Status> {
-        let orphans = self.meta()?.orphans();
-        for d in orphans {
-            let _ = std::fs::remove_dir_all(d);
-        }
+        // Orphans are moved aside under the lock (no Prepare can be given their ids then:
+        // ids only grow), and deleted after.
+        let trash = {
+            let meta = self.meta()?;
+            let trash = meta.trash_dir();
+            for d in meta.orphans() {
+                if let Some(name) = d.file_name() {
+                    let _ = std::fs::create_dir_all(&trash);
+                    let _ = std::fs::rename(&d, trash.join(name));
+                }
+            }
+            trash
+        };
+        tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_dir_all(trash);
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(()))
     }
 }
@@ -283,6 +308,16 @@ impl pb::snapshots_server::Snapshots for Service {
 /// SIGINT or SIGTERM.
 pub fn serve(root: &Path, address: &Path) -> anyhow::Result<()> {
     let service = Arc::new(Service::open(root)?);
+    // One server per root: a second would keep its own copy of the metadata.
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(root.join("lock"))?;
+    let _lock = match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(l) => l,
+        Err(_) => anyhow::bail!("a strata snapshotter already serves {}", root.display()),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -162,7 +162,7 @@ fn containerd_runs_containers_on_strata_snapshots() {
     assert_eq!(out, "again\n");
 
     // Removing the image: containerd's GC removes the snapshots; nothing stays mounted.
-    ctr(&["image", "rm", &image]);
+    ctr(&["image", "rm", "--sync", &image]);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let left = ctr(&["snapshots", "--snapshotter", "strata", "ls"]);

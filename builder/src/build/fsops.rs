@@ -144,6 +144,18 @@ pub fn expand_sources(
         let mut found: Vec<String> = Vec::new();
         walk_glob(base, &segs, String::new(), &mut found)?;
         found.retain(|p| ignore.is_none_or(|ig| p.is_empty() || !ig.excluded(p)));
+        // What a source resolves to is judged too: a symlink must not reach an ignored file.
+        if let Some(ig) = ignore {
+            for p in &found {
+                let host = secure_join(base, p, true).map_err(|e| BuildError::io(base, e))?;
+                let rel = resolved_rel(base, &host);
+                if !rel.is_empty() && ig.excluded(&rel) {
+                    return Err(BuildError::Source(format!(
+                        "{p}: resolves to {rel}, which .dockerignore excludes"
+                    )));
+                }
+            }
+        }
         if found.is_empty() {
             return Err(BuildError::Source(format!(
                 "{pat}: no such file or directory in the build context"

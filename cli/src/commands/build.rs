@@ -30,8 +30,7 @@ use super::daemon::{self, DaemonSettings};
 use super::open_store;
 use crate::GlobalArgs;
 
-/// The annotation carrying a cache entry's full key.
-const CACHE_KEY_ANNOTATION: &str = "dev.strata.build.key";
+use strata_builder::commit::BUILD_KEY_ANNOTATION as CACHE_KEY_ANNOTATION;
 
 /// Refuses names in the build cache's repository for images that do not come from a build.
 pub(crate) fn refuse_cache_name(r: &Reference) -> anyhow::Result<()> {
@@ -418,17 +417,19 @@ impl<'a> Builder<'a> {
         self.history(st, created_by, false);
         st.key = key;
         let name = format!("{CACHE_REPO}:{}", &st.key[..32]);
-        // The key in the name's record: only an entry this builder made is ever a hit.
-        let mut annotations = st.annotations.clone();
-        annotations.insert(CACHE_KEY_ANNOTATION.into(), st.key.clone());
-        save_image(
+        let reference = Reference::parse(&name)?;
+        let mut desc = save_image(
             &self.store,
             &st.template,
             st.layers.clone(),
             &st.config,
-            &annotations,
-            &Reference::parse(&name)?,
+            &st.annotations,
+            &reference,
         )?;
+        // The key in the name's record: only an entry this builder made is ever a hit.
+        desc.annotations
+            .insert(CACHE_KEY_ANNOTATION.into(), st.key.clone());
+        self.store.tag(&reference, desc)?;
         st.mount_ref = Some(name);
         Ok(())
     }
@@ -462,9 +463,15 @@ impl<'a> Builder<'a> {
             return None;
         }
         let manifest = self.store.manifest(&rec.descriptor.digest).ok()?;
+        // Layers neither local nor reachable through a registry source: not usable.
+        let has_source = rec
+            .descriptor
+            .annotations
+            .keys()
+            .any(|k| k != CACHE_KEY_ANNOTATION && k != strata_fs::oci::ANNOTATION_REF_NAME);
         if manifest.layers.iter().any(|l| {
             !self.store.has_blob(&l.digest) && !st.layers.iter().any(|m| m.digest == l.digest)
-        }) && rec.descriptor.annotations.is_empty()
+        }) && !has_source
         {
             return None;
         }
@@ -1118,7 +1125,16 @@ impl<'a> Builder<'a> {
             }
             _ => bail!("not a metadata instruction"),
         }
-        st.key = key_of(&[&st.key, &created_by]);
+        // The key covers the resulting config itself (the history line alone is ambiguous:
+        // `ENV A="1 B=2"` and `ENV A=1 B=2` print alike).
+        let config = serde_json::to_string(&st.config["config"])?;
+        st.key = key_of(&[
+            &st.key,
+            &step.keyword,
+            &created_by,
+            &config,
+            &st.shell.join("\u{1}"),
+        ]);
         self.history(st, &created_by, true);
         Ok(())
     }

@@ -770,6 +770,7 @@ pub fn commit(g: &GlobalArgs, a: CommitArgs) -> anyhow::Result<()> {
     let containers = Containers::new(&store);
     let r = containers.find(&a.container)?;
     let dst = strata_fs::reference::Reference::parse(a.reference.as_deref().unwrap_or(&r.name))?;
+    super::build::refuse_cache_name(&dst)?;
     // Instructions are checked before anything is read or written.
     let mut probe = serde_json::json!({"config": {}});
     for c in &a.changes {
