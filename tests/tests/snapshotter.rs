@@ -148,7 +148,27 @@ fn containerd_runs_containers_on_strata_snapshots() {
     let _ = snap.0.wait();
     let _ = fs::remove_file(&snap_sock);
     let _snap = snapshotter(&root, &snap_sock);
-    assert_eq!(ctr(&["snapshots", "--snapshotter", "strata", "ls"]), snaps);
+    // containerd reconnects to the plugin's new socket after its gRPC backoff: new calls
+    // succeed within seconds.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let listed = loop {
+        let o = Command::new("ctr")
+            .arg("-a")
+            .arg(&ctd_sock)
+            .args(["snapshots", "--snapshotter", "strata", "ls"])
+            .output()
+            .unwrap();
+        if o.status.success() {
+            break String::from_utf8_lossy(&o.stdout).into_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "containerd never reached the restarted plugin: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(listed, snaps);
     let out = ctr(&[
         "run",
         "--rm",
