@@ -63,7 +63,10 @@ enum Command {
     /// Build an image from a Dockerfile (bases mounted lazily, steps cached).
     Build(commands::build::BuildArgs),
     /// Serve containerd's snapshots API (a proxy plugin) on a unix socket.
-    Snapshotter(SnapshotterArgs),
+    Snapshotter(commands::snapshotter::SnapshotterArgs),
+    /// Pull an image into containerd with its layers mounted lazily by the strata snapshotter
+    /// (through containerd's API: `ctr run --snapshotter strata IMAGE` then starts at once).
+    Rpull(commands::rpull::RpullArgs),
     /// Make a one-layer image from a rootfs tarball.
     Import(commands::archive::ImportArgs),
     /// Write images to a tarball (a Docker archive that is also an OCI layout).
@@ -129,13 +132,6 @@ impl std::io::Write for QuietStderr {
         let _ = std::io::stderr().flush();
         Ok(())
     }
-}
-
-#[derive(clap::Args)]
-struct SnapshotterArgs {
-    /// The socket containerd's `[proxy_plugins.strata]` names.
-    #[arg(long, default_value = "/run/strata/snapshotter.sock")]
-    address: PathBuf,
 }
 
 /// Drops fuser's report of a reply the kernel no longer wanted (ENOENT: the request was
@@ -227,9 +223,8 @@ fn main() {
         Command::History(a) => commands::container::history(&cli.global, a),
         Command::Build(a) => commands::build::build(&cli.global, a),
         Command::Import(a) => commands::archive::import(&cli.global, a),
-        Command::Snapshotter(a) => {
-            strata_snapshotter::server::serve(&cli.global.root.join("snapshotter"), &a.address)
-        }
+        Command::Snapshotter(a) => commands::snapshotter::serve(&cli.global, a),
+        Command::Rpull(a) => commands::rpull::rpull(&cli.global, a),
         Command::Save(a) => commands::archive::save(&cli.global, a),
         Command::Load(a) => commands::archive::load(&cli.global, a),
         Command::ContainerMonitor(a) => commands::container::monitor(&cli.global, a),

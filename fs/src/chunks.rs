@@ -120,6 +120,8 @@ pub struct ChunkCache {
     /// Use the disk cache for local blobs too (saves decoding on re-reads, costs disk space).
     cache_local: bool,
     stats: Mutex<FetchStats>,
+    /// When the first range read of a layer blob came back (time to first byte).
+    first_source: std::sync::OnceLock<std::time::Instant>,
 }
 
 enum Step {
@@ -140,6 +142,7 @@ impl ChunkCache {
             pool,
             cache_local,
             stats: Mutex::new(FetchStats::default()),
+            first_source: std::sync::OnceLock::new(),
         }
     }
 
@@ -149,6 +152,11 @@ impl ChunkCache {
 
     pub fn stats(&self) -> FetchStats {
         *self.stats.lock()
+    }
+
+    /// When the first range read of a layer blob completed, if one has.
+    pub fn first_source_read(&self) -> Option<std::time::Instant> {
+        self.first_source.get().copied()
     }
 
     /// Whether readers are waiting on fetches right now.
@@ -341,6 +349,7 @@ impl ChunkCache {
         let began = std::time::Instant::now();
         let bytes = match src.read_range(start, end - start) {
             Ok(b) => {
+                let _ = self.first_source.set(std::time::Instant::now());
                 let mut s = self.stats.lock();
                 s.source_reads += 1;
                 s.source_bytes += end - start;

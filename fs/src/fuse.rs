@@ -7,6 +7,7 @@
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -138,6 +139,8 @@ struct Shared {
     /// last. Scattered reads fetch no neighbours; reads that follow one another through a blob
     /// double their run's window up to `neighbour_fetch`.
     sequences: Mutex<Vec<(u32, usize, u64)>>,
+    /// The background prefetch has fetched every chunk of the remote layers.
+    prefetched: std::sync::atomic::AtomicBool,
 }
 
 /// Runs of small-file reads tracked at once.
@@ -186,6 +189,18 @@ impl StatsHandle {
     /// Opens served by FUSE passthrough (a passthrough mount only).
     pub fn passthrough_opens(&self) -> Option<u64> {
         self.1.as_ref().map(|p| p.opens())
+    }
+
+    /// When the first range read of a layer blob completed.
+    pub fn first_source_read(&self) -> Option<std::time::Instant> {
+        self.0.upgrade()?.cache.first_source_read()
+    }
+
+    /// Whether the background prefetch has brought every remote chunk to the disk cache.
+    pub fn prefetched(&self) -> bool {
+        self.0
+            .upgrade()
+            .is_some_and(|s| s.prefetched.load(Ordering::Relaxed))
     }
 
     /// Latency histograms of the FUSE operations served so far.
@@ -545,6 +560,7 @@ impl StrataFs {
                 blob_order: blob_order(&tree, &blobs),
                 neighbour_fetch: config.neighbour_fetch,
                 sequences: Mutex::new(Vec::new()),
+                prefetched: std::sync::atomic::AtomicBool::new(false),
                 tree,
                 blobs,
                 cache: ChunkCache::with_pool(pool, config.cache_local),
@@ -1040,12 +1056,7 @@ impl Filesystem for StrataFs {
                 Ok(n) => n,
                 Err(e) => return reply.error(e.errno()),
             };
-            match n
-                .xattrs
-                .iter()
-                .filter(|(k, _)| !is_overlay_xattr(k))
-                .find(|(k, _)| k.as_slice() == name.as_bytes())
-            {
+            match visible_xattrs(n).find(|(k, _)| *k == name.as_bytes()) {
                 None => reply.error(FsError::NoAttr.errno()),
                 Some((_, v)) if size == 0 => reply.size(v.len() as u32),
                 Some((_, v)) if v.len() > size as usize => reply.error(FsError::Range.errno()),
@@ -1063,7 +1074,7 @@ impl Filesystem for StrataFs {
                 Err(e) => return reply.error(e.errno()),
             };
             let mut list = Vec::new();
-            for (k, _) in n.xattrs.iter().filter(|(k, _)| !is_overlay_xattr(k)) {
+            for (k, _) in visible_xattrs(n) {
                 list.extend_from_slice(k);
                 list.push(0);
             }
@@ -1077,6 +1088,19 @@ impl Filesystem for StrataFs {
         });
         self.shared.ops.record(Op::Getxattr, started.elapsed());
     }
+}
+
+/// A node's extended attributes as the mount shows them: the image's own, without overlayfs's,
+/// plus `trusted.overlay.opaque=y` on an opaque directory of a layer shown alone.
+fn visible_xattrs(n: &Node) -> impl Iterator<Item = (&[u8], &[u8])> {
+    n.xattrs
+        .iter()
+        .filter(|(k, _)| !is_overlay_xattr(k))
+        .map(|(k, v)| (k.as_slice(), v.as_slice()))
+        .chain(
+            n.opaque
+                .then_some((&b"trusted.overlay.opaque"[..], &b"y"[..])),
+        )
 }
 
 /// overlayfs's own attributes (`trusted.overlay.*`, `user.overlay.*`) are never passed through
@@ -1185,6 +1209,9 @@ fn start_background_prefetch(shared: std::sync::Weak<Shared>, profile: Vec<Vec<u
                         batch.push(c);
                     }
                 }
+            }
+            if let Some(s) = shared.upgrade() {
+                s.prefetched.store(true, Ordering::Relaxed);
             }
             tracing::info!(
                 chunks = fetched,

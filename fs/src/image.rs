@@ -37,6 +37,8 @@ pub enum ImageError {
     Registry(#[from] crate::registry::RegistryError),
     #[error("layer {digest} has media type {media_type}, not a strata layer; run `strata convert` first")]
     NotStrata { digest: String, media_type: String },
+    #[error("the image has no layer {0}")]
+    NoLayer(String),
     #[error("layer {0} is neither in the local store nor in a known registry repository")]
     NoSource(String),
     #[error("config {0} is not valid JSON: {1}")]
@@ -73,6 +75,16 @@ impl OpenedImage {
             blobs.push(l.blob);
         }
         Ok((Tree::build(tocs)?, blobs))
+    }
+
+    /// The tree of an image opened with one layer ([`open_selected`]) as an overlayfs lower
+    /// directory ([`Tree::build_lower`]).
+    pub fn into_lower_tree(self) -> Result<(Tree, Vec<Arc<dyn BlobSource>>), ImageError> {
+        let mut layers = self.layers.into_iter();
+        let (Some(l), None) = (layers.next(), layers.next()) else {
+            return Err(ImageError::NoLayer("(exactly one layer expected)".into()));
+        };
+        Ok((Tree::build_lower(l.toc)?, vec![l.blob]))
     }
 }
 
@@ -192,6 +204,18 @@ pub fn open_limited(
     registry: Option<&Arc<Registry>>,
     max_entries: u32,
 ) -> Result<OpenedImage, ImageError> {
+    open_selected(store, image, registry, max_entries, None)
+}
+
+/// [`open_limited`] keeping only the layer whose manifest digest is `only` (when given): a
+/// layer mounted alone, as containerd's snapshots need.
+pub fn open_selected(
+    store: &Store,
+    image: &str,
+    registry: Option<&Arc<Registry>>,
+    max_entries: u32,
+    only: Option<&str>,
+) -> Result<OpenedImage, ImageError> {
     let record = store.resolve(image)?;
     let manifest = store.manifest(&record.descriptor.digest)?;
     let config_bytes = store.read_blob(&manifest.config.digest)?;
@@ -199,7 +223,16 @@ pub fn open_limited(
         .map_err(|e| ImageError::BadConfig(manifest.config.digest.clone(), e.to_string()))?;
     // Plain layers are served from their local strata index (see `index_path`).
     let mut layers = Vec::with_capacity(manifest.layers.len());
-    for l in &manifest.layers {
+    let wanted = manifest
+        .layers
+        .iter()
+        .filter(|l| only.is_none_or(|d| d == l.digest));
+    if let Some(d) = only {
+        if !manifest.layers.iter().any(|l| l.digest == d) {
+            return Err(ImageError::NoLayer(d.to_string()));
+        }
+    }
+    for l in wanted {
         if is_strata_layer(l) {
             layers.push(l.clone());
             continue;

@@ -47,6 +47,29 @@ pub fn pull(
     all: bool,
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<Descriptor, TransferError> {
+    pull_layers(store, registry, r, platform, all, true, progress)
+}
+
+/// Pulls `r`'s manifest, config and strata layers' TOCs only: plain layers are left in the
+/// registry too (for a caller that unpacks them elsewhere, as `strata rpull` does).
+pub fn pull_metadata(
+    store: &Store,
+    registry: &Arc<Registry>,
+    r: &Reference,
+    platform: (&str, &str),
+) -> Result<Descriptor, TransferError> {
+    pull_layers(store, registry, r, platform, false, false, &mut |_| {})
+}
+
+fn pull_layers(
+    store: &Store,
+    registry: &Arc<Registry>,
+    r: &Reference,
+    platform: (&str, &str),
+    all: bool,
+    plain: bool,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<Descriptor, TransferError> {
     let resolved = registry.resolve(r, platform.0, platform.1)?;
     let manifest = resolved.manifest;
     progress(Progress::Blob {
@@ -93,7 +116,7 @@ pub fn pull(
     }
     let count = manifest.layers.len();
     for (i, l) in manifest.layers.iter().enumerate() {
-        if lazy.iter().any(|d| d.digest == l.digest) || store.has_blob(&l.digest) {
+        if lazy.iter().any(|d| d.digest == l.digest) || store.has_blob(&l.digest) || !plain {
             continue;
         }
         let what = format!("layer {}/{count}", i + 1);

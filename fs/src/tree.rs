@@ -1,6 +1,10 @@
 //! The merged, read-only view of a layer stack, with OCI layer semantics: later layers override
 //! earlier ones, `.wh.NAME` deletes NAME from lower layers, `.wh..wh..opq` hides every lower
 //! entry of its directory, whiteout files never show, hard links share one inode.
+//!
+//! [`Tree::build_lower`] shows one layer alone in the form kernel overlayfs reads a lower layer
+//! in (containerd's snapshots: one directory per layer): a whiteout is a 0/0 character device
+//! named as the entry it deletes, an opaque directory carries `trusted.overlay.opaque=y`.
 
 use std::collections::HashMap;
 
@@ -49,6 +53,9 @@ pub struct Node {
     pub data: Option<DataRef>,
     /// Directory children, sorted by name.
     pub children: Vec<(Box<[u8]>, Ino)>,
+    /// An opaque directory of a layer shown alone ([`Tree::build_lower`]): it hides the entries
+    /// of the layers below it in an overlay.
+    pub opaque: bool,
 }
 
 /// The merged tree of a layer stack; inode `n` is `nodes[n - 1]`.
@@ -92,6 +99,7 @@ fn new_node(e: &Entry, layer: usize, index: usize) -> Node {
             entry: index as u32,
         }),
         children: Vec::new(),
+        opaque: false,
     }
 }
 
@@ -255,6 +263,48 @@ impl Tree {
             b.apply_whiteouts(toc);
             b.apply_entries(toc)?;
         }
+        Ok(Tree::number(b, layers))
+    }
+
+    /// One layer alone, as an overlayfs lower directory: its whiteouts become 0/0 character
+    /// devices (unless the layer itself has an entry of that name) and its opaque markers mark
+    /// their directory [`Node::opaque`]. Parents missing from the layer are plain directories.
+    pub fn build_lower(toc: Toc) -> Result<Tree, TreeError> {
+        let mut b = Builder {
+            nodes: Vec::new(),
+            layer: 0,
+        };
+        b.push(implicit_dir());
+        b.apply_entries(&toc)?;
+        for e in &toc.entries {
+            let (dir, name) = split(&e.path);
+            if name == OPAQUE {
+                let d = b.ensure_dir(dir, &e.path)?;
+                b.nodes[d].node.opaque = true;
+            } else if let Some(target) = name.strip_prefix(WHITEOUT_PREFIX) {
+                if target.is_empty() || target == b"." || target == b".." || target.contains(&b'/')
+                {
+                    return Err(b.err(&e.path, "is a whiteout of no valid name"));
+                }
+                let d = b.ensure_dir(dir, &e.path)?;
+                if b.nodes[d].children.contains_key(target) {
+                    continue;
+                }
+                let mut w = Entry::new(Vec::new(), EntryKind::CharDevice);
+                w.mode = 0;
+                w.uid = e.uid;
+                w.gid = e.gid;
+                w.mtime_sec = e.mtime_sec;
+                w.mtime_nsec = e.mtime_nsec;
+                let id = b.push(new_node(&w, 0, 0));
+                b.nodes[d].children.insert(target.to_vec(), id);
+            }
+        }
+        Ok(Tree::number(b, vec![toc]))
+    }
+
+    /// Numbers the built tree's reachable inodes and keeps of the TOCs only what reads need.
+    fn number(b: Builder, layers: Vec<Toc>) -> Tree {
         // Number reachable inodes densely in depth-first order; hard links keep one inode.
         let mut ino_of: Vec<Ino> = vec![0; b.nodes.len()];
         let mut nodes: Vec<Node> = Vec::new();
@@ -304,7 +354,7 @@ impl Tree {
             e.link = Vec::new();
             e.xattrs = Vec::new();
         }
-        Ok(Tree { nodes, layers })
+        Tree { nodes, layers }
     }
 
     pub fn get(&self, ino: Ino) -> Option<&Node> {
@@ -452,5 +502,38 @@ mod tests {
         let l2 = toc(vec![s, file("evil/passwd")]);
         let err = Tree::build(vec![l2]).err().unwrap();
         assert!(err.to_string().contains("not a directory"), "{err}");
+    }
+
+    #[test]
+    fn a_layer_alone_shows_whiteouts_and_opaque_dirs_as_overlayfs_reads_them() {
+        let l = toc(vec![
+            dir("a"),
+            file("a/.wh..wh..opq"),
+            file("a/new"),
+            file("b/.wh.gone"),
+            file(".wh.top"),
+            file("c"),
+            file(".wh.c"),
+        ]);
+        let t = Tree::build_lower(l).unwrap();
+        let a = t.get(t.lookup_path(b"a").unwrap()).unwrap();
+        assert!(a.opaque);
+        assert!(t.lookup_path(b"a/new").is_some());
+        assert!(t.lookup_path(b"a/.wh..wh..opq").is_none());
+        for w in [&b"b/gone"[..], b"top"] {
+            let n = t.get(t.lookup_path(w).unwrap()).unwrap();
+            assert_eq!(
+                (n.kind, n.mode, n.dev_major, n.dev_minor),
+                (EntryKind::CharDevice, 0, 0, 0)
+            );
+        }
+        // The layer's own entry wins over its whiteout of the same name.
+        assert_eq!(
+            t.get(t.lookup_path(b"c").unwrap()).unwrap().kind,
+            EntryKind::Regular
+        );
+        assert!(!t.get(t.lookup_path(b"b").unwrap()).unwrap().opaque);
+        let bad = toc(vec![file("d/.wh.")]);
+        assert!(Tree::build_lower(bad).is_err());
     }
 }

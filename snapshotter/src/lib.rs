@@ -12,9 +12,38 @@ pub mod api {
                     tonic::include_proto!("containerd.services.snapshots.v1");
                 }
             }
+            pub mod content {
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.content.v1");
+                }
+            }
+            pub mod images {
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.images.v1");
+                }
+            }
+            pub mod leases {
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.leases.v1");
+                }
+            }
+            pub mod diff {
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.diff.v1");
+                }
+            }
         }
     }
 }
 
+pub mod client;
 pub mod meta;
+pub mod remote;
 pub mod server;
+
+/// `t` as RFC 3339 in UTC (containerd's label times).
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}

@@ -28,6 +28,9 @@ pub struct Snapshot {
     /// Seconds and nanoseconds since the epoch.
     pub created: (i64, i32),
     pub updated: (i64, i32),
+    /// A layer mounted lazily at `fs/` (by the node daemon) instead of unpacked into it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<crate::remote::RemoteLayer>,
 }
 
 /// Errors in containerd's terms.
@@ -154,6 +157,11 @@ impl Meta {
         self.root.join("snapshots").join(id.to_string())
     }
 
+    /// The snapshot whose directory is `id`.
+    pub fn by_id(&self, id: u64) -> Option<&Snapshot> {
+        self.db.snapshots.values().find(|s| s.id == id)
+    }
+
     pub fn get(&self, key: &str) -> Result<&Snapshot, MetaError> {
         self.db
             .snapshots
@@ -210,6 +218,7 @@ impl Meta {
             labels,
             created: t,
             updated: t,
+            remote: None,
         };
         let saved = self.transact(|db| {
             db.next_id = id;
@@ -230,6 +239,17 @@ impl Meta {
         key: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<(), MetaError> {
+        self.commit_with(name, key, labels, None)
+    }
+
+    /// [`Meta::commit`], recording that the snapshot's `fs/` is the lazy mount of `remote`.
+    pub fn commit_with(
+        &mut self,
+        name: &str,
+        key: &str,
+        labels: BTreeMap<String, String>,
+        remote: Option<crate::remote::RemoteLayer>,
+    ) -> Result<(), MetaError> {
         if name.is_empty() {
             return Err(MetaError::InvalidArgument(
                 "a snapshot name cannot be empty".into(),
@@ -246,6 +266,7 @@ impl Meta {
         }
         s.kind = Kind::Committed;
         s.labels = labels;
+        s.remote = remote;
         s.created = now();
         s.updated = s.created;
         self.transact(|db| {
@@ -307,6 +328,23 @@ impl Meta {
             s.updated = now();
             Ok(s.clone())
         })
+    }
+
+    /// The committed remote snapshot containerd would find for chain ID `target` on `parent`.
+    pub fn find_remote(&self, target: &str, parent: &str) -> Option<&str> {
+        self.db
+            .snapshots
+            .iter()
+            .find(|(_, s)| {
+                s.kind == Kind::Committed
+                    && s.remote.is_some()
+                    && s.parent == parent
+                    && s.labels
+                        .get(crate::remote::LABEL_TARGET)
+                        .map(String::as_str)
+                        == Some(target)
+            })
+            .map(|(k, _)| k.as_str())
     }
 
     pub fn all(&self) -> impl Iterator<Item = (&String, &Snapshot)> {

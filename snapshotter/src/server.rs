@@ -1,6 +1,8 @@
 //! The `containerd.services.snapshots.v1.Snapshots` service over a unix socket: snapshots as
 //! containerd's overlayfs snapshotter makes them (a directory per snapshot; active snapshots
 //! mount as overlayfs over their parents' directories, or bind-mount when they have none).
+//! Layers of strata images are mounted lazily instead (`crate::remote`): their committed
+//! snapshots' `fs/` directories are FUSE mounts the node daemon serves.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,10 +13,13 @@ use tonic::{Request, Response, Status};
 use crate::api::containerd::services::snapshots::v1 as pb;
 use crate::api::containerd::types::Mount;
 use crate::meta::{Kind, Meta, MetaError, Snapshot};
+use crate::remote::{self, LayerMounter, RemoteLayer};
 
 /// The service's state.
 pub struct Service {
     meta: Mutex<Meta>,
+    /// Mounts strata layers lazily; without it every snapshot is unpacked by containerd.
+    layers: Option<Arc<dyn LayerMounter>>,
 }
 
 fn status(e: MetaError) -> Status {
@@ -54,10 +59,99 @@ fn info(name: &str, s: &Snapshot) -> pb::Info {
 }
 
 impl Service {
-    pub fn open(root: &Path) -> Result<Service, MetaError> {
+    pub fn open(root: &Path, layers: Option<Arc<dyn LayerMounter>>) -> Result<Service, MetaError> {
         Ok(Service {
             meta: Mutex::new(Meta::open(root)?),
+            layers,
         })
+    }
+
+    /// Mounts again every remote snapshot whose layer is not mounted (after a reboot, or a
+    /// daemon that was stopped with `--forget`); a daemon that restarted restores its own
+    /// mounts first. Failures are logged: containers on those snapshots cannot start until
+    /// their layers mount again (the next start of the snapshotter tries again).
+    pub fn restore(&self) {
+        let Some(layers) = &self.layers else { return };
+        let remote: Vec<(String, PathBuf, RemoteLayer)> = match self.meta() {
+            Ok(meta) => meta
+                .all()
+                .filter_map(|(k, s)| {
+                    Some((k.clone(), meta.dir(s.id).join("fs"), s.remote.clone()?))
+                })
+                .collect(),
+            Err(_) => return,
+        };
+        for (key, dir, layer) in remote {
+            if strata_fs::service::is_strata_mount(&dir) {
+                continue;
+            }
+            match layers.mount(&layer, &dir) {
+                Ok(()) => {
+                    tracing::info!(snapshot = %key, layer = %layer.layer, "layer mounted again")
+                }
+                Err(e) => tracing::error!(snapshot = %key, layer = %layer.layer,
+                    "cannot mount the layer again: {e}"),
+            }
+        }
+    }
+
+    /// Mounts the layer Prepare's labels name as committed snapshot (containerd's chain ID
+    /// `target` on `parent`). `Ok` once containerd can find it; an error means the caller
+    /// should prepare an ordinary snapshot instead.
+    async fn prepare_remote(
+        &self,
+        key: &str,
+        parent: &str,
+        target: &str,
+        layer: RemoteLayer,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(), String> {
+        let Some(layers) = self.layers.clone() else {
+            return Err("lazy layers are off".into());
+        };
+        let dir = {
+            let mut meta = self.meta().map_err(|e| e.to_string())?;
+            if meta.find_remote(target, parent).is_some() {
+                return Ok(());
+            }
+            let s = meta
+                .create(key, parent, Kind::Active, labels.clone())
+                .map_err(|e| e.to_string())?;
+            meta.dir(s.id).join("fs")
+        };
+        let mount_dir = dir.clone();
+        let mounter = layers.clone();
+        let wanted = layer.clone();
+        let mounted = tokio::task::spawn_blocking(move || mounter.mount(&wanted, &mount_dir))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+        let committed = mounted.and_then(|()| {
+            let mut labels = labels;
+            labels.insert(remote::LABEL_REMOTE.into(), "strata".into());
+            let name = remote::committed_name(target, parent);
+            let mut meta = self.meta().map_err(|e| e.to_string())?;
+            match meta.commit_with(&name, key, labels, Some(layer.clone())) {
+                Ok(()) => Ok(true),
+                // Prepared meanwhile by another namespace's pull: that one is found.
+                Err(MetaError::AlreadyExists(_)) => Ok(false),
+                Err(e) => Err(e.to_string()),
+            }
+        });
+        match committed {
+            Ok(true) => {
+                tracing::info!(target, layer = %layer.layer, image = %layer.image, "layer mounted lazily");
+                Ok(())
+            }
+            other => {
+                // Undo: the key is prepared again as an ordinary snapshot (or was found).
+                let _ = tokio::task::spawn_blocking(move || release_dir(&dir, Some(&layers))).await;
+                if let Ok(mut meta) = self.meta() {
+                    let _ = meta.remove(key);
+                }
+                other.map(|_| ())
+            }
+        }
     }
 
     fn meta(&self) -> Result<std::sync::MutexGuard<'_, Meta>, Status> {
@@ -101,6 +195,17 @@ impl Service {
         }
         let lowerdir = lowers.iter().map(|p| path(p)).collect::<Vec<_>>().join(":");
         let mut options = vec!["index=off".to_string()];
+        // A chmod or chown of a lazy file then copies its metadata up, not its bytes (which
+        // would fetch the whole file). The lazy lowers never pass overlayfs xattrs through
+        // from image content, so they cannot forge metacopy origins.
+        let remote_lower = meta
+            .chain(&s.parent)
+            .map_err(status)?
+            .iter()
+            .any(|id| meta.by_id(*id).is_some_and(|l| l.remote.is_some()));
+        if s.kind == Kind::Active && remote_lower && metacopy_supported() {
+            options.push("metacopy=on".into());
+        }
         if s.kind == Kind::Active {
             options.push(format!("workdir={}", path(&dir.join("work"))));
             options.push(format!("upperdir={}", path(&dir.join("fs"))));
@@ -124,6 +229,32 @@ impl Service {
         let mut meta = self.meta()?;
         meta.create(key, parent, kind, labels).map_err(status)?;
         Self::mounts_of(&meta, key)
+    }
+}
+
+/// Whether this kernel's overlayfs knows `metacopy=on`.
+fn metacopy_supported() -> bool {
+    Path::new("/sys/module/overlay/parameters/metacopy").exists()
+}
+
+/// Removes a snapshot's directory; a lazy layer mounted at its `fs/` is unmounted first (and
+/// the directory left for Cleanup if it stays mounted: never delete through a mount).
+fn release_dir(fs_dir: &Path, layers: Option<&Arc<dyn LayerMounter>>) {
+    if strata_fs::service::is_mount_point(fs_dir) {
+        if let Some(l) = layers {
+            if let Err(e) = l.unmount(fs_dir) {
+                tracing::warn!(dir = %fs_dir.display(), "unmounting a lazy layer: {e}");
+            }
+        }
+        if strata_fs::service::is_mount_point(fs_dir) {
+            tracing::warn!(dir = %fs_dir.display(), "still mounted: left for Cleanup");
+            return;
+        }
+    }
+    let Some(dir) = fs_dir.parent() else { return };
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        // Left for Cleanup (e.g. still mounted somewhere).
+        tracing::warn!(dir = %dir.display(), "removing a snapshot's directory: {e}");
     }
 }
 
@@ -165,7 +296,27 @@ impl pb::snapshots_server::Snapshots for Service {
         request: Request<pb::PrepareSnapshotRequest>,
     ) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
         let r = request.into_inner();
-        let mounts = self.create(&r.key, &r.parent, Kind::Active, labels(r.labels))?;
+        let labels = labels(r.labels);
+        if let (Some(target), Some(layer)) =
+            (labels.get(remote::LABEL_TARGET), remote::layer_of(&labels))
+        {
+            if self.layers.is_some() {
+                let target = target.clone();
+                match self
+                    .prepare_remote(&r.key, &r.parent, &target, layer.clone(), labels.clone())
+                    .await
+                {
+                    Ok(()) => {
+                        return Err(Status::already_exists(format!(
+                            "target snapshot {target:?}: mounted lazily"
+                        )))
+                    }
+                    Err(e) => tracing::info!(layer = %layer.layer, image = %layer.image,
+                        "not mounted lazily, containerd unpacks it: {e}"),
+                }
+            }
+        }
+        let mounts = self.create(&r.key, &r.parent, Kind::Active, labels)?;
         Ok(Response::new(pb::PrepareSnapshotResponse { mounts }))
     }
 
@@ -208,16 +359,12 @@ impl pb::snapshots_server::Snapshots for Service {
         let dir = {
             let mut meta = self.meta()?;
             let s = meta.remove(&r.key).map_err(status)?;
-            meta.dir(s.id)
+            meta.dir(s.id).join("fs")
         };
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
-                // Left for Cleanup (e.g. still mounted somewhere).
-                tracing::warn!(dir = %dir.display(), "removing a snapshot's directory: {e}");
-            }
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?;
+        let layers = self.layers.clone();
+        tokio::task::spawn_blocking(move || release_dir(&dir, layers.as_ref()))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(()))
     }
 
@@ -284,10 +431,21 @@ impl pb::snapshots_server::Snapshots for Service {
     async fn cleanup(&self, _request: Request<pb::CleanupRequest>) -> Result<Response<()>, Status> {
         // Orphans are moved aside under the lock (no Prepare can be given their ids then:
         // ids only grow), and deleted after.
+        let layers = self.layers.clone();
         let trash = {
             let meta = self.meta()?;
             let trash = meta.trash_dir();
             for d in meta.orphans() {
+                // A lazy layer left mounted by an interrupted Prepare or Remove.
+                let fs_dir = d.join("fs");
+                if strata_fs::service::is_mount_point(&fs_dir) {
+                    if let Some(l) = &layers {
+                        let _ = l.unmount(&fs_dir);
+                    }
+                    if strata_fs::service::is_mount_point(&fs_dir) {
+                        continue;
+                    }
+                }
                 if let Some(name) = d.file_name() {
                     let _ = std::fs::create_dir_all(&trash);
                     let _ = std::fs::rename(&d, trash.join(name));
@@ -306,8 +464,12 @@ impl pb::snapshots_server::Snapshots for Service {
 
 /// Serves the snapshots API on the unix socket `address` with snapshots under `root`, until
 /// SIGINT or SIGTERM.
-pub fn serve(root: &Path, address: &Path) -> anyhow::Result<()> {
-    let service = Arc::new(Service::open(root)?);
+pub fn serve(
+    root: &Path,
+    address: &Path,
+    layers: Option<Arc<dyn LayerMounter>>,
+) -> anyhow::Result<()> {
+    let service = Arc::new(Service::open(root, layers)?);
     // One server per root: a second would keep its own copy of the metadata.
     let lock = std::fs::OpenOptions::new()
         .create(true)
@@ -318,6 +480,7 @@ pub fn serve(root: &Path, address: &Path) -> anyhow::Result<()> {
         Ok(l) => l,
         Err(_) => anyhow::bail!("a strata snapshotter already serves {}", root.display()),
     };
+    service.restore();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

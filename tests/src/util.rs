@@ -202,6 +202,24 @@ pub fn busybox_image_with(
     name: &str,
     edit: &dyn Fn(&mut serde_json::Value),
 ) -> String {
+    let local = tmp.join("local");
+    let src = tmp.join(format!("src-{}", name.replace(['/', ':'], "-")));
+    let layer = crate::image::Layer {
+        tar: busybox_layer(),
+        compression: crate::image::Compression::Gzip,
+    };
+    crate::image::write_oci_layout_with(&src, "v1", &[layer], edit).expect("the OCI layout");
+    strata_ok(
+        &local,
+        &["convert", &format!("oci:{}:v1", src.display()), name],
+    );
+    let remote = format!("{registry}/{name}");
+    strata_ok(&local, &["push", name, &remote]);
+    remote
+}
+
+/// The tar of [`busybox_image`]'s one layer.
+pub fn busybox_layer() -> Vec<u8> {
     let busybox = std::fs::read("/bin/busybox").expect("busybox-static is installed (setup.sh)");
     let mut l = crate::image::LayerBuilder::new();
     let r: Result<()> = (|| {
@@ -250,20 +268,7 @@ pub fn busybox_image_with(
         Ok(())
     })();
     r.expect("building the busybox layer");
-    let local = tmp.join("local");
-    let src = tmp.join(format!("src-{}", name.replace(['/', ':'], "-")));
-    let layer = crate::image::Layer {
-        tar: l.finish().expect("busybox layer"),
-        compression: crate::image::Compression::Gzip,
-    };
-    crate::image::write_oci_layout_with(&src, "v1", &[layer], edit).expect("the OCI layout");
-    strata_ok(
-        &local,
-        &["convert", &format!("oci:{}:v1", src.display()), name],
-    );
-    let remote = format!("{registry}/{name}");
-    strata_ok(&local, &["push", name, &remote]);
-    remote
+    l.finish().expect("busybox layer")
 }
 
 /// Unpacks an OCI image's layers (from a skopeo `oci:` copy) with GNU tar, applying whiteouts

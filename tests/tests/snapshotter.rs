@@ -33,16 +33,110 @@ fn wait_for_socket(p: &Path) {
 }
 
 fn snapshotter(root: &Path, sock: &Path) -> Daemon {
+    snapshotter_with(root, sock, &[])
+}
+
+fn snapshotter_with(root: &Path, sock: &Path, args: &[&str]) -> Daemon {
     let child = Command::new(strata_bin())
         .arg("--root")
         .arg(root)
         .arg("snapshotter")
         .arg("--address")
         .arg(sock)
+        .args(args)
         .spawn()
         .unwrap();
     wait_for_socket(sock);
     Daemon(child)
+}
+
+/// containerd started with its own config, root, state and socket, the strata plugin at
+/// `snap_sock`.
+struct Containerd {
+    sock: std::path::PathBuf,
+    _daemon: Daemon,
+}
+
+impl Containerd {
+    fn start(tmp: &Path, run: &Path, snap_sock: &Path) -> Containerd {
+        let sock = run.join("c.sock");
+        let config = tmp.join("containerd.toml");
+        fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{}\"\nstate = \"{}\"\n[grpc]\n  address = \"{}\"\n\
+                 [proxy_plugins]\n  [proxy_plugins.strata]\n    type = \"snapshot\"\n    address = \"{}\"\n",
+                tmp.join("ctd-root").display(),
+                run.join("state").display(),
+                sock.display(),
+                snap_sock.display()
+            ),
+        )
+        .unwrap();
+        let log = fs::File::create(tmp.join("containerd.log")).unwrap();
+        let daemon = Daemon(
+            Command::new("containerd")
+                .arg("--config")
+                .arg(&config)
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        wait_for_socket(&sock);
+        Containerd {
+            sock,
+            _daemon: daemon,
+        }
+    }
+
+    fn try_ctr(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ctr")
+            .arg("-a")
+            .arg(&self.sock)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn ctr(&self, args: &[&str]) -> String {
+        let o = self.try_ctr(args);
+        assert!(
+            o.status.success(),
+            "ctr {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// `ctr plugins ls` lists the strata snapshotter as ok.
+    fn assert_plugin_ok(&self) {
+        let plugins = self.ctr(&["plugins", "ls"]);
+        assert!(
+            plugins.lines().any(|l| l.contains("snapshotter")
+                && l.contains("strata")
+                && l.trim_end().ends_with("ok")),
+            "{plugins}"
+        );
+    }
+
+    /// Runs `ctr` until it succeeds (containerd reaches a restarted plugin after its gRPC
+    /// reconnect backoff).
+    fn ctr_eventually(&self, args: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let o = self.try_ctr(args);
+            if o.status.success() {
+                return String::from_utf8_lossy(&o.stdout).into_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ctr {args:?} kept failing: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
 }
 
 #[test]
@@ -55,54 +149,12 @@ fn containerd_runs_containers_on_strata_snapshots() {
         .prefix("strata-ctd")
         .tempdir_in("/tmp")
         .unwrap();
-    let (ctd_sock, snap_sock) = (run.path().join("c.sock"), run.path().join("s.sock"));
-    let config = tmp.join("containerd.toml");
-    fs::write(
-        &config,
-        format!(
-            "version = 2\nroot = \"{}\"\nstate = \"{}\"\n[grpc]\n  address = \"{}\"\n\
-             [proxy_plugins]\n  [proxy_plugins.strata]\n    type = \"snapshot\"\n    address = \"{}\"\n",
-            tmp.join("ctd-root").display(),
-            run.path().join("state").display(),
-            ctd_sock.display(),
-            snap_sock.display()
-        ),
-    )
-    .unwrap();
+    let snap_sock = run.path().join("s.sock");
     let root = tmp.join("node");
     let mut snap = snapshotter(&root, &snap_sock);
-    let log = fs::File::create(tmp.join("containerd.log")).unwrap();
-    let ctd = Daemon(
-        Command::new("containerd")
-            .arg("--config")
-            .arg(&config)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
-    wait_for_socket(&ctd_sock);
-    let ctr = |args: &[&str]| -> String {
-        let o = Command::new("ctr")
-            .arg("-a")
-            .arg(&ctd_sock)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "ctr {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    };
-    let plugins = ctr(&["plugins", "ls"]);
-    assert!(
-        plugins.lines().any(|l| l.contains("snapshotter")
-            && l.contains("strata")
-            && l.trim_end().ends_with("ok")),
-        "{plugins}"
-    );
+    let ctd = Containerd::start(&tmp, run.path(), &snap_sock);
+    let ctr = |args: &[&str]| ctd.ctr(args);
+    ctd.assert_plugin_ok();
     ctr(&[
         "image",
         "pull",
@@ -150,24 +202,7 @@ fn containerd_runs_containers_on_strata_snapshots() {
     let _snap = snapshotter(&root, &snap_sock);
     // containerd reconnects to the plugin's new socket after its gRPC backoff: new calls
     // succeed within seconds.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let listed = loop {
-        let o = Command::new("ctr")
-            .arg("-a")
-            .arg(&ctd_sock)
-            .args(["snapshots", "--snapshotter", "strata", "ls"])
-            .output()
-            .unwrap();
-        if o.status.success() {
-            break String::from_utf8_lossy(&o.stdout).into_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "containerd never reached the restarted plugin: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    };
+    let listed = ctd.ctr_eventually(&["snapshots", "--snapshotter", "strata", "ls"]);
     assert_eq!(listed, snaps);
     let out = ctr(&[
         "run",
@@ -199,5 +234,310 @@ fn containerd_runs_containers_on_strata_snapshots() {
         .count();
     assert_eq!(dirs, 0, "snapshot directories left");
     drop(ctd);
+    fs::remove_dir_all(&tmp).ok();
+}
+
+/// Sums the response bytes of access-log lines about `digest`, and whether every one of them
+/// was a range answer (206).
+fn blob_requests(lines: &[String], digest: &str) -> (u64, usize, bool) {
+    let mut bytes = 0;
+    let mut count = 0;
+    let mut ranged = true;
+    for l in lines
+        .iter()
+        .filter(|l| l.contains(digest) && l.contains("\"GET "))
+    {
+        let Some(after) = l.split("HTTP/1.1\" ").nth(1) else {
+            continue;
+        };
+        let mut f = after.split_whitespace();
+        let status = f.next().unwrap_or("");
+        bytes += f.next().and_then(|b| b.parse::<u64>().ok()).unwrap_or(0);
+        count += 1;
+        ranged &= status == "206";
+    }
+    (bytes, count, ranged)
+}
+
+#[test]
+fn containerd_pulls_strata_images_lazily() {
+    use strata_tests::image::{noise, write_oci_layout, Compression, Layer, LayerBuilder};
+    use strata_tests::util::{busybox_layer, strata_ok};
+
+    let tmp = scratch("snapshotter-lazy").unwrap();
+    let reg = TestRegistry::start(&tmp.join("registry"), None).unwrap();
+    // Two layers: busybox, then one that adds os-release and a large file nobody reads,
+    // deletes a file of the first layer and makes one of its directories opaque.
+    let mut top = LayerBuilder::new();
+    top.dir("etc", 0o755)
+        .unwrap()
+        .file(
+            "etc/os-release",
+            0o644,
+            b"NAME=\"strata test\"\nID=strata\n",
+        )
+        .unwrap()
+        .dir("opt", 0o755)
+        .unwrap()
+        .file("opt/big.bin", 0o644, &noise(3, 8 << 20))
+        .unwrap()
+        .dir("opt/d", 0o755)
+        .unwrap()
+        .file("opt/d/.wh.f1", 0o644, b"")
+        .unwrap()
+        .dir("opt/keep", 0o755)
+        .unwrap()
+        .file("opt/keep/.wh..wh..opq", 0o644, b"")
+        .unwrap()
+        .file("opt/keep/new", 0o644, b"new\n")
+        .unwrap();
+    let layers = [
+        Layer {
+            tar: busybox_layer(),
+            compression: Compression::Gzip,
+        },
+        Layer {
+            tar: top.finish().unwrap(),
+            compression: Compression::Gzip,
+        },
+    ];
+    let src = tmp.join("src");
+    write_oci_layout(&src, "v1", &layers).unwrap();
+    let local = tmp.join("local");
+    strata_ok(
+        &local,
+        &[
+            "convert",
+            &format!("oci:{}:v1", src.display()),
+            "lazy/app:v1",
+        ],
+    );
+    let image = format!("{}/lazy/app:v1", reg.addr);
+    strata_ok(&local, &["push", "lazy/app:v1", &image]);
+    let strata_layers: Vec<String> = {
+        let m = strata_ok(&local, &["inspect", "lazy/app:v1"]);
+        let m: serde_json::Value = serde_json::from_str(&m).unwrap();
+        m["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // The same image as published by anyone else (gzip, no TOC): the fallback path.
+    let plain = format!("{}/plain/app:v1", reg.addr);
+    let o = Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:v1", src.display()))
+        .arg(format!("docker://{plain}"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let run = tempfile::Builder::new()
+        .prefix("strata-ctd")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let snap_sock = run.path().join("s.sock");
+    let root = tmp.join("node");
+    // No background prefetch: the registry log then shows exactly what containers read.
+    let mut snap = snapshotter_with(&root, &snap_sock, &["--no-prefetch"]);
+    let ctd = Containerd::start(&tmp, run.path(), &snap_sock);
+    let sock = ctd.sock.to_string_lossy().to_string();
+    ctd.assert_plugin_ok();
+
+    let before = reg.log_lines().len();
+    let out = strata_ok(&root, &["rpull", "--address", &sock, &image]);
+    assert!(out.contains("2 mounted lazily, 0 unpacked"), "{out}");
+    let snaps = ctd.ctr(&["snapshots", "--snapshotter", "strata", "ls"]);
+    assert_eq!(snaps.matches("Committed").count(), 2, "{snaps}");
+    let run_in = |name: &str, args: &[&str]| -> String {
+        let mut a = vec!["run", "--rm", "--snapshotter", "strata", &image, name];
+        a.extend_from_slice(args);
+        ctd.ctr(&a)
+    };
+    assert_eq!(
+        run_in("c1", &["cat", "/etc/os-release"]),
+        "NAME=\"strata test\"\nID=strata\n"
+    );
+    // The upper layer's whiteout and opaque directory hold in the overlay of lazy layers.
+    assert_eq!(
+        run_in(
+            "c2",
+            &["/bin/sh", "-c", "ls /opt/d; ls /opt/keep; cat /opt/e/g"]
+        ),
+        "f2\nnew\neg\n"
+    );
+    // Only manifest, config, TOCs and the chunks read went over the wire: every layer request
+    // was a range read, and the 8 MiB file nobody read was not fetched.
+    let lines: Vec<String> = reg.log_lines().into_iter().skip(before).collect();
+    let mut layer_bytes = 0;
+    for d in &strata_layers {
+        let (bytes, count, ranged) = blob_requests(&lines, d);
+        assert!(
+            count > 0 && ranged,
+            "layer {d}: {count} requests, not all ranges: {lines:#?}"
+        );
+        layer_bytes += bytes;
+    }
+    assert!(
+        layer_bytes < 4 << 20,
+        "fetched {layer_bytes} bytes of layers"
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains("/manifests/") || l.contains("/blobs/") || l.contains("GET /v2/ ")),
+        "{lines:#?}"
+    );
+
+    // A running container, and a second one writing: each has its own upper layer.
+    ctd.ctr(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "strata",
+        &image,
+        "long",
+        "sleep",
+        "600",
+    ]);
+    assert_eq!(
+        run_in(
+            "writer",
+            &[
+                "/bin/sh",
+                "-c",
+                "echo changed > /etc/os-release; echo y > /new; cat /new"
+            ]
+        ),
+        "y\n"
+    );
+    let exec = |id: &str, args: &[&str]| -> String {
+        let mut a = vec!["task", "exec", "--exec-id", id, "long"];
+        a.extend_from_slice(args);
+        ctd.ctr(&a)
+    };
+    assert_eq!(
+        exec(
+            "e1",
+            &[
+                "/bin/sh",
+                "-c",
+                "cat /etc/os-release; test -e /new || echo clean"
+            ]
+        ),
+        "NAME=\"strata test\"\nID=strata\nclean\n"
+    );
+
+    // kill -9 of the plugin while the container runs: its lazy layers belong to the node
+    // daemon, so its reads (even of chunks never fetched) keep working; the restarted
+    // plugin serves new containers.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(snap.0.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = snap.0.wait();
+    assert_eq!(
+        exec("e2", &["cat", "/opt/f/h", "/opt/keep/new"]),
+        "fh\nnew\n"
+    );
+    let _ = fs::remove_file(&snap_sock);
+    let _snap = snapshotter_with(&root, &snap_sock, &["--no-prefetch"]);
+    assert_eq!(
+        ctd.ctr_eventually(&["snapshots", "--snapshotter", "strata", "ls"])
+            .matches("Committed")
+            .count(),
+        2
+    );
+    assert_eq!(run_in("c3", &["cat", "/opt/d/f2"]), "two\n");
+
+    // The plain gzip image: not lazily pullable, unpacked into ordinary snapshots.
+    let out = strata_ok(&root, &["rpull", "--address", &sock, &plain]);
+    assert!(out.contains("0 mounted lazily, 2 unpacked"), "{out}");
+    let out = ctd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "strata",
+        &plain,
+        "p1",
+        "cat",
+        "/etc/os-release",
+    ]);
+    assert_eq!(out, "NAME=\"strata test\"\nID=strata\n");
+
+    // The registry goes away: what was read once (now in the node's cache) still starts.
+    assert_eq!(
+        run_in("c4", &["/bin/sh", "-c", "cat /opt/big.bin | wc -c"]).trim(),
+        (8 << 20).to_string()
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(reg.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert_eq!(
+        run_in(
+            "c5",
+            &[
+                "/bin/sh",
+                "-c",
+                "cat /opt/big.bin | wc -c; cat /opt/keep/new"
+            ]
+        ),
+        format!("{}\nnew\n", 8 << 20).replace(' ', "")
+    );
+    let out = ctd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "strata",
+        &plain,
+        "p2",
+        "cat",
+        "/opt/d/f2",
+    ]);
+    assert_eq!(out, "two\n");
+
+    // Removing the containers and images: the snapshots go, and so do the lazy mounts.
+    let o = ctd.try_ctr(&["task", "kill", "-s", "SIGKILL", "long"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ctd.try_ctr(&["task", "delete", "long"]).status.success() {
+        assert!(Instant::now() < deadline, "task long never stopped");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ctd.ctr(&["container", "rm", "long"]);
+    ctd.ctr(&["image", "rm", "--sync", &image, &plain]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = ctd.ctr(&["snapshots", "--snapshotter", "strata", "ls"]);
+        if left.lines().count() <= 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "snapshots left: {left}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+        if !mounts.contains(&*root.to_string_lossy()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "mounts left: {mounts}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let dirs = fs::read_dir(root.join("snapshotter/snapshots"))
+        .unwrap()
+        .count();
+    assert_eq!(dirs, 0, "snapshot directories left");
+    drop(ctd);
+    let _ = Command::new(strata_bin())
+        .arg("--root")
+        .arg(&root)
+        .args(["daemon", "--stop", "--forget"])
+        .output();
     fs::remove_dir_all(&tmp).ok();
 }

@@ -8,6 +8,8 @@ pub mod images;
 pub mod metrics;
 pub mod mount;
 pub mod registry;
+pub mod rpull;
+pub mod snapshotter;
 
 use anyhow::Context;
 use strata_fs::store::Store;

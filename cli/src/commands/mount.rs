@@ -86,6 +86,7 @@ impl MountArgs {
             registry: self.registry.options(),
             setuid: false,
             upper: self.upper.as_ref().map(|p| absolute(p)),
+            layer: None,
             internal: false,
         }
     }

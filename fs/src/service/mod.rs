@@ -155,6 +155,11 @@ pub struct MountRequest {
     /// and work directories under this directory (`DIR/upper`, `DIR/work`).
     #[serde(default)]
     pub upper: Option<PathBuf>,
+    /// Mount only this layer (its manifest digest), in the form overlayfs reads a lower
+    /// directory in (whiteouts as 0/0 devices, opaque directories marked): a containerd
+    /// snapshot. Its plain layers are refused, never fetched whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<String>,
     /// A mount the service made for one of its own (the lower of a writable view): not
     /// recorded (its owner's record restores it). Never taken from a client.
     #[serde(skip)]
@@ -177,6 +182,7 @@ impl MountRequest {
             registry: RegistryOptions::default(),
             setuid: false,
             upper: None,
+            layer: None,
             internal: false,
         }
     }
@@ -201,6 +207,9 @@ pub struct MountInfo {
     /// For a writable view: the directory holding its upper and work directories.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upper: Option<PathBuf>,
+    /// For a mount of one layer: its digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<String>,
 }
 
 /// Node-wide settings of a service.
@@ -346,6 +355,11 @@ impl MountService {
     /// Mounts an image; returns once the mount answers.
     pub fn mount(&self, req: MountRequest) -> Result<MountInfo, ServiceError> {
         let _busy = self.activity();
+        if req.upper.is_some() && req.layer.is_some() {
+            return Err(ServiceError::Image(
+                "a mount of one layer cannot be a writable view".into(),
+            ));
+        }
         if req.upper.is_some() {
             return self.mount_writable(req);
         }
@@ -395,7 +409,9 @@ impl MountService {
         let client = req.registry.client()?;
         self.pull_if_missing(&mut req, &client)?;
         let mut warnings = Vec::new();
-        if let Some(index) = &self.inner.indexer {
+        if req.layer.is_some() {
+            // One layer for containerd: a plain one is containerd's to unpack.
+        } else if let Some(index) = &self.inner.indexer {
             let indexed = index(store, Some(&client), &req.image).map_err(|e| {
                 ServiceError::Image(format!("indexing the plain layers of {}: {e}", req.image))
             })?;
@@ -407,18 +423,22 @@ impl MountService {
                 ));
             }
         }
-        let image = crate::image::open_limited(
+        let image = crate::image::open_selected(
             store,
             &req.image,
             Some(&client),
             self.inner.config.max_entries,
+            req.layer.as_deref(),
         )
         .map_err(|e| ServiceError::Image(format!("opening {}: {e}", req.image)))?;
         let reference = image.reference.to_string();
         let manifest = image.manifest_digest.clone();
-        let (tree, blobs) = image
-            .into_tree()
-            .map_err(|e| ServiceError::Image(format!("merging the layers of {reference}: {e}")))?;
+        let (tree, blobs) = if req.layer.is_some() {
+            image.into_lower_tree()
+        } else {
+            image.into_tree()
+        }
+        .map_err(|e| ServiceError::Image(format!("merging the layers of {reference}: {e}")))?;
         let entries = tree.len() as u64;
         let profile = match &req.profile {
             Some(p) => read_limited(p, MAX_PROFILE)
@@ -493,6 +513,7 @@ impl MountService {
             time_to_mount_ms: 0,
             warnings,
             upper: None,
+            layer: req.layer.clone(),
         };
         let live = Arc::new(Live {
             info,
@@ -977,7 +998,11 @@ fn mount_stats(l: &Live) -> serde_json::Value {
         "manifest": l.info.manifest,
         "mountpoint": l.info.mountpoint,
         "pid": std::process::id(),
+        "layer": l.info.layer,
         "time_to_mount_ms": time_to_mount(l),
+        "time_to_first_byte_ms": l.stats.first_source_read()
+            .map(|t| t.saturating_duration_since(l.started).as_millis() as u64),
+        "prefetched": l.stats.prefetched(),
         "uptime_s": l.started.elapsed().as_secs(),
         "fetch": fetch,
         "avg_fetch_latency_ms": if fetch.source_reads > 0 {

@@ -1,0 +1,289 @@
+//! `strata rpull`: pulls an image into a containerd namespace through containerd's own API,
+//! with the labels that let a remote snapshotter mount its layers lazily (the role
+//! `ctr-remote image rpull` plays for the stargz snapshotter; Debian's `ctr` sets no such
+//! labels itself).
+//!
+//! The manifest, config and TOCs go into strata's store (the snapshotter's daemon reads them
+//! there); the manifest and config also go into containerd's content store, labelled so its
+//! garbage collector keeps them and the snapshots with the image. Each layer is prepared with
+//! `containerd.io/snapshot.ref` (its chain ID) and the CRI's layer labels: the strata
+//! snapshotter mounts a strata layer lazily and answers `AlreadyExists`; any other layer (or
+//! another snapshotter) gets an ordinary snapshot, which this command fills the way containerd's
+//! unpacker does (the blob into the content store, then containerd's diff service applies it).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use strata_fs::format::Sha256Digest;
+use strata_fs::reference::Reference;
+use strata_snapshotter::api::containerd::types::Descriptor as CtrDescriptor;
+use strata_snapshotter::client::{Containerd, Prepared};
+use strata_snapshotter::remote;
+
+use super::open_store;
+use super::registry::{platform, RegistryArgs};
+use crate::GlobalArgs;
+
+#[derive(clap::Args)]
+pub struct RpullArgs {
+    /// Image reference (Docker's grammar).
+    pub reference: String,
+    /// containerd's socket.
+    #[arg(
+        long,
+        short = 'a',
+        env = "CONTAINERD_ADDRESS",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    pub address: PathBuf,
+    /// containerd namespace.
+    #[arg(
+        long,
+        short = 'n',
+        env = "CONTAINERD_NAMESPACE",
+        default_value = "default"
+    )]
+    pub namespace: String,
+    /// The snapshotter to unpack into (as named in containerd's config).
+    #[arg(long, default_value = "strata")]
+    pub snapshotter: String,
+    /// Platform to pick from an index (OS/ARCH).
+    #[arg(long)]
+    pub platform: Option<String>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// Longest value containerd accepts for a label (4 KiB for key and value together).
+const MAX_LABEL: usize = 4000;
+
+/// containerd's chain IDs of a stack of diff IDs.
+fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
+    for d in diff_ids {
+        let next = match out.last() {
+            None => d.clone(),
+            Some(prev) => Sha256Digest::of(format!("{prev} {d}").as_bytes()).to_string(),
+        };
+        out.push(next);
+    }
+    out
+}
+
+pub fn rpull(g: &GlobalArgs, a: RpullArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut r = Reference::parse(&a.reference)?;
+    if r.tag.is_none() && r.digest.is_none() {
+        r.tag = Some("latest".into());
+    }
+    let store = open_store(g)?;
+    let registry = a.registry.client()?;
+    let (os, arch) = platform(a.platform.as_deref())?;
+    let manifest_desc = strata_fs::transfer::pull_metadata(&store, &registry, &r, (&os, &arch))
+        .with_context(|| format!("pulling the metadata of {r}"))?;
+    let manifest_bytes = store.read_blob(&manifest_desc.digest)?;
+    let manifest = store.manifest(&manifest_desc.digest)?;
+    let config_bytes = store.read_blob(&manifest.config.digest)?;
+    let config: serde_json::Value = serde_json::from_slice(&config_bytes)
+        .with_context(|| format!("config {} of {r}", manifest.config.digest))?;
+    let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|d| d.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    if diff_ids.len() != manifest.layers.len() {
+        bail!(
+            "{r}: the config lists {} diff IDs for {} layers",
+            diff_ids.len(),
+            manifest.layers.len()
+        );
+    }
+    let chains = chain_ids(&diff_ids);
+    let name = r.to_string();
+    let source_label = format!("containerd.io/distribution.source.{}", r.registry);
+    let source = r.repository.clone();
+    let mut image_layers = String::new();
+    for l in &manifest.layers {
+        if image_layers.len() + l.digest.len() + 1 > MAX_LABEL {
+            break;
+        }
+        if !image_layers.is_empty() {
+            image_layers.push(',');
+        }
+        image_layers.push_str(&l.digest);
+    }
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (lazy, unpacked) = rt.block_on(async {
+        let mut ctd = Containerd::connect(&a.address, &a.namespace)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let nonce = format!(
+            "{}-{}",
+            std::process::id(),
+            started.elapsed().as_nanos() ^ now_nanos()
+        );
+        ctd.take_lease(&format!("strata-rpull-{nonce}")).await?;
+        let result = async {
+            // Content first (under the lease), labelled for the garbage collector.
+            let mut config_labels = BTreeMap::from([(source_label.clone(), source.clone())]);
+            if let Some(top) = chains.last() {
+                config_labels.insert(
+                    format!("containerd.io/gc.ref.snapshot.{}", a.snapshotter),
+                    top.clone(),
+                );
+            }
+            ctd.write_content(
+                &manifest.config.digest,
+                config_bytes.len() as u64,
+                Box::new(std::io::Cursor::new(config_bytes.clone())),
+                &config_labels,
+            )
+            .await?;
+            let mut manifest_labels = BTreeMap::from([
+                (source_label.clone(), source.clone()),
+                (
+                    "containerd.io/gc.ref.content.config".to_string(),
+                    manifest.config.digest.clone(),
+                ),
+            ]);
+            for (i, l) in manifest.layers.iter().enumerate() {
+                manifest_labels.insert(
+                    format!("containerd.io/gc.ref.content.l.{i}"),
+                    l.digest.clone(),
+                );
+            }
+            ctd.write_content(
+                &manifest_desc.digest,
+                manifest_bytes.len() as u64,
+                Box::new(std::io::Cursor::new(manifest_bytes.clone())),
+                &manifest_labels,
+            )
+            .await?;
+            // Then the layers, bottom up.
+            let (mut lazy, mut unpacked) = (0usize, 0usize);
+            for (i, l) in manifest.layers.iter().enumerate() {
+                let chain = &chains[i];
+                if ctd.snapshot_exists(&a.snapshotter, chain).await? {
+                    continue;
+                }
+                let parent = if i == 0 {
+                    String::new()
+                } else {
+                    chains[i - 1].clone()
+                };
+                let labels = BTreeMap::from([
+                    (remote::LABEL_TARGET.to_string(), chain.clone()),
+                    (remote::LABEL_IMAGE_REF.to_string(), name.clone()),
+                    (
+                        remote::LABEL_MANIFEST.to_string(),
+                        manifest_desc.digest.clone(),
+                    ),
+                    (remote::LABEL_LAYER.to_string(), l.digest.clone()),
+                    (remote::LABEL_IMAGE_LAYERS.to_string(), image_layers.clone()),
+                ]);
+                let key = format!("extract-{nonce}-{i} {chain}");
+                let mounts = match ctd.prepare(&a.snapshotter, &key, &parent, &labels).await? {
+                    Prepared::AlreadyExists => {
+                        lazy += 1;
+                        continue;
+                    }
+                    Prepared::Mounts(m) => m,
+                };
+                let unpack = async {
+                    let layer_labels = BTreeMap::from([(source_label.clone(), source.clone())]);
+                    let reader = {
+                        let registry = registry.clone();
+                        let (r, d) = (r.clone(), l.digest.clone());
+                        tokio::task::spawn_blocking(move || registry.open_blob(&r, &d)).await??
+                    };
+                    ctd.write_content(&l.digest, l.size, reader, &layer_labels)
+                        .await?;
+                    let desc = CtrDescriptor {
+                        media_type: l.media_type.clone(),
+                        digest: l.digest.clone(),
+                        size: l.size as i64,
+                        annotations: HashMap::new(),
+                    };
+                    let applied = ctd.apply(desc, mounts).await?;
+                    if applied.digest != diff_ids[i] {
+                        bail!(
+                            "layer {} unpacked to {}, but the config says {}",
+                            l.digest,
+                            applied.digest,
+                            diff_ids[i]
+                        );
+                    }
+                    ctd.label_content(
+                        &l.digest,
+                        &BTreeMap::from([(
+                            "containerd.io/uncompressed".to_string(),
+                            applied.digest.clone(),
+                        )]),
+                    )
+                    .await?;
+                    let commit_labels =
+                        BTreeMap::from([(remote::LABEL_TARGET.to_string(), chain.clone())]);
+                    ctd.commit(&a.snapshotter, chain, &key, &commit_labels)
+                        .await?;
+                    anyhow::Ok(())
+                };
+                if let Err(e) = unpack.await {
+                    let _ = ctd.remove_snapshot(&a.snapshotter, &key).await;
+                    return Err(e.context(format!("unpacking layer {} of {name}", l.digest)));
+                }
+                unpacked += 1;
+            }
+            let target = CtrDescriptor {
+                media_type: manifest_desc.media_type.clone(),
+                digest: manifest_desc.digest.clone(),
+                size: manifest_desc.size as i64,
+                annotations: HashMap::new(),
+            };
+            ctd.put_image(&name, target, HashMap::new()).await?;
+            anyhow::Ok((lazy, unpacked))
+        }
+        .await;
+        let released = ctd.release_lease().await;
+        let counts = result?;
+        released?;
+        anyhow::Ok(counts)
+    })?;
+    println!(
+        "{name}: {} layers, {lazy} mounted lazily, {unpacked} unpacked, {} already there ({:.2}s)",
+        manifest.layers.len(),
+        manifest.layers.len() - lazy - unpacked,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn now_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_ids_follow_the_oci_definition() {
+        let a = format!("sha256:{}", "a".repeat(64));
+        let b = format!("sha256:{}", "b".repeat(64));
+        let c = chain_ids(&[a.clone(), b.clone()]);
+        assert_eq!(c[0], a);
+        assert_eq!(
+            c[1],
+            Sha256Digest::of(format!("{a} {b}").as_bytes()).to_string()
+        );
+    }
+}
