@@ -391,6 +391,26 @@ fn containerd_pulls_strata_images_lazily() {
         "{lines:#?}"
     );
 
+    // Per-layer metrics: bytes fetched and time to first byte of each lazy snapshot.
+    let metrics = strata_ok(&root, &["metrics"]);
+    for d in &strata_layers {
+        let here = format!("layer=\"{d}\"");
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("strata_blob_read_bytes_total{")
+                    && l.contains(&here)
+                    && !l.ends_with(" 0")),
+            "{metrics}"
+        );
+        assert!(
+            metrics.lines().any(
+                |l| l.starts_with("strata_mount_time_to_first_byte_seconds{") && l.contains(&here)
+            ),
+            "{metrics}"
+        );
+    }
+
     // A running container, and a second one writing: each has its own upper layer.
     ctd.ctr(&[
         "run",

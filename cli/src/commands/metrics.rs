@@ -176,10 +176,13 @@ fn render(g: &GlobalArgs) -> anyhow::Result<String> {
     let mut ops: Vec<(String, serde_json::Value)> = Vec::new();
     for v in mounts {
         let n = |p: &str| v.pointer(p).and_then(|x| x.as_f64()).unwrap_or(0.0);
+        // A containerd snapshot's mount shows one layer (`layer`); its snapshot is the
+        // directory above the mount point.
         let labels = format!(
-            "mountpoint=\"{}\",image=\"{}\"",
+            "mountpoint=\"{}\",image=\"{}\",layer=\"{}\"",
             escape(v["mountpoint"].as_str().unwrap_or("")),
-            escape(v["image"].as_str().unwrap_or(""))
+            escape(v["image"].as_str().unwrap_or("")),
+            escape(v["layer"].as_str().unwrap_or(""))
         );
         let with = |extra: &str| format!("{labels},{extra}");
         add(
@@ -195,6 +198,26 @@ fn render(g: &GlobalArgs) -> anyhow::Result<String> {
             "Time from the mount request to a ready mount.",
             &labels,
             n("/time_to_mount_ms") / 1000.0,
+        );
+        if let Some(ms) = v["time_to_first_byte_ms"].as_f64() {
+            add(
+                "strata_mount_time_to_first_byte_seconds",
+                "gauge",
+                "Time from the mount request to the first bytes read from a layer blob.",
+                &labels,
+                ms / 1000.0,
+            );
+        }
+        add(
+            "strata_mount_prefetched",
+            "gauge",
+            "1 once the background prefetch has every chunk of the mount's remote layers.",
+            &labels,
+            if v["prefetched"].as_bool() == Some(true) {
+                1.0
+            } else {
+                0.0
+            },
         );
         for (source, key) in [
             ("memory", "/fetch/memory_hits"),
