@@ -77,14 +77,22 @@ impl OpenedImage {
         Ok((Tree::build(tocs)?, blobs))
     }
 
-    /// The tree of an image opened with one layer ([`open_selected`]) as an overlayfs lower
-    /// directory ([`Tree::build_lower`]).
-    pub fn into_lower_tree(self) -> Result<(Tree, Vec<Arc<dyn BlobSource>>), ImageError> {
-        let mut layers = self.layers.into_iter();
-        let (Some(l), None) = (layers.next(), layers.next()) else {
-            return Err(ImageError::NoLayer("(exactly one layer expected)".into()));
+    /// The top layer alone as an overlayfs lower directory ([`Tree::build_lower`]), the layers
+    /// under it (as [`open_selected`] opened them) giving the attributes of directories it
+    /// lacks.
+    pub fn into_lower_tree(mut self) -> Result<(Tree, Vec<Arc<dyn BlobSource>>), ImageError> {
+        let top = self
+            .layers
+            .pop()
+            .ok_or_else(|| ImageError::NoLayer("(an image without layers)".into()))?;
+        let below = if self.layers.is_empty() {
+            None
+        } else {
+            Some(Tree::build(
+                self.layers.into_iter().map(|l| l.toc).collect(),
+            )?)
         };
-        Ok((Tree::build_lower(l.toc)?, vec![l.blob]))
+        Ok((Tree::build_lower(top.toc, below.as_ref())?, vec![top.blob]))
     }
 }
 
@@ -207,8 +215,8 @@ pub fn open_limited(
     open_selected(store, image, registry, max_entries, None)
 }
 
-/// [`open_limited`] keeping only the layer whose manifest digest is `only` (when given): a
-/// layer mounted alone, as containerd's snapshots need.
+/// [`open_limited`] keeping only the layers up to the first whose manifest digest is `only`
+/// (when given): for a layer mounted alone, as containerd's snapshots need.
 pub fn open_selected(
     store: &Store,
     image: &str,
@@ -223,16 +231,18 @@ pub fn open_selected(
         .map_err(|e| ImageError::BadConfig(manifest.config.digest.clone(), e.to_string()))?;
     // Plain layers are served from their local strata index (see `index_path`).
     let mut layers = Vec::with_capacity(manifest.layers.len());
-    let wanted = manifest
-        .layers
-        .iter()
-        .filter(|l| only.is_none_or(|d| d == l.digest));
-    if let Some(d) = only {
-        if !manifest.layers.iter().any(|l| l.digest == d) {
-            return Err(ImageError::NoLayer(d.to_string()));
+    let wanted = match only {
+        None => manifest.layers.len(),
+        Some(d) => {
+            manifest
+                .layers
+                .iter()
+                .position(|l| l.digest == d)
+                .ok_or_else(|| ImageError::NoLayer(d.to_string()))?
+                + 1
         }
-    }
-    for l in wanted {
+    };
+    for (i, l) in manifest.layers[..wanted].iter().enumerate() {
         if is_strata_layer(l) {
             layers.push(l.clone());
             continue;
@@ -243,6 +253,8 @@ pub fn open_selected(
             .filter(|d| is_strata_layer(d) && store.has_blob(&d.digest));
         match indexed {
             Some(d) => layers.push(d),
+            // Below a layer shown alone, a plain layer only lent directory attributes.
+            None if only.is_some() && i + 1 < wanted => {}
             None => {
                 return Err(ImageError::NotStrata {
                     digest: l.digest.clone(),

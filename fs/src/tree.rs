@@ -116,12 +116,16 @@ fn split(path: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
-struct Builder {
+struct Builder<'a> {
     nodes: Vec<Building>,
     layer: usize,
+    /// Where directories missing from a layer shown alone take their attributes from: the
+    /// merged layers below it (overlayfs takes a directory's attributes from the topmost
+    /// layer that has it, so a plain 0755 root-owned one would change them).
+    below: Option<&'a Tree>,
 }
 
-impl Builder {
+impl Builder<'_> {
     fn err(&self, path: &[u8], reason: impl Into<String>) -> TreeError {
         TreeError::Invalid {
             layer: self.layer,
@@ -160,7 +164,11 @@ impl Builder {
         if path.is_empty() {
             return Ok(0);
         }
+        let mut end = 0;
         for comp in path.split(|&b| b == b'/') {
+            end += comp.len();
+            let prefix = &path[..end];
+            end += 1;
             cur = match self.nodes[cur].children.get(comp) {
                 Some(&c) => {
                     if self.nodes[c].node.kind != EntryKind::Directory {
@@ -175,7 +183,20 @@ impl Builder {
                     c
                 }
                 None => {
-                    let d = self.push(implicit_dir());
+                    let mut dir = implicit_dir();
+                    if let Some(n) = self
+                        .below
+                        .and_then(|t| t.get(t.lookup_path(prefix)?))
+                        .filter(|n| n.kind == EntryKind::Directory)
+                    {
+                        dir.mode = n.mode;
+                        dir.uid = n.uid;
+                        dir.gid = n.gid;
+                        dir.mtime_sec = n.mtime_sec;
+                        dir.mtime_nsec = n.mtime_nsec;
+                        dir.xattrs = n.xattrs.clone();
+                    }
+                    let d = self.push(dir);
                     self.nodes[cur].children.insert(comp.to_vec(), d);
                     d
                 }
@@ -256,6 +277,7 @@ impl Tree {
         let mut b = Builder {
             nodes: Vec::new(),
             layer: 0,
+            below: None,
         };
         b.push(implicit_dir());
         for (i, toc) in layers.iter().enumerate() {
@@ -267,12 +289,15 @@ impl Tree {
     }
 
     /// One layer alone, as an overlayfs lower directory: its whiteouts become 0/0 character
-    /// devices (unless the layer itself has an entry of that name) and its opaque markers mark
-    /// their directory [`Node::opaque`]. Parents missing from the layer are plain directories.
-    pub fn build_lower(toc: Toc) -> Result<Tree, TreeError> {
+    /// devices (unless the layer itself has an entry of that name: a directory of that name
+    /// is then opaque, as it replaces the lower one) and its opaque markers mark their
+    /// directory [`Node::opaque`]. Parents missing from the layer take the attributes of the
+    /// same directory in `below` (the merged layers under it), else are plain directories.
+    pub fn build_lower(toc: Toc, below: Option<&Tree>) -> Result<Tree, TreeError> {
         let mut b = Builder {
             nodes: Vec::new(),
             layer: 0,
+            below,
         };
         b.push(implicit_dir());
         b.apply_entries(&toc)?;
@@ -287,7 +312,11 @@ impl Tree {
                     return Err(b.err(&e.path, "is a whiteout of no valid name"));
                 }
                 let d = b.ensure_dir(dir, &e.path)?;
-                if b.nodes[d].children.contains_key(target) {
+                if let Some(&own) = b.nodes[d].children.get(target) {
+                    // `.wh.a` with `a/…` in one layer: the lower `a` is gone, this one stays.
+                    if b.nodes[own].node.kind == EntryKind::Directory {
+                        b.nodes[own].node.opaque = true;
+                    }
                     continue;
                 }
                 let mut w = Entry::new(Vec::new(), EntryKind::CharDevice);
@@ -304,7 +333,7 @@ impl Tree {
     }
 
     /// Numbers the built tree's reachable inodes and keeps of the TOCs only what reads need.
-    fn number(b: Builder, layers: Vec<Toc>) -> Tree {
+    fn number(b: Builder<'_>, layers: Vec<Toc>) -> Tree {
         // Number reachable inodes densely in depth-first order; hard links keep one inode.
         let mut ino_of: Vec<Ino> = vec![0; b.nodes.len()];
         let mut nodes: Vec<Node> = Vec::new();
@@ -515,7 +544,7 @@ mod tests {
             file("c"),
             file(".wh.c"),
         ]);
-        let t = Tree::build_lower(l).unwrap();
+        let t = Tree::build_lower(l, None).unwrap();
         let a = t.get(t.lookup_path(b"a").unwrap()).unwrap();
         assert!(a.opaque);
         assert!(t.lookup_path(b"a/new").is_some());
@@ -534,6 +563,30 @@ mod tests {
         );
         assert!(!t.get(t.lookup_path(b"b").unwrap()).unwrap().opaque);
         let bad = toc(vec![file("d/.wh.")]);
-        assert!(Tree::build_lower(bad).is_err());
+        assert!(Tree::build_lower(bad, None).is_err());
+        // A directory whited out and re-created in the same layer hides the lower one.
+        let l = toc(vec![file(".wh.x"), file("x/mine")]);
+        let t = Tree::build_lower(l, None).unwrap();
+        assert!(t.get(t.lookup_path(b"x").unwrap()).unwrap().opaque);
+    }
+
+    #[test]
+    fn directories_missing_from_a_lone_layer_keep_the_attributes_below() {
+        let mut tmp = dir("tmp");
+        tmp.mode = 0o1777;
+        let mut var = dir("var");
+        var.mode = 0o755;
+        var.uid = 7;
+        let below = Tree::build(vec![toc(vec![tmp, var])]).unwrap();
+        let l = toc(vec![file("tmp/x"), file("var/lib/.wh.gone"), file("new/f")]);
+        let t = Tree::build_lower(l, Some(&below)).unwrap();
+        let attrs = |p: &[u8]| {
+            let n = t.get(t.lookup_path(p).unwrap()).unwrap();
+            (n.mode, n.uid)
+        };
+        assert_eq!(attrs(b"tmp"), (0o1777, 0));
+        assert_eq!(attrs(b"var"), (0o755, 7));
+        assert_eq!(attrs(b"var/lib"), (0o755, 0));
+        assert_eq!(attrs(b"new"), (0o755, 0));
     }
 }

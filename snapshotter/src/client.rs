@@ -32,6 +32,9 @@ fn failed(what: impl Into<String>) -> impl FnOnce(tonic::Status) -> CallError {
     move |status| CallError { what, status }
 }
 
+/// Content writes made by this process (for unique ingest refs).
+static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Bytes per message when streaming content (containerd's own clients use 1 MiB).
 const WRITE_CHUNK: usize = 1 << 20;
 
@@ -64,6 +67,9 @@ impl Containerd {
             }))
             .await
             .map_err(|e| format!("connecting to containerd at {}: {e}", socket.display()))?;
+        if namespace.is_empty() || tonic::metadata::MetadataValue::try_from(namespace).is_err() {
+            return Err(format!("invalid containerd namespace {namespace:?}"));
+        }
         Ok(Containerd {
             channel,
             namespace: namespace.to_string(),
@@ -164,7 +170,12 @@ impl Containerd {
         }
         let what = format!("writing {digest}");
         let (tx, rx) = tokio::sync::mpsc::channel::<content::WriteContentRequest>(4);
-        let reference = format!("strata-rpull-{digest}");
+        // One ingest per write: two pulls sharing a blob do not contend for a ref's lock.
+        let reference = format!(
+            "strata-rpull-{}-{}-{digest}",
+            std::process::id(),
+            WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         let (digest_s, labels_m) = (digest.to_string(), labels.clone());
         // The reader blocks (a registry download): feed the stream from a thread.
         let feeder = tokio::task::spawn_blocking(move || -> std::result::Result<(), String> {

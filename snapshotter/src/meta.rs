@@ -31,6 +31,10 @@ pub struct Snapshot {
     /// A layer mounted lazily at `fs/` (by the node daemon) instead of unpacked into it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote: Option<crate::remote::RemoteLayer>,
+    /// Its upper directory was (or is) mounted with overlayfs's `metacopy=on`: every overlay
+    /// over it needs that option too, or the kernel refuses its metadata-only copies.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub metacopy: bool,
 }
 
 /// Errors in containerd's terms.
@@ -157,11 +161,6 @@ impl Meta {
         self.root.join("snapshots").join(id.to_string())
     }
 
-    /// The snapshot whose directory is `id`.
-    pub fn by_id(&self, id: u64) -> Option<&Snapshot> {
-        self.db.snapshots.values().find(|s| s.id == id)
-    }
-
     pub fn get(&self, key: &str) -> Result<&Snapshot, MetaError> {
         self.db
             .snapshots
@@ -188,6 +187,7 @@ impl Meta {
         parent: &str,
         kind: Kind,
         labels: BTreeMap<String, String>,
+        metacopy: bool,
     ) -> Result<Snapshot, MetaError> {
         if key.is_empty() {
             return Err(MetaError::InvalidArgument(
@@ -219,6 +219,7 @@ impl Meta {
             created: t,
             updated: t,
             remote: None,
+            metacopy,
         };
         let saved = self.transact(|db| {
             db.next_id = id;
@@ -330,21 +331,35 @@ impl Meta {
         })
     }
 
-    /// The committed remote snapshot containerd would find for chain ID `target` on `parent`.
-    pub fn find_remote(&self, target: &str, parent: &str) -> Option<&str> {
+    /// A committed snapshot containerd would find for chain ID `target` on `parent` (by its
+    /// label and parent, as its Walk does): one unpacked by containerd, or a lazy one of the
+    /// same layer (`layer`), never another image's layer claiming the same chain ID.
+    pub fn find_committed(&self, target: &str, parent: &str, layer: &str) -> Option<&str> {
         self.db
             .snapshots
             .iter()
             .find(|(_, s)| {
                 s.kind == Kind::Committed
-                    && s.remote.is_some()
                     && s.parent == parent
                     && s.labels
                         .get(crate::remote::LABEL_TARGET)
                         .map(String::as_str)
                         == Some(target)
+                    && s.remote.as_ref().is_none_or(|r| r.layer == layer)
             })
             .map(|(k, _)| k.as_str())
+    }
+
+    /// The snapshots of the chain under `parent`, nearest first.
+    pub fn chain_snapshots(&self, parent: &str) -> Result<Vec<&Snapshot>, MetaError> {
+        let mut out = Vec::new();
+        let mut at = parent;
+        while !at.is_empty() {
+            let s = self.get(at)?;
+            out.push(s);
+            at = &s.parent;
+        }
+        Ok(out)
     }
 
     pub fn all(&self) -> impl Iterator<Item = (&String, &Snapshot)> {

@@ -63,8 +63,8 @@ pub fn layer_of(labels: &BTreeMap<String, String>) -> Option<RemoteLayer> {
 pub fn committed_name(target: &str, parent: &str) -> String {
     use sha2::Digest;
     let h = sha2::Sha256::digest(parent.as_bytes());
-    let short: String = h[..8].iter().map(|b| format!("{b:02x}")).collect();
-    format!("strata-remote/{target}/{short}")
+    let hex: String = h.iter().map(|b| format!("{b:02x}")).collect();
+    format!("strata-remote/{target}/{hex}")
 }
 
 /// What mounts layers: the node daemon, which owns the store, the cache and every mount (so
@@ -75,6 +75,29 @@ pub trait LayerMounter: Send + Sync + 'static {
     fn mount(&self, layer: &RemoteLayer, dir: &Path) -> Result<(), String>;
     /// Unmounts `dir` (detaching it if busy).
     fn unmount(&self, dir: &Path) -> Result<(), String>;
+    /// The chain ID of `layer.layer` in its image (from the image's config, in the store once
+    /// the layer is mounted).
+    fn chain_id(&self, layer: &RemoteLayer) -> Result<String, String>;
+}
+
+/// containerd's chain IDs of a stack of diff IDs (the OCI image spec's `ChainID`).
+pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
+    for d in diff_ids {
+        let next = match out.last() {
+            None => d.clone(),
+            Some(prev) => {
+                use sha2::Digest;
+                let h = sha2::Sha256::digest(format!("{prev} {d}").as_bytes());
+                format!(
+                    "sha256:{}",
+                    h.iter().map(|b| format!("{b:02x}")).collect::<String>()
+                )
+            }
+        };
+        out.push(next);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -101,5 +124,24 @@ mod tests {
         labels.remove(LABEL_LAYER);
         assert!(layer_of(&labels).is_none());
         assert_ne!(committed_name("t", ""), committed_name("t", "p"));
+    }
+
+    #[test]
+    fn chain_ids_follow_the_image_spec() {
+        let a = format!("sha256:{}", "a".repeat(64));
+        let b = format!("sha256:{}", "b".repeat(64));
+        let c = chain_ids(&[a.clone(), b.clone()]);
+        assert_eq!(c[0], a);
+        // echo -n "$a $b" | sha256sum
+        let expected = {
+            use sha2::Digest;
+            let h = sha2::Sha256::digest(format!("{a} {b}").as_bytes());
+            format!("sha256:{}", hex_of(&h))
+        };
+        assert_eq!(c[1], expected);
+    }
+
+    fn hex_of(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
     }
 }

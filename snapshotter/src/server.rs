@@ -66,10 +66,10 @@ impl Service {
         })
     }
 
-    /// Mounts again every remote snapshot whose layer is not mounted (after a reboot, or a
-    /// daemon that was stopped with `--forget`); a daemon that restarted restores its own
-    /// mounts first. Failures are logged: containers on those snapshots cannot start until
-    /// their layers mount again (the next start of the snapshotter tries again).
+    /// Mounts again every lazy layer that is not mounted and answering (after a reboot, a
+    /// daemon stopped with `--forget` or killed): run in the background once the socket is
+    /// served; containers need a layer only when they start, and each start checks its layers
+    /// again ([`Service::ensure_lowers`]). Failures are logged.
     pub fn restore(&self) {
         let Some(layers) = &self.layers else { return };
         let remote: Vec<(String, PathBuf, RemoteLayer)> = match self.meta() {
@@ -82,17 +82,40 @@ impl Service {
             Err(_) => return,
         };
         for (key, dir, layer) in remote {
-            if strata_fs::service::is_strata_mount(&dir) {
-                continue;
-            }
-            match layers.mount(&layer, &dir) {
-                Ok(()) => {
-                    tracing::info!(snapshot = %key, layer = %layer.layer, "layer mounted again")
-                }
-                Err(e) => tracing::error!(snapshot = %key, layer = %layer.layer,
-                    "cannot mount the layer again: {e}"),
+            if let Err(e) = ensure_layer(&dir, &layer, layers.as_ref()) {
+                tracing::error!(snapshot = %key, layer = %layer.layer, "{e}");
             }
         }
+    }
+
+    /// Makes sure every lazy layer under `parent` is mounted and answering (mounting it again
+    /// if not): an overlay over an empty directory in its place would silently lack the
+    /// layer.
+    async fn ensure_lowers(&self, parent: &str) -> Result<(), Status> {
+        let remote: Vec<(PathBuf, RemoteLayer)> = {
+            let meta = self.meta()?;
+            meta.chain_snapshots(parent)
+                .map_err(status)?
+                .into_iter()
+                .filter_map(|s| Some((meta.dir(s.id).join("fs"), s.remote.clone()?)))
+                .collect()
+        };
+        if remote.iter().all(|(dir, _)| layer_live(dir)) {
+            return Ok(());
+        }
+        let Some(layers) = self.layers.clone() else {
+            return Err(Status::unavailable(
+                "lazy layers are not mounted and this snapshotter runs with --no-lazy",
+            ));
+        };
+        tokio::task::spawn_blocking(move || {
+            remote
+                .iter()
+                .try_for_each(|(dir, layer)| ensure_layer(dir, layer, layers.as_ref()))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(Status::unavailable)
     }
 
     /// Mounts the layer Prepare's labels name as committed snapshot (containerd's chain ID
@@ -111,21 +134,33 @@ impl Service {
         };
         let dir = {
             let mut meta = self.meta().map_err(|e| e.to_string())?;
-            if meta.find_remote(target, parent).is_some() {
+            if meta.find_committed(target, parent, &layer.layer).is_some() {
                 return Ok(());
             }
             let s = meta
-                .create(key, parent, Kind::Active, labels.clone())
+                .create(key, parent, Kind::Active, labels.clone(), false)
                 .map_err(|e| e.to_string())?;
             meta.dir(s.id).join("fs")
         };
         let mount_dir = dir.clone();
         let mounter = layers.clone();
         let wanted = layer.clone();
-        let mounted = tokio::task::spawn_blocking(move || mounter.mount(&wanted, &mount_dir))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r);
+        let expected = target.to_string();
+        // Mounted, and truly the layer containerd expects there: the chain ID of the image's
+        // diff IDs up to this layer must be the one containerd will look it up by.
+        let mounted = tokio::task::spawn_blocking(move || {
+            mounter.mount(&wanted, &mount_dir)?;
+            let chain = mounter.chain_id(&wanted)?;
+            if chain != expected {
+                return Err(format!(
+                    "the image's config gives this layer chain ID {chain}, containerd expects {expected}"
+                ));
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
         let committed = mounted.and_then(|()| {
             let mut labels = labels;
             labels.insert(remote::LABEL_REMOTE.into(), "strata".into());
@@ -145,10 +180,10 @@ impl Service {
             }
             other => {
                 // Undo: the key is prepared again as an ordinary snapshot (or was found).
-                let _ = tokio::task::spawn_blocking(move || release_dir(&dir, Some(&layers))).await;
                 if let Ok(mut meta) = self.meta() {
                     let _ = meta.remove(key);
                 }
+                let _ = tokio::task::spawn_blocking(move || release_dir(&dir, Some(&layers))).await;
                 other.map(|_| ())
             }
         }
@@ -195,15 +230,15 @@ impl Service {
         }
         let lowerdir = lowers.iter().map(|p| path(p)).collect::<Vec<_>>().join(":");
         let mut options = vec!["index=off".to_string()];
-        // A chmod or chown of a lazy file then copies its metadata up, not its bytes (which
-        // would fetch the whole file). The lazy lowers never pass overlayfs xattrs through
-        // from image content, so they cannot forge metacopy origins.
-        let remote_lower = meta
-            .chain(&s.parent)
-            .map_err(status)?
-            .iter()
-            .any(|id| meta.by_id(*id).is_some_and(|l| l.remote.is_some()));
-        if s.kind == Kind::Active && remote_lower && metacopy_supported() {
+        // An upper written with metacopy=on (decided when the snapshot was prepared) needs it
+        // in every overlay that has it, as upper or lower.
+        let metacopy = s.metacopy
+            || meta
+                .chain_snapshots(&s.parent)
+                .map_err(status)?
+                .iter()
+                .any(|l| l.metacopy);
+        if metacopy {
             options.push("metacopy=on".into());
         }
         if s.kind == Kind::Active {
@@ -227,14 +262,76 @@ impl Service {
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>, Status> {
         let mut meta = self.meta()?;
-        meta.create(key, parent, kind, labels).map_err(status)?;
+        // Over lazy layers, a chmod or chown then copies metadata up, not the file's bytes
+        // (which would fetch all of it). The lazy lowers never pass overlayfs xattrs through
+        // from image content, so they cannot forge metacopy origins.
+        let metacopy = kind == Kind::Active
+            && metacopy_supported()
+            && meta
+                .chain_snapshots(parent)
+                .map_err(status)?
+                .iter()
+                .any(|l| l.remote.is_some());
+        meta.create(key, parent, kind, labels, metacopy)
+            .map_err(status)?;
         Self::mounts_of(&meta, key)
     }
 }
 
-/// Whether this kernel's overlayfs knows `metacopy=on`.
+/// Whether a lazy layer is mounted at `dir` and answering: a mount (another device than its
+/// parent directory's) whose daemon answers statfs (never cached by the kernel, unlike the
+/// attributes a stat returns: a dead FUSE mount answers ENOTCONN).
+fn layer_live(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(dir), dir.parent().map(std::fs::metadata)) {
+        (Ok(d), Some(Ok(p))) => d.dev() != p.dev() && nix::sys::statfs::statfs(dir).is_ok(),
+        _ => false,
+    }
+}
+
+/// Mounts `layer` at `dir` unless it is mounted and answering; a dead mount there (its daemon
+/// was killed) is detached first.
+fn ensure_layer(dir: &Path, layer: &RemoteLayer, mounter: &dyn LayerMounter) -> Result<(), String> {
+    if layer_live(dir) {
+        return Ok(());
+    }
+    if strata_fs::service::is_mount_point(dir) {
+        if !strata_fs::service::is_strata_mount(dir) {
+            return Err(format!(
+                "{}: something other than the layer is mounted there",
+                dir.display()
+            ));
+        }
+        let _ = nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH);
+    }
+    match mounter.mount(layer, dir) {
+        Ok(()) => Ok(()),
+        // Restored meanwhile by a restarted daemon.
+        Err(_) if layer_live(dir) => Ok(()),
+        Err(e) => Err(format!(
+            "lazy layer {} of {} is not mounted at {} and cannot be mounted again: {e}",
+            layer.layer,
+            layer.image,
+            dir.display()
+        )),
+    }
+}
+
+/// Whether this kernel's overlayfs knows `metacopy=on` (its parameter shows once the module is
+/// loaded: load it first).
 fn metacopy_supported() -> bool {
-    Path::new("/sys/module/overlay/parameters/metacopy").exists()
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        let param = Path::new("/sys/module/overlay/parameters/metacopy");
+        if !param.exists() {
+            let _ = std::process::Command::new("modprobe")
+                .arg("overlay")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+        param.exists()
+    })
 }
 
 /// Removes a snapshot's directory; a lazy layer mounted at its `fs/` is unmounted first (and
@@ -285,6 +382,9 @@ fn usage(dir: &Path) -> (i64, i64) {
     (size, inodes)
 }
 
+/// Encoded bytes of snapshot infos per List message.
+const LIST_BATCH_BYTES: usize = 1 << 20;
+
 type ListStream = std::pin::Pin<
     Box<dyn tokio_stream::Stream<Item = Result<pb::ListSnapshotsResponse, Status>> + Send>,
 >;
@@ -316,6 +416,7 @@ impl pb::snapshots_server::Snapshots for Service {
                 }
             }
         }
+        self.ensure_lowers(&r.parent).await?;
         let mounts = self.create(&r.key, &r.parent, Kind::Active, labels)?;
         Ok(Response::new(pb::PrepareSnapshotResponse { mounts }))
     }
@@ -325,6 +426,7 @@ impl pb::snapshots_server::Snapshots for Service {
         request: Request<pb::ViewSnapshotRequest>,
     ) -> Result<Response<pb::ViewSnapshotResponse>, Status> {
         let r = request.into_inner();
+        self.ensure_lowers(&r.parent).await?;
         let mounts = self.create(&r.key, &r.parent, Kind::View, labels(r.labels))?;
         Ok(Response::new(pb::ViewSnapshotResponse { mounts }))
     }
@@ -334,6 +436,8 @@ impl pb::snapshots_server::Snapshots for Service {
         request: Request<pb::MountsRequest>,
     ) -> Result<Response<pb::MountsResponse>, Status> {
         let r = request.into_inner();
+        let parent = self.meta()?.get(&r.key).map_err(status)?.parent.clone();
+        self.ensure_lowers(&parent).await?;
         let meta = self.meta()?;
         Ok(Response::new(pb::MountsResponse {
             mounts: Self::mounts_of(&meta, &r.key)?,
@@ -405,10 +509,25 @@ impl pb::snapshots_server::Snapshots for Service {
         _request: Request<pb::ListSnapshotsRequest>,
     ) -> Result<Response<Self::ListStream>, Status> {
         let infos: Vec<pb::Info> = self.meta()?.all().map(|(k, s)| info(k, s)).collect();
-        let batches: Vec<Result<pb::ListSnapshotsResponse, Status>> = infos
-            .chunks(100)
-            .map(|c| Ok(pb::ListSnapshotsResponse { info: c.to_vec() }))
-            .collect();
+        // Batches of at most ~1 MiB (labels come from images and may be large; containerd
+        // accepts messages of 16 MiB).
+        let mut batches: Vec<Result<pb::ListSnapshotsResponse, Status>> = Vec::new();
+        let mut batch: Vec<pb::Info> = Vec::new();
+        let mut bytes = 0;
+        for i in infos {
+            let len = prost::Message::encoded_len(&i);
+            if !batch.is_empty() && bytes + len > LIST_BATCH_BYTES {
+                batches.push(Ok(pb::ListSnapshotsResponse {
+                    info: std::mem::take(&mut batch),
+                }));
+                bytes = 0;
+            }
+            bytes += len;
+            batch.push(i);
+        }
+        if !batch.is_empty() {
+            batches.push(Ok(pb::ListSnapshotsResponse { info: batch }));
+        }
         Ok(Response::new(Box::pin(tokio_stream::iter(batches))))
     }
 
@@ -420,6 +539,11 @@ impl pb::snapshots_server::Snapshots for Service {
         let dir = {
             let meta = self.meta()?;
             let s = meta.get(&r.key).map_err(status)?;
+            if s.remote.is_some() {
+                // A lazy layer takes no space in the snapshot (its chunks are the node
+                // cache's, shared and capped): walking its mount would only count the image.
+                return Ok(Response::new(pb::UsageResponse { size: 0, inodes: 0 }));
+            }
             meta.dir(s.id).join("fs")
         };
         let (size, inodes) = tokio::task::spawn_blocking(move || usage(&dir))
@@ -429,22 +553,31 @@ impl pb::snapshots_server::Snapshots for Service {
     }
 
     async fn cleanup(&self, _request: Request<pb::CleanupRequest>) -> Result<Response<()>, Status> {
-        // Orphans are moved aside under the lock (no Prepare can be given their ids then:
-        // ids only grow), and deleted after.
+        // Lazy layers left mounted on orphans (an interrupted Prepare or Remove) are unmounted
+        // first, without the lock (ids only grow: no Prepare is given an orphan's id).
+        let orphans = self.meta()?.orphans();
         let layers = self.layers.clone();
+        let mounted: Vec<PathBuf> = orphans
+            .iter()
+            .map(|d| d.join("fs"))
+            .filter(|f| strata_fs::service::is_mount_point(f))
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            for f in &mounted {
+                if let Some(l) = &layers {
+                    let _ = l.unmount(f);
+                }
+            }
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        // Then what is not mounted is moved aside under the lock and deleted after.
         let trash = {
             let meta = self.meta()?;
             let trash = meta.trash_dir();
             for d in meta.orphans() {
-                // A lazy layer left mounted by an interrupted Prepare or Remove.
-                let fs_dir = d.join("fs");
-                if strata_fs::service::is_mount_point(&fs_dir) {
-                    if let Some(l) = &layers {
-                        let _ = l.unmount(&fs_dir);
-                    }
-                    if strata_fs::service::is_mount_point(&fs_dir) {
-                        continue;
-                    }
+                if strata_fs::service::is_mount_point(&d.join("fs")) {
+                    continue;
                 }
                 if let Some(name) = d.file_name() {
                     let _ = std::fs::create_dir_all(&trash);
@@ -469,6 +602,9 @@ pub fn serve(
     address: &Path,
     layers: Option<Arc<dyn LayerMounter>>,
 ) -> anyhow::Result<()> {
+    strata_fs::store::create_private_dir(root)?;
+    // Mount points are compared with the kernel's (canonical) view of them.
+    let root = &std::fs::canonicalize(root)?;
     let service = Arc::new(Service::open(root, layers)?);
     // One server per root: a second would keep its own copy of the metadata.
     let lock = std::fs::OpenOptions::new()
@@ -480,7 +616,10 @@ pub fn serve(
         Ok(l) => l,
         Err(_) => anyhow::bail!("a strata snapshotter already serves {}", root.display()),
     };
-    service.restore();
+    {
+        let service = service.clone();
+        std::thread::spawn(move || service.restore());
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

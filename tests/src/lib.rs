@@ -2,6 +2,7 @@
 //! Shared helpers for strata's end-to-end tests: a generator of sample OCI images covering every
 //! layer feature, tree snapshots for entry-by-entry comparison, and process helpers.
 
+pub mod cri;
 pub mod image;
 pub mod proxy;
 pub mod registry;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use strata_tests::image::scratch;
 use strata_tests::registry::TestRegistry;
-use strata_tests::util::{busybox_image, strata_bin};
+use strata_tests::util::{busybox_image, strata_bin, strata_ok};
 
 /// A child process killed (and reaped) when dropped.
 struct Daemon(Child);
@@ -59,6 +59,11 @@ struct Containerd {
 
 impl Containerd {
     fn start(tmp: &Path, run: &Path, snap_sock: &Path) -> Containerd {
+        Containerd::start_with(tmp, run, snap_sock, "")
+    }
+
+    /// [`Containerd::start`] with more of containerd's config (plugin sections).
+    fn start_with(tmp: &Path, run: &Path, snap_sock: &Path, extra: &str) -> Containerd {
         let sock = run.join("c.sock");
         let config = tmp.join("containerd.toml");
         fs::write(
@@ -70,7 +75,7 @@ impl Containerd {
                 run.join("state").display(),
                 sock.display(),
                 snap_sock.display()
-            ),
+            ) + extra,
         )
         .unwrap();
         let log = fs::File::create(tmp.join("containerd.log")).unwrap();
@@ -259,15 +264,34 @@ fn blob_requests(lines: &[String], digest: &str) -> (u64, usize, bool) {
     (bytes, count, ranged)
 }
 
-#[test]
-fn containerd_pulls_strata_images_lazily() {
-    use strata_tests::image::{noise, write_oci_layout, Compression, Layer, LayerBuilder};
-    use strata_tests::util::{busybox_layer, strata_ok};
+/// The pid of the node daemon serving `root`, from /proc.
+fn daemon_pid(root: &Path) -> Option<i32> {
+    let root = root.to_string_lossy().to_string();
+    fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmd = fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<String> = cmd
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let at_root = args.windows(2).any(|w| w[0] == "--root" && w[1] == root);
+        (at_root && args.iter().any(|a| a == "daemon")).then_some(pid)
+    })
+}
 
-    let tmp = scratch("snapshotter-lazy").unwrap();
-    let reg = TestRegistry::start(&tmp.join("registry"), None).unwrap();
-    // Two layers: busybox, then one that adds os-release and a large file nobody reads,
-    // deletes a file of the first layer and makes one of its directories opaque.
+/// A two-layer strata image in the registry, its layer digests, and its gzip OCI layout.
+struct LazyImage {
+    image: String,
+    layers: Vec<String>,
+    src: std::path::PathBuf,
+}
+
+/// Busybox, then a layer that adds os-release and an 8 MiB file nobody reads, deletes a file
+/// of the first layer and makes one of its directories opaque; converted, pushed to
+/// `registry` as `lazy/app:v1`.
+fn lazy_image(tmp: &Path, registry: &str) -> LazyImage {
+    use strata_tests::image::{noise, write_oci_layout, Compression, Layer, LayerBuilder};
+    use strata_tests::util::busybox_layer;
     let mut top = LayerBuilder::new();
     top.dir("etc", 0o755)
         .unwrap()
@@ -312,7 +336,7 @@ fn containerd_pulls_strata_images_lazily() {
             "lazy/app:v1",
         ],
     );
-    let image = format!("{}/lazy/app:v1", reg.addr);
+    let image = format!("{registry}/lazy/app:v1");
     strata_ok(&local, &["push", "lazy/app:v1", &image]);
     let strata_layers: Vec<String> = {
         let m = strata_ok(&local, &["inspect", "lazy/app:v1"]);
@@ -324,8 +348,17 @@ fn containerd_pulls_strata_images_lazily() {
             .map(|l| l["digest"].as_str().unwrap().to_string())
             .collect()
     };
-    // The same image as published by anyone else (gzip, no TOC): the fallback path.
-    let plain = format!("{}/plain/app:v1", reg.addr);
+    LazyImage {
+        image,
+        layers: strata_layers,
+        src,
+    }
+}
+
+/// Pushes the gzip OCI layout `src` (tag v1) as `plain/app:v1`, as anyone else publishes
+/// images (no TOC); answers its reference and layer digests.
+fn push_plain(src: &Path, registry: &str) -> String {
+    let plain = format!("{registry}/plain/app:v1");
     let o = Command::new("skopeo")
         .args(["copy", "--quiet", "--dest-tls-verify=false"])
         .arg(format!("oci:{}:v1", src.display()))
@@ -333,6 +366,147 @@ fn containerd_pulls_strata_images_lazily() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    plain
+}
+
+/// The layer digests of the image in the OCI layout `src`.
+fn layout_layers(src: &Path) -> Vec<String> {
+    let read =
+        |p: &Path| -> serde_json::Value { serde_json::from_slice(&fs::read(p).unwrap()).unwrap() };
+    let index = read(&src.join("index.json"));
+    let m = index["manifests"][0]["digest"].as_str().unwrap();
+    let manifest = read(&src.join("blobs/sha256").join(&m[7..]));
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Waits until the strata snapshotter has no snapshots in namespace `ns` and nothing is
+/// mounted under `root`.
+fn assert_all_gone(ctd: &Containerd, ns: &str, root: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = ctd.ctr(&["-n", ns, "snapshots", "--snapshotter", "strata", "ls"]);
+        if left.lines().count() <= 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "snapshots left: {left}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+        if !mounts.contains(&*root.to_string_lossy()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "mounts left: {mounts}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// containerd's CRI plugin (the kubelet's way in) on the strata snapshotter, passing layer
+/// annotations as labels.
+const CRI_CONFIG: &str = "[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  \
+    snapshotter = \"strata\"\n  disable_snapshot_annotations = false\n";
+
+#[test]
+fn the_cri_pulls_strata_images_lazily() {
+    let tmp = scratch("snapshotter-cri").unwrap();
+    let reg = TestRegistry::start(&tmp.join("registry"), None).unwrap();
+    let LazyImage { image, layers, src } = lazy_image(&tmp, &reg.addr);
+    let plain = push_plain(&src, &reg.addr);
+    let run = tempfile::Builder::new()
+        .prefix("strata-ctd")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let snap_sock = run.path().join("s.sock");
+    let root = tmp.join("node");
+    let _snap = snapshotter_with(&root, &snap_sock, &["--no-prefetch"]);
+    let ctd = Containerd::start_with(&tmp, run.path(), &snap_sock, CRI_CONFIG);
+    ctd.assert_plugin_ok();
+
+    // As the kubelet pulls: containerd's unpacker asks the snapshotter for each layer with
+    // the CRI's labels; nothing but metadata and TOCs is fetched.
+    let before = reg.log_lines().len();
+    let id = strata_tests::cri::pull(&ctd.sock, &image).unwrap();
+    assert!(id.starts_with("sha256:"), "{id}");
+    let lines: Vec<String> = reg.log_lines().into_iter().skip(before).collect();
+    for d in &layers {
+        let (bytes, _, ranged) = blob_requests(&lines, d);
+        assert!(
+            ranged && bytes < 1 << 20,
+            "layer {d}: {bytes} bytes: {lines:#?}"
+        );
+    }
+    let snaps = ctd.ctr(&["-n", "k8s.io", "snapshots", "--snapshotter", "strata", "ls"]);
+    assert_eq!(snaps.matches("Committed").count(), 2, "{snaps}");
+    let out = ctd.ctr(&[
+        "-n",
+        "k8s.io",
+        "run",
+        "--rm",
+        "--snapshotter",
+        "strata",
+        &image,
+        "c1",
+        "/bin/sh",
+        "-c",
+        "cat /etc/os-release; ls /opt/d",
+    ]);
+    assert_eq!(out, "NAME=\"strata test\"\nID=strata\nf2\n");
+
+    // A plain image: containerd downloads its layers (once: the node daemon fetches none)
+    // and unpacks them into ordinary snapshots.
+    let before = reg.log_lines().len();
+    strata_tests::cri::pull(&ctd.sock, &plain).unwrap();
+    let lines: Vec<String> = reg.log_lines().into_iter().skip(before).collect();
+    for d in layout_layers(&src) {
+        let gets = lines
+            .iter()
+            .filter(|l| l.contains(&d) && l.contains("\"GET "))
+            .count();
+        assert_eq!(gets, 1, "layer {d} fetched {gets} times: {lines:#?}");
+    }
+    let out = ctd.ctr(&[
+        "-n",
+        "k8s.io",
+        "run",
+        "--rm",
+        "--snapshotter",
+        "strata",
+        &plain,
+        "p1",
+        "cat",
+        "/etc/os-release",
+    ]);
+    assert_eq!(out, "NAME=\"strata test\"\nID=strata\n");
+
+    strata_tests::cri::remove(&ctd.sock, &image).unwrap();
+    strata_tests::cri::remove(&ctd.sock, &plain).unwrap();
+    assert_all_gone(&ctd, "k8s.io", &root);
+    drop(ctd);
+    let _ = Command::new(strata_bin())
+        .arg("--root")
+        .arg(&root)
+        .args(["daemon", "--stop", "--forget"])
+        .output();
+    fs::remove_dir_all(&tmp).ok();
+}
+
+#[test]
+fn containerd_pulls_strata_images_lazily() {
+    let tmp = scratch("snapshotter-lazy").unwrap();
+    let reg = TestRegistry::start(&tmp.join("registry"), None).unwrap();
+    let LazyImage {
+        image,
+        layers: strata_layers,
+        src,
+    } = lazy_image(&tmp, &reg.addr);
+    // The same image as published by anyone else (gzip, no TOC): the fallback path.
+    let plain = push_plain(&src, &reg.addr);
 
     let run = tempfile::Builder::new()
         .prefix("strata-ctd")
@@ -411,14 +585,16 @@ fn containerd_pulls_strata_images_lazily() {
         );
     }
 
-    // A running container, and a second one writing: each has its own upper layer.
+    // A running container, and a second one writing: each has its own upper layer. (runc's
+    // state of containerd's containers is under /run/containerd: a name of this run only.)
+    let long = format!("long-{}", std::process::id());
     ctd.ctr(&[
         "run",
         "-d",
         "--snapshotter",
         "strata",
         &image,
-        "long",
+        &long,
         "sleep",
         "600",
     ]);
@@ -434,7 +610,7 @@ fn containerd_pulls_strata_images_lazily() {
         "y\n"
     );
     let exec = |id: &str, args: &[&str]| -> String {
-        let mut a = vec!["task", "exec", "--exec-id", id, "long"];
+        let mut a = vec!["task", "exec", "--exec-id", id, &long];
         a.extend_from_slice(args);
         ctd.ctr(&a)
     };
@@ -472,6 +648,26 @@ fn containerd_pulls_strata_images_lazily() {
         2
     );
     assert_eq!(run_in("c3", &["cat", "/opt/d/f2"]), "two\n");
+
+    // kill -9 of the node daemon: the layers' FUSE mounts die with it (the running container
+    // loses them, as documented); the next container's Prepare finds them dead, and they are
+    // mounted again (by the restarted daemon's restore, or the snapshotter).
+    let daemon = daemon_pid(&root).expect("the node daemon runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(run_in("c3b", &["cat", "/opt/f/g"]), "fg\n");
+    assert_ne!(daemon_pid(&root), Some(daemon));
+    // A daemon stopped with --forget takes its mounts along and restores none: the next
+    // container's layers are mounted again by the snapshotter.
+    strata_ok(&root, &["daemon", "--stop", "--forget"]);
+    assert!(!strata_tests::util::is_mounted(
+        &root.join("snapshotter/snapshots/1/fs")
+    ));
+    assert_eq!(run_in("c3c", &["cat", "/opt/keep/new"]), "new\n");
 
     // The plain gzip image: not lazily pullable, unpacked into ordinary snapshots.
     let out = strata_ok(&root, &["rpull", "--address", &sock, &plain]);
@@ -522,14 +718,14 @@ fn containerd_pulls_strata_images_lazily() {
     assert_eq!(out, "two\n");
 
     // Removing the containers and images: the snapshots go, and so do the lazy mounts.
-    let o = ctd.try_ctr(&["task", "kill", "-s", "SIGKILL", "long"]);
+    let o = ctd.try_ctr(&["task", "kill", "-s", "SIGKILL", &long]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !ctd.try_ctr(&["task", "delete", "long"]).status.success() {
+    while !ctd.try_ctr(&["task", "delete", &long]).status.success() {
         assert!(Instant::now() < deadline, "task long never stopped");
         std::thread::sleep(Duration::from_millis(200));
     }
-    ctd.ctr(&["container", "rm", "long"]);
+    ctd.ctr(&["container", "rm", &long]);
     ctd.ctr(&["image", "rm", "--sync", &image, &plain]);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

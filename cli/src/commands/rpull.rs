@@ -16,7 +16,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use strata_fs::format::Sha256Digest;
 use strata_fs::reference::Reference;
 use strata_snapshotter::api::containerd::types::Descriptor as CtrDescriptor;
 use strata_snapshotter::client::{Containerd, Prepared};
@@ -59,30 +58,41 @@ pub struct RpullArgs {
 /// Longest value containerd accepts for a label (4 KiB for key and value together).
 const MAX_LABEL: usize = 4000;
 
-/// containerd's chain IDs of a stack of diff IDs.
-fn chain_ids(diff_ids: &[String]) -> Vec<String> {
-    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
-    for d in diff_ids {
-        let next = match out.last() {
-            None => d.clone(),
-            Some(prev) => Sha256Digest::of(format!("{prev} {d}").as_bytes()).to_string(),
-        };
-        out.push(next);
-    }
-    out
-}
-
 pub fn rpull(g: &GlobalArgs, a: RpullArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let mut r = Reference::parse(&a.reference)?;
-    if r.tag.is_none() && r.digest.is_none() {
-        r.tag = Some("latest".into());
-    }
+    let r = Reference::parse(&a.reference)?;
     let store = open_store(g)?;
     let registry = a.registry.client()?;
     let (os, arch) = platform(a.platform.as_deref())?;
-    let manifest_desc = strata_fs::transfer::pull_metadata(&store, &registry, &r, (&os, &arch))
-        .with_context(|| format!("pulling the metadata of {r}"))?;
+    // What the reference names as it is (an index stays the image's target, as containerd's
+    // own pulls keep it), then the platform's manifest, pinned by digest.
+    let top = registry
+        .fetch_manifest(
+            &r,
+            r.digest.as_deref().or(r.tag.as_deref()).unwrap_or("latest"),
+        )
+        .with_context(|| format!("resolving {r}"))?;
+    let (pinned, index) = if strata_fs::oci::is_index(&top.media_type) {
+        let idx: strata_fs::oci::Index = serde_json::from_slice(&top.bytes)
+            .with_context(|| format!("the image index of {r}"))?;
+        let d = strata_fs::oci::select_platform(&idx.manifests, &os, &arch)
+            .with_context(|| format!("{r} has no manifest for {os}/{arch}"))?;
+        let pinned = Reference {
+            digest: Some(d.digest.clone()),
+            ..r.clone()
+        };
+        let children: Vec<String> = idx.manifests.iter().map(|m| m.digest.clone()).collect();
+        (pinned, Some((top, children)))
+    } else {
+        let pinned = Reference {
+            digest: Some(top.digest.clone()),
+            ..r.clone()
+        };
+        (pinned, None)
+    };
+    let manifest_desc =
+        strata_fs::transfer::pull_metadata(&store, &registry, &pinned, (&os, &arch))
+            .with_context(|| format!("pulling the metadata of {r}"))?;
     let manifest_bytes = store.read_blob(&manifest_desc.digest)?;
     let manifest = store.manifest(&manifest_desc.digest)?;
     let config_bytes = store.read_blob(&manifest.config.digest)?;
@@ -103,20 +113,24 @@ pub fn rpull(g: &GlobalArgs, a: RpullArgs) -> anyhow::Result<()> {
             manifest.layers.len()
         );
     }
-    let chains = chain_ids(&diff_ids);
+    let chains = remote::chain_ids(&diff_ids);
     let name = r.to_string();
     let source_label = format!("containerd.io/distribution.source.{}", r.registry);
     let source = r.repository.clone();
-    let mut image_layers = String::new();
-    for l in &manifest.layers {
-        if image_layers.len() + l.digest.len() + 1 > MAX_LABEL {
-            break;
+    // As the CRI sets it: this layer and the ones above it, as many as a label holds.
+    let image_layers = |from: usize| {
+        let mut list = String::new();
+        for l in &manifest.layers[from..] {
+            if list.len() + l.digest.len() + 1 > MAX_LABEL {
+                break;
+            }
+            if !list.is_empty() {
+                list.push(',');
+            }
+            list.push_str(&l.digest);
         }
-        if !image_layers.is_empty() {
-            image_layers.push(',');
-        }
-        image_layers.push_str(&l.digest);
-    }
+        list
+    };
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -187,7 +201,7 @@ pub fn rpull(g: &GlobalArgs, a: RpullArgs) -> anyhow::Result<()> {
                         manifest_desc.digest.clone(),
                     ),
                     (remote::LABEL_LAYER.to_string(), l.digest.clone()),
-                    (remote::LABEL_IMAGE_LAYERS.to_string(), image_layers.clone()),
+                    (remote::LABEL_IMAGE_LAYERS.to_string(), image_layers(i)),
                 ]);
                 let key = format!("extract-{nonce}-{i} {chain}");
                 let mounts = match ctd.prepare(&a.snapshotter, &key, &parent, &labels).await? {
@@ -241,11 +255,32 @@ pub fn rpull(g: &GlobalArgs, a: RpullArgs) -> anyhow::Result<()> {
                 }
                 unpacked += 1;
             }
-            let target = CtrDescriptor {
-                media_type: manifest_desc.media_type.clone(),
-                digest: manifest_desc.digest.clone(),
-                size: manifest_desc.size as i64,
-                annotations: HashMap::new(),
+            let target = match &index {
+                Some((idx, children)) => {
+                    let mut labels = BTreeMap::from([(source_label.clone(), source.clone())]);
+                    for (i, c) in children.iter().enumerate() {
+                        labels.insert(format!("containerd.io/gc.ref.content.m.{i}"), c.clone());
+                    }
+                    ctd.write_content(
+                        &idx.digest,
+                        idx.bytes.len() as u64,
+                        Box::new(std::io::Cursor::new(idx.bytes.clone())),
+                        &labels,
+                    )
+                    .await?;
+                    CtrDescriptor {
+                        media_type: idx.media_type.clone(),
+                        digest: idx.digest.clone(),
+                        size: idx.bytes.len() as i64,
+                        annotations: HashMap::new(),
+                    }
+                }
+                None => CtrDescriptor {
+                    media_type: manifest_desc.media_type.clone(),
+                    digest: manifest_desc.digest.clone(),
+                    size: manifest_desc.size as i64,
+                    annotations: HashMap::new(),
+                },
             };
             ctd.put_image(&name, target, HashMap::new()).await?;
             anyhow::Ok((lazy, unpacked))
@@ -269,21 +304,4 @@ fn now_nanos() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chain_ids_follow_the_oci_definition() {
-        let a = format!("sha256:{}", "a".repeat(64));
-        let b = format!("sha256:{}", "b".repeat(64));
-        let c = chain_ids(&[a.clone(), b.clone()]);
-        assert_eq!(c[0], a);
-        assert_eq!(
-            c[1],
-            Sha256Digest::of(format!("{a} {b}").as_bytes()).to_string()
-        );
-    }
 }

@@ -49,6 +49,42 @@ impl LayerMounter for DaemonLayers {
             .map_err(|e| format!("{e:#}"))
     }
 
+    fn chain_id(&self, layer: &RemoteLayer) -> Result<String, String> {
+        let store = strata_fs::store::Store::open(&self.global.root).map_err(|e| e.to_string())?;
+        let record = store.resolve(&layer.image).map_err(|e| e.to_string())?;
+        let manifest = store
+            .manifest(&record.descriptor.digest)
+            .map_err(|e| e.to_string())?;
+        let config: serde_json::Value = serde_json::from_slice(
+            &store
+                .read_blob(&manifest.config.digest)
+                .map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| format!("config of {}: {e}", layer.image))?;
+        let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|d| d.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let at = manifest
+            .layers
+            .iter()
+            .position(|l| l.digest == layer.layer)
+            .filter(|&i| i < diff_ids.len())
+            .ok_or_else(|| {
+                format!(
+                    "{} has no layer {} with a diff ID",
+                    layer.image, layer.layer
+                )
+            })?;
+        strata_snapshotter::remote::chain_ids(&diff_ids[..=at])
+            .pop()
+            .ok_or_else(|| "no chain ID".to_string())
+    }
+
     fn unmount(&self, dir: &Path) -> Result<(), String> {
         let req = Request::Unmount {
             mountpoint: dir.to_path_buf(),

@@ -613,8 +613,13 @@ impl MountService {
                 (os.to_string(), arch.to_string())
             }
         };
-        let pulled = crate::transfer::pull(store, client, &r, (&os, &arch), false, &mut |_| {})
-            .map_err(|e| ServiceError::Image(format!("pulling {r}: {e}")))?;
+        // A layer for containerd: plain layers are containerd's to fetch, never the node's.
+        let pulled = if req.layer.is_some() {
+            crate::transfer::pull_metadata(store, client, &r, (&os, &arch))
+        } else {
+            crate::transfer::pull(store, client, &r, (&os, &arch), false, &mut |_| {})
+        }
+        .map_err(|e| ServiceError::Image(format!("pulling {r}: {e}")))?;
         if req.profile.is_none() && req.prefetch {
             // Profiles are bound to the manifest digest: one recorded for another build of the
             // same tag is never used.
