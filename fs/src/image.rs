@@ -212,17 +212,19 @@ pub fn open_limited(
     registry: Option<&Arc<Registry>>,
     max_entries: u32,
 ) -> Result<OpenedImage, ImageError> {
-    open_selected(store, image, registry, max_entries, None)
+    open_selected(store, image, registry, max_entries, None, false)
 }
 
-/// [`open_limited`] keeping only the layers up to the first whose manifest digest is `only`
-/// (when given): for a layer mounted alone, as containerd's snapshots need.
+/// [`open_limited`] keeping only the first layer whose manifest digest is `only` (when given),
+/// and with `below` the layers under it too: for a layer mounted alone, as containerd's
+/// snapshots need (the layers below lend attributes to directories it lacks).
 pub fn open_selected(
     store: &Store,
     image: &str,
     registry: Option<&Arc<Registry>>,
     max_entries: u32,
     only: Option<&str>,
+    below: bool,
 ) -> Result<OpenedImage, ImageError> {
     let record = store.resolve(image)?;
     let manifest = store.manifest(&record.descriptor.digest)?;
@@ -242,7 +244,12 @@ pub fn open_selected(
                 + 1
         }
     };
-    for (i, l) in manifest.layers[..wanted].iter().enumerate() {
+    let first = if only.is_some() && !below {
+        wanted - 1
+    } else {
+        0
+    };
+    for (i, l) in manifest.layers[..wanted].iter().enumerate().skip(first) {
         if is_strata_layer(l) {
             layers.push(l.clone());
             continue;

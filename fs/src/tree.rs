@@ -453,6 +453,21 @@ impl Tree {
     }
 }
 
+/// Whether some entry of `toc` (whiteouts included) has a parent directory the layer does not
+/// list itself.
+pub fn has_missing_parents(toc: &Toc) -> bool {
+    let dirs: std::collections::HashSet<&[u8]> = toc
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Directory)
+        .map(|e| e.path.as_slice())
+        .collect();
+    toc.entries.iter().any(|e| {
+        let (parent, _) = split(&e.path);
+        !parent.is_empty() && !dirs.contains(parent)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -579,6 +594,12 @@ mod tests {
         var.uid = 7;
         let below = Tree::build(vec![toc(vec![tmp, var])]).unwrap();
         let l = toc(vec![file("tmp/x"), file("var/lib/.wh.gone"), file("new/f")]);
+        assert!(has_missing_parents(&l));
+        assert!(!has_missing_parents(&toc(vec![
+            dir("a"),
+            file("a/b"),
+            file("c")
+        ])));
         let t = Tree::build_lower(l, Some(&below)).unwrap();
         let attrs = |p: &[u8]| {
             let n = t.get(t.lookup_path(p).unwrap()).unwrap();

@@ -423,14 +423,28 @@ impl MountService {
                 ));
             }
         }
-        let image = crate::image::open_selected(
-            store,
-            &req.image,
-            Some(&client),
-            self.inner.config.max_entries,
-            req.layer.as_deref(),
-        )
-        .map_err(|e| ServiceError::Image(format!("opening {}: {e}", req.image)))?;
+        let open = |below| {
+            crate::image::open_selected(
+                store,
+                &req.image,
+                Some(&client),
+                self.inner.config.max_entries,
+                req.layer.as_deref(),
+                below,
+            )
+            .map_err(|e| ServiceError::Image(format!("opening {}: {e}", req.image)))
+        };
+        let mut image = open(false)?;
+        // A layer alone that lacks parent directories takes their attributes from the layers
+        // below: open those only then (most layers list their parents).
+        if req.layer.is_some()
+            && image
+                .layers
+                .last()
+                .is_some_and(|l| crate::tree::has_missing_parents(&l.toc))
+        {
+            image = open(true)?;
+        }
         let reference = image.reference.to_string();
         let manifest = image.manifest_digest.clone();
         let (tree, blobs) = if req.layer.is_some() {
