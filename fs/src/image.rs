@@ -249,7 +249,7 @@ pub fn open_selected(
     } else {
         0
     };
-    for (i, l) in manifest.layers[..wanted].iter().enumerate().skip(first) {
+    for l in manifest.layers[..wanted].iter().skip(first) {
         if is_strata_layer(l) {
             layers.push(l.clone());
             continue;
@@ -260,8 +260,6 @@ pub fn open_selected(
             .filter(|d| is_strata_layer(d) && store.has_blob(&d.digest));
         match indexed {
             Some(d) => layers.push(d),
-            // Below a layer shown alone, a plain layer only lent directory attributes.
-            None if only.is_some() && i + 1 < wanted => {}
             None => {
                 return Err(ImageError::NotStrata {
                     digest: l.digest.clone(),

@@ -331,23 +331,17 @@ impl Meta {
         })
     }
 
-    /// A committed snapshot containerd would find for chain ID `target` on `parent` (by its
-    /// label and parent, as its Walk does): one unpacked by containerd, or a lazy one of the
-    /// same layer (`layer`), never another image's layer claiming the same chain ID.
-    pub fn find_committed(&self, target: &str, parent: &str, layer: &str) -> Option<&str> {
-        self.db
-            .snapshots
-            .iter()
-            .find(|(_, s)| {
-                s.kind == Kind::Committed
-                    && s.parent == parent
-                    && s.labels
-                        .get(crate::remote::LABEL_TARGET)
-                        .map(String::as_str)
-                        == Some(target)
-                    && s.remote.as_ref().is_none_or(|r| r.layer == layer)
-            })
-            .map(|(k, _)| k.as_str())
+    /// The committed snapshot containerd would find for chain ID `target` on `parent` (by its
+    /// label and parent, as its Walk does): one it unpacked, or a lazy one.
+    pub fn find_committed(&self, target: &str, parent: &str) -> Option<&Snapshot> {
+        self.db.snapshots.values().find(|s| {
+            s.kind == Kind::Committed
+                && s.parent == parent
+                && s.labels
+                    .get(crate::remote::LABEL_TARGET)
+                    .map(String::as_str)
+                    == Some(target)
+        })
     }
 
     /// The snapshots of the chain under `parent`, nearest first.

@@ -20,7 +20,24 @@ pub struct Service {
     meta: Mutex<Meta>,
     /// Mounts strata layers lazily; without it every snapshot is unpacked by containerd.
     layers: Option<Arc<dyn LayerMounter>>,
+    /// One check-and-mount at a time per layer directory (restore, containers starting).
+    dir_locks: Arc<DirLocks>,
 }
+
+/// A lock per directory, made on first use.
+#[derive(Default)]
+struct DirLocks(Mutex<std::collections::HashMap<PathBuf, Arc<Mutex<()>>>>);
+
+impl DirLocks {
+    fn get(&self, dir: &Path) -> Arc<Mutex<()>> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(dir.to_path_buf()).or_default().clone()
+    }
+}
+
+/// How long a container start waits for its lazy layers to answer (a hung daemon never
+/// answers: FUSE requests have no timeout).
+const LAYER_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 fn status(e: MetaError) -> Status {
     match e {
@@ -63,6 +80,7 @@ impl Service {
         Ok(Service {
             meta: Mutex::new(Meta::open(root)?),
             layers,
+            dir_locks: Arc::default(),
         })
     }
 
@@ -82,6 +100,15 @@ impl Service {
             Err(_) => return,
         };
         for (key, dir, layer) in remote {
+            let lock = self.dir_locks.get(&dir);
+            let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
+            // Removed meanwhile (containerd's GC): nothing to mount.
+            let exists = self
+                .meta()
+                .is_ok_and(|m| m.get(&key).is_ok_and(|s| m.dir(s.id).join("fs") == dir));
+            if !exists {
+                continue;
+            }
             if let Err(e) = ensure_layer(&dir, &layer, layers.as_ref()) {
                 tracing::error!(snapshot = %key, layer = %layer.layer, "{e}");
             }
@@ -100,22 +127,37 @@ impl Service {
                 .filter_map(|s| Some((meta.dir(s.id).join("fs"), s.remote.clone()?)))
                 .collect()
         };
-        if remote.iter().all(|(dir, _)| layer_live(dir)) {
+        if remote.is_empty() {
             return Ok(());
         }
-        let Some(layers) = self.layers.clone() else {
-            return Err(Status::unavailable(
-                "lazy layers are not mounted and this snapshotter runs with --no-lazy",
-            ));
-        };
-        tokio::task::spawn_blocking(move || {
-            remote
-                .iter()
-                .try_for_each(|(dir, layer)| ensure_layer(dir, layer, layers.as_ref()))
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(Status::unavailable)
+        let layers = self.layers.clone();
+        let locks = self.dir_locks.clone();
+        // Off the async workers, and bounded: a hung daemon blocks statfs forever.
+        let check = tokio::task::spawn_blocking(move || {
+            for (dir, layer) in &remote {
+                if layer_state(dir) == LayerState::Live {
+                    continue;
+                }
+                let Some(layers) = &layers else {
+                    return Err(format!(
+                        "lazy layer {} is not mounted and this snapshotter runs with --no-lazy",
+                        dir.display()
+                    ));
+                };
+                let lock = locks.get(dir);
+                let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
+                ensure_layer(dir, layer, layers.as_ref())?;
+            }
+            Ok(())
+        });
+        match tokio::time::timeout(LAYER_CHECK_TIMEOUT, check).await {
+            Err(_) => Err(Status::unavailable(
+                "the lazy layers did not answer in time (is the strata daemon hung?)",
+            )),
+            Ok(joined) => joined
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(Status::unavailable),
+        }
     }
 
     /// Mounts the layer Prepare's labels name as committed snapshot (containerd's chain ID
@@ -134,8 +176,18 @@ impl Service {
         };
         let dir = {
             let mut meta = self.meta().map_err(|e| e.to_string())?;
-            if meta.find_committed(target, parent, &layer.layer).is_some() {
-                return Ok(());
+            match meta.find_committed(target, parent) {
+                Some(s) if s.remote.as_ref().is_none_or(|r| r.layer == layer.layer) => {
+                    return Ok(())
+                }
+                // Another image's layer claims this chain ID: containerd unpacks this one
+                // (and checks its diff ID) rather than share that one.
+                Some(_) => {
+                    return Err(format!(
+                        "a lazy snapshot of another layer already has chain ID {target}"
+                    ))
+                }
+                None => {}
             }
             let s = meta
                 .create(key, parent, Kind::Active, labels.clone(), false)
@@ -278,42 +330,81 @@ impl Service {
     }
 }
 
-/// Whether a lazy layer is mounted at `dir` and answering: a mount (another device than its
-/// parent directory's) whose daemon answers statfs (never cached by the kernel, unlike the
-/// attributes a stat returns: a dead FUSE mount answers ENOTCONN).
-fn layer_live(dir: &Path) -> bool {
+/// What is at a lazy layer's directory.
+#[derive(Debug, PartialEq, Eq)]
+enum LayerState {
+    /// A mount whose daemon answers statfs (never cached by the kernel, unlike the attributes
+    /// a stat returns).
+    Live,
+    /// The plain directory: nothing mounted.
+    NotMounted,
+    /// A FUSE mount whose daemon is gone (ENOTCONN, ECONNABORTED).
+    Dead,
+    /// Something else failed: left alone.
+    Unknown(String),
+}
+
+fn layer_state(dir: &Path) -> LayerState {
+    use nix::errno::Errno;
     use std::os::unix::fs::MetadataExt;
+    let dead = |e: Errno| matches!(e, Errno::ENOTCONN | Errno::ECONNABORTED);
+    if let Err(e) = nix::sys::statfs::statfs(dir) {
+        return if dead(e) {
+            LayerState::Dead
+        } else {
+            LayerState::Unknown(e.to_string())
+        };
+    }
     match (std::fs::metadata(dir), dir.parent().map(std::fs::metadata)) {
-        (Ok(d), Some(Ok(p))) => d.dev() != p.dev() && nix::sys::statfs::statfs(dir).is_ok(),
-        _ => false,
+        (Ok(d), Some(Ok(p))) if d.dev() != p.dev() => LayerState::Live,
+        (Ok(_), Some(Ok(_))) => LayerState::NotMounted,
+        (Err(e), _) if e.raw_os_error().is_some_and(|c| dead(Errno::from_raw(c))) => {
+            LayerState::Dead
+        }
+        (Err(e), _) | (_, Some(Err(e))) => LayerState::Unknown(e.to_string()),
+        (_, None) => LayerState::Unknown("no parent directory".into()),
     }
 }
 
 /// Mounts `layer` at `dir` unless it is mounted and answering; a dead mount there (its daemon
-/// was killed) is detached first.
+/// was killed) is detached first. Callers hold `dir`'s lock.
 fn ensure_layer(dir: &Path, layer: &RemoteLayer, mounter: &dyn LayerMounter) -> Result<(), String> {
-    if layer_live(dir) {
-        return Ok(());
-    }
-    if strata_fs::service::is_mount_point(dir) {
-        if !strata_fs::service::is_strata_mount(dir) {
-            return Err(format!(
-                "{}: something other than the layer is mounted there",
-                dir.display()
-            ));
-        }
-        let _ = nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH);
-    }
-    match mounter.mount(layer, dir) {
-        Ok(()) => Ok(()),
-        // Restored meanwhile by a restarted daemon.
-        Err(_) if layer_live(dir) => Ok(()),
-        Err(e) => Err(format!(
-            "lazy layer {} of {} is not mounted at {} and cannot be mounted again: {e}",
+    let failed = |why: String| {
+        format!(
+            "lazy layer {} of {} at {}: {why}",
             layer.layer,
             layer.image,
             dir.display()
-        )),
+        )
+    };
+    match layer_state(dir) {
+        LayerState::Live => return Ok(()),
+        LayerState::NotMounted => {}
+        LayerState::Dead => {
+            if !strata_fs::service::is_strata_mount(dir) {
+                return Err(failed(
+                    "something other than the layer is mounted there".into(),
+                ));
+            }
+            let _ = nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH);
+        }
+        LayerState::Unknown(e) => return Err(failed(e)),
+    }
+    match mounter.mount(layer, dir) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            // A restarted daemon restoring its record of this mount meanwhile: wait for it.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while std::time::Instant::now() < deadline {
+                if layer_state(dir) == LayerState::Live {
+                    return Ok(());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(failed(format!(
+                "not mounted, and mounting it again failed: {e}"
+            )))
+        }
     }
 }
 
@@ -616,10 +707,8 @@ pub fn serve(
         Ok(l) => l,
         Err(_) => anyhow::bail!("a strata snapshotter already serves {}", root.display()),
     };
-    {
-        let service = service.clone();
-        std::thread::spawn(move || service.restore());
-    }
+    // Probed once, before any lock is held (it may load the overlay module).
+    let _ = metacopy_supported();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -631,6 +720,12 @@ pub fn serve(
         }
         let listener = tokio::net::UnixListener::bind(address)?;
         std::fs::set_permissions(address, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        {
+            // Serving first: containers need their layers only when they start, and each
+            // start checks them again.
+            let service = service.clone();
+            std::thread::spawn(move || service.restore());
+        }
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
         let shutdown = async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

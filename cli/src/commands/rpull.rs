@@ -77,6 +77,9 @@ pub fn rpull(g: &GlobalArgs, a: RpullArgs) -> anyhow::Result<()> {
             .with_context(|| format!("the image index of {r}"))?;
         let d = strata_fs::oci::select_platform(&idx.manifests, &os, &arch)
             .with_context(|| format!("{r} has no manifest for {os}/{arch}"))?;
+        if strata_fs::oci::is_index(&d.media_type) {
+            bail!("{r}: an index of indexes is not supported by rpull");
+        }
         let pinned = Reference {
             digest: Some(d.digest.clone()),
             ..r.clone()
