@@ -492,9 +492,7 @@ pub fn commit(
     }
     let (layer, diff_id) = layer_from_upper(store, upper, merged, exclude)?;
 
-    let now = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
+    let now = strata_fs::rfc3339::now();
     config["created"] = serde_json::json!(now);
     if !opts.author.is_empty() {
         config["author"] = serde_json::json!(opts.author);

@@ -19,6 +19,7 @@ pub mod packs;
 pub mod passthrough;
 pub mod reference;
 pub mod registry;
+pub mod rfc3339;
 pub mod service;
 pub mod store;
 pub mod transfer;

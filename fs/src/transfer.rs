@@ -265,9 +265,7 @@ pub fn push_profile(
             registry.upload_blob(&repo, digest, &mut &data[..], 16 << 20, &mut |_| {})?;
         }
     }
-    let created = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
+    let created = crate::rfc3339::now();
     let manifest = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": oci::MEDIA_TYPE_MANIFEST,

@@ -90,8 +90,9 @@ impl Containerd {
 
     /// Takes a lease (expiring after an hour if never released) for the calls that follow.
     pub async fn take_lease(&mut self, id: &str) -> Result<()> {
-        let expire =
-            crate::rfc3339(std::time::SystemTime::now() + std::time::Duration::from_secs(3600));
+        let expire = strata_fs::rfc3339::format(
+            std::time::SystemTime::now() + std::time::Duration::from_secs(3600),
+        );
         let labels = HashMap::from([("containerd.io/gc.expire".to_string(), expire)]);
         let req = self.req(leases::CreateRequest {
             id: id.to_string(),

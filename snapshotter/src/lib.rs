@@ -40,10 +40,3 @@ pub mod client;
 pub mod meta;
 pub mod remote;
 pub mod server;
-
-/// `t` as RFC 3339 in UTC (containerd's label times).
-pub fn rfc3339(t: std::time::SystemTime) -> String {
-    time::OffsetDateTime::from(t)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}

@@ -54,9 +54,7 @@ pub fn import(g: &GlobalArgs, a: ImportArgs) -> anyhow::Result<()> {
     let digest = blob.commit(None)?;
     let layer = layer_descriptor(digest, &c.summary);
     let diff_id = c.summary.diff_id.oci();
-    let now = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
+    let now = strata_fs::rfc3339::now();
     let (os, arch) = strata_fs::oci::host_platform();
     config["architecture"] = json!(arch);
     config["os"] = json!(os);

@@ -160,9 +160,7 @@ fn key_of(parts: &[&str]) -> String {
 }
 
 fn now() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    strata_fs::rfc3339::now()
 }
 
 /// An empty manifest to build `FROM scratch` images on.
@@ -1352,7 +1350,7 @@ pub fn build(g: &GlobalArgs, a: BuildArgs) -> anyhow::Result<()> {
     let need = needed_stages(&df, target);
     let total = need.iter().map(|i| df.stages[*i].steps.len() + 1).sum();
     let store = open_store(g)?;
-    let runtime = which(&a.runtime)
+    let runtime = super::container::find_program(&a.runtime)
         .with_context(|| format!("OCI runtime {} not found", a.runtime.display()))?;
     let mut b = Builder {
         g,
@@ -1415,15 +1413,4 @@ pub fn build(g: &GlobalArgs, a: BuildArgs) -> anyhow::Result<()> {
     }
     eprintln!("built in {:.2}s", started.elapsed().as_secs_f64());
     Ok(())
-}
-
-fn which(p: &Path) -> Option<PathBuf> {
-    if p.components().count() > 1 {
-        return p.is_file().then(|| p.to_path_buf());
-    }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(p))
-            .find(|c| c.is_file())
-    })
 }

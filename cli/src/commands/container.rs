@@ -82,7 +82,7 @@ pub struct RunArgs {
 }
 
 /// Finds an executable by name in `PATH`, or checks a path.
-fn find_program(p: &Path) -> Option<PathBuf> {
+pub(crate) fn find_program(p: &Path) -> Option<PathBuf> {
     if p.components().count() > 1 {
         return p.is_file().then(|| p.to_path_buf());
     }
@@ -109,9 +109,7 @@ pub(crate) fn resolve_user_in(rootfs: &Path, spec: &str) -> anyhow::Result<runti
 }
 
 fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    strata_fs::rfc3339::now()
 }
 
 /// `strata run`: create a container from an image and run it in the foreground; the exit code
