@@ -96,6 +96,7 @@ pub fn rpull(g: &GlobalArgs, a: RpullArgs) -> anyhow::Result<()> {
     let manifest_desc =
         strata_fs::transfer::pull_metadata(&store, &registry, &pinned, (&os, &arch))
             .with_context(|| format!("pulling the metadata of {r}"))?;
+    tracing::info!(image = %r, "metadata pulled in {:.3}s", started.elapsed().as_secs_f64());
     let manifest_bytes = store.read_blob(&manifest_desc.digest)?;
     let manifest = store.manifest(&manifest_desc.digest)?;
     let config_bytes = store.read_blob(&manifest.config.digest)?;
@@ -184,6 +185,7 @@ pub fn rpull(g: &GlobalArgs, a: RpullArgs) -> anyhow::Result<()> {
                 &manifest_labels,
             )
             .await?;
+            tracing::info!("content written at {:.3}s", started.elapsed().as_secs_f64());
             // Then the layers, bottom up.
             let (mut lazy, mut unpacked) = (0usize, 0usize);
             for (i, l) in manifest.layers.iter().enumerate() {
@@ -209,6 +211,8 @@ pub fn rpull(g: &GlobalArgs, a: RpullArgs) -> anyhow::Result<()> {
                 let key = format!("extract-{nonce}-{i} {chain}");
                 let mounts = match ctd.prepare(&a.snapshotter, &key, &parent, &labels).await? {
                     Prepared::AlreadyExists => {
+                        tracing::info!(layer = %l.digest, "mounted lazily at {:.3}s",
+                            started.elapsed().as_secs_f64());
                         lazy += 1;
                         continue;
                     }
