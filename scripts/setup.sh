@@ -17,6 +17,9 @@ if [ ! -e /dev/fuse ]; then
   modprobe fuse 2>/dev/null || true
 fi
 [ -e /dev/fuse ] || { echo "setup: /dev/fuse is missing; strata needs FUSE" >&2; exit 1; }
+# Ordinary users open /dev/fuse themselves (fusermount3 then mounts): 0666, as udev makes it on
+# a standard system (some containers create it 0600).
+chmod 0666 /dev/fuse 2>/dev/null || true
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust (rustup)" >&2; exit 1; }
 
 # crun refuses a hybrid cgroup layout whose unified (v2) hierarchy still holds controllers

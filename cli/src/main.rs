@@ -27,7 +27,8 @@ struct Cli {
 #[derive(clap::Args, Clone, Debug)]
 pub struct GlobalArgs {
     /// Root of the local store (an OCI image layout).
-    #[arg(long, global = true, env = "STRATA_ROOT", default_value = strata_fs::store::DEFAULT_ROOT)]
+    /// (Default /var/lib/strata for root, `$XDG_DATA_HOME/strata` for other users.)
+    #[arg(long, global = true, env = "STRATA_ROOT", default_value_os_t = strata_fs::store::default_root())]
     pub root: PathBuf,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, global = true, env = "STRATA_LOG", default_value = "warn")]

@@ -1280,7 +1280,15 @@ pub fn mount_session(
         cfg.mount_options.push(MountOption::Suid);
         cfg.mount_options.push(MountOption::Dev);
     }
-    cfg.acl = SessionACL::All;
+    // Other users (root included) may use the mount when root made it; an ordinary user's
+    // mount (through fusermount3, which refuses allow_other unless /etc/fuse.conf has
+    // user_allow_other) is that user's alone, as FUSE mounts of ordinary users are.
+    cfg.acl = if nix::unistd::geteuid().is_root() {
+        SessionACL::All
+    } else {
+        // mount(2) is refused (EPERM): fuser falls back to the setuid fusermount3.
+        SessionACL::Owner
+    };
     cfg.n_threads = Some(config.threads.max(1));
     cfg.clone_fd = true;
     fuser::Session::new(fs, mountpoint, &cfg)

@@ -82,8 +82,25 @@ fn nix_uid() -> u32 {
     nix::unistd::geteuid().as_raw()
 }
 
-/// The default store root.
+/// The default store root (root's; see [`default_root`]).
 pub const DEFAULT_ROOT: &str = "/var/lib/strata";
+
+/// The store root when none is given: [`DEFAULT_ROOT`] for root, else the user's own
+/// (`$XDG_DATA_HOME/strata`, by default `~/.local/share/strata`), as rootless podman keeps its
+/// storage.
+pub fn default_root() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from(DEFAULT_ROOT);
+    }
+    let data = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")));
+    match data {
+        Some(d) => d.join("strata"),
+        None => PathBuf::from(DEFAULT_ROOT),
+    }
+}
 
 pub struct Store {
     root: PathBuf,

@@ -1,0 +1,108 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failure should abort loudly
+//! `strata mount` as an ordinary user: the store under the user's `$XDG_DATA_HOME` (here
+//! `~/.local/share/strata`), the node daemon running as that user, the FUSE mount made through
+//! the setuid fusermount3, lazily from a registry; the mount is the user's alone.
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::{Command, Output};
+
+use strata_tests::registry::TestRegistry;
+use strata_tests::util::{busybox_image, is_mounted, strata_bin};
+
+const USER: &str = "strata-rootless";
+
+/// The test user's uid and gid, creating the user if needed.
+fn test_user() -> (u32, u32) {
+    if nix::unistd::User::from_name(USER).unwrap().is_none() {
+        let o = Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                USER,
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let u = nix::unistd::User::from_name(USER).unwrap().unwrap();
+    (u.uid.as_raw(), u.gid.as_raw())
+}
+
+/// Runs strata as the test user with `home` as its home (no STRATA_ROOT: the default root).
+fn as_user(uid: u32, gid: u32, home: &Path, args: &[&str]) -> Output {
+    Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg("--clear-groups")
+        .arg("--")
+        .arg(strata_bin())
+        .args(args)
+        .env_clear()
+        .env("HOME", home)
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .current_dir(home)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn an_ordinary_user_mounts_images_lazily() {
+    // /dev/fuse is 0666 on a standard system (scripts/setup.sh makes it so in containers).
+    let mode = fs::metadata("/dev/fuse").unwrap().permissions().mode();
+    assert_eq!(
+        mode & 0o006,
+        0o006,
+        "/dev/fuse must be usable by everyone (scripts/setup.sh)"
+    );
+    let (uid, gid) = test_user();
+    // Under /tmp: every user can reach it.
+    let tmp = tempfile::Builder::new()
+        .prefix("strata-rootless")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let reg = TestRegistry::start(&tmp.path().join("registry"), None).unwrap();
+    let image = busybox_image(tmp.path(), &reg.addr);
+    let home = tmp.path().join("home");
+    let mnt = home.join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    nix::unistd::chown(&home, Some(uid.into()), Some(gid.into())).unwrap();
+    nix::unistd::chown(&mnt, Some(uid.into()), Some(gid.into())).unwrap();
+
+    let o = as_user(uid, gid, &home, &["mount", &image, mnt.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(is_mounted(&mnt));
+    // The user's own store, daemon and mount.
+    let root = home.join(".local/share/strata");
+    assert_eq!(fs::metadata(&root).unwrap().uid(), uid);
+    let read = Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={gid}"),
+            "--clear-groups",
+            "--",
+        ])
+        .arg("cat")
+        .arg(mnt.join("etc/motd"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&read.stdout), "welcome\n");
+    let listed = as_user(uid, gid, &home, &["mounts"]);
+    assert!(String::from_utf8_lossy(&listed.stdout).contains(mnt.to_str().unwrap()));
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = mountinfo
+        .lines()
+        .find(|l| l.contains(mnt.to_str().unwrap()))
+        .unwrap();
+    assert!(line.contains(&format!("user_id={uid}")), "{line}");
+    // No allow_other: even root is refused, as with any user's FUSE mount.
+    assert!(fs::read(mnt.join("etc/motd")).is_err());
+
+    let o = as_user(uid, gid, &home, &["umount", mnt.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!is_mounted(&mnt));
+    let _ = as_user(uid, gid, &home, &["daemon", "--stop", "--forget"]);
+}
