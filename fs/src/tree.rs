@@ -333,7 +333,7 @@ impl Tree {
     }
 
     /// Numbers the built tree's reachable inodes and keeps of the TOCs only what reads need.
-    fn number(b: Builder<'_>, layers: Vec<Toc>) -> Tree {
+    fn number(mut b: Builder<'_>, layers: Vec<Toc>) -> Tree {
         // Number reachable inodes densely in depth-first order; hard links keep one inode.
         let mut ino_of: Vec<Ino> = vec![0; b.nodes.len()];
         let mut nodes: Vec<Node> = Vec::new();
@@ -343,10 +343,10 @@ impl Tree {
         root.parent = ROOT_INO;
         nodes.push(root);
         while let Some((old, ino)) = stack.pop() {
-            let mut kids: Vec<(Vec<u8>, usize)> = b.nodes[old]
-                .children
-                .iter()
-                .map(|(k, v)| (k.clone(), *v))
+            // Each directory is visited once (no hard links to directories): its names and
+            // nodes are moved out, not copied.
+            let mut kids: Vec<(Vec<u8>, usize)> = std::mem::take(&mut b.nodes[old].children)
+                .into_iter()
                 .collect();
             kids.sort_unstable();
             let mut children = Vec::with_capacity(kids.len());
@@ -357,13 +357,14 @@ impl Tree {
                     nodes[(c - 1) as usize].nlink += 1;
                     c
                 } else {
-                    let mut n = b.nodes[child].node.clone();
+                    let mut n = std::mem::replace(&mut b.nodes[child].node, implicit_dir());
                     n.parent = ino;
                     n.nlink = 1;
+                    let is_dir = n.kind == EntryKind::Directory;
                     nodes.push(n);
                     let c = nodes.len() as Ino;
                     ino_of[child] = c;
-                    if b.nodes[child].node.kind == EntryKind::Directory {
+                    if is_dir {
                         subdirs += 1;
                         stack.push((child, c));
                     }
