@@ -80,6 +80,18 @@ pub trait LayerMounter: Send + Sync + 'static {
     fn chain_id(&self, layer: &RemoteLayer) -> Result<String, String>;
 }
 
+/// The diff IDs an image config lists (`rootfs.diff_ids`), bottom layer first.
+pub fn diff_ids(config: &serde_json::Value) -> Vec<String> {
+    config["rootfs"]["diff_ids"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|d| d.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// containerd's chain IDs of a stack of diff IDs (the OCI image spec's `ChainID`).
 pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());

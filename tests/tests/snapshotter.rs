@@ -735,24 +735,7 @@ fn containerd_pulls_strata_images_lazily() {
     }
     ctd.ctr(&["container", "rm", &long]);
     ctd.ctr(&["image", "rm", "--sync", &image, &plain]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let left = ctd.ctr(&["snapshots", "--snapshotter", "strata", "ls"]);
-        if left.lines().count() <= 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "snapshots left: {left}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
-        if !mounts.contains(&*root.to_string_lossy()) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "mounts left: {mounts}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    assert_all_gone(&ctd, "default", &root);
     let dirs = fs::read_dir(root.join("snapshotter/snapshots"))
         .unwrap()
         .count();

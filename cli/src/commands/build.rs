@@ -829,16 +829,9 @@ impl<'a> Builder<'a> {
         };
         for (name, content) in &docs {
             std::fs::write(scratch.path().join(name), content)?;
-            fsops::copy_sources(
-                scratch.path(),
-                std::slice::from_ref(name),
-                &view.root,
-                &dest,
-                own,
-                None,
-            )?;
         }
-        for (name, _) in &fetched {
+        // Heredoc documents and fetched URLs, each copied from the scratch directory.
+        for name in docs.keys().chain(fetched.iter().map(|(n, _)| n)) {
             fsops::copy_sources(
                 scratch.path(),
                 std::slice::from_ref(name),

@@ -102,14 +102,7 @@ pub fn rpull(g: &GlobalArgs, a: RpullArgs) -> anyhow::Result<()> {
     let config_bytes = store.read_blob(&manifest.config.digest)?;
     let config: serde_json::Value = serde_json::from_slice(&config_bytes)
         .with_context(|| format!("config {} of {r}", manifest.config.digest))?;
-    let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|d| d.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
+    let diff_ids = remote::diff_ids(&config);
     if diff_ids.len() != manifest.layers.len() {
         bail!(
             "{r}: the config lists {} diff IDs for {} layers",

@@ -61,14 +61,7 @@ impl LayerMounter for DaemonLayers {
                 .map_err(|e| e.to_string())?,
         )
         .map_err(|e| format!("config of {}: {e}", layer.image))?;
-        let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|d| d.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let diff_ids = strata_snapshotter::remote::diff_ids(&config);
         let at = manifest
             .layers
             .iter()
