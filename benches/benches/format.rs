@@ -48,13 +48,13 @@ fn chunk_size(c: &mut Criterion) {
         for (i, piece) in data.chunks(size).enumerate() {
             let frame = comp.compress(piece).unwrap();
             compressed += frame.len();
-            let chunk = Chunk {
-                compressed_offset: 0,
-                compressed_len: frame.len() as u32,
-                uncompressed_len: piece.len() as u32,
-                file_offset: (i * size) as u64,
-                digest: Sha256Digest::of(piece),
-            };
+            let chunk = Chunk::whole(
+                0,
+                frame.len() as u32,
+                piece.len() as u32,
+                (i * size) as u64,
+                Sha256Digest::of(piece),
+            );
             frames.push((frame, chunk));
         }
         eprintln!(
@@ -97,13 +97,13 @@ fn big_toc(n: usize) -> Toc {
         );
         e.size = 3000;
         e.mtime_sec = 1_700_000_000 + i as i64;
-        e.chunks.push(Chunk {
-            compressed_offset: off,
-            compressed_len: 1000,
-            uncompressed_len: 3000,
-            file_offset: 0,
-            digest: Sha256Digest::of(&i.to_le_bytes()),
-        });
+        e.chunks.push(Chunk::whole(
+            off,
+            1000,
+            3000,
+            0,
+            Sha256Digest::of(&i.to_le_bytes()),
+        ));
         off += 1500;
         entries.push(e);
     }

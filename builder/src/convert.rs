@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 
 use sha2::{Digest as _, Sha256};
-use strata_fs::format::writer::FrameCompressor;
+use strata_fs::format::writer::{Batch, FrameCompressor};
 use strata_fs::format::{self, Entry, EntryKind, LayerSummary, LayerWriter, Sha256Digest};
 use strata_fs::oci::{self, Descriptor, Manifest};
 use strata_fs::reference::Reference;
@@ -97,6 +97,8 @@ impl<R> Hashing<R> {
 enum Work {
     Entry(Entry),
     Chunk(Vec<u8>),
+    /// Small files sharing one frame.
+    Batch(Batch),
 }
 
 enum Done {
@@ -104,6 +106,11 @@ enum Done {
     Chunk {
         frame: Vec<u8>,
         raw: Vec<u8>,
+        digest: Sha256Digest,
+    },
+    Batch {
+        batch: Batch,
+        frame: Vec<u8>,
         digest: Sha256Digest,
     },
 }
@@ -162,6 +169,7 @@ pub fn convert_layer<W: Write + Send>(
         opts.chunk_size,
         opts.level,
     )?;
+    let batching = writer.batches();
 
     let result = std::thread::scope(|s| {
         for _ in 0..threads {
@@ -185,6 +193,14 @@ pub fn convert_layer<W: Write + Send>(
                                 frame,
                                 digest: Sha256Digest::of(&raw),
                                 raw,
+                            })
+                            .map_err(BuildError::from),
+                        Work::Batch(batch) => compressor
+                            .compress(batch.content())
+                            .map(|frame| Done::Batch {
+                                frame,
+                                digest: Sha256Digest::of(batch.content()),
+                                batch,
                             })
                             .map_err(BuildError::from),
                     };
@@ -213,6 +229,11 @@ pub fn convert_layer<W: Write + Send>(
                             writer.add_chunk(&frame, &raw, digest)?;
                             let _ = recycle_tx.try_send(raw);
                         }
+                        Done::Batch {
+                            batch,
+                            frame,
+                            digest,
+                        } => writer.add_batch(batch, &frame, digest)?,
                     }
                     next += 1;
                     let _ = token_tx.send(());
@@ -242,12 +263,28 @@ pub fn convert_layer<W: Write + Send>(
                 seq += 1;
                 Ok(())
             };
+            // Small files go into batches that share one frame (and one chunk record).
+            let mut batch = Batch::new();
             let mut archive = tar::Archive::new(&mut tar_stream);
             for item in archive.entries().map_err(BuildError::Read)? {
                 let mut item = item.map_err(|e| BuildError::Layer(format!("reading tar: {e}")))?;
                 let Some(entry) = entry_from_tar(&mut item)? else {
                     continue;
                 };
+                if batching && Batch::fits(&entry) {
+                    let mut data = vec![0u8; entry.size as usize];
+                    item.read_exact(&mut data).map_err(|e| {
+                        BuildError::Layer(format!("reading file data: {e} (truncated layer?)"))
+                    })?;
+                    batch.push(entry, &data)?;
+                    if batch.is_full() {
+                        send(Work::Batch(std::mem::take(&mut batch)))?;
+                    }
+                    continue;
+                }
+                if !batch.is_empty() {
+                    send(Work::Batch(std::mem::take(&mut batch)))?;
+                }
                 let size = entry.size;
                 let is_file = entry.kind == EntryKind::Regular;
                 send(Work::Entry(entry))?;
@@ -265,6 +302,9 @@ pub fn convert_layer<W: Write + Send>(
                         left -= n as u64;
                     }
                 }
+            }
+            if !batch.is_empty() {
+                send(Work::Batch(batch))?;
             }
             // Drain the rest (trailing zero blocks, padding) so the digests cover every byte.
             io::copy(&mut tar_stream, &mut io::sink()).map_err(BuildError::Read)?;

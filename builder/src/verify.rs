@@ -148,8 +148,12 @@ fn verify_layer(store: &Store, d: &Descriptor, diff_id: &str) -> Result<LayerRep
         // The random-access path: each chunk frame decodes at its recorded offset.
         let file = File::open(&path).map_err(|e| BuildError::io(&path, e))?;
         let mut frame = Vec::new();
+        let mut last = None;
         for e in &toc.entries {
             for c in &e.chunks {
+                if last.replace(c.compressed_offset) == Some(c.compressed_offset) {
+                    continue; // the next file of a batch: its frame was just checked
+                }
                 frame.resize(c.compressed_len as usize, 0);
                 file.read_exact_at(&mut frame, c.compressed_offset)
                     .map_err(|err| BuildError::io(&path, err))?;
@@ -194,18 +198,61 @@ fn decoder<'a>(media_type: &str, r: &'a mut dyn Read) -> Result<Box<dyn Read + '
     )
 }
 
+/// A batch frame being checked against the tar stream: every byte read while it is open is
+/// hashed until its length is reached.
+struct OpenFrame {
+    hash: Sha256,
+    digest: Sha256Digest,
+    len: u64,
+    seen: u64,
+}
+
+/// Reads exact sections of the tar stream, feeding an open batch frame.
+struct Sections<'a> {
+    r: &'a mut dyn Read,
+    frame: Option<OpenFrame>,
+}
+
+impl Sections<'_> {
+    fn read(
+        &mut self,
+        n: usize,
+        buf: &mut Vec<u8>,
+        what: &dyn Fn() -> String,
+    ) -> Result<(), BuildError> {
+        buf.resize(n, 0);
+        self.r
+            .read_exact(buf)
+            .map_err(|e| mismatch(format!("tar stream ends early at {}: {e}", what())))?;
+        if let Some(f) = &mut self.frame {
+            let take = (f.len - f.seen).min(n as u64) as usize;
+            f.hash.update(&buf[..take]);
+            f.seen += take as u64;
+            if f.seen == f.len {
+                let actual = Sha256Digest(f.hash.finalize_reset().into());
+                let digest = f.digest;
+                self.frame = None;
+                if actual != digest {
+                    return Err(mismatch(format!(
+                        "the tar stream's bytes of the batch frame ending in {} differ from the \
+                         TOC's chunk",
+                        what()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Checks that the tar stream is exactly the canonical encoding of `toc`.
 fn walk(r: &mut dyn Read, toc: &Toc) -> Result<(), BuildError> {
     let mut buf = Vec::new();
-    let mut read = |n: usize, buf: &mut Vec<u8>, what: &dyn Fn() -> String| {
-        buf.resize(n, 0);
-        r.read_exact(buf)
-            .map_err(|e| mismatch(format!("tar stream ends early at {}: {e}", what())))
-    };
+    let mut s = Sections { r, frame: None };
     for e in &toc.entries {
         let name = || String::from_utf8_lossy(&e.path).into_owned();
         let want = tar::encode_header(e)?;
-        read(want.len(), &mut buf, &|| {
+        s.read(want.len(), &mut buf, &|| {
             format!("the header of {}", name())
         })?;
         if buf != want {
@@ -219,7 +266,40 @@ fn walk(r: &mut dyn Read, toc: &Toc) -> Result<(), BuildError> {
             continue;
         }
         for c in &e.chunks {
-            read(c.uncompressed_len as usize, &mut buf, &|| {
+            if c.is_batched() {
+                // A batch frame opens with its first file's data; later files of the batch
+                // start where the TOC says, after the headers in between.
+                let seen = match &s.frame {
+                    None if c.data_offset == 0 => {
+                        s.frame = Some(OpenFrame {
+                            hash: Sha256::new(),
+                            digest: c.digest,
+                            len: u64::from(c.uncompressed_len),
+                            seen: 0,
+                        });
+                        0
+                    }
+                    Some(f) if f.digest == c.digest => f.seen,
+                    _ => u64::MAX,
+                };
+                if seen != u64::from(c.data_offset) {
+                    return Err(mismatch(format!(
+                        "the data of {} is not where its batch frame says",
+                        name()
+                    )));
+                }
+                s.read(c.data_len as usize, &mut buf, &|| {
+                    format!("the data of {}", name())
+                })?;
+                continue;
+            }
+            if s.frame.is_some() {
+                return Err(mismatch(format!(
+                    "a batch frame ends inside the data of {}",
+                    name()
+                )));
+            }
+            s.read(c.uncompressed_len as usize, &mut buf, &|| {
                 format!("the data of {}", name())
             })?;
             if Sha256Digest::of(&buf) != c.digest {
@@ -230,13 +310,22 @@ fn walk(r: &mut dyn Read, toc: &Toc) -> Result<(), BuildError> {
                 )));
             }
         }
-        read(tar::padding(e.size), &mut buf, &|| {
+        s.read(tar::padding(e.size), &mut buf, &|| {
             format!("the padding of {}", name())
         })?;
         if buf.iter().any(|&b| b != 0) {
             return Err(mismatch(format!("non-zero padding after {}", name())));
         }
     }
+    if s.frame.is_some() {
+        return Err(mismatch("a batch frame runs past the last file".into()));
+    }
+    let r = s.r;
+    let mut read = |n: usize, buf: &mut Vec<u8>, what: &dyn Fn() -> String| {
+        buf.resize(n, 0);
+        r.read_exact(buf)
+            .map_err(|e| mismatch(format!("tar stream ends early at {}: {e}", what())))
+    };
     read(tar::END_OF_ARCHIVE.len(), &mut buf, &|| {
         "the end-of-archive marker".into()
     })?;

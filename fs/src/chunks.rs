@@ -438,13 +438,7 @@ mod tests {
 
     fn c(off: u64, len: u32) -> (Chunk, ()) {
         (
-            Chunk {
-                compressed_offset: off,
-                compressed_len: len,
-                uncompressed_len: len,
-                file_offset: 0,
-                digest: Sha256Digest::of(&off.to_le_bytes()),
-            },
+            Chunk::whole(off, len, len, 0, Sha256Digest::of(&off.to_le_bytes())),
             (),
         )
     }

@@ -448,8 +448,7 @@ impl Shared {
             return true;
         };
         let end = n.size.min(offset + u64::from(size));
-        let first =
-            chunks.partition_point(|c| c.file_offset + u64::from(c.uncompressed_len) <= offset);
+        let first = chunks.partition_point(|c| c.file_end() <= offset);
         let last = chunks.partition_point(|c| c.file_offset < end);
         chunks
             .get(first..last)
@@ -481,8 +480,7 @@ impl Shared {
         let Some(blob) = self.blobs.get(layer as usize) else {
             return fail(reply, "layer missing".into());
         };
-        let first =
-            chunks.partition_point(|c| c.file_offset + u64::from(c.uncompressed_len) <= offset);
+        let first = chunks.partition_point(|c| c.file_end() <= offset);
         let last = chunks.partition_point(|c| c.file_offset < end);
         if first >= last {
             return fail(reply, "chunk table ends early".into());
@@ -507,8 +505,13 @@ impl Shared {
                     return fail(reply, e.0);
                 }
             };
-            let from = offset.saturating_sub(c.file_offset) as usize;
-            let to = ((end - c.file_offset) as usize).min(data.len());
+            // Offsets in the decoded frame: a batched file's bytes start inside it.
+            let base = c.data_offset as usize;
+            let from = base + offset.saturating_sub(c.file_offset) as usize;
+            let to = base + ((end - c.file_offset) as usize).min(c.data_len as usize);
+            if to > data.len() {
+                return fail(reply, "chunk shorter than its TOC record".into());
+            }
             pieces.push((data, from, to));
         }
         // A read that reaches the second half of its last chunk is likely sequential: warm the
@@ -1245,6 +1248,8 @@ fn blob_order(tree: &Tree, blobs: &[Arc<dyn BlobSource>]) -> Vec<Vec<Chunk>> {
                 })
                 .collect();
             v.sort_by_key(|c| c.compressed_offset);
+            // The files of a batch share one frame: it is fetched once.
+            v.dedup_by_key(|c| c.compressed_offset);
             v
         })
         .collect()
@@ -1257,6 +1262,8 @@ const SENTINEL: Chunk = Chunk {
     uncompressed_len: 0,
     file_offset: 0,
     digest: crate::format::Sha256Digest([0; 32]),
+    data_offset: 0,
+    data_len: 0,
 };
 
 /// Mounts `fs` read-only at `mountpoint`; returns the session, ready to run.

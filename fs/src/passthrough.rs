@@ -40,8 +40,11 @@ pub fn file_key(size: u64, chunks: &[Chunk]) -> Sha256Digest {
     h.update(size.to_le_bytes());
     for c in chunks {
         h.update(c.file_offset.to_le_bytes());
-        h.update(c.uncompressed_len.to_le_bytes());
+        h.update(c.data_len.to_le_bytes());
         h.update(c.digest.0);
+        if c.data_offset != 0 {
+            h.update(c.data_offset.to_le_bytes());
+        }
     }
     Sha256Digest(h.finalize().into())
 }
@@ -72,7 +75,8 @@ struct BuildState {
 
 impl Building {
     /// Writes chunk `index` of the file (verified `data`) unless it is there or being written.
-    pub fn put(&self, index: usize, chunk: &Chunk, data: &[u8]) -> io::Result<()> {
+    pub fn put(&self, index: usize, chunk: &Chunk, frame: &[u8]) -> io::Result<()> {
+        let data = chunk.file_bytes(frame);
         {
             let mut st = self.state.lock();
             let open = st.entry.is_some();
@@ -438,13 +442,7 @@ mod tests {
     use super::*;
 
     fn chunk(off: u64, len: u32, d: u8) -> Chunk {
-        Chunk {
-            compressed_offset: 0,
-            compressed_len: len,
-            uncompressed_len: len,
-            file_offset: off,
-            digest: Sha256Digest([d; 32]),
-        }
+        Chunk::whole(0, len, len, off, Sha256Digest([d; 32]))
     }
 
     #[test]
@@ -476,13 +474,7 @@ mod tests {
         assert!(matches!(pt.plan(5, &key, 4), OpenPlan::Cached));
         let b = pt.start_copy(5, key, 4, 1).unwrap();
         assert!(pt.start_copy(5, key, 4, 1).is_none()); // once
-        let c = Chunk {
-            compressed_offset: 0,
-            compressed_len: 4,
-            uncompressed_len: 4,
-            file_offset: 0,
-            digest: Sha256Digest::of(b"data"),
-        };
+        let c = Chunk::whole(0, 4, 4, 0, Sha256Digest::of(b"data"));
         b.put(0, &c, b"data").unwrap();
         assert!(b.missing().is_empty());
         let entry = b.state.lock().entry.take().unwrap();

@@ -6,22 +6,54 @@ use std::io::Read;
 
 use proptest::prelude::*;
 use strata_fs::format::reader::parse_toc_unverified;
-use strata_fs::format::writer::FrameCompressor;
+use strata_fs::format::writer::{Batch, FrameCompressor, DEFAULT_TOC_FLAGS};
 use strata_fs::format::*;
 
+/// The layout of the first releases: row tables, one frame per chunk of one file.
+const FIRST_LAYOUT: u16 = TOC_FLAG_ZSTD;
+
+/// Writes a layer as `strata convert` does: small files in batches.
 fn write_layer(entries: &[(Entry, Vec<u8>)], chunk_size: u32) -> (Vec<u8>, LayerSummary) {
-    let mut w = LayerWriter::new(Vec::new(), chunk_size, 3).unwrap();
+    write_layer_with(entries, chunk_size, DEFAULT_TOC_FLAGS)
+}
+
+fn write_layer_with(
+    entries: &[(Entry, Vec<u8>)],
+    chunk_size: u32,
+    flags: u16,
+) -> (Vec<u8>, LayerSummary) {
+    let mut w = LayerWriter::new(Vec::new(), chunk_size, 3)
+        .unwrap()
+        .with_toc_flags(flags);
     let mut c = FrameCompressor::new(3).unwrap();
+    let mut batch = Batch::new();
+    let flush = |w: &mut LayerWriter<Vec<u8>>, batch: &mut Batch, c: &mut FrameCompressor| {
+        if !batch.is_empty() {
+            let b = std::mem::take(batch);
+            let frame = c.compress(b.content()).unwrap();
+            let digest = Sha256Digest::of(b.content());
+            w.add_batch(b, &frame, digest).unwrap();
+        }
+    };
     for (e, data) in entries {
         let mut e = e.clone();
         if e.kind == EntryKind::Regular {
             e.size = data.len() as u64;
         }
+        if w.batches() && Batch::fits(&e) {
+            batch.push(e, data).unwrap();
+            if batch.is_full() {
+                flush(&mut w, &mut batch, &mut c);
+            }
+            continue;
+        }
+        flush(&mut w, &mut batch, &mut c);
         w.add_entry(e).unwrap();
         if !data.is_empty() {
             w.write_data(data, &mut c).unwrap();
         }
     }
+    flush(&mut w, &mut batch, &mut c);
     w.finish().unwrap()
 }
 
@@ -35,7 +67,7 @@ fn read_file(blob: &[u8], e: &Entry) -> Vec<u8> {
     let mut out = Vec::new();
     for c in &e.chunks {
         let frame = &blob[c.compressed_offset as usize..][..c.compressed_len as usize];
-        out.extend(decode_chunk(frame, c).unwrap());
+        out.extend(c.file_bytes(&decode_chunk(frame, c).unwrap()));
     }
     out
 }
@@ -73,15 +105,21 @@ fn sample() -> Vec<(Entry, Vec<u8>)> {
     let long = [b"d/".repeat(80), b"file".to_vec()].concat();
     v.push((
         Entry::new(long, EntryKind::Regular),
-        vec![7u8; 4096 * 3 + 1],
+        vec![7u8; 4096 * 4 + 1],
     ));
     v
 }
 
 #[test]
 fn round_trip_entries_and_data() {
+    round_trip(DEFAULT_TOC_FLAGS);
+    round_trip(FIRST_LAYOUT);
+    round_trip(TOC_FLAG_ZSTD | TOC_FLAG_COLUMNS);
+}
+
+fn round_trip(flags: u16) {
     let entries = sample();
-    let (blob, summary) = write_layer(&entries, 4096);
+    let (blob, summary) = write_layer_with(&entries, 4096, flags);
     assert_eq!(summary.blob_size, blob.len() as u64);
     let toc = open(&blob);
     assert_eq!(toc.entries.len(), entries.len());
@@ -102,14 +140,19 @@ fn round_trip_entries_and_data() {
         );
         assert_eq!(&read_file(&blob, got), data);
     }
-    // The long file is split into 4 chunks at the chunk size.
-    assert_eq!(toc.entries[9].chunks.len(), 4);
+    // The long file (too large for a batch) is split into 5 chunks at the chunk size.
+    assert_eq!(toc.entries[9].chunks.len(), 5);
 }
 
 #[test]
 fn blob_is_a_standard_tar_zstd_stream() {
+    standard_stream(DEFAULT_TOC_FLAGS);
+    standard_stream(FIRST_LAYOUT);
+}
+
+fn standard_stream(flags: u16) {
     let entries = sample();
-    let (blob, summary) = write_layer(&entries, 4096);
+    let (blob, summary) = write_layer_with(&entries, 4096, flags);
     let mut tar_bytes = Vec::new();
     zstd::stream::read::Decoder::new(&blob[..])
         .unwrap()
@@ -149,6 +192,127 @@ fn blob_is_a_standard_tar_zstd_stream() {
         seen += 1;
     }
     assert_eq!(seen, entries.len());
+}
+
+fn many_small_files() -> Vec<(Entry, Vec<u8>)> {
+    let mut v = vec![(Entry::new(b"man".to_vec(), EntryKind::Directory), vec![])];
+    for i in 0..200u32 {
+        let data: Vec<u8> = (0..(100 + i * 37 % 3000))
+            .map(|k| (k * 7 + i) as u8)
+            .collect();
+        v.push((
+            Entry::new(format!("man/page{i}.1").into_bytes(), EntryKind::Regular),
+            data,
+        ));
+    }
+    v.push((
+        Entry::new(b"man/big".to_vec(), EntryKind::Regular),
+        vec![3u8; 40_000],
+    ));
+    v
+}
+
+#[test]
+fn small_files_share_batch_frames() {
+    let entries = many_small_files();
+    let (blob, summary) = write_layer(&entries, 16 << 10);
+    let toc = open(&blob);
+    let frames = toc.chunk_count();
+    assert!(frames < 30, "{frames} frames for 200 small files");
+    assert_eq!(summary.chunks, frames);
+    assert!(toc
+        .entries
+        .iter()
+        .any(|e| e.chunks.iter().any(|c| c.is_batched())));
+    for ((want, data), got) in entries.iter().zip(&toc.entries) {
+        assert_eq!(want.path, got.path);
+        assert_eq!(&read_file(&blob, got), data);
+    }
+    // Still one standard tar stream, byte for byte.
+    let mut tar_bytes = Vec::new();
+    zstd::stream::read::Decoder::new(&blob[..])
+        .unwrap()
+        .read_to_end(&mut tar_bytes)
+        .unwrap();
+    assert_eq!(Sha256Digest::of(&tar_bytes), summary.diff_id);
+    let mut archive = ::tar::Archive::new(&tar_bytes[..]);
+    for (item, (_, data)) in archive.entries().unwrap().zip(&entries) {
+        let mut got = Vec::new();
+        item.unwrap().read_to_end(&mut got).unwrap();
+        assert_eq!(&got, data);
+    }
+    // A batched layer cannot be written in the first layout.
+    assert!(writer::encode_toc_body(&toc, FIRST_LAYOUT).is_err());
+}
+
+/// The row-form body of a batched layer, and the record offsets of its entries.
+fn batched_body() -> (Vec<u8>, Toc, u64) {
+    let (blob, _) = write_layer(&many_small_files(), 16 << 10);
+    let toc = open(&blob);
+    let footer = parse_footer(&blob[blob.len() - FOOTER_SIZE..], blob.len() as u64).unwrap();
+    let body = writer::encode_toc_body(&toc, TOC_FLAG_ZSTD | TOC_FLAG_BATCHES).unwrap();
+    (body, toc, footer.toc_offset)
+}
+
+fn record(i: usize) -> usize {
+    BODY_HEADER_SIZE + i * ENTRY_RECORD_SIZE
+}
+
+#[test]
+fn hostile_batches_are_refused() {
+    let flags = TOC_FLAG_ZSTD | TOC_FLAG_BATCHES;
+    let (body, toc, end) = batched_body();
+    assert_eq!(reader::parse_body(&body, end, flags).unwrap(), toc);
+    // The second file of the first batch: it shares the first file's frame.
+    let second = toc
+        .entries
+        .iter()
+        .position(|e| e.chunks.first().is_some_and(|c| c.data_offset > 0))
+        .unwrap();
+    let refused = |mutate: &dyn Fn(&mut Vec<u8>), why: &str| {
+        let mut b = body.clone();
+        mutate(&mut b);
+        match reader::parse_body(&b, end, flags) {
+            Ok(_) => panic!("{why}: accepted"),
+            Err(e) => assert!(e.to_string().contains(why), "{why}: {e}"),
+        }
+    };
+    // Starting inside the previous file's bytes.
+    refused(
+        &|b| b[record(second) + 76..][..4].copy_from_slice(&0u32.to_le_bytes()),
+        "shares a batch frame",
+    );
+    // Running past the frame.
+    refused(
+        &|b| b[record(second) + 76..][..4].copy_from_slice(&(1u32 << 20).to_le_bytes()),
+        "run past",
+    );
+    // Read as the first layout, the shared record is out of order.
+    let err = reader::parse_body(&body, end, TOC_FLAG_ZSTD)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("out of order") || err.contains("cover"),
+        "{err}"
+    );
+    // A directory cannot share a frame.
+    refused(
+        &|b| b[record(0) + 72..][..4].copy_from_slice(&1u32.to_le_bytes()),
+        "only regular files",
+    );
+}
+
+#[test]
+fn implicit_paths_must_have_no_offset() {
+    let flags = DEFAULT_TOC_FLAGS;
+    let (_, toc, end) = batched_body();
+    let body = writer::encode_toc_body(&toc, flags).unwrap();
+    assert_eq!(reader::parse_body(&body, end, flags).unwrap(), toc);
+    // Byte 36 of the records: in columns, 36 × entries past the first record byte.
+    let mut b = body.clone();
+    b[BODY_HEADER_SIZE + 36 * toc.entries.len() + 5] = 1;
+    let err = reader::parse_body(&b, end, flags).unwrap_err().to_string();
+    assert!(err.contains("path offset"), "{err}");
 }
 
 #[test]
@@ -216,22 +380,32 @@ proptest! {
     #[test]
     fn toc_parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..4096), end in any::<u64>()) {
         let _ = parse_toc_unverified(&bytes, end);
-        let _ = reader::parse_body(&bytes, end);
+        for flags in [FIRST_LAYOUT, DEFAULT_TOC_FLAGS, TOC_FLAG_BATCHES, TOC_FLAG_COLUMNS] {
+            let _ = reader::parse_body(&bytes, end, flags);
+        }
     }
 
     #[test]
     fn mutated_toc_body_never_panics(pos in any::<prop::sample::Index>(), val in any::<u8>(), end in any::<u64>()) {
         let (blob, _) = write_layer(&sample(), 4096);
         let toc = open(&blob);
-        let mut body = writer::encode_toc_body(&toc).unwrap();
-        let i = pos.index(body.len());
-        body[i] = val;
-        let _ = reader::parse_body(&body, end);
+        for flags in [DEFAULT_TOC_FLAGS, FIRST_LAYOUT] {
+            let mut body = writer::encode_toc_body(&toc, flags).unwrap_or_default();
+            if body.is_empty() {
+                continue; // batched files cannot be written in the first layout
+            }
+            let i = pos.index(body.len());
+            body[i] = val;
+            let _ = reader::parse_body(&body, end, flags);
+        }
     }
 
     #[test]
     fn random_files_round_trip(files in proptest::collection::vec((
-        "[a-z]{1,12}", proptest::collection::vec(any::<u8>(), 0..20_000), 0u32..0o7777), 1..20)) {
+        "[a-z]{1,12}", prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..20_000),
+            proptest::collection::vec(any::<u8>(), 0..600),
+        ], 0u32..0o7777), 1..40)) {
         let mut entries = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for (name, data, mode) in files {

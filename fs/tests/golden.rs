@@ -7,11 +7,20 @@
 use std::path::PathBuf;
 
 use strata_fs::format::dump::dump;
-use strata_fs::format::writer::FrameCompressor;
+use strata_fs::format::writer::{Batch, FrameCompressor, DEFAULT_TOC_FLAGS};
 use strata_fs::format::*;
 
-fn fixture() -> (Vec<u8>, LayerSummary) {
-    let mut w = LayerWriter::new(Vec::new(), 64, 3).unwrap();
+/// The fixture in the first releases' layout (`batched`: false, TOC flag `ZSTD` alone), or in
+/// the current one with two small files sharing a batch frame.
+fn fixture(batched: bool) -> (Vec<u8>, LayerSummary) {
+    let flags = if batched {
+        DEFAULT_TOC_FLAGS
+    } else {
+        TOC_FLAG_ZSTD
+    };
+    let mut w = LayerWriter::new(Vec::new(), 64, 3)
+        .unwrap()
+        .with_toc_flags(flags);
     let mut c = FrameCompressor::new(3).unwrap();
     let mut root = Entry::new(Vec::new(), EntryKind::Directory);
     root.mtime_sec = 1_700_000_000;
@@ -33,6 +42,18 @@ fn fixture() -> (Vec<u8>, LayerSummary) {
     let mut wh = Entry::new(b".wh.old".to_vec(), EntryKind::Regular);
     wh.mode = 0;
     w.add_entry(wh).unwrap();
+    if batched {
+        let mut batch = Batch::new();
+        for (name, body) in [("a.conf", &b"a = 1\n"[..]), ("b.conf", &b"b = 2\n"[..])] {
+            let mut e = Entry::new(name.as_bytes().to_vec(), EntryKind::Regular);
+            e.size = body.len() as u64;
+            e.mtime_sec = 1_700_000_002;
+            batch.push(e, body).unwrap();
+        }
+        let frame = c.compress(batch.content()).unwrap();
+        let digest = Sha256Digest::of(batch.content());
+        w.add_batch(batch, &frame, digest).unwrap();
+    }
     w.finish().unwrap()
 }
 
@@ -42,7 +63,12 @@ fn golden_dir() -> PathBuf {
 
 #[test]
 fn fixture_layer_matches_golden() {
-    let (blob, summary) = fixture();
+    check(false, "small.txt");
+    check(true, "batched.txt");
+}
+
+fn check(batched: bool, golden: &str) {
+    let (blob, summary) = fixture(batched);
     let footer = &blob[blob.len() - FOOTER_SIZE..];
     // Field offsets from docs/format.md, "Footer".
     assert_eq!(&footer[0..4], &SKIPPABLE_MAGIC.to_le_bytes());
@@ -74,7 +100,7 @@ fn fixture_layer_matches_golden() {
         hex::encode(footer),
         dump(&parsed)
     );
-    let path = golden_dir().join("small.txt");
+    let path = golden_dir().join(golden);
     if std::env::var_os("STRATA_BLESS").is_some() {
         std::fs::write(&path, &text).unwrap();
     }

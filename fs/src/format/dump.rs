@@ -65,11 +65,15 @@ pub fn dump(toc: &Toc) -> String {
         }
         s.push('\n');
         for c in &e.chunks {
-            let _ = writeln!(
+            let _ = write!(
                 s,
                 "  chunk file@{}+{} blob@{}+{} {}",
-                c.file_offset, c.uncompressed_len, c.compressed_offset, c.compressed_len, c.digest
+                c.file_offset, c.data_len, c.compressed_offset, c.compressed_len, c.digest
             );
+            if c.is_batched() {
+                let _ = write!(s, " batch@{}/{}", c.data_offset, c.uncompressed_len);
+            }
+            s.push('\n');
         }
     }
     s

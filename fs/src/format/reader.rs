@@ -188,14 +188,62 @@ fn parse_toc_unverified_limited(frame: &[u8], toc_offset: u64, max_entries: u32)
         }
         raw.to_vec()
     };
-    parse_body(&body, toc_offset)
+    parse_body(&body, toc_offset, flags)
 }
 
-/// Decodes the uncompressed TOC body.
-pub fn parse_body(b: &[u8], data_end: u64) -> Result<Toc> {
+/// Undoes [`super::writer::transpose`] for a table of `width`-byte records.
+fn untranspose(table: &[u8], width: usize) -> Vec<u8> {
+    let n = table.len() / width;
+    let mut out = vec![0u8; n * width];
+    for (j, column) in table.chunks_exact(n.max(1)).take(width).enumerate() {
+        for (i, &b) in column.iter().enumerate() {
+            out[i * width + j] = b;
+        }
+    }
+    out
+}
+
+/// Decodes the uncompressed TOC body written with TOC `flags`.
+pub fn parse_body(b: &[u8], data_end: u64, flags: u16) -> Result<Toc> {
     if b.len() < BODY_HEADER_SIZE {
         return Err(corrupt("TOC body too short"));
     }
+    if flags & TOC_FLAG_COLUMNS != 0 {
+        let n_entries = u32_at(b, 0) as usize;
+        let n_chunks = u32_at(b, 4) as usize;
+        let entries_len = n_entries.saturating_mul(ENTRY_RECORD_SIZE);
+        let chunks_len = n_chunks.saturating_mul(CHUNK_RECORD_SIZE);
+        let tables_end = BODY_HEADER_SIZE
+            .saturating_add(entries_len)
+            .saturating_add(chunks_len);
+        if tables_end > b.len() {
+            return Err(corrupt(format!(
+                "TOC body is {} bytes, too short for its counts",
+                b.len()
+            )));
+        }
+        let mut rows = Vec::with_capacity(b.len());
+        rows.extend_from_slice(&b[..BODY_HEADER_SIZE]);
+        rows.extend(untranspose(
+            &b[BODY_HEADER_SIZE..BODY_HEADER_SIZE + entries_len],
+            ENTRY_RECORD_SIZE,
+        ));
+        rows.extend(untranspose(
+            &b[BODY_HEADER_SIZE + entries_len..tables_end],
+            CHUNK_RECORD_SIZE,
+        ));
+        rows.extend_from_slice(&b[tables_end..]);
+        return parse_rows(&rows, data_end, flags);
+    }
+    parse_rows(b, data_end, flags)
+}
+
+/// Decodes a body whose tables are stored row by row.
+fn parse_rows(b: &[u8], data_end: u64, flags: u16) -> Result<Toc> {
+    let batches = flags & TOC_FLAG_BATCHES != 0;
+    // With columns, entry paths open the string table in entry order (offset fields are 0).
+    let implicit_paths = flags & TOC_FLAG_COLUMNS != 0;
+    let mut next_path = 0u32;
     let n_entries = u32_at(b, 0) as usize;
     let n_chunks = u32_at(b, 4) as usize;
     let n_xattrs = u32_at(b, 8) as usize;
@@ -238,11 +286,28 @@ pub fn parse_body(b: &[u8], data_end: u64) -> Result<Toc> {
     let mut entries = Vec::with_capacity(n_entries);
     let mut next_chunk = 0usize;
     let mut next_xattr = 0usize;
+    // Where the bytes of the last file with exactly one chunk end in that chunk's frame: the
+    // next file may share the frame (a batch) only past that point.
+    let mut batch_end: Option<u64> = None;
     for i in 0..n_entries {
         let r = &b[entries_at + i * ENTRY_RECORD_SIZE..][..ENTRY_RECORD_SIZE];
         let kind = EntryKind::from_u8(r[0])
             .ok_or_else(|| corrupt(format!("entry {i} has unknown kind {}", r[0])))?;
-        let path = string(u32_at(r, 36), u32_at(r, 40), "entry path")?;
+        let path = if implicit_paths {
+            let len = u32_at(r, 40);
+            if u32_at(r, 36) != 0 {
+                return Err(corrupt(format!(
+                    "entry {i} has a path offset with implicit paths"
+                )));
+            }
+            let at = next_path;
+            next_path = next_path
+                .checked_add(len)
+                .ok_or_else(|| corrupt("path lengths overflow"))?;
+            string(at, len, "entry path")?
+        } else {
+            string(u32_at(r, 36), u32_at(r, 40), "entry path")?
+        };
         let bad = |reason: String| FormatError::InvalidEntry {
             path: String::from_utf8_lossy(&path).into_owned(),
             reason,
@@ -260,11 +325,21 @@ pub fn parse_body(b: &[u8], data_end: u64) -> Result<Toc> {
         if xattr_first != next_xattr || xattr_first + xattr_n > n_xattrs {
             return Err(bad("xattr range out of order or out of bounds".into()));
         }
-        if chunk_first != next_chunk || chunk_first + chunk_n > n_chunks {
+        let data_offset = if batches { u32_at(r, 76) } else { 0 };
+        let shares = batches && chunk_n == 1 && chunk_first + 1 == next_chunk;
+        if shares && batch_end.is_none_or(|end| u64::from(data_offset) < end) {
+            return Err(bad(
+                "shares a batch frame without following the previous file's bytes".into(),
+            ));
+        }
+        if (chunk_first != next_chunk && !shares) || chunk_first + chunk_n > n_chunks {
             return Err(bad("chunk range out of order or out of bounds".into()));
         }
+        if data_offset != 0 && chunk_n != 1 {
+            return Err(bad("only a file of one chunk may start inside it".into()));
+        }
         next_xattr += xattr_n;
-        next_chunk += chunk_n;
+        next_chunk = chunk_first + chunk_n;
         let mut xattrs = Vec::with_capacity(xattr_n);
         for x in xattr_first..xattr_first + xattr_n {
             let xr = &b[xattrs_at + x * XATTR_RECORD_SIZE..][..XATTR_RECORD_SIZE];
@@ -282,13 +357,13 @@ pub fn parse_body(b: &[u8], data_end: u64) -> Result<Toc> {
             let cr = &b[chunks_at + c * CHUNK_RECORD_SIZE..][..CHUNK_RECORD_SIZE];
             let mut digest = [0u8; 32];
             digest.copy_from_slice(&cr[24..56]);
-            let chunk = Chunk {
-                compressed_offset: u64_at(cr, 0),
-                compressed_len: u32_at(cr, 8),
-                uncompressed_len: u32_at(cr, 12),
-                file_offset: u64_at(cr, 16),
-                digest: Sha256Digest(digest),
-            };
+            let mut chunk = Chunk::whole(
+                u64_at(cr, 0),
+                u32_at(cr, 8),
+                u32_at(cr, 12),
+                u64_at(cr, 16),
+                Sha256Digest(digest),
+            );
             let end = chunk
                 .compressed_offset
                 .checked_add(u64::from(chunk.compressed_len));
@@ -310,8 +385,24 @@ pub fn parse_body(b: &[u8], data_end: u64) -> Result<Toc> {
             if chunk.file_offset != covered {
                 return Err(bad("chunks do not cover the file contiguously".into()));
             }
-            covered += u64::from(chunk.uncompressed_len);
+            if chunk_n == 1 && batches {
+                // The file's bytes are `data_offset..data_offset + size` of the frame.
+                let end = u64::from(data_offset).saturating_add(size);
+                if end > u64::from(chunk.uncompressed_len) {
+                    return Err(bad(format!(
+                        "{size} bytes at {data_offset} run past the {}-byte frame",
+                        chunk.uncompressed_len
+                    )));
+                }
+                chunk.data_offset = data_offset;
+                chunk.data_len = size as u32;
+                batch_end = Some(end);
+            }
+            covered += u64::from(chunk.data_len);
             chunks.push(chunk);
+        }
+        if chunk_n != 1 {
+            batch_end = None;
         }
         match kind {
             EntryKind::Regular if covered != size => {

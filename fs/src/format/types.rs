@@ -22,8 +22,18 @@ pub const TOC_VERSION: u16 = 1;
 pub const TOC_HEADER_SIZE: usize = 32;
 /// Incompatible TOC flag: the body is one zstd frame.
 pub const TOC_FLAG_ZSTD: u16 = 1;
+/// Incompatible TOC flag: the entry and chunk tables are stored byte-transposed (byte 0 of every
+/// record, then byte 1, ...), which lets zstd see each field as one run of similar values.
+pub const TOC_FLAG_COLUMNS: u16 = 2;
+/// Incompatible TOC flag: small files may share one chunk frame (a *batch*), each entry saying
+/// where its bytes start in the frame.
+pub const TOC_FLAG_BATCHES: u16 = 4;
 /// Incompatible TOC flags this build understands.
-pub const TOC_KNOWN_FLAGS: u16 = TOC_FLAG_ZSTD;
+pub const TOC_KNOWN_FLAGS: u16 = TOC_FLAG_ZSTD | TOC_FLAG_COLUMNS | TOC_FLAG_BATCHES;
+/// Files smaller than this share batch frames (when the writer batches).
+pub const BATCH_FILE_MAX: u64 = 16 << 10;
+/// A batch frame is closed once its content reaches this many bytes.
+pub const BATCH_TARGET: usize = 32 << 10;
 /// Size of the body header (counts).
 pub const BODY_HEADER_SIZE: usize = 48;
 /// Size of one entry record.
@@ -131,19 +141,60 @@ impl EntryKind {
     }
 }
 
-/// One chunk of a regular file: an independent zstd frame in the blob.
+/// One chunk of a regular file: an independent zstd frame in the blob, or the file's part of a
+/// batch frame that several small files share.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Chunk {
     /// Offset of the compressed frame in the blob.
     pub compressed_offset: u64,
     /// Length of the compressed frame.
     pub compressed_len: u32,
-    /// Length of the decompressed bytes.
+    /// Length of the frame's decompressed bytes.
     pub uncompressed_len: u32,
-    /// Offset of the decompressed bytes within the file.
+    /// Offset within the file of the bytes this chunk holds.
     pub file_offset: u64,
-    /// sha256 of the decompressed bytes.
+    /// sha256 of the frame's decompressed bytes (what the cache is keyed by).
     pub digest: Sha256Digest,
+    /// Where the file's bytes start in the decompressed frame (0 unless batched).
+    pub data_offset: u32,
+    /// How many of the file's bytes the frame holds (`uncompressed_len` unless batched).
+    pub data_len: u32,
+}
+
+impl Chunk {
+    /// A chunk that is a whole frame of one file's bytes.
+    pub fn whole(
+        compressed_offset: u64,
+        compressed_len: u32,
+        uncompressed_len: u32,
+        file_offset: u64,
+        digest: Sha256Digest,
+    ) -> Self {
+        Chunk {
+            compressed_offset,
+            compressed_len,
+            uncompressed_len,
+            file_offset,
+            digest,
+            data_offset: 0,
+            data_len: uncompressed_len,
+        }
+    }
+    /// Whether the frame holds anything besides this file's bytes.
+    pub fn is_batched(&self) -> bool {
+        self.data_offset != 0 || self.data_len != self.uncompressed_len
+    }
+    /// The file's bytes in the decoded frame `frame` (empty if `frame` is too short).
+    pub fn file_bytes<'a>(&self, frame: &'a [u8]) -> &'a [u8] {
+        let from = self.data_offset as usize;
+        frame
+            .get(from..from + self.data_len as usize)
+            .unwrap_or_default()
+    }
+    /// The file offset just past this chunk's bytes.
+    pub fn file_end(&self) -> u64 {
+        self.file_offset + u64::from(self.data_len)
+    }
 }
 
 /// One entry of a layer, as recorded in the TOC (and in the tar stream).
@@ -212,8 +263,14 @@ pub struct Toc {
 }
 
 impl Toc {
+    /// Chunk frames in the layer (a batch frame counts once).
     pub fn chunk_count(&self) -> usize {
-        self.entries.iter().map(|e| e.chunks.len()).sum()
+        let mut last = None;
+        self.entries
+            .iter()
+            .flat_map(|e| e.chunks.iter())
+            .filter(|c| last.replace(c.compressed_offset) != Some(c.compressed_offset))
+            .count()
     }
     pub fn uncompressed_bytes(&self) -> u64 {
         self.entries
@@ -223,9 +280,11 @@ impl Toc {
             .sum()
     }
     pub fn compressed_chunk_bytes(&self) -> u64 {
+        let mut last = None;
         self.entries
             .iter()
             .flat_map(|e| e.chunks.iter())
+            .filter(|c| last.replace(c.compressed_offset) != Some(c.compressed_offset))
             .map(|c| u64::from(c.compressed_len))
             .sum()
     }

@@ -49,6 +49,65 @@ pub struct LayerSummary {
     pub uncompressed_size: u64,
 }
 
+/// Small regular files gathered into one chunk frame. The frame's content is the first file's
+/// data, then for each further file the previous file's tar padding, its header blocks and its
+/// data: exactly the bytes the tar stream has there, so the layer stays a plain tar+zstd stream.
+#[derive(Default)]
+pub struct Batch {
+    entries: Vec<Entry>,
+    raw: Vec<u8>,
+    offsets: Vec<u32>,
+}
+
+impl Batch {
+    pub fn new() -> Self {
+        Batch::default()
+    }
+
+    /// Whether `entry` may join a batch: a regular file of 1 byte to [`BATCH_FILE_MAX`].
+    pub fn fits(entry: &Entry) -> bool {
+        entry.kind == EntryKind::Regular && entry.size > 0 && entry.size < BATCH_FILE_MAX
+    }
+
+    /// Adds a file and its data; the caller checks [`Self::fits`] and [`Self::is_full`].
+    pub fn push(&mut self, mut entry: Entry, data: &[u8]) -> Result<()> {
+        if !Self::fits(&entry) || entry.size != data.len() as u64 {
+            return Err(FormatError::InvalidEntry {
+                path: String::from_utf8_lossy(&entry.path).into_owned(),
+                reason: "only regular files of 1 byte to 16 KiB, with all their data, join a batch"
+                    .into(),
+            });
+        }
+        validate_path(&entry.path).map_err(|r| FormatError::InvalidEntry {
+            path: String::from_utf8_lossy(&entry.path).into_owned(),
+            reason: r.to_string(),
+        })?;
+        entry.chunks.clear();
+        if let Some(prev) = self.entries.last() {
+            self.raw.resize(self.raw.len() + padding(prev.size), 0);
+            self.raw.extend_from_slice(&encode_header(&entry)?);
+        }
+        self.offsets.push(self.raw.len() as u32);
+        self.raw.extend_from_slice(data);
+        self.entries.push(entry);
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Whether the frame has reached [`BATCH_TARGET`] bytes (the caller then sends it).
+    pub fn is_full(&self) -> bool {
+        self.raw.len() >= BATCH_TARGET
+    }
+
+    /// The frame's content, to compress and hash.
+    pub fn content(&self) -> &[u8] {
+        &self.raw
+    }
+}
+
 /// Streams a strata layer to `out`. The blob digest is the caller's to compute (a content
 /// store hashes what it is given anyway; hashing twice costs convert throughput).
 pub struct LayerWriter<W: Write> {
@@ -62,11 +121,17 @@ pub struct LayerWriter<W: Write> {
     /// Bytes of the open file covered by chunks so far.
     open_written: u64,
     uncompressed_size: u64,
+    /// TOC flags written (see `docs/format.md`); batches need [`TOC_FLAG_BATCHES`].
+    toc_flags: u16,
 }
+
+/// The TOC flags a writer uses unless told otherwise.
+pub const DEFAULT_TOC_FLAGS: u16 = TOC_FLAG_ZSTD | TOC_FLAG_COLUMNS | TOC_FLAG_BATCHES;
 
 impl<W: Write> LayerWriter<W> {
     pub fn new(out: W, chunk_size: u32, level: i32) -> Result<Self> {
         Ok(LayerWriter {
+            toc_flags: DEFAULT_TOC_FLAGS,
             out,
             offset: 0,
             diff_hash: Sha256::new(),
@@ -83,6 +148,55 @@ impl<W: Write> LayerWriter<W> {
 
     pub fn chunk_size(&self) -> u32 {
         self.toc.chunk_size
+    }
+
+    /// Writes the TOC with `flags` instead of [`DEFAULT_TOC_FLAGS`] (`TOC_FLAG_ZSTD` alone is the
+    /// layout of the first strata releases, which readers without batches understand).
+    pub fn with_toc_flags(mut self, flags: u16) -> Self {
+        self.toc_flags = flags;
+        self
+    }
+
+    /// Whether [`Self::add_batch`] may be used.
+    pub fn batches(&self) -> bool {
+        self.toc_flags & TOC_FLAG_BATCHES != 0
+    }
+
+    /// Appends a batch of small files: the first file's header frame, then the batch frame
+    /// (`frame` must be one zstd frame of `batch.content()`, `digest` its sha256).
+    pub fn add_batch(&mut self, batch: Batch, frame: &[u8], digest: Sha256Digest) -> Result<()> {
+        let Some(first) = batch.entries.first() else {
+            return Ok(());
+        };
+        if batch.entries.len() > 1 && !self.batches() {
+            return Err(FormatError::InvalidEntry {
+                path: String::from_utf8_lossy(&first.path).into_owned(),
+                reason: "batched files need the TOC's batches flag".into(),
+            });
+        }
+        let prev_size = self.close_file()?;
+        let mut raw = vec![0u8; padding(prev_size)];
+        raw.extend_from_slice(&encode_header(first)?);
+        let header = self.header_compressor.compress(&raw)?;
+        self.emit(&header, &raw)?;
+        let compressed_len = u32::try_from(frame.len()).map_err(|_| FormatError::CorruptChunk {
+            offset: self.offset,
+            reason: "compressed frame over 4 GiB".into(),
+        })?;
+        let at = self.emit(frame, &batch.raw)?;
+        let uncompressed_len = batch.raw.len() as u32;
+        for (mut entry, data_offset) in batch.entries.into_iter().zip(batch.offsets) {
+            entry.chunks = vec![Chunk {
+                data_offset,
+                data_len: entry.size as u32,
+                ..Chunk::whole(at, compressed_len, uncompressed_len, 0, digest)
+            }];
+            self.toc.entries.push(entry);
+        }
+        // The last file's padding opens the next header frame.
+        self.open_file = Some(self.toc.entries.len() - 1);
+        self.open_written = self.toc.entries.last().map_or(0, |e| e.size);
+        Ok(())
     }
 
     fn emit(&mut self, frame: &[u8], raw: &[u8]) -> Result<u64> {
@@ -157,13 +271,13 @@ impl<W: Write> LayerWriter<W> {
             reason: "compressed frame over 4 GiB".into(),
         })?;
         let at = self.emit(frame, raw)?;
-        self.toc.entries[i].chunks.push(Chunk {
-            compressed_offset: at,
+        self.toc.entries[i].chunks.push(Chunk::whole(
+            at,
             compressed_len,
-            uncompressed_len: raw.len() as u32,
+            raw.len() as u32,
             file_offset,
             digest,
-        });
+        ));
         self.open_written += raw.len() as u64;
         Ok(())
     }
@@ -185,7 +299,7 @@ impl<W: Write> LayerWriter<W> {
         let frame = self.header_compressor.compress(&raw)?;
         self.emit(&frame, &raw)?;
 
-        let toc_frame = encode_toc_frame(&self.toc)?;
+        let toc_frame = encode_toc_frame_with(&self.toc, self.toc_flags)?;
         let toc_offset = self.offset;
         self.out.write_all(&toc_frame)?;
         self.offset += toc_frame.len() as u64;
@@ -231,6 +345,9 @@ struct Strings {
 
 impl Strings {
     fn add(&mut self, s: &[u8]) -> Result<(u32, u32)> {
+        if s.is_empty() {
+            return Ok((0, 0));
+        }
         let off = u32::try_from(self.bytes.len())
             .map_err(|_| FormatError::CorruptToc("string table over 4 GiB".into()))?;
         let len = u32::try_from(s.len())
@@ -244,18 +361,57 @@ fn count(n: usize, what: &str) -> Result<u32> {
     u32::try_from(n).map_err(|_| FormatError::CorruptToc(format!("too many {what}")))
 }
 
-/// Encodes the uncompressed TOC body (see `docs/format.md`, "TOC body").
-pub fn encode_toc_body(toc: &Toc) -> Result<Vec<u8>> {
+/// Stores a table of `width`-byte records byte-transposed: byte 0 of every record, then byte 1…
+pub fn transpose(table: &[u8], width: usize) -> Vec<u8> {
+    let n = table.len() / width;
+    let mut out = vec![0u8; n * width];
+    for (i, record) in table.chunks_exact(width).enumerate() {
+        for (j, &b) in record.iter().enumerate() {
+            out[j * n + i] = b;
+        }
+    }
+    out
+}
+
+/// Encodes the uncompressed TOC body (see `docs/format.md`, "TOC body") for TOC `flags`.
+pub fn encode_toc_body(toc: &Toc, flags: u16) -> Result<Vec<u8>> {
+    let batches = flags & TOC_FLAG_BATCHES != 0;
     let chunk_count = toc.chunk_count();
     let xattr_count: usize = toc.entries.iter().map(|e| e.xattrs.len()).sum();
     let mut strings = Strings { bytes: Vec::new() };
+    // With columns, paths are implicit: they open the string table, in entry order, and each
+    // entry's path offset is 0 (the reader sums the lengths).
+    let implicit_paths = flags & TOC_FLAG_COLUMNS != 0;
+    if implicit_paths {
+        for e in &toc.entries {
+            strings.bytes.extend_from_slice(&e.path);
+        }
+    }
     let mut entries = Vec::with_capacity(toc.entries.len() * ENTRY_RECORD_SIZE);
     let mut chunks = Vec::with_capacity(chunk_count * CHUNK_RECORD_SIZE);
     let mut xattrs = Vec::with_capacity(xattr_count * XATTR_RECORD_SIZE);
     let mut chunk_index = 0u32;
     let mut xattr_index = 0u32;
+    // The frame of the last chunk record written: a batched file in it shares that record.
+    let mut last_frame: Option<u64> = None;
     for e in &toc.entries {
-        let (path_off, path_len) = strings.add(&e.path)?;
+        let shared = match e.chunks.as_slice() {
+            [c] if c.is_batched() => {
+                if !batches {
+                    return Err(FormatError::InvalidEntry {
+                        path: String::from_utf8_lossy(&e.path).into_owned(),
+                        reason: "batched file in a TOC without the batches flag".into(),
+                    });
+                }
+                last_frame == Some(c.compressed_offset)
+            }
+            _ => false,
+        };
+        let (path_off, path_len) = if implicit_paths {
+            (0, count(e.path.len(), "path bytes")?)
+        } else {
+            strings.add(&e.path)?
+        };
         let (link_off, link_len) = strings.add(&e.link)?;
         let mut r = [0u8; ENTRY_RECORD_SIZE];
         r[0] = e.kind as u8;
@@ -273,8 +429,12 @@ pub fn encode_toc_body(toc: &Toc) -> Result<Vec<u8>> {
         r[56..60].copy_from_slice(&e.dev_minor.to_le_bytes());
         r[60..64].copy_from_slice(&xattr_index.to_le_bytes());
         r[64..68].copy_from_slice(&count(e.xattrs.len(), "xattrs")?.to_le_bytes());
-        r[68..72].copy_from_slice(&chunk_index.to_le_bytes());
+        let first_chunk = if shared { chunk_index - 1 } else { chunk_index };
+        r[68..72].copy_from_slice(&first_chunk.to_le_bytes());
         r[72..76].copy_from_slice(&count(e.chunks.len(), "chunks")?.to_le_bytes());
+        if let [c] = e.chunks.as_slice() {
+            r[76..80].copy_from_slice(&c.data_offset.to_le_bytes());
+        }
         entries.extend_from_slice(&r);
         for (k, v) in &e.xattrs {
             let (ko, kl) = strings.add(k)?;
@@ -282,6 +442,10 @@ pub fn encode_toc_body(toc: &Toc) -> Result<Vec<u8>> {
             for x in [ko, kl, vo, vl] {
                 xattrs.extend_from_slice(&x.to_le_bytes());
             }
+        }
+        xattr_index += count(e.xattrs.len(), "xattrs")?;
+        if shared {
+            continue;
         }
         for c in &e.chunks {
             let mut r = [0u8; CHUNK_RECORD_SIZE];
@@ -291,10 +455,23 @@ pub fn encode_toc_body(toc: &Toc) -> Result<Vec<u8>> {
             r[16..24].copy_from_slice(&c.file_offset.to_le_bytes());
             r[24..56].copy_from_slice(&c.digest.0);
             chunks.extend_from_slice(&r);
+            last_frame = Some(c.compressed_offset);
         }
-        xattr_index += count(e.xattrs.len(), "xattrs")?;
         chunk_index += count(e.chunks.len(), "chunks")?;
     }
+    if chunk_index as usize != chunk_count {
+        return Err(FormatError::CorruptToc(
+            "a batch frame is shared by files that are not consecutive".into(),
+        ));
+    }
+    let (entries, chunks) = if flags & TOC_FLAG_COLUMNS != 0 {
+        (
+            transpose(&entries, ENTRY_RECORD_SIZE),
+            transpose(&chunks, CHUNK_RECORD_SIZE),
+        )
+    } else {
+        (entries, chunks)
+    };
     let mut body = Vec::with_capacity(
         BODY_HEADER_SIZE + entries.len() + chunks.len() + xattrs.len() + strings.bytes.len(),
     );
@@ -311,10 +488,25 @@ pub fn encode_toc_body(toc: &Toc) -> Result<Vec<u8>> {
     Ok(body)
 }
 
-/// Encodes the whole TOC skippable frame (header, TOC header, compressed body).
+/// Encodes the whole TOC skippable frame (header, TOC header, compressed body) with
+/// [`DEFAULT_TOC_FLAGS`].
 pub fn encode_toc_frame(toc: &Toc) -> Result<Vec<u8>> {
-    let body = encode_toc_body(toc)?;
-    let compressed = zstd::bulk::compress(&body, 3)?;
+    encode_toc_frame_with(toc, DEFAULT_TOC_FLAGS)
+}
+
+/// zstd level of the TOC body: every lazy mount fetches the TOC before it can serve anything,
+/// so its bytes count more than the time to compress it once.
+const TOC_LEVEL: i32 = 17;
+
+/// [`encode_toc_frame`] with the given TOC flags (`TOC_FLAG_ZSTD` must be among them).
+pub fn encode_toc_frame_with(toc: &Toc, flags: u16) -> Result<Vec<u8>> {
+    if flags & TOC_FLAG_ZSTD == 0 || flags & !TOC_KNOWN_FLAGS != 0 {
+        return Err(FormatError::CorruptToc(format!(
+            "cannot write TOC flags {flags:#06x}"
+        )));
+    }
+    let body = encode_toc_body(toc, flags)?;
+    let compressed = zstd::bulk::compress(&body, TOC_LEVEL)?;
     let payload_len = TOC_HEADER_SIZE + compressed.len();
     let payload_len_u32 = u32::try_from(payload_len)
         .map_err(|_| FormatError::CorruptToc("compressed TOC over 4 GiB".into()))?;
@@ -323,7 +515,7 @@ pub fn encode_toc_frame(toc: &Toc) -> Result<Vec<u8>> {
     out.extend_from_slice(&payload_len_u32.to_le_bytes());
     out.extend_from_slice(&TOC_MAGIC);
     out.extend_from_slice(&TOC_VERSION.to_le_bytes());
-    out.extend_from_slice(&TOC_FLAG_ZSTD.to_le_bytes());
+    out.extend_from_slice(&flags.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes()); // compatible flags
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
     out.extend_from_slice(&0u64.to_le_bytes()); // reserved
