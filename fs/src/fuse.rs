@@ -146,6 +146,10 @@ struct Shared {
 /// Runs of small-file reads tracked at once.
 const RUNS: usize = 8;
 
+/// A small-file read continues a run when it starts at most this many blob bytes after the
+/// previous read's chunk (a few small files skipped, as a reader of a directory does).
+const RUN_GAP: u64 = 16 << 10;
+
 /// The first neighbour window of a run of small-file reads through a blob.
 const FIRST_WINDOW: u64 = 32 << 10;
 
@@ -383,14 +387,18 @@ impl Shared {
         if self.cache.has(blob, &one.digest) {
             return Vec::new();
         }
-        // Like readahead: only a read that continues a run through the blob (the next small
-        // file after the last one fetched) takes neighbours, in a window that grows with the run.
+        // Like readahead: only a read that continues a run through the blob (a small file
+        // within RUN_GAP bytes after the last one fetched) takes neighbours, in a window that
+        // grows with the run. Bytes, not files: one batch frame holds a dozen small files.
+        let continues = |last: usize| {
+            order.get(last).is_some_and(|l| {
+                let end = l.compressed_offset + u64::from(l.compressed_len);
+                from > last && order[from].compressed_offset.saturating_sub(end) <= RUN_GAP
+            })
+        };
         let window = {
             let mut runs = self.sequences.lock();
-            let window = match runs
-                .iter()
-                .position(|r| r.0 == layer && from > r.1 && from <= r.1 + 8)
-            {
+            let window = match runs.iter().position(|r| r.0 == layer && continues(r.1)) {
                 Some(i) => {
                     let r = runs.remove(i);
                     r.2.saturating_mul(2)
