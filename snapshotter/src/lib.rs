@@ -37,6 +37,7 @@ pub mod api {
 }
 
 pub mod client;
+pub mod cri;
 pub mod meta;
 pub mod remote;
 pub mod server;

@@ -688,10 +688,12 @@ impl pb::snapshots_server::Snapshots for Service {
 
 /// Serves the snapshots API on the unix socket `address` with snapshots under `root`, until
 /// SIGINT or SIGTERM.
+/// With `cri`, the CRI image-service proxy (`crate::cri`) is served too.
 pub fn serve(
     root: &Path,
     address: &Path,
     layers: Option<Arc<dyn LayerMounter>>,
+    cri: Option<crate::cri::CriProxy>,
 ) -> anyhow::Result<()> {
     strata_fs::store::create_private_dir(root)?;
     // Mount points are compared with the kernel's (canonical) view of them.
@@ -735,11 +737,47 @@ pub fn serve(
                 _ = async { if let Some(t) = term.as_mut() { t.recv().await; } else { std::future::pending::<()>().await } } => {}
             }
         };
-        tonic::transport::Server::builder()
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let cri_task = match cri {
+            Some(c) => {
+                let _ = std::fs::remove_file(&c.listen);
+                if let Some(dir) = c.listen.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let listener = tokio::net::UnixListener::bind(&c.listen)?;
+                std::fs::set_permissions(
+                    &c.listen,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                )?;
+                let proxy = crate::cri::ImageServiceProxy::new(&c.upstream, c.creds)?;
+                let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+                let mut stop = stop_rx.clone();
+                let listen = c.listen.clone();
+                Some(tokio::spawn(async move {
+                    let r = tonic::transport::Server::builder()
+                        .add_service(proxy)
+                        .serve_with_incoming_shutdown(incoming, async move {
+                            let _ = stop.changed().await;
+                        })
+                        .await;
+                    let _ = std::fs::remove_file(&listen);
+                    r
+                }))
+            }
+            None => None,
+        };
+        let served = tonic::transport::Server::builder()
             .add_service(pb::snapshots_server::SnapshotsServer::from_arc(service))
             .serve_with_incoming_shutdown(incoming, shutdown)
-            .await?;
+            .await;
+        let _ = stop_tx.send(true);
+        if let Some(t) = cri_task {
+            if let Ok(Err(e)) = t.await {
+                tracing::error!("the CRI image-service proxy failed: {e}");
+            }
+        }
         let _ = std::fs::remove_file(address);
+        served?;
         Ok(())
     })
 }

@@ -13,6 +13,16 @@ use anyhow::Result;
 /// Pulls `image` through the CRI plugin of the containerd at `socket`; answers the image ref
 /// containerd reports.
 pub fn pull(socket: &Path, image: &str) -> Result<String> {
+    pull_with_auth(socket, image, None)
+}
+
+/// [`pull`] with a username and password, as the kubelet passes a pull secret.
+pub fn pull_with_auth(socket: &Path, image: &str, user: Option<(&str, &str)>) -> Result<String> {
+    let auth = user.map(|(u, p)| api::AuthConfig {
+        username: u.to_string(),
+        password: p.to_string(),
+        ..Default::default()
+    });
     call(socket, |mut c| {
         let image = image.to_string();
         async move {
@@ -22,6 +32,7 @@ pub fn pull(socket: &Path, image: &str) -> Result<String> {
                         image,
                         annotations: Default::default(),
                     }),
+                    auth,
                 })
                 .await?;
             Ok(r.into_inner().image_ref)

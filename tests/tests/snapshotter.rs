@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use strata_tests::image::scratch;
 use strata_tests::registry::TestRegistry;
-use strata_tests::util::{busybox_image, strata_bin, strata_ok};
+use strata_tests::util::{busybox_image, strata_bin, strata_ok, strata_with};
 
 /// A child process killed (and reaped) when dropped.
 struct Daemon(Child);
@@ -37,6 +37,10 @@ fn snapshotter(root: &Path, sock: &Path) -> Daemon {
 }
 
 fn snapshotter_with(root: &Path, sock: &Path, args: &[&str]) -> Daemon {
+    snapshotter_env(root, sock, args, &[])
+}
+
+fn snapshotter_env(root: &Path, sock: &Path, args: &[&str], env: &[(&str, &Path)]) -> Daemon {
     let child = Command::new(strata_bin())
         .arg("--root")
         .arg(root)
@@ -44,6 +48,7 @@ fn snapshotter_with(root: &Path, sock: &Path, args: &[&str]) -> Daemon {
         .arg("--address")
         .arg(sock)
         .args(args)
+        .envs(env.iter().copied())
         .spawn()
         .unwrap();
     wait_for_socket(sock);
@@ -290,6 +295,11 @@ struct LazyImage {
 /// of the first layer and makes one of its directories opaque; converted, pushed to
 /// `registry` as `lazy/app:v1`.
 fn lazy_image(tmp: &Path, registry: &str) -> LazyImage {
+    lazy_image_env(tmp, registry, &[])
+}
+
+/// [`lazy_image`], pushed with `env` (a `DOCKER_CONFIG` logged in to an auth registry).
+fn lazy_image_env(tmp: &Path, registry: &str, env: &[(&str, &Path)]) -> LazyImage {
     use strata_tests::image::{noise, write_oci_layout, Compression, Layer, LayerBuilder};
     use strata_tests::util::busybox_layer;
     let mut top = LayerBuilder::new();
@@ -340,7 +350,12 @@ fn lazy_image(tmp: &Path, registry: &str) -> LazyImage {
         ],
     );
     let image = format!("{registry}/lazy/app:v1");
-    strata_ok(&local, &["push", "lazy/app:v1", &image]);
+    let pushed = strata_with(&local, env, &["push", "lazy/app:v1", &image], None);
+    assert!(
+        pushed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pushed.stderr)
+    );
     let strata_layers: Vec<String> = {
         let m = strata_ok(&local, &["inspect", "lazy/app:v1"]);
         let m: serde_json::Value = serde_json::from_str(&m).unwrap();
@@ -446,19 +461,12 @@ fn the_cri_pulls_strata_images_lazily() {
     }
     let snaps = ctd.ctr(&["-n", "k8s.io", "snapshots", "--snapshotter", "strata", "ls"]);
     assert_eq!(snaps.matches("Committed").count(), 2, "{snaps}");
-    let out = ctd.ctr(&[
-        "-n",
-        "k8s.io",
-        "run",
-        "--rm",
-        "--snapshotter",
-        "strata",
+    let out = run_k8s(
+        &ctd,
         &image,
         "c1",
-        "/bin/sh",
-        "-c",
-        "cat /etc/os-release; ls /opt/d",
-    ]);
+        &["/bin/sh", "-c", "cat /etc/os-release; ls /opt/d"],
+    );
     assert_eq!(out, "NAME=\"strata test\"\nID=strata\nf2\n");
 
     // A plain image: containerd downloads its layers (once: the node daemon fetches none)
@@ -473,29 +481,140 @@ fn the_cri_pulls_strata_images_lazily() {
             .count();
         assert_eq!(gets, 1, "layer {d} fetched {gets} times: {lines:#?}");
     }
-    let out = ctd.ctr(&[
-        "-n",
-        "k8s.io",
-        "run",
-        "--rm",
-        "--snapshotter",
-        "strata",
-        &plain,
-        "p1",
-        "cat",
-        "/etc/os-release",
-    ]);
+    let out = run_k8s(&ctd, &plain, "p1", &["cat", "/etc/os-release"]);
     assert_eq!(out, "NAME=\"strata test\"\nID=strata\n");
 
     strata_tests::cri::remove(&ctd.sock, &image).unwrap();
     strata_tests::cri::remove(&ctd.sock, &plain).unwrap();
     assert_all_gone(&ctd, "k8s.io", &root);
     drop(ctd);
+    stop_node_daemon(&root);
+    fs::remove_dir_all(&tmp).ok();
+}
+
+/// Stops the node daemon of `root`, unmounting what it serves.
+fn stop_node_daemon(root: &Path) {
     let _ = Command::new(strata_bin())
         .arg("--root")
-        .arg(&root)
+        .arg(root)
         .args(["daemon", "--stop", "--forget"])
         .output();
+}
+
+/// `ctr run --rm` of `image` in the CRI's namespace on the strata snapshotter.
+fn run_k8s(ctd: &Containerd, image: &str, name: &str, cmd: &[&str]) -> String {
+    let mut a = vec![
+        "-n",
+        "k8s.io",
+        "run",
+        "--rm",
+        "--snapshotter",
+        "strata",
+        image,
+        name,
+    ];
+    a.extend_from_slice(cmd);
+    ctd.ctr(&a)
+}
+
+/// Every file under `dir` that contains `needle` (a secret must never reach the disk).
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let (p, t) = (e.path(), e.file_type().unwrap());
+            if t.is_dir() && !t.is_symlink() {
+                todo.push(p);
+            } else if t.is_file()
+                && fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+            {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn pull_secrets_passed_by_the_cri_reach_lazy_layers() {
+    let tmp = scratch("snapshotter-cri-auth").unwrap();
+    let user = ("tester", "s3cret-cri");
+    let reg = TestRegistry::start(&tmp.join("registry"), Some(user)).unwrap();
+    let docker = tmp.join("docker");
+    let login = strata_with(
+        &tmp.join("local"),
+        &[("DOCKER_CONFIG", docker.as_path())],
+        &["login", "-u", user.0, "--password-stdin", &reg.addr],
+        Some(user.1.as_bytes()),
+    );
+    assert!(
+        login.status.success(),
+        "{}",
+        String::from_utf8_lossy(&login.stderr)
+    );
+    let LazyImage { image, layers, .. } =
+        lazy_image_env(&tmp, &reg.addr, &[("DOCKER_CONFIG", docker.as_path())]);
+    let run = tempfile::Builder::new()
+        .prefix("strata-ctd")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (snap_sock, cri_sock) = (run.path().join("s.sock"), run.path().join("cri.sock"));
+    let root = tmp.join("node");
+    // The node itself has no credentials for the registry: only the kubelet's pull secret.
+    let empty = tmp.join("no-docker-config");
+    fs::create_dir_all(&empty).unwrap();
+    let upstream = run.path().join("c.sock");
+    let _snap = snapshotter_env(
+        &root,
+        &snap_sock,
+        &[
+            "--no-prefetch",
+            "--cri-image-proxy",
+            &cri_sock.to_string_lossy(),
+            "--cri-upstream",
+            &upstream.to_string_lossy(),
+        ],
+        &[("DOCKER_CONFIG", empty.as_path())],
+    );
+    let ctd = Containerd::start_with(&tmp, run.path(), &snap_sock, CRI_CONFIG);
+    assert_eq!(ctd.sock, upstream);
+    ctd.assert_plugin_ok();
+
+    // Straight to containerd, the secret never reaches the snapshotter: the layers fall back
+    // to containerd, which downloads them whole.
+    let before = reg.log_lines().len();
+    strata_tests::cri::pull_with_auth(&ctd.sock, &image, Some(user)).unwrap();
+    let lines: Vec<String> = reg.log_lines().into_iter().skip(before).collect();
+    for d in &layers {
+        let (_, count, ranged) = blob_requests(&lines, d);
+        assert!(count > 0 && !ranged, "layer {d}: {lines:#?}");
+    }
+    strata_tests::cri::remove(&ctd.sock, &image).unwrap();
+    assert_all_gone(&ctd, "k8s.io", &root);
+
+    // Through the proxy (the kubelet's --image-service-endpoint): lazy, with the secret.
+    let before = reg.log_lines().len();
+    let id = strata_tests::cri::pull_with_auth(&cri_sock, &image, Some(user)).unwrap();
+    assert!(id.starts_with("sha256:"), "{id}");
+    let lines: Vec<String> = reg.log_lines().into_iter().skip(before).collect();
+    for d in &layers {
+        let (bytes, count, ranged) = blob_requests(&lines, d);
+        assert!(
+            count > 0 && ranged && bytes < 1 << 20,
+            "layer {d}: {bytes} bytes: {lines:#?}"
+        );
+    }
+    let out = run_k8s(&ctd, &image, "a1", &["cat", "/etc/os-release"]);
+    assert_eq!(out, "NAME=\"strata test\"\nID=strata\n");
+    // The secret lives in memory only.
+    let leaked = files_containing(&root, user.1.as_bytes());
+    assert!(leaked.is_empty(), "secret written to {leaked:?}");
+    // Other calls go through the proxy too.
+    strata_tests::cri::remove(&cri_sock, &image).unwrap();
+    assert_all_gone(&ctd, "k8s.io", &root);
+    drop(ctd);
+    stop_node_daemon(&root);
     fs::remove_dir_all(&tmp).ok();
 }
 
@@ -741,10 +860,6 @@ fn containerd_pulls_strata_images_lazily() {
         .count();
     assert_eq!(dirs, 0, "snapshot directories left");
     drop(ctd);
-    let _ = Command::new(strata_bin())
-        .arg("--root")
-        .arg(&root)
-        .args(["daemon", "--stop", "--forget"])
-        .output();
+    stop_node_daemon(&root);
     fs::remove_dir_all(&tmp).ok();
 }

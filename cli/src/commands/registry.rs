@@ -56,6 +56,7 @@ impl RegistryArgs {
             hosts_dir: Some(
                 std::path::absolute(&self.hosts_dir).unwrap_or_else(|_| self.hosts_dir.clone()),
             ),
+            passed: None,
         }
     }
 

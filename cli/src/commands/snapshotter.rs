@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use strata_fs::service::protocol::Request;
 use strata_fs::service::{MountRequest, RegistryOptions};
+use strata_snapshotter::cri::{CriCredentials, CriProxy};
 use strata_snapshotter::remote::{LayerMounter, RemoteLayer};
 
 use super::daemon::{self, DaemonSettings};
@@ -22,6 +23,18 @@ pub struct SnapshotterArgs {
     /// Do not fetch the rest of a lazily mounted layer in the background.
     #[arg(long)]
     pub no_prefetch: bool,
+    /// Also serve the CRI image service on this socket, forwarded to containerd, so that the
+    /// credentials the kubelet pulls with (pull secrets) reach lazy layers: point the kubelet's
+    /// `--image-service-endpoint` here.
+    #[arg(long, value_name = "SOCK")]
+    pub cri_image_proxy: Option<PathBuf>,
+    /// containerd's socket, where the CRI image-service proxy forwards to.
+    #[arg(
+        long,
+        value_name = "SOCK",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    pub cri_upstream: PathBuf,
     #[command(flatten)]
     pub registry: super::registry::RegistryArgs,
     /// Node-wide settings, used when this command starts the daemon.
@@ -35,6 +48,8 @@ struct DaemonLayers {
     settings: DaemonSettings,
     registry: RegistryOptions,
     prefetch: bool,
+    /// What the CRI image-service proxy saw the kubelet pull with.
+    creds: Arc<CriCredentials>,
 }
 
 impl LayerMounter for DaemonLayers {
@@ -44,6 +59,7 @@ impl LayerMounter for DaemonLayers {
         req.setuid = true;
         req.prefetch = self.prefetch;
         req.registry = self.registry.clone();
+        req.registry.passed = self.creds.lookup(&layer.image);
         daemon::call(&self.global, &self.settings, &Request::Mount(Box::new(req)))
             .map(|_| ())
             .map_err(|e| format!("{e:#}"))
@@ -90,13 +106,20 @@ impl LayerMounter for DaemonLayers {
 }
 
 pub fn serve(g: &GlobalArgs, a: SnapshotterArgs) -> anyhow::Result<()> {
+    let creds = Arc::new(CriCredentials::default());
     let layers: Option<Arc<dyn LayerMounter>> = (!a.no_lazy).then(|| {
         Arc::new(DaemonLayers {
             global: g.clone(),
             settings: a.daemon.clone(),
             registry: a.registry.options(),
             prefetch: !a.no_prefetch,
+            creds: creds.clone(),
         }) as Arc<dyn LayerMounter>
     });
-    strata_snapshotter::server::serve(&g.root.join("snapshotter"), &a.address, layers)
+    let cri = a.cri_image_proxy.map(|listen| CriProxy {
+        listen,
+        upstream: a.cri_upstream,
+        creds,
+    });
+    strata_snapshotter::server::serve(&g.root.join("snapshotter"), &a.address, layers, cri)
 }

@@ -77,6 +77,29 @@ pub struct RegistryOptions {
     pub attempts: u32,
     /// Directory of per-host `hosts.toml` files.
     pub hosts_dir: Option<PathBuf>,
+    /// Credentials handed over with this request (the kubelet's pull secret, as the CRI passed
+    /// it to the snapshotter): they win over the node's for their host. Never recorded on disk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub passed: Option<PassedCredential>,
+}
+
+/// A credential for one registry host, passed along with a request.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PassedCredential {
+    pub host: String,
+    /// `<token>` when `password` is an identity token.
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for PassedCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PassedCredential({}, {}, <redacted>)",
+            self.host, self.username
+        )
+    }
 }
 
 impl RegistryOptions {
@@ -99,8 +122,17 @@ impl RegistryOptions {
     /// A client with the credentials of Docker's `config.json` as they are now.
     pub fn client(&self) -> Result<Arc<Registry>, ServiceError> {
         let path = docker_config_path();
-        let creds = CredentialStore::load(path.clone())
+        let mut creds = CredentialStore::load(path.clone())
             .map_err(|e| ServiceError::Io(format!("reading {}: {e}", path.display())))?;
+        if let Some(p) = &self.passed {
+            creds.insert(
+                &p.host,
+                crate::registry::auth::Credential {
+                    username: p.username.clone(),
+                    password: p.password.clone(),
+                },
+            );
+        }
         Ok(Arc::new(Registry::new(self.config(), creds)))
     }
 }
@@ -167,6 +199,14 @@ pub struct MountRequest {
 }
 
 impl MountRequest {
+    /// What a mount record on disk keeps of this request: all but passed credentials (they
+    /// stay in memory; a mount restored after a restart uses the node's).
+    pub fn recorded(&self) -> MountRequest {
+        let mut r = self.clone();
+        r.registry.passed = None;
+        r
+    }
+
     pub fn new(image: impl Into<String>, mountpoint: impl Into<PathBuf>) -> Self {
         MountRequest {
             image: image.into(),
@@ -488,8 +528,7 @@ impl MountService {
         let record = store.mounts_dir().join(format!("{id}.json"));
         // Recorded before the kernel mount: a crash from here on leaves a record the next
         // daemon restores (detaching a dead mount) or drops; a mount that fails removes it.
-        let body =
-            serde_json::json!({"request": req, "info": {"id": id, "mountpoint": mountpoint}});
+        let body = serde_json::json!({"request": req.recorded(), "info": {"id": id, "mountpoint": mountpoint}});
         if req.internal {
             // Its owner's record restores it.
         } else if let Err(e) = store.write_file(&record, body.to_string().as_bytes()) {
@@ -592,7 +631,7 @@ impl MountService {
         info.time_to_mount_ms = started.elapsed().as_millis() as u64;
         live.time_to_mount_ms
             .store(info.time_to_mount_ms, Ordering::Relaxed);
-        let body = serde_json::json!({"request": live.request, "info": info});
+        let body = serde_json::json!({"request": live.request.recorded(), "info": info});
         if live.request.internal {
             // Not recorded.
         } else if let Err(e) = store.write_file(&live.record, body.to_string().as_bytes()) {

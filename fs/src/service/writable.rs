@@ -180,7 +180,7 @@ impl MountService {
         recorded.mountpoint = target.to_path_buf();
         recorded.upper = Some(upper_dir.clone());
         let write_record = |r: &MountRequest| {
-            let body = serde_json::json!({"request": r, "info": {"mountpoint": target}});
+            let body = serde_json::json!({"request": r.recorded(), "info": {"mountpoint": target}});
             if let Err(e) = store.write_file(&record, body.to_string().as_bytes()) {
                 tracing::warn!(mountpoint = %target.display(),
                     "cannot record the mount (it will not be restored after a restart): {e}");
