@@ -24,9 +24,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for layer in &opened.layers {
         let file = store.open_blob(&layer.descriptor.digest)?;
         files.push(file);
+        // The files of a batch share one frame: decoded once.
+        let mut last = None;
         for e in &layer.toc.entries {
             for c in &e.chunks {
-                work.push((files.len() - 1, *c));
+                if last.replace(c.compressed_offset) != Some(c.compressed_offset) {
+                    work.push((files.len() - 1, *c));
+                }
             }
         }
     }

@@ -276,7 +276,13 @@ pub fn convert_layer<W: Write + Send>(
                     item.read_exact(&mut data).map_err(|e| {
                         BuildError::Layer(format!("reading file data: {e} (truncated layer?)"))
                     })?;
-                    batch.push(entry, &data)?;
+                    if let Some(entry) = batch.push(entry, &data)? {
+                        // Its headers would make the frame too large: it opens the next batch.
+                        send(Work::Batch(std::mem::take(&mut batch)))?;
+                        if batch.push(entry, &data)?.is_some() {
+                            return Err(BuildError::Pipeline("an empty batch refused a file"));
+                        }
+                    }
                     if batch.is_full() {
                         send(Work::Batch(std::mem::take(&mut batch)))?;
                     }

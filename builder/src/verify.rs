@@ -151,7 +151,13 @@ fn verify_layer(store: &Store, d: &Descriptor, diff_id: &str) -> Result<LayerRep
         let mut last = None;
         for e in &toc.entries {
             for c in &e.chunks {
-                if last.replace(c.compressed_offset) == Some(c.compressed_offset) {
+                let frame_id = (
+                    c.compressed_offset,
+                    c.compressed_len,
+                    c.uncompressed_len,
+                    c.digest,
+                );
+                if last.replace(frame_id) == Some(frame_id) {
                     continue; // the next file of a batch: its frame was just checked
                 }
                 frame.resize(c.compressed_len as usize, 0);
@@ -214,9 +220,12 @@ struct Sections<'a> {
 }
 
 impl Sections<'_> {
+    /// Reads `n` bytes: a batched file's data when `data`, else headers, padding or a whole
+    /// chunk (where a batch frame must not end).
     fn read(
         &mut self,
         n: usize,
+        data: bool,
         buf: &mut Vec<u8>,
         what: &dyn Fn() -> String,
     ) -> Result<(), BuildError> {
@@ -229,6 +238,12 @@ impl Sections<'_> {
             f.hash.update(&buf[..take]);
             f.seen += take as u64;
             if f.seen == f.len {
+                if !data || take != n {
+                    return Err(mismatch(format!(
+                        "a batch frame ends inside {} instead of at the end of a file's data",
+                        what()
+                    )));
+                }
                 let actual = Sha256Digest(f.hash.finalize_reset().into());
                 let digest = f.digest;
                 self.frame = None;
@@ -252,7 +267,7 @@ fn walk(r: &mut dyn Read, toc: &Toc) -> Result<(), BuildError> {
     for e in &toc.entries {
         let name = || String::from_utf8_lossy(&e.path).into_owned();
         let want = tar::encode_header(e)?;
-        s.read(want.len(), &mut buf, &|| {
+        s.read(want.len(), false, &mut buf, &|| {
             format!("the header of {}", name())
         })?;
         if buf != want {
@@ -279,7 +294,9 @@ fn walk(r: &mut dyn Read, toc: &Toc) -> Result<(), BuildError> {
                         });
                         0
                     }
-                    Some(f) if f.digest == c.digest => f.seen,
+                    Some(f) if f.digest == c.digest && f.len == u64::from(c.uncompressed_len) => {
+                        f.seen
+                    }
                     _ => u64::MAX,
                 };
                 if seen != u64::from(c.data_offset) {
@@ -288,7 +305,7 @@ fn walk(r: &mut dyn Read, toc: &Toc) -> Result<(), BuildError> {
                         name()
                     )));
                 }
-                s.read(c.data_len as usize, &mut buf, &|| {
+                s.read(c.data_len as usize, true, &mut buf, &|| {
                     format!("the data of {}", name())
                 })?;
                 continue;
@@ -299,7 +316,7 @@ fn walk(r: &mut dyn Read, toc: &Toc) -> Result<(), BuildError> {
                     name()
                 )));
             }
-            s.read(c.uncompressed_len as usize, &mut buf, &|| {
+            s.read(c.uncompressed_len as usize, false, &mut buf, &|| {
                 format!("the data of {}", name())
             })?;
             if Sha256Digest::of(&buf) != c.digest {
@@ -310,7 +327,7 @@ fn walk(r: &mut dyn Read, toc: &Toc) -> Result<(), BuildError> {
                 )));
             }
         }
-        s.read(tar::padding(e.size), &mut buf, &|| {
+        s.read(tar::padding(e.size), false, &mut buf, &|| {
             format!("the padding of {}", name())
         })?;
         if buf.iter().any(|&b| b != 0) {

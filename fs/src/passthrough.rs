@@ -76,7 +76,11 @@ struct BuildState {
 impl Building {
     /// Writes chunk `index` of the file (verified `data`) unless it is there or being written.
     pub fn put(&self, index: usize, chunk: &Chunk, frame: &[u8]) -> io::Result<()> {
-        let data = chunk.file_bytes(frame);
+        let Some(data) = chunk.file_bytes(frame) else {
+            return Err(io::Error::other(
+                "decoded chunk shorter than its TOC record",
+            ));
+        };
         {
             let mut st = self.state.lock();
             let open = st.entry.is_some();

@@ -41,7 +41,10 @@ fn write_layer_with(
             e.size = data.len() as u64;
         }
         if w.batches() && Batch::fits(&e) {
-            batch.push(e, data).unwrap();
+            if let Some(e) = batch.push(e, data).unwrap() {
+                flush(&mut w, &mut batch, &mut c);
+                assert!(batch.push(e, data).unwrap().is_none());
+            }
             if batch.is_full() {
                 flush(&mut w, &mut batch, &mut c);
             }
@@ -67,7 +70,7 @@ fn read_file(blob: &[u8], e: &Entry) -> Vec<u8> {
     let mut out = Vec::new();
     for c in &e.chunks {
         let frame = &blob[c.compressed_offset as usize..][..c.compressed_len as usize];
-        out.extend(c.file_bytes(&decode_chunk(frame, c).unwrap()));
+        out.extend(c.file_bytes(&decode_chunk(frame, c).unwrap()).unwrap());
     }
     out
 }
@@ -300,6 +303,41 @@ fn hostile_batches_are_refused() {
         &|b| b[record(0) + 72..][..4].copy_from_slice(&1u32.to_le_bytes()),
         "only regular files",
     );
+    // An empty file with a chunk.
+    refused(
+        &|b| b[record(second) + 16..][..8].copy_from_slice(&0u64.to_le_bytes()),
+        "empty file has no chunks",
+    );
+    // A second record for the same frame (so sharing without the sharing rules).
+    let chunks_at = record(toc.entries.len());
+    refused(
+        &|b| {
+            let first = b[chunks_at..chunks_at + 8].to_vec();
+            b[chunks_at + CHUNK_RECORD_SIZE..][..8].copy_from_slice(&first);
+        },
+        "out of blob order",
+    );
+    // A directory between two files of one batch: the second cannot share the frame.
+    let mut split = toc.clone();
+    split.entries.insert(
+        second,
+        Entry::new(b"man/between".to_vec(), EntryKind::Directory),
+    );
+    // (The writer refuses to write it; as bytes, it is the duplicated record above.)
+    let err = writer::encode_toc_body(&split, flags).unwrap_err().to_string();
+    assert!(err.contains("not consecutive"), "{err}");
+}
+
+#[test]
+fn body_counts_that_overflow_are_refused() {
+    // 0 entries, 0 chunks, 1 xattr and a string table of 2^64 - 16 bytes: the sum wraps to
+    // the body's own length.
+    let mut b = vec![0u8; BODY_HEADER_SIZE];
+    b[8..12].copy_from_slice(&1u32.to_le_bytes());
+    b[16..24].copy_from_slice(&(u64::MAX - 15).to_le_bytes());
+    for flags in [FIRST_LAYOUT, DEFAULT_TOC_FLAGS] {
+        assert!(reader::parse_body(&b, 1 << 20, flags).is_err());
+    }
 }
 
 #[test]

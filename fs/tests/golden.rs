@@ -10,8 +10,10 @@ use strata_fs::format::dump::dump;
 use strata_fs::format::writer::{Batch, FrameCompressor, DEFAULT_TOC_FLAGS};
 use strata_fs::format::*;
 
-/// The fixture in the first releases' layout (`batched`: false, TOC flag `ZSTD` alone), or in
-/// the current one with two small files sharing a batch frame.
+/// The fixture in the first releases' layout (`batched`: false, TOC flag `ZSTD` alone: what
+/// this writer produces in that layout, which differs from the first releases' bytes only in the
+/// TOC's zstd level and empty strings at offset 0), or in the current one with two small files
+/// sharing a batch frame.
 fn fixture(batched: bool) -> (Vec<u8>, LayerSummary) {
     let flags = if batched {
         DEFAULT_TOC_FLAGS
@@ -48,7 +50,7 @@ fn fixture(batched: bool) -> (Vec<u8>, LayerSummary) {
             let mut e = Entry::new(name.as_bytes().to_vec(), EntryKind::Regular);
             e.size = body.len() as u64;
             e.mtime_sec = 1_700_000_002;
-            batch.push(e, body).unwrap();
+            assert!(batch.push(e, body).unwrap().is_none());
         }
         let frame = c.compress(batch.content()).unwrap();
         let digest = Sha256Digest::of(batch.content());

@@ -175,6 +175,12 @@ fn parse_toc_unverified_limited(frame: &[u8], toc_offset: u64, max_entries: u32)
             limit: u64::from(max_entries),
         });
     }
+    // The counts must fit the declared body before anything is inflated.
+    if body_size(&head).is_none_or(|need| need != body_len) {
+        return Err(corrupt(format!(
+            "TOC body of {body_len} bytes does not match its counts"
+        )));
+    }
     let body = if flags & TOC_FLAG_ZSTD != 0 {
         let b = zstd::bulk::decompress(raw, body_len as usize)
             .map_err(|e| corrupt(format!("TOC body does not decompress: {e}")))?;
@@ -191,16 +197,30 @@ fn parse_toc_unverified_limited(frame: &[u8], toc_offset: u64, max_entries: u32)
     parse_body(&body, toc_offset, flags)
 }
 
-/// Undoes [`super::writer::transpose`] for a table of `width`-byte records.
-fn untranspose(table: &[u8], width: usize) -> Vec<u8> {
+/// The body length the counts of a body header (its first 48 bytes) add up to.
+fn body_size(head: &[u8]) -> Option<u64> {
+    let n_entries = u64::from(u32_at(head, 0));
+    let n_chunks = u64::from(u32_at(head, 4));
+    let n_xattrs = u64::from(u32_at(head, 8));
+    (BODY_HEADER_SIZE as u64)
+        .checked_add(n_entries * ENTRY_RECORD_SIZE as u64)?
+        .checked_add(n_chunks * CHUNK_RECORD_SIZE as u64)?
+        .checked_add(n_xattrs * XATTR_RECORD_SIZE as u64)?
+        .checked_add(u64_at(head, 16))
+}
+
+/// Undoes [`super::writer::transpose`] for a table of `width`-byte records, appending the
+/// records to `out`.
+fn untranspose_into(table: &[u8], width: usize, out: &mut Vec<u8>) {
     let n = table.len() / width;
-    let mut out = vec![0u8; n * width];
+    let at = out.len();
+    out.resize(at + n * width, 0);
+    let rows = &mut out[at..];
     for (j, column) in table.chunks_exact(n.max(1)).take(width).enumerate() {
         for (i, &b) in column.iter().enumerate() {
-            out[i * width + j] = b;
+            rows[i * width + j] = b;
         }
     }
-    out
 }
 
 /// Decodes the uncompressed TOC body written with TOC `flags`.
@@ -208,30 +228,29 @@ pub fn parse_body(b: &[u8], data_end: u64, flags: u16) -> Result<Toc> {
     if b.len() < BODY_HEADER_SIZE {
         return Err(corrupt("TOC body too short"));
     }
+    if body_size(b).is_none_or(|need| need != b.len() as u64) {
+        return Err(corrupt(format!(
+            "TOC body is {} bytes but its counts need another length",
+            b.len()
+        )));
+    }
     if flags & TOC_FLAG_COLUMNS != 0 {
-        let n_entries = u32_at(b, 0) as usize;
-        let n_chunks = u32_at(b, 4) as usize;
-        let entries_len = n_entries.saturating_mul(ENTRY_RECORD_SIZE);
-        let chunks_len = n_chunks.saturating_mul(CHUNK_RECORD_SIZE);
-        let tables_end = BODY_HEADER_SIZE
-            .saturating_add(entries_len)
-            .saturating_add(chunks_len);
-        if tables_end > b.len() {
-            return Err(corrupt(format!(
-                "TOC body is {} bytes, too short for its counts",
-                b.len()
-            )));
-        }
+        // The counts fit the body (checked above).
+        let entries_len = u32_at(b, 0) as usize * ENTRY_RECORD_SIZE;
+        let chunks_len = u32_at(b, 4) as usize * CHUNK_RECORD_SIZE;
+        let tables_end = BODY_HEADER_SIZE + entries_len + chunks_len;
         let mut rows = Vec::with_capacity(b.len());
         rows.extend_from_slice(&b[..BODY_HEADER_SIZE]);
-        rows.extend(untranspose(
+        untranspose_into(
             &b[BODY_HEADER_SIZE..BODY_HEADER_SIZE + entries_len],
             ENTRY_RECORD_SIZE,
-        ));
-        rows.extend(untranspose(
+            &mut rows,
+        );
+        untranspose_into(
             &b[BODY_HEADER_SIZE + entries_len..tables_end],
             CHUNK_RECORD_SIZE,
-        ));
+            &mut rows,
+        );
         rows.extend_from_slice(&b[tables_end..]);
         return parse_rows(&rows, data_end, flags);
     }
@@ -249,14 +268,10 @@ fn parse_rows(b: &[u8], data_end: u64, flags: u16) -> Result<Toc> {
     let n_xattrs = u32_at(b, 8) as usize;
     let chunk_size = u32_at(b, 12);
     let strings_len = u64_at(b, 16);
-    let need = (BODY_HEADER_SIZE as u64)
-        + n_entries as u64 * ENTRY_RECORD_SIZE as u64
-        + n_chunks as u64 * CHUNK_RECORD_SIZE as u64
-        + n_xattrs as u64 * XATTR_RECORD_SIZE as u64
-        + strings_len;
-    if need != b.len() as u64 {
+    if body_size(b).is_none_or(|need| need != b.len() as u64) {
         return Err(corrupt(format!(
-            "TOC body is {} bytes but its counts need {need}",
+            "TOC body is {} bytes but its counts ({n_entries} entries, {n_chunks} chunks, \
+             {n_xattrs} xattrs, {strings_len} string bytes) need another length",
             b.len()
         )));
     }
@@ -289,6 +304,9 @@ fn parse_rows(b: &[u8], data_end: u64, flags: u16) -> Result<Toc> {
     // Where the bytes of the last file with exactly one chunk end in that chunk's frame: the
     // next file may share the frame (a batch) only past that point.
     let mut batch_end: Option<u64> = None;
+    // Chunk records lie in blob order without overlapping (as a writer appends frames): a
+    // frame is shared only by reusing its record, under the rules above.
+    let mut blob_end = 0u64;
     for i in 0..n_entries {
         let r = &b[entries_at + i * ENTRY_RECORD_SIZE..][..ENTRY_RECORD_SIZE];
         let kind = EntryKind::from_u8(r[0])
@@ -351,6 +369,9 @@ fn parse_rows(b: &[u8], data_end: u64, flags: u16) -> Result<Toc> {
             xattrs.push((k, v));
         }
         let size = u64_at(r, 16);
+        if kind == EntryKind::Regular && size == 0 && chunk_n != 0 {
+            return Err(bad("an empty file has no chunks".into()));
+        }
         let mut chunks = Vec::with_capacity(chunk_n);
         let mut covered = 0u64;
         for c in chunk_first..chunk_first + chunk_n {
@@ -385,12 +406,29 @@ fn parse_rows(b: &[u8], data_end: u64, flags: u16) -> Result<Toc> {
             if chunk.file_offset != covered {
                 return Err(bad("chunks do not cover the file contiguously".into()));
             }
+            if !(shares && c == chunk_first) {
+                if chunk.compressed_offset < blob_end {
+                    return Err(bad(format!(
+                        "chunk at {} is out of blob order or overlaps the one before",
+                        chunk.compressed_offset
+                    )));
+                }
+                blob_end = chunk.compressed_offset + u64::from(chunk.compressed_len);
+            }
             if chunk_n == 1 && batches {
                 // The file's bytes are `data_offset..data_offset + size` of the frame.
                 let end = u64::from(data_offset).saturating_add(size);
                 if end > u64::from(chunk.uncompressed_len) {
                     return Err(bad(format!(
                         "{size} bytes at {data_offset} run past the {}-byte frame",
+                        chunk.uncompressed_len
+                    )));
+                }
+                if end < u64::from(chunk.uncompressed_len)
+                    && chunk.uncompressed_len > MAX_BATCH_FRAME
+                {
+                    return Err(bad(format!(
+                        "a batch frame of {} bytes is over the {MAX_BATCH_FRAME}-byte limit",
                         chunk.uncompressed_len
                     )));
                 }

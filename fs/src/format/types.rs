@@ -34,6 +34,12 @@ pub const TOC_KNOWN_FLAGS: u16 = TOC_FLAG_ZSTD | TOC_FLAG_COLUMNS | TOC_FLAG_BAT
 pub const BATCH_FILE_MAX: u64 = 16 << 10;
 /// A batch frame is closed once its content reaches this many bytes.
 pub const BATCH_TARGET: usize = 32 << 10;
+/// A writer never makes a batch frame larger than this (a file whose tar headers would take it
+/// past starts the next batch).
+pub const BATCH_MAX: usize = 64 << 10;
+/// Largest frame a reader accepts holding more than one file's bytes: a read of one small file
+/// decodes its whole batch.
+pub const MAX_BATCH_FRAME: u32 = 1 << 20;
 /// Size of the body header (counts).
 pub const BODY_HEADER_SIZE: usize = 48;
 /// Size of one entry record.
@@ -184,12 +190,10 @@ impl Chunk {
     pub fn is_batched(&self) -> bool {
         self.data_offset != 0 || self.data_len != self.uncompressed_len
     }
-    /// The file's bytes in the decoded frame `frame` (empty if `frame` is too short).
-    pub fn file_bytes<'a>(&self, frame: &'a [u8]) -> &'a [u8] {
+    /// The file's bytes in the decoded frame `frame` (`None` if `frame` is too short).
+    pub fn file_bytes<'a>(&self, frame: &'a [u8]) -> Option<&'a [u8]> {
         let from = self.data_offset as usize;
-        frame
-            .get(from..from + self.data_len as usize)
-            .unwrap_or_default()
+        frame.get(from..from + self.data_len as usize)
     }
     /// The file offset just past this chunk's bytes.
     pub fn file_end(&self) -> u64 {

@@ -69,8 +69,11 @@ impl Batch {
         entry.kind == EntryKind::Regular && entry.size > 0 && entry.size < BATCH_FILE_MAX
     }
 
-    /// Adds a file and its data; the caller checks [`Self::fits`] and [`Self::is_full`].
-    pub fn push(&mut self, mut entry: Entry, data: &[u8]) -> Result<()> {
+    /// Adds a file and its data (the caller checks [`Self::fits`], and sends the batch once
+    /// [`Self::is_full`]). A file whose tar headers would take the frame past [`BATCH_MAX`]
+    /// is handed back: the caller sends this batch and starts the next with it (an empty
+    /// batch takes any file that fits).
+    pub fn push(&mut self, mut entry: Entry, data: &[u8]) -> Result<Option<Entry>> {
         if !Self::fits(&entry) || entry.size != data.len() as u64 {
             return Err(FormatError::InvalidEntry {
                 path: String::from_utf8_lossy(&entry.path).into_owned(),
@@ -84,13 +87,18 @@ impl Batch {
         })?;
         entry.chunks.clear();
         if let Some(prev) = self.entries.last() {
-            self.raw.resize(self.raw.len() + padding(prev.size), 0);
-            self.raw.extend_from_slice(&encode_header(&entry)?);
+            let header = encode_header(&entry)?;
+            let pad = padding(prev.size);
+            if self.raw.len() + pad + header.len() + data.len() > BATCH_MAX {
+                return Ok(Some(entry));
+            }
+            self.raw.resize(self.raw.len() + pad, 0);
+            self.raw.extend_from_slice(&header);
         }
         self.offsets.push(self.raw.len() as u32);
         self.raw.extend_from_slice(data);
         self.entries.push(entry);
-        Ok(())
+        Ok(None)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -172,6 +180,12 @@ impl<W: Write> LayerWriter<W> {
             return Err(FormatError::InvalidEntry {
                 path: String::from_utf8_lossy(&first.path).into_owned(),
                 reason: "batched files need the TOC's batches flag".into(),
+            });
+        }
+        if batch.raw.len() > MAX_BATCH_FRAME as usize {
+            return Err(FormatError::InvalidEntry {
+                path: String::from_utf8_lossy(&first.path).into_owned(),
+                reason: format!("batch frame of {} bytes", batch.raw.len()),
             });
         }
         let prev_size = self.close_file()?;
@@ -392,8 +406,22 @@ pub fn encode_toc_body(toc: &Toc, flags: u16) -> Result<Vec<u8>> {
     let mut xattrs = Vec::with_capacity(xattr_count * XATTR_RECORD_SIZE);
     let mut chunk_index = 0u32;
     let mut xattr_index = 0u32;
-    // The frame of the last chunk record written: a batched file in it shares that record.
-    let mut last_frame: Option<u64> = None;
+    // The one chunk of the previous entry, when it had exactly one: a batched file in the
+    // same frame shares its record.
+    let mut last_single: Option<Chunk> = None;
+    let same_frame = |a: &Chunk, b: &Chunk| {
+        (
+            a.compressed_offset,
+            a.compressed_len,
+            a.uncompressed_len,
+            a.digest,
+        ) == (
+            b.compressed_offset,
+            b.compressed_len,
+            b.uncompressed_len,
+            b.digest,
+        )
+    };
     for e in &toc.entries {
         let shared = match e.chunks.as_slice() {
             [c] if c.is_batched() => {
@@ -403,9 +431,13 @@ pub fn encode_toc_body(toc: &Toc, flags: u16) -> Result<Vec<u8>> {
                         reason: "batched file in a TOC without the batches flag".into(),
                     });
                 }
-                last_frame == Some(c.compressed_offset)
+                last_single.is_some_and(|l| same_frame(&l, c))
             }
             _ => false,
+        };
+        last_single = match e.chunks.as_slice() {
+            [c] => Some(*c),
+            _ => None,
         };
         let (path_off, path_len) = if implicit_paths {
             (0, count(e.path.len(), "path bytes")?)
@@ -455,13 +487,12 @@ pub fn encode_toc_body(toc: &Toc, flags: u16) -> Result<Vec<u8>> {
             r[16..24].copy_from_slice(&c.file_offset.to_le_bytes());
             r[24..56].copy_from_slice(&c.digest.0);
             chunks.extend_from_slice(&r);
-            last_frame = Some(c.compressed_offset);
         }
         chunk_index += count(e.chunks.len(), "chunks")?;
     }
     if chunk_index as usize != chunk_count {
         return Err(FormatError::CorruptToc(
-            "a batch frame is shared by files that are not consecutive".into(),
+            "a frame is shared by files that are not consecutive, or twice in a row".into(),
         ));
     }
     let (entries, chunks) = if flags & TOC_FLAG_COLUMNS != 0 {
