@@ -324,7 +324,9 @@ fn hostile_batches_are_refused() {
         Entry::new(b"man/between".to_vec(), EntryKind::Directory),
     );
     // (The writer refuses to write it; as bytes, it is the duplicated record above.)
-    let err = writer::encode_toc_body(&split, flags).unwrap_err().to_string();
+    let err = writer::encode_toc_body(&split, flags)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not consecutive"), "{err}");
 }
 
