@@ -6,6 +6,7 @@ pub mod cri;
 pub mod image;
 pub mod proxy;
 pub mod registry;
+pub mod semantics;
 pub mod snapshot;
 pub mod tls;
 pub mod util;
