@@ -9,8 +9,8 @@
 //! ROOT/tocs/HEX             verified TOC frames of lazily pulled layers
 //! ROOT/indexed/HEX.json     strata descriptors of plain layers indexed on this node
 //! ROOT/profiles/            access profiles fetched next to images
-//! ROOT/cache/packs/N.pack   the node's disk cache of verified chunks, in pack files
-//! ROOT/cache/files/ab/KEY   whole files for FUSE passthrough
+//! CACHE/packs/N.pack        the node's disk cache of verified chunks, in pack files
+//! CACHE/files/ab/KEY        whole files for FUSE passthrough
 //! ROOT/mounts/ID.json       the daemon's record of each live mount (restored after a restart)
 //! ROOT/containers/          containers (upper dirs and metadata)
 //! ROOT/daemon.sock          the node daemon's control socket (0600)
@@ -18,6 +18,10 @@
 //! ROOT/daemon.log           the on-demand daemon's log
 //! ROOT/.lock                serialises index.json updates
 //! ```
+//!
+//! `CACHE` is `ROOT/cache`, except for an ordinary user's default root
+//! (`$XDG_DATA_HOME/strata`), whose caches go where a user's caches go: `$XDG_CACHE_HOME/strata`
+//! (by default `~/.cache/strata`), out of backups and disposable as the spec says.
 
 use std::path::{Path, PathBuf};
 
@@ -25,11 +29,33 @@ use std::path::{Path, PathBuf};
 #[derive(Clone, Debug)]
 pub struct Layout {
     root: PathBuf,
+    cache: PathBuf,
+}
+
+/// Where the caches of `root` live (see the module's table).
+fn cache_root(root: &Path) -> PathBuf {
+    if !nix::unistd::geteuid().is_root() && root == crate::store::default_root() {
+        let cache = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
+        if let Some(c) = cache {
+            return c.join("strata");
+        }
+    }
+    root.join("cache")
 }
 
 impl Layout {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Layout { root: root.into() }
+        let root = root.into();
+        let cache = cache_root(&root);
+        Layout { root, cache }
+    }
+
+    /// The directory of the chunk and file caches.
+    pub fn cache(&self) -> &Path {
+        &self.cache
     }
 
     pub fn root(&self) -> &Path {
@@ -65,16 +91,16 @@ impl Layout {
     }
 
     pub fn chunk_cache(&self) -> PathBuf {
-        self.root.join("cache/packs")
+        self.cache.join("packs")
     }
 
     /// Where chunk files were kept before packs (removed when found).
     pub fn old_chunk_cache(&self) -> PathBuf {
-        self.root.join("cache/chunks")
+        self.cache.join("chunks")
     }
 
     pub fn file_cache(&self) -> PathBuf {
-        self.root.join("cache/files")
+        self.cache.join("files")
     }
 
     pub fn mounts(&self) -> PathBuf {

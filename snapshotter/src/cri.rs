@@ -67,16 +67,21 @@ impl std::fmt::Debug for AuthConfig {
 }
 
 impl AuthConfig {
-    /// The username and password (or identity token) this config carries, if any.
-    fn credential(&self) -> Option<(String, String)> {
+    /// The username and password (or identity token) this config carries for `registry`, in
+    /// containerd's order (username, identity token, `auth`); none when `server_address` names
+    /// another host (containerd withholds the credential then too).
+    fn credential(&self, registry: &str) -> Option<(String, String)> {
+        if !self.server_address.is_empty() && server_host(&self.server_address) != registry {
+            return None;
+        }
+        if !self.username.is_empty() {
+            return Some((self.username.clone(), self.password.clone()));
+        }
         if !self.identity_token.is_empty() {
             return Some((
                 strata_fs::registry::auth::IDENTITY_TOKEN_USER.into(),
                 self.identity_token.clone(),
             ));
-        }
-        if !self.username.is_empty() {
-            return Some((self.username.clone(), self.password.clone()));
         }
         if !self.auth.is_empty() {
             let raw = base64::engine::general_purpose::STANDARD
@@ -84,9 +89,29 @@ impl AuthConfig {
                 .ok()?;
             let text = String::from_utf8(raw).ok()?;
             let (user, pass) = text.split_once(':')?;
-            return Some((user.to_string(), pass.to_string()));
+            return Some((user.to_string(), pass.trim_end_matches('\0').to_string()));
         }
         None
+    }
+}
+
+/// The registry host a CRI `server_address` names (`https://host/v1/` → `host`), with Docker
+/// Hub's aliases folded into `docker.io` as image references fold them.
+fn server_host(address: &str) -> String {
+    let rest = address
+        .strip_prefix("https://")
+        .or_else(|| address.strip_prefix("http://"))
+        .unwrap_or(address);
+    let host = rest
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    match host.as_str() {
+        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
+            "docker.io".into()
+        }
+        _ => host,
     }
 }
 
@@ -103,37 +128,76 @@ pub struct CriProxy {
 #[derive(Default)]
 pub struct CriCredentials {
     by_repo: Mutex<HashMap<String, (PassedCredential, Instant)>>,
+    /// Credentials of pulls under way (containerd prepares the layers inside the pull), by
+    /// repository, with the id of their pull.
+    pulling: Mutex<HashMap<String, (u64, PassedCredential)>>,
+    next_pull: std::sync::atomic::AtomicU64,
 }
 
 fn repo_key(r: &Reference) -> String {
     format!("{}/{}", r.registry, r.repository)
 }
 
+/// The repository and credential of a `PullImage` request, to remember once the pull succeeds.
+pub struct PendingCredential {
+    key: String,
+    cred: PassedCredential,
+}
+
 impl CriCredentials {
-    /// Remembers the credential of a `PullImage` request (its raw protobuf bytes).
-    fn note_pull(&self, request: &[u8]) {
-        let Ok(req) = PullImageRequest::decode(request) else {
-            return;
-        };
-        let (Some(image), Some(auth)) = (req.image, req.auth) else {
-            return;
-        };
-        let Ok(r) = Reference::parse(&image.image) else {
-            return;
-        };
-        let Some((username, password)) = auth.credential() else {
+    /// The credential of a `PullImage` request (its raw protobuf bytes), if it carries one.
+    fn parse_pull(request: &[u8]) -> Option<PendingCredential> {
+        let req = PullImageRequest::decode(request).ok()?;
+        let (image, auth) = (req.image?, req.auth?);
+        let r = Reference::parse(&image.image).ok()?;
+        let Some((username, password)) = auth.credential(&r.registry) else {
             if !auth.registry_token.is_empty() {
                 tracing::warn!(image = %r, "a CRI registry token cannot be used for lazy pulls (the layers fall back to containerd)");
             }
-            return;
+            return None;
         };
-        let cred = PassedCredential {
-            host: r.registry.clone(),
-            username,
-            password,
-        };
+        Some(PendingCredential {
+            key: repo_key(&r),
+            cred: PassedCredential {
+                host: r.registry.clone(),
+                username,
+                password,
+            },
+        })
+    }
+
+    /// Lends a pull's credential to the layer mounts of its repository while it runs; answers
+    /// the pull's id for [`Self::finish`].
+    fn start(&self, pending: &PendingCredential) -> u64 {
+        let id = self
+            .next_pull
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.pulling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(pending.key.clone(), (id, pending.cred.clone()));
+        id
+    }
+
+    /// Ends pull `id`: its credential is remembered if containerd pulled with it (a failed
+    /// pull's credential may be wrong: the previous one stays).
+    fn finish(&self, id: u64, pending: PendingCredential, pulled: bool) {
+        {
+            let mut pulling = self.pulling.lock().unwrap_or_else(|e| e.into_inner());
+            if pulling.get(&pending.key).is_some_and(|(i, _)| *i == id) {
+                pulling.remove(&pending.key);
+            }
+        }
+        if pulled {
+            self.remember(pending);
+        }
+    }
+
+    /// Remembers a credential containerd pulled with successfully.
+    fn remember(&self, pending: PendingCredential) {
+        let PendingCredential { key, cred } = pending;
         let mut map = self.by_repo.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() >= MAX_REMEMBERED {
+        if map.len() >= MAX_REMEMBERED && !map.contains_key(&key) {
             if let Some(oldest) = map
                 .iter()
                 .min_by_key(|(_, (_, at))| *at)
@@ -142,22 +206,25 @@ impl CriCredentials {
                 map.remove(&oldest);
             }
         }
-        tracing::debug!(image = %r, "remembering the credentials the CRI pulled with");
-        map.insert(repo_key(&r), (cred, Instant::now()));
+        tracing::debug!(repository = %key, "remembering the credentials the CRI pulled with");
+        map.insert(key, (cred, Instant::now()));
     }
 
-    /// The credential the kubelet last pulled `image`'s repository with; else the latest one
-    /// for its registry.
+    /// The credential the kubelet last pulled `image`'s repository with successfully. Only that
+    /// repository's: a pod's pull secret is never lent to another image on the same registry.
     pub fn lookup(&self, image: &str) -> Option<PassedCredential> {
         let r = Reference::parse(image).ok()?;
+        let key = repo_key(&r);
+        if let Some((_, c)) = self
+            .pulling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return Some(c.clone());
+        }
         let map = self.by_repo.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(&repo_key(&r))
-            .or_else(|| {
-                map.values()
-                    .filter(|(c, _)| c.host == r.registry)
-                    .max_by_key(|(_, at)| *at)
-            })
-            .map(|(c, _)| c.clone())
+        map.get(&key).map(|(c, _)| c.clone())
     }
 }
 
@@ -240,17 +307,27 @@ impl tonic::server::UnaryService<Bytes> for Forward {
         let path = self.path.clone();
         Box::pin(async move {
             let (metadata, _, body) = request.into_parts();
-            if path.path().ends_with("/PullImage") {
-                proxy.creds.note_pull(&body);
-            }
-            let mut client = tonic::client::Grpc::new(proxy.upstream.clone());
+            let pending = path
+                .path()
+                .ends_with("/PullImage")
+                .then(|| CriCredentials::parse_pull(&body))
+                .flatten();
+            // The kubelet's limits (16 MiB) and more: ListImages of a busy node is large.
+            let mut client = tonic::client::Grpc::new(proxy.upstream.clone())
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX);
             client
                 .ready()
                 .await
                 .map_err(|e| Status::unavailable(format!("containerd's CRI socket: {e}")))?;
             let forwarded =
                 tonic::Request::from_parts(metadata, tonic::Extensions::default(), body);
-            client.unary(forwarded, path, RawCodec).await
+            let pull = pending.as_ref().map(|p| proxy.creds.start(p));
+            let answer = client.unary(forwarded, path, RawCodec).await;
+            if let (Some(id), Some(p)) = (pull, pending) {
+                proxy.creds.finish(id, p, answer.is_ok());
+            }
+            answer
         })
     }
 }
@@ -280,8 +357,99 @@ where
         };
         Box::pin(async move {
             // Every ImageService call is unary.
-            let mut grpc = tonic::server::Grpc::new(RawCodec);
+            let mut grpc = tonic::server::Grpc::new(RawCodec)
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX);
             Ok(grpc.unary(method, req).await)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pull(image: &str, auth: AuthConfig) -> Vec<u8> {
+        PullImageRequest {
+            image: Some(ImageSpec {
+                image: image.into(),
+            }),
+            auth: Some(auth),
+        }
+        .encode_to_vec()
+    }
+
+    fn user(u: &str, p: &str) -> AuthConfig {
+        AuthConfig {
+            username: u.into(),
+            password: p.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn credentials_follow_the_repository_and_successful_pulls() {
+        let c = CriCredentials::default();
+        let p = CriCredentials::parse_pull(&pull("reg.example:5000/team/app:v1", user("a", "1")));
+        assert!(c.lookup("reg.example:5000/team/app:v2").is_none());
+        c.remember(p.unwrap());
+        // A pull under way lends its credential; failed, the previous one is back.
+        let bad = CriCredentials::parse_pull(&pull("reg.example:5000/team/app:v1", user("x", "9")));
+        let bad = bad.unwrap();
+        let id = c.start(&bad);
+        assert_eq!(
+            c.lookup("reg.example:5000/team/app:v1").unwrap().username,
+            "x"
+        );
+        c.finish(id, bad, false);
+        let got = c.lookup("reg.example:5000/team/app@sha256:0000000000000000000000000000000000000000000000000000000000000000");
+        assert_eq!(
+            got.map(|g| (g.host, g.username)),
+            Some(("reg.example:5000".into(), "a".into()))
+        );
+        // Another repository of the same registry gets nothing.
+        assert!(c.lookup("reg.example:5000/team/other:v1").is_none());
+        // Docker Hub's short names are one repository.
+        c.remember(CriCredentials::parse_pull(&pull("alpine", user("b", "2"))).unwrap());
+        assert_eq!(
+            c.lookup("docker.io/library/alpine:3").unwrap().username,
+            "b"
+        );
+    }
+
+    #[test]
+    fn auth_configs_decode_as_containerd_reads_them() {
+        let basic = AuthConfig {
+            auth: base64::engine::general_purpose::STANDARD.encode("u:p\0"),
+            ..Default::default()
+        };
+        assert_eq!(basic.credential("r"), Some(("u".into(), "p".into())));
+        let token = AuthConfig {
+            identity_token: "tok".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            token.credential("r").unwrap().0,
+            strata_fs::registry::auth::IDENTITY_TOKEN_USER
+        );
+        // Username first, as containerd.
+        let both = AuthConfig {
+            identity_token: "tok".into(),
+            ..user("u", "p")
+        };
+        assert_eq!(both.credential("r").unwrap().0, "u");
+        // A server address naming another host withholds it.
+        let elsewhere = AuthConfig {
+            server_address: "https://other.example/v1/".into(),
+            ..user("u", "p")
+        };
+        assert!(elsewhere.credential("reg.example").is_none());
+        assert!(elsewhere.credential("other.example").is_some());
+        let hub = AuthConfig {
+            server_address: "https://index.docker.io/v1/".into(),
+            ..user("u", "p")
+        };
+        assert!(hub.credential("docker.io").is_some());
+        assert!(AuthConfig::default().credential("r").is_none());
     }
 }

@@ -90,6 +90,10 @@ fn an_ordinary_user_mounts_images_lazily() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&read.stdout), "welcome\n");
+    // Its caches where a user's caches go ($XDG_CACHE_HOME, by default ~/.cache).
+    let packs = home.join(".cache/strata/packs");
+    assert_eq!(fs::metadata(&packs).unwrap().uid(), uid);
+    assert!(!root.join("cache").exists());
     let listed = as_user(uid, gid, &home, &["mounts"]);
     assert!(String::from_utf8_lossy(&listed.stdout).contains(mnt.to_str().unwrap()));
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();

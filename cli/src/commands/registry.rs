@@ -57,6 +57,7 @@ impl RegistryArgs {
                 std::path::absolute(&self.hosts_dir).unwrap_or_else(|_| self.hosts_dir.clone()),
             ),
             passed: None,
+            passed_for: None,
         }
     }
 

@@ -116,6 +116,14 @@ pub fn serve(g: &GlobalArgs, a: SnapshotterArgs) -> anyhow::Result<()> {
             creds: creds.clone(),
         }) as Arc<dyn LayerMounter>
     });
+    if let Some(listen) = &a.cri_image_proxy {
+        if listen == &a.cri_upstream || listen == &a.address {
+            anyhow::bail!(
+                "--cri-image-proxy {} must differ from --cri-upstream and --address",
+                listen.display()
+            );
+        }
+    }
     let cri = a.cri_image_proxy.map(|listen| CriProxy {
         listen,
         upstream: a.cri_upstream,

@@ -81,6 +81,11 @@ pub struct RegistryOptions {
     /// it to the snapshotter): they win over the node's for their host. Never recorded on disk.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub passed: Option<PassedCredential>,
+    /// In a mount record: the host credentials were passed for (not the credentials). Such a
+    /// mount is not restored by a new daemon (it could not reach the registry as its requester
+    /// did): the requester mounts it again with them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub passed_for: Option<String>,
 }
 
 /// A credential for one registry host, passed along with a request.
@@ -203,7 +208,9 @@ impl MountRequest {
     /// stay in memory; a mount restored after a restart uses the node's).
     pub fn recorded(&self) -> MountRequest {
         let mut r = self.clone();
-        r.registry.passed = None;
+        if let Some(p) = r.registry.passed.take() {
+            r.registry.passed_for = Some(p.host);
+        }
         r
     }
 
@@ -928,6 +935,12 @@ impl MountService {
                         tracing::warn!(mountpoint = %d.display(), "cannot detach a dead mount: {e}");
                     }
                 }
+            }
+            if request.registry.passed_for.is_some() {
+                tracing::info!(mountpoint = %mp.display(),
+                    "not restored: mounted with credentials its requester passed (it mounts it again)");
+                let _ = std::fs::remove_file(&path);
+                continue;
             }
             let result = self.mount(request);
             match &result {
