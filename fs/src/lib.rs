@@ -11,6 +11,7 @@ pub mod cache;
 pub mod chunks;
 pub mod format;
 pub mod fuse;
+pub mod fuse_upper;
 pub mod image;
 pub mod layout;
 pub mod oci;

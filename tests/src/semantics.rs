@@ -583,6 +583,7 @@ pub fn compare_random(view: &Path, plain: &Path, seed: u64, steps: usize) -> Res
     let mut rng = Rng(seed | 1);
     let mut succeeded = 0;
     let mut kinds = std::collections::BTreeSet::new();
+    let mut history: Vec<String> = Vec::new();
     for step in 0..steps {
         let op = rng.next();
         // Mostly on what exists (in the reference), else on new names.
@@ -598,14 +599,21 @@ pub fn compare_random(view: &Path, plain: &Path, seed: u64, steps: usize) -> Res
         let data = noise(rng.next(), (rng.next() % 5000) as usize);
         let got = random_op(view, op, &a, &b, &data);
         let want = random_op(plain, op, &a, &b, &data);
+        history.push(format!(
+            "op {} {} {} -> {want}",
+            op % 11,
+            a.display(),
+            b.display()
+        ));
         if want == "ok" {
             succeeded += 1;
             kinds.insert(op % 11);
         }
         if got != want {
+            let recent = &history[history.len().saturating_sub(12)..];
             bail!(
                 "step {step} (seed {seed}): op {} on {} {}: the view answered {got}, a plain \
-                 directory {want}",
+                 directory {want}; the steps before: {recent:#?}",
                 op % 11,
                 a.display(),
                 b.display()

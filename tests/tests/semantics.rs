@@ -14,22 +14,27 @@ use strata_tests::registry::TestRegistry;
 use strata_tests::semantics;
 use strata_tests::util::{publish_layer, strata_ok};
 
-fn mount_view(root: &Path, image: &str, upper: &Path, mnt: &Path) {
+fn mount_view(root: &Path, image: &str, upper: &Path, mnt: &Path, fuse: bool) {
     fs::create_dir_all(mnt).unwrap();
-    strata_ok(
-        root,
-        &[
-            "mount",
-            "--upper",
-            &upper.to_string_lossy(),
-            image,
-            &mnt.to_string_lossy(),
-        ],
-    );
+    let (u, m) = (upper.to_string_lossy(), mnt.to_string_lossy());
+    let mut args = vec!["mount", "--upper", &u, image, &m];
+    if fuse {
+        args.push("--fuse-upper");
+    }
+    strata_ok(root, &args);
 }
 
 #[test]
 fn writable_views_have_posix_semantics() {
+    suite(false);
+}
+
+#[test]
+fn fuse_writable_views_have_posix_semantics() {
+    suite(true);
+}
+
+fn suite(fuse: bool) {
     let tmp = scratch("semantics").unwrap();
     let reg = TestRegistry::start(&tmp.join("registry"), None).unwrap();
     let image = publish_layer(
@@ -47,13 +52,13 @@ fn writable_views_have_posix_semantics() {
     let root = tmp.join("node");
 
     let mnt = base.path().join("view");
-    mount_view(&root, &image, &tmp.join("upper"), &mnt);
+    mount_view(&root, &image, &tmp.join("upper"), &mnt, fuse);
     let failures = semantics::run(&mnt);
     strata_ok(&root, &["umount", &mnt.to_string_lossy()]);
 
     // The randomized sequence, on a fresh view and a plain copy of it.
     let mnt2 = base.path().join("view2");
-    mount_view(&root, &image, &tmp.join("upper2"), &mnt2);
+    mount_view(&root, &image, &tmp.join("upper2"), &mnt2, fuse);
     let plain = base.path().join("plain");
     let cp = Command::new("cp")
         .arg("-a")
@@ -80,9 +85,19 @@ fn writable_views_have_posix_semantics() {
         "a read-only mount passed: {refused:#?}"
     );
 
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
-    if let Some(e) = random {
-        panic!("{e:#}");
+    // What the FUSE writable layer cannot do yet, named (the test fails when one starts
+    // working, to be taken off this list): O_TMPFILE needs FUSE's TMPFILE request, which the
+    // FUSE library (fuser 0.18) does not offer.
+    let known: &[&str] = if fuse { &["O_TMPFILE"] } else { &[] };
+    let gap = |f: &String| known.iter().any(|k| f.starts_with(&format!("{k}: ")));
+    for k in known {
+        assert!(
+            failures.iter().any(|f| f.starts_with(&format!("{k}: "))),
+            "{k} works on the FUSE writable layer now: take it off the list"
+        );
     }
+    let mut all: Vec<String> = failures.into_iter().filter(|f| !gap(f)).collect();
+    all.extend(random.map(|e| format!("random sequence: {e:#}")));
+    assert!(all.is_empty(), "{}", all.join("\n"));
     fs::remove_dir_all(&tmp).ok();
 }

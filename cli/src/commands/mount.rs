@@ -56,6 +56,10 @@ pub struct MountArgs {
     /// directories under DIR (kept after unmounting: mount again with the same DIR to go on).
     #[arg(long, value_name = "DIR")]
     pub upper: Option<PathBuf>,
+    /// Serve the writable view from strata's own FUSE writable layer instead of kernel
+    /// overlayfs (work in progress).
+    #[arg(long, requires = "upper")]
+    pub fuse_upper: bool,
     /// Node-wide settings, used when this command starts the daemon.
     #[command(flatten)]
     pub daemon: DaemonSettings,
@@ -86,6 +90,7 @@ impl MountArgs {
             registry: self.registry.options(),
             setuid: false,
             upper: self.upper.as_ref().map(|p| absolute(p)),
+            fuse_upper: self.fuse_upper,
             layer: None,
             internal: false,
         }

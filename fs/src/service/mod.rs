@@ -192,6 +192,9 @@ pub struct MountRequest {
     /// and work directories under this directory (`DIR/upper`, `DIR/work`).
     #[serde(default)]
     pub upper: Option<PathBuf>,
+    /// Serve the writable view with strata's FUSE writable layer, not kernel overlayfs.
+    #[serde(default)]
+    pub fuse_upper: bool,
     /// Mount only this layer (its manifest digest), in the form overlayfs reads a lower
     /// directory in (whiteouts as 0/0 devices, opaque directories marked): a containerd
     /// snapshot. Its plain layers are refused, never fetched whole.
@@ -229,6 +232,7 @@ impl MountRequest {
             registry: RegistryOptions::default(),
             setuid: false,
             upper: None,
+            fuse_upper: false,
             layer: None,
             internal: false,
         }

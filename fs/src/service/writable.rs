@@ -224,7 +224,12 @@ impl MountService {
         // Restored by digest: the tag may move, the upper layer belongs to this manifest.
         recorded.image = info.manifest.clone();
         write_record(&recorded);
-        if let Err(e) = upper::mount_overlay(&lower, &dirs, target, !req.setuid) {
+        let mounted = if req.fuse_upper {
+            mount_fuse_upper(&lower, &dirs, target)
+        } else {
+            upper::mount_overlay(&lower, &dirs, target, !req.setuid)
+        };
+        if let Err(e) = mounted {
             undo(true);
             return Err(ServiceError::Overlay {
                 path: target.to_path_buf(),
@@ -355,4 +360,34 @@ impl MountService {
         upper::changes(&upper, &lower, exclude)
             .map_err(|e| ServiceError::Io(format!("reading {}: {e}", upper.display())))
     }
+}
+
+/// Mounts strata's FUSE writable layer (`crate::fuse_upper`) at `target`, its session served
+/// on its own thread until unmounted.
+fn mount_fuse_upper(lower: &Path, dirs: &UpperDirs, target: &Path) -> std::io::Result<()> {
+    let fs = crate::fuse_upper::UpperFs::new(lower, &dirs.upper, &dirs.work)?;
+    let mut cfg = fuser::Config::default();
+    cfg.mount_options = vec![
+        fuser::MountOption::FSName("strata-upper".into()),
+        fuser::MountOption::Subtype("strata".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::Dev,
+        fuser::MountOption::Suid,
+    ];
+    cfg.acl = if nix::unistd::geteuid().is_root() {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::Owner
+    };
+    cfg.n_threads = Some(4);
+    let session = fuser::Session::new(fs, target, &cfg)?;
+    std::thread::Builder::new()
+        .name("strata-upper".into())
+        .spawn(move || {
+            if let Err(e) = session.run() {
+                tracing::warn!("the FUSE writable layer ended: {e}");
+            }
+        })?;
+    // The first request waits for the kernel's INIT to be answered.
+    std::fs::metadata(target).map(|_| ())
 }

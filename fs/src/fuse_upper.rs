@@ -1,0 +1,1454 @@
+//! strata's own writable layer in FUSE: the merged view of a lower directory (a lazy strata
+//! mount) and an upper directory in kernel overlayfs's on-disk form, for where kernel overlayfs
+//! cannot be mounted (an unprivileged user, a sandbox that forbids overlay mounts).
+//!
+//! Work in progress (branch `fuse-upper-wip`): path-based, every path resolved beneath its layer's
+//! root without following symlinks (`openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` for the
+//! parent, then the last name through `/proc/self/fd`).
+//!
+//! The upper directory's form is overlayfs's: a deleted lower entry is a whiteout (a 0/0
+//! character device; for an unprivileged daemon, an empty file with `user.overlay.whiteout`, its
+//! directory marked `user.overlay.opaque=x`), a directory hiding the lower one carries
+//! `overlay.opaque=y`. Copy-up copies data, owner, mode, times and xattrs, through a temporary
+//! file in the work directory renamed into place. Lower hard links are copied up once and linked
+//! (in this mount's lifetime). A lower directory renamed is copied up whole first (no
+//! `redirect_dir`).
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{
+    DirBuilderExt, FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt,
+};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+};
+use parking_lot::Mutex;
+
+const TTL: Duration = Duration::from_secs(1);
+
+/// Which layer a path lives in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layer {
+    Upper,
+    Lower,
+}
+
+/// A descriptor closed when dropped (nix hands out raw ones).
+struct Fd(RawFd);
+
+impl Drop for Fd {
+    fn drop(&mut self) {
+        let _ = nix::unistd::close(self.0);
+    }
+}
+
+/// A path whose parent was resolved safely: `path` names the entry through `/proc/self/fd`.
+struct At {
+    _parent: Option<Fd>,
+    path: PathBuf,
+}
+
+/// What a relative path is in the merged view.
+struct Found {
+    upper: Option<fs::Metadata>,
+    /// The lower entry, when the view's parents let it show (whatever the upper holds).
+    lower: Option<fs::Metadata>,
+}
+
+impl Found {
+    fn top(&self) -> Option<(&fs::Metadata, Layer)> {
+        self.upper
+            .as_ref()
+            .map(|m| (m, Layer::Upper))
+            .or(self.lower.as_ref().map(|m| (m, Layer::Lower)))
+    }
+}
+
+/// Identity of a file: its lower inode (kept across copy-up) or its upper one.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Key {
+    Lower(u64),
+    Upper(u64),
+}
+
+#[derive(Default)]
+struct Inodes {
+    next: u64,
+    by_key: HashMap<Key, u64>,
+    /// FUSE inode → a path it was last seen at.
+    paths: HashMap<u64, PathBuf>,
+    /// Upper inode → the lower inode it was copied up from.
+    origin: HashMap<u64, u64>,
+    /// Lower inode → its upper copy's path (hard links copied up once).
+    copied: HashMap<u64, PathBuf>,
+}
+
+enum Handle {
+    File(File),
+    Dir(Vec<(u64, FileType, OsString)>),
+}
+
+/// The merged writable view of `lower` (read-only) under `upper`.
+pub struct UpperFs {
+    upper_root: File,
+    lower_root: File,
+    work: PathBuf,
+    /// `trusted.` as root, `user.` otherwise.
+    ns: &'static str,
+    inodes: Mutex<Inodes>,
+    handles: Mutex<HashMap<u64, std::sync::Arc<Handle>>>,
+    next_fh: AtomicU64,
+    /// Serialises copy-ups and namespace changes (simple and correct first).
+    big: Mutex<()>,
+}
+
+fn errno(e: &io::Error) -> Errno {
+    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+fn open_dir_path(p: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(p)
+}
+
+fn kind_of(t: fs::FileType) -> FileType {
+    if t.is_dir() {
+        FileType::Directory
+    } else if t.is_symlink() {
+        FileType::Symlink
+    } else if t.is_char_device() {
+        FileType::CharDevice
+    } else if t.is_block_device() {
+        FileType::BlockDevice
+    } else if t.is_fifo() {
+        FileType::NamedPipe
+    } else if t.is_socket() {
+        FileType::Socket
+    } else {
+        FileType::RegularFile
+    }
+}
+
+fn time_of(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs()) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+fn attr_of(ino: u64, md: &fs::Metadata) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: md.size(),
+        blocks: md.blocks(),
+        atime: time_of(md.atime(), md.atime_nsec()),
+        mtime: time_of(md.mtime(), md.mtime_nsec()),
+        ctime: time_of(md.ctime(), md.ctime_nsec()),
+        crtime: time_of(md.ctime(), md.ctime_nsec()),
+        kind: kind_of(md.file_type()),
+        perm: (md.mode() & 0o7777) as u16,
+        nlink: md.nlink() as u32,
+        uid: md.uid(),
+        gid: md.gid(),
+        rdev: md.rdev() as u32,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+impl UpperFs {
+    /// The view of `lower` under `upper`, with `work` (on `upper`'s filesystem) for copy-ups.
+    pub fn new(lower: &Path, upper: &Path, work: &Path) -> io::Result<Self> {
+        Ok(UpperFs {
+            upper_root: open_dir_path(upper)?,
+            lower_root: open_dir_path(lower)?,
+            work: work.to_path_buf(),
+            ns: if nix::unistd::geteuid().is_root() {
+                "trusted."
+            } else {
+                "user."
+            },
+            inodes: Mutex::new(Inodes {
+                next: 2,
+                ..Inodes::default()
+            }),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            big: Mutex::new(()),
+        })
+    }
+
+    fn root_fd(&self, layer: Layer) -> RawFd {
+        match layer {
+            Layer::Upper => self.upper_root.as_raw_fd(),
+            Layer::Lower => self.lower_root.as_raw_fd(),
+        }
+    }
+
+    /// `rel` in `layer`, its parent opened beneath the layer's root with no symlinks.
+    fn at(&self, layer: Layer, rel: &Path) -> io::Result<At> {
+        let root = self.root_fd(layer);
+        let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
+            // `/.` makes even lstat and lgetxattr go through the magic link to the directory.
+            return Ok(At {
+                _parent: None,
+                path: PathBuf::from(format!("/proc/self/fd/{root}/.")),
+            });
+        };
+        let fd = if parent.as_os_str().is_empty() {
+            None
+        } else {
+            use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+            let how = OpenHow::new()
+                .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+                .resolve(
+                    ResolveFlag::RESOLVE_BENEATH
+                        | ResolveFlag::RESOLVE_NO_SYMLINKS
+                        | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+                );
+            Some(Fd(nix::fcntl::openat2(root, parent, how)?))
+        };
+        let dir = fd.as_ref().map_or(root, |f| f.0);
+        Ok(At {
+            path: PathBuf::from(format!("/proc/self/fd/{dir}")).join(name),
+            _parent: fd,
+        })
+    }
+
+    fn lstat(&self, layer: Layer, rel: &Path) -> io::Result<fs::Metadata> {
+        fs::symlink_metadata(&self.at(layer, rel)?.path)
+    }
+
+    fn xattr_name(&self, what: &str) -> String {
+        format!("{}overlay.{what}", self.ns)
+    }
+
+    fn is_whiteout(&self, layer: Layer, rel: &Path, md: &fs::Metadata) -> bool {
+        let t = md.file_type();
+        if t.is_char_device() && md.rdev() == 0 {
+            return true;
+        }
+        t.is_file()
+            && md.size() == 0
+            && self
+                .at(layer, rel)
+                .ok()
+                .and_then(|a| {
+                    xattr::get(&a.path, self.xattr_name("whiteout"))
+                        .ok()
+                        .flatten()
+                })
+                .is_some()
+    }
+
+    fn is_opaque(&self, rel: &Path) -> bool {
+        self.at(Layer::Upper, rel)
+            .ok()
+            .and_then(|a| {
+                xattr::get(&a.path, self.xattr_name("opaque"))
+                    .ok()
+                    .flatten()
+            })
+            .is_some_and(|v| v == b"y")
+    }
+
+    /// What `rel` is in the merged view (ENOENT when hidden or absent).
+    fn find(&self, rel: &Path) -> io::Result<Found> {
+        let mut prefix = PathBuf::new();
+        let mut lower_visible = true;
+        let mut found = Found {
+            upper: self.lstat(Layer::Upper, Path::new("")).ok(),
+            lower: self.lstat(Layer::Lower, Path::new("")).ok(),
+        };
+        for comp in rel.components() {
+            let parent_is_dir = found.top().is_some_and(|(m, _)| m.is_dir());
+            if !parent_is_dir {
+                return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
+            }
+            // The lower shows through a parent that is not opaque and is a dir in both.
+            lower_visible = lower_visible
+                && found.lower.as_ref().is_some_and(|m| m.is_dir())
+                && !(found.upper.is_some() && self.is_opaque(&prefix));
+            prefix.push(comp);
+            let upper = self.lstat(Layer::Upper, &prefix).ok();
+            if let Some(u) = &upper {
+                if self.is_whiteout(Layer::Upper, &prefix, u) {
+                    return Err(io::Error::from_raw_os_error(libc::ENOENT));
+                }
+            }
+            let lower = if lower_visible {
+                self.lstat(Layer::Lower, &prefix).ok()
+            } else {
+                None
+            };
+            if upper.is_none() && lower.is_none() {
+                return Err(io::Error::from_raw_os_error(libc::ENOENT));
+            }
+            found = Found { upper, lower };
+        }
+        Ok(found)
+    }
+
+    /// The FUSE inode of `rel` (found as `f`), remembering the path.
+    fn ino_for(&self, rel: &Path, f: &Found) -> u64 {
+        if rel.as_os_str().is_empty() {
+            return 1;
+        }
+        let mut t = self.inodes.lock();
+        let key = match (&f.upper, &f.lower) {
+            (Some(u), _) => match t.origin.get(&u.ino()) {
+                Some(&l) => Key::Lower(l),
+                None => match &f.lower {
+                    // A directory in both: the lower's identity, kept if it moves.
+                    Some(l) if u.is_dir() && l.is_dir() => {
+                        t.origin.insert(u.ino(), l.ino());
+                        Key::Lower(l.ino())
+                    }
+                    _ => Key::Upper(u.ino()),
+                },
+            },
+            (None, Some(l)) => Key::Lower(l.ino()),
+            (None, None) => Key::Upper(0),
+        };
+        let ino = match t.by_key.get(&key) {
+            Some(&i) => i,
+            None => {
+                let i = t.next;
+                t.next += 1;
+                t.by_key.insert(key, i);
+                i
+            }
+        };
+        t.paths.insert(ino, rel.to_path_buf());
+        ino
+    }
+
+    fn path_of(&self, ino: INodeNo) -> Result<PathBuf, Errno> {
+        if ino.0 == 1 {
+            return Ok(PathBuf::new());
+        }
+        self.inodes
+            .lock()
+            .paths
+            .get(&ino.0)
+            .cloned()
+            .ok_or(Errno::ENOENT)
+    }
+
+    fn rel_of(&self, ino: INodeNo) -> io::Result<PathBuf> {
+        self.path_of(ino)
+            .map_err(|e| io::Error::from_raw_os_error(e.code()))
+    }
+
+    /// Creates `name` in `parent` with `make` (given the upper path, and whether a whiteout was
+    /// there), gives it to the caller and replies with its entry.
+    fn make(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        reply: ReplyEntry,
+        make: impl FnOnce(&Path, bool) -> io::Result<()>,
+    ) {
+        let rel = match self.child(parent, name) {
+            Ok(r) => r,
+            Err(e) => return reply.error(e),
+        };
+        let r = (|| -> io::Result<()> {
+            let _g = self.big.lock();
+            let had_whiteout = self.prepare_create(&rel)?;
+            let at = self.at(Layer::Upper, &rel)?;
+            make(&at.path, had_whiteout)?;
+            self.own(req, &rel, &at.path)
+        })();
+        match r {
+            Ok(()) => self.entry(&rel, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn child(&self, parent: INodeNo, name: &OsStr) -> Result<PathBuf, Errno> {
+        if name.len() > 255 {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        Ok(self.path_of(parent)?.join(name))
+    }
+
+    fn attr(&self, rel: &Path) -> io::Result<FileAttr> {
+        let f = self.find(rel)?;
+        let ino = self.ino_for(rel, &f);
+        let (md, _) = f
+            .top()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+        let mut a = attr_of(ino, md);
+        if md.is_dir() {
+            a.nlink = 2;
+        }
+        Ok(a)
+    }
+
+    /// Copies the attributes of `from` (metadata `md`) onto `to` (a path in the upper layer).
+    fn copy_attrs(&self, from: &Path, md: &fs::Metadata, to: &Path) -> io::Result<()> {
+        let t = md.file_type();
+        nix::unistd::fchownat(
+            None,
+            to,
+            Some(md.uid().into()),
+            Some(md.gid().into()),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )?;
+        if !t.is_symlink() {
+            fs::set_permissions(to, fs::Permissions::from_mode(md.mode() & 0o7777))?;
+        }
+        if let Ok(names) = xattr::list(from) {
+            for n in names {
+                if is_overlay_name(&n) {
+                    continue;
+                }
+                if let Ok(Some(v)) = xattr::get(from, &n) {
+                    let _ = xattr::set(to, &n, &v);
+                }
+            }
+        }
+        let a = nix::sys::time::TimeSpec::new(md.atime(), md.atime_nsec());
+        let m = nix::sys::time::TimeSpec::new(md.mtime(), md.mtime_nsec());
+        nix::sys::stat::utimensat(
+            None,
+            to,
+            &a,
+            &m,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )?;
+        Ok(())
+    }
+
+    fn temp_name(&self) -> PathBuf {
+        let n = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.work.join(format!("copyup.{}.{n}", std::process::id()))
+    }
+
+    /// Makes sure `rel` exists in the upper layer (copying it up, with its parents); answers
+    /// its metadata there.
+    fn copy_up(&self, rel: &Path) -> io::Result<fs::Metadata> {
+        let f = self.find(rel)?;
+        if let Some(u) = f.upper {
+            return Ok(u);
+        }
+        if let Some(parent) = rel.parent() {
+            self.copy_up(parent)?;
+        }
+        let Some(md) = f.lower else {
+            return Err(io::Error::from_raw_os_error(libc::ENOENT));
+        };
+        let src = self.at(Layer::Lower, rel)?;
+        let dst = self.at(Layer::Upper, rel)?;
+        let t = md.file_type();
+        if t.is_dir() {
+            fs::DirBuilder::new().mode(0o700).create(&dst.path)?;
+            self.copy_attrs(&src.path, &md, &dst.path)?;
+            let up = fs::symlink_metadata(&dst.path)?;
+            self.inodes.lock().origin.insert(up.ino(), md.ino());
+            return Ok(up);
+        }
+        // A lower file with other names already copied up: link to that copy.
+        if t.is_file() && md.nlink() > 1 {
+            let copy = self.inodes.lock().copied.get(&md.ino()).cloned();
+            if let Some(c) = copy {
+                if let Ok(cat) = self.at(Layer::Upper, &c) {
+                    if fs::hard_link(&cat.path, &dst.path).is_ok() {
+                        return fs::symlink_metadata(&dst.path);
+                    }
+                }
+            }
+        }
+        let tmp = self.temp_name();
+        let made = (|| -> io::Result<()> {
+            if t.is_symlink() {
+                std::os::unix::fs::symlink(fs::read_link(&src.path)?, &tmp)?;
+            } else if t.is_file() {
+                let mut from = OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&src.path)?;
+                let mut to = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&tmp)?;
+                copy_sparse(&mut from, &mut to, md.size())?;
+                to.sync_all()?;
+            } else {
+                let kind = if t.is_char_device() {
+                    nix::sys::stat::SFlag::S_IFCHR
+                } else if t.is_block_device() {
+                    nix::sys::stat::SFlag::S_IFBLK
+                } else if t.is_fifo() {
+                    nix::sys::stat::SFlag::S_IFIFO
+                } else {
+                    nix::sys::stat::SFlag::S_IFSOCK
+                };
+                nix::sys::stat::mknod(
+                    &tmp,
+                    kind,
+                    nix::sys::stat::Mode::from_bits_truncate(0o600),
+                    md.rdev(),
+                )?;
+            }
+            self.copy_attrs(&src.path, &md, &tmp)?;
+            fs::rename(&tmp, &dst.path)
+        })();
+        if let Err(e) = made {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let up = fs::symlink_metadata(&dst.path)?;
+        let mut t2 = self.inodes.lock();
+        t2.origin.insert(up.ino(), md.ino());
+        if md.nlink() > 1 {
+            t2.copied.insert(md.ino(), rel.to_path_buf());
+        }
+        Ok(up)
+    }
+
+    /// Copies `rel` (a directory) and everything under it up.
+    fn copy_up_tree(&self, rel: &Path) -> io::Result<()> {
+        self.copy_up(rel)?;
+        for (name, _) in self.list(rel)? {
+            let c = rel.join(&name);
+            let f = self.find(&c)?;
+            if f.top().is_some_and(|(m, _)| m.is_dir()) {
+                self.copy_up_tree(&c)?;
+            } else {
+                self.copy_up(&c)?;
+            }
+        }
+        // Nothing of the lower shows through any more: it is all here.
+        let at = self.at(Layer::Upper, rel)?;
+        xattr::set(&at.path, self.xattr_name("opaque"), b"y")?;
+        Ok(())
+    }
+
+    /// The merged entries of directory `rel` (name, kind), whiteouts hidden.
+    fn list(&self, rel: &Path) -> io::Result<Vec<(OsString, FileType)>> {
+        let f = self.find(rel)?;
+        let mut out: Vec<(OsString, FileType)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        if f.upper.is_some() {
+            let at = self.at(Layer::Upper, rel)?;
+            for e in fs::read_dir(&at.path)? {
+                let e = e?;
+                let name = e.file_name();
+                seen.insert(name.clone());
+                let c = rel.join(&name);
+                let md = fs::symlink_metadata(e.path())?;
+                if self.is_whiteout(Layer::Upper, &c, &md) {
+                    continue;
+                }
+                out.push((name, kind_of(md.file_type())));
+            }
+        }
+        let lower_shows = f.lower.as_ref().is_some_and(|m| m.is_dir())
+            && !(f.upper.is_some() && self.is_opaque(rel));
+        if lower_shows {
+            let at = self.at(Layer::Lower, rel)?;
+            for e in fs::read_dir(&at.path)? {
+                let e = e?;
+                let name = e.file_name();
+                if seen.contains(&name) {
+                    continue;
+                }
+                out.push((name, kind_of(e.file_type()?)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Puts a whiteout for `rel` in the upper layer (its parent there already).
+    fn whiteout(&self, rel: &Path) -> io::Result<()> {
+        let at = self.at(Layer::Upper, rel)?;
+        match nix::sys::stat::mknod(
+            &at.path,
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::empty(),
+            0,
+        ) {
+            Ok(()) => Ok(()),
+            Err(nix::errno::Errno::EPERM) => {
+                // Unprivileged: overlayfs's xwhiteout form.
+                File::create(&at.path)?;
+                xattr::set(&at.path, self.xattr_name("whiteout"), b"y")?;
+                if let Some(p) = rel.parent() {
+                    let pat = self.at(Layer::Upper, p)?;
+                    if xattr::get(&pat.path, self.xattr_name("opaque"))?.is_none() {
+                        xattr::set(&pat.path, self.xattr_name("opaque"), b"x")?;
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Prepares the upper layer for creating `rel`: its parent copied up, a whiteout there
+    /// removed (answers whether there was one: the new directory must then hide the lower).
+    fn prepare_create(&self, rel: &Path) -> io::Result<bool> {
+        match self.find(rel) {
+            Ok(_) => return Err(io::Error::from_raw_os_error(libc::EEXIST)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+        if let Some(p) = rel.parent() {
+            let pm = self.copy_up(p)?;
+            if !pm.is_dir() {
+                return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
+            }
+        }
+        let at = self.at(Layer::Upper, rel)?;
+        match fs::symlink_metadata(&at.path) {
+            Ok(_) => {
+                fs::remove_file(&at.path)?;
+                Ok(true)
+            }
+            Err(_) => Ok(false),
+        }
+    }
+
+    /// Gives `path` (just created) to the caller, as the kernel's own filesystems do.
+    fn own(&self, req: &Request, rel: &Path, path: &Path) -> io::Result<()> {
+        let mut gid = req.gid();
+        if let Some(p) = rel.parent() {
+            if let Ok(pm) = self.lstat(Layer::Upper, p) {
+                if pm.mode() & libc::S_ISGID != 0 {
+                    gid = pm.gid();
+                }
+            }
+        }
+        nix::unistd::fchownat(
+            None,
+            path,
+            Some(req.uid().into()),
+            Some(gid.into()),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )?;
+        Ok(())
+    }
+
+    fn entry(&self, rel: &Path, reply: ReplyEntry) {
+        match self.attr(rel) {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn new_handle(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().insert(fh, std::sync::Arc::new(h));
+        fh
+    }
+
+    fn file(&self, fh: FileHandle) -> Result<std::sync::Arc<Handle>, Errno> {
+        self.handles.lock().get(&fh.0).cloned().ok_or(Errno::EBADF)
+    }
+
+    /// Moves the remembered paths under `from` to `to`.
+    fn renamed(&self, from: &Path, to: &Path) {
+        let mut t = self.inodes.lock();
+        for p in t.paths.values_mut() {
+            if let Ok(rest) = p.strip_prefix(from) {
+                *p = to.join(rest);
+            }
+        }
+    }
+
+    fn do_rmdir(&self, rel: &Path) -> io::Result<()> {
+        let f = self.find(rel)?;
+        let (md, _) = f
+            .top()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+        if !md.is_dir() {
+            return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
+        }
+        if !self.list(rel)?.is_empty() {
+            return Err(io::Error::from_raw_os_error(libc::ENOTEMPTY));
+        }
+        if let Some(p) = rel.parent() {
+            self.copy_up(p)?;
+        }
+        if f.upper.is_some() {
+            let at = self.at(Layer::Upper, rel)?;
+            // Only whiteouts are left in it.
+            for e in fs::read_dir(&at.path)? {
+                fs::remove_file(e?.path())?;
+            }
+            fs::remove_dir(&at.path)?;
+        }
+        if f.lower.is_some() {
+            self.whiteout(rel)?;
+        }
+        Ok(())
+    }
+
+    fn do_unlink(&self, rel: &Path) -> io::Result<()> {
+        let f = self.find(rel)?;
+        let (md, _) = f
+            .top()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+        if md.is_dir() {
+            return Err(io::Error::from_raw_os_error(libc::EISDIR));
+        }
+        if let Some(p) = rel.parent() {
+            self.copy_up(p)?;
+        }
+        if f.upper.is_some() {
+            fs::remove_file(&self.at(Layer::Upper, rel)?.path)?;
+        }
+        if f.lower.is_some() {
+            self.whiteout(rel)?;
+        }
+        Ok(())
+    }
+
+    fn do_rename(&self, from: &Path, to: &Path, flags: RenameFlags) -> io::Result<()> {
+        if flags.contains(RenameFlags::RENAME_EXCHANGE)
+            || flags.contains(RenameFlags::RENAME_WHITEOUT)
+        {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let src = self.find(from)?;
+        let (smd, _) = src
+            .top()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+        let src_dir = smd.is_dir();
+        if src_dir && to.starts_with(from) && to != from {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // The target is an ancestor of the source: not empty, whatever its kind (as the VFS).
+        if from.starts_with(to) && to != from {
+            return Err(io::Error::from_raw_os_error(libc::ENOTEMPTY));
+        }
+        let dst = match self.find(to) {
+            Ok(d) => Some(d),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
+            Err(e) => return Err(e),
+        };
+        if from == to {
+            return Ok(());
+        }
+        if let Some(d) = &dst {
+            if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+                return Err(io::Error::from_raw_os_error(libc::EEXIST));
+            }
+            let dmd = d.top().map(|(m, _)| m.is_dir()).unwrap_or(false);
+            if dmd && !src_dir {
+                return Err(io::Error::from_raw_os_error(libc::EISDIR));
+            }
+            if !dmd && src_dir {
+                return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
+            }
+            if dmd && !self.list(to)?.is_empty() {
+                return Err(io::Error::from_raw_os_error(libc::ENOTEMPTY));
+            }
+        }
+        // A directory with lower contents moves whole (no redirect_dir): copied up first.
+        if src_dir && src.lower.is_some() {
+            self.copy_up_tree(from)?;
+        } else {
+            self.copy_up(from)?;
+        }
+        if let Some(p) = to.parent() {
+            self.copy_up(p)?;
+        }
+        let dst_at = self.at(Layer::Upper, to)?;
+        // An empty target directory in the upper layer: its whiteouts go first.
+        if dst
+            .as_ref()
+            .is_some_and(|d| d.upper.as_ref().is_some_and(|m| m.is_dir()))
+        {
+            for e in fs::read_dir(&dst_at.path)? {
+                fs::remove_file(e?.path())?;
+            }
+        }
+        let src_at = self.at(Layer::Upper, from)?;
+        fs::rename(&src_at.path, &dst_at.path)?;
+        // A directory over something of the lower: it must hide the lower one.
+        if src_dir && dst.as_ref().is_some_and(|d| d.lower.is_some()) {
+            xattr::set(&dst_at.path, self.xattr_name("opaque"), b"y")?;
+        }
+        if src.lower.is_some() {
+            self.whiteout(from)?;
+        }
+        self.renamed(from, to);
+        Ok(())
+    }
+}
+
+/// Copies `len` bytes, leaving holes where the source has them.
+fn copy_sparse(from: &mut File, to: &mut File, len: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < len {
+        let n = from.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().any(|&b| b != 0) {
+            to.write_all_at(&buf[..n], at)?;
+        }
+        at += n as u64;
+    }
+    to.set_len(len)
+}
+
+fn reply_empty(r: io::Result<()>, reply: ReplyEmpty) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+impl Filesystem for UpperFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let _ = config.set_max_write(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.child(parent, name) {
+            Ok(rel) => self.entry(&rel, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        if let Some(fh) = fh {
+            if let Ok(h) = self.file(fh) {
+                if let Handle::File(f) = &*h {
+                    if let Ok(md) = f.metadata() {
+                        return reply.attr(&TTL, &attr_of(ino.0, &md));
+                    }
+                }
+            }
+        }
+        match self.rel_of(ino).and_then(|p| self.attr(&p)) {
+            Ok(a) => reply.attr(&TTL, &FileAttr { ino, ..a }),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let rel = match self.path_of(ino) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let r = (|| -> io::Result<()> {
+            let _g = self.big.lock();
+            self.copy_up(&rel)?;
+            let at = self.at(Layer::Upper, &rel)?;
+            if let Some(m) = mode {
+                fs::set_permissions(&at.path, fs::Permissions::from_mode(m & 0o7777))?;
+            }
+            if uid.is_some() || gid.is_some() {
+                nix::unistd::fchownat(
+                    None,
+                    &at.path,
+                    uid.map(Into::into),
+                    gid.map(Into::into),
+                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                )?;
+            }
+            if let Some(s) = size {
+                match fh.map(|f| self.file(f)) {
+                    Some(Ok(h)) => match &*h {
+                        Handle::File(f) => f.set_len(s)?,
+                        Handle::Dir(_) => return Err(io::Error::from_raw_os_error(libc::EISDIR)),
+                    },
+                    _ => OpenOptions::new()
+                        .write(true)
+                        .custom_flags(libc::O_NOFOLLOW)
+                        .open(&at.path)?
+                        .set_len(s)?,
+                }
+            }
+            if atime.is_some() || mtime.is_some() {
+                let ts = |t: Option<TimeOrNow>| match t {
+                    None => nix::sys::time::TimeSpec::new(0, libc::UTIME_OMIT),
+                    Some(TimeOrNow::Now) => nix::sys::time::TimeSpec::new(0, libc::UTIME_NOW),
+                    Some(TimeOrNow::SpecificTime(t)) => {
+                        let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+                        nix::sys::time::TimeSpec::new(d.as_secs() as i64, d.subsec_nanos() as i64)
+                    }
+                };
+                nix::sys::stat::utimensat(
+                    None,
+                    &at.path,
+                    &ts(atime),
+                    &ts(mtime),
+                    nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+                )?;
+            }
+            Ok(())
+        })();
+        match r.and_then(|()| self.attr(&rel)) {
+            Ok(a) => reply.attr(&TTL, &FileAttr { ino, ..a }),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let r = self.rel_of(ino).and_then(|rel| {
+            let f = self.find(&rel)?;
+            let layer = if f.upper.is_some() {
+                Layer::Upper
+            } else {
+                Layer::Lower
+            };
+            fs::read_link(&self.at(layer, &rel)?.path)
+        });
+        match r {
+            Ok(t) => reply.data(t.as_os_str().as_bytes()),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        self.make(req, parent, name, reply, |path, _| {
+            let kind = nix::sys::stat::SFlag::from_bits_truncate(mode & libc::S_IFMT);
+            nix::sys::stat::mknod(
+                path,
+                kind,
+                nix::sys::stat::Mode::from_bits_truncate(mode & !umask & 0o7777),
+                u64::from(rdev),
+            )?;
+            Ok(())
+        });
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        self.make(req, parent, name, reply, |path, had_whiteout| {
+            let mode = mode & !umask & 0o7777;
+            fs::DirBuilder::new().mode(mode).create(path)?;
+            fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+            if had_whiteout {
+                // What the lower had there stays hidden.
+                xattr::set(path, self.xattr_name("opaque"), b"y")?;
+            }
+            Ok(())
+        });
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _g = self.big.lock();
+        reply_empty(
+            self.child(parent, name)
+                .map_err(|e| io::Error::from_raw_os_error(e.code()))
+                .and_then(|rel| self.do_unlink(&rel)),
+            reply,
+        );
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _g = self.big.lock();
+        reply_empty(
+            self.child(parent, name)
+                .map_err(|e| io::Error::from_raw_os_error(e.code()))
+                .and_then(|rel| self.do_rmdir(&rel)),
+            reply,
+        );
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        self.make(req, parent, link_name, reply, |path, _| {
+            std::os::unix::fs::symlink(target, path)
+        });
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (from, to) = match (self.child(parent, name), self.child(newparent, newname)) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        let _g = self.big.lock();
+        reply_empty(self.do_rename(&from, &to, flags), reply);
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let (from, to) = match (self.path_of(ino), self.child(newparent, newname)) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        let r = (|| -> io::Result<()> {
+            let _g = self.big.lock();
+            let md = self.copy_up(&from)?;
+            if md.is_dir() {
+                return Err(io::Error::from_raw_os_error(libc::EPERM));
+            }
+            self.prepare_create(&to)?;
+            fs::hard_link(
+                &self.at(Layer::Upper, &from)?.path,
+                &self.at(Layer::Upper, &to)?.path,
+            )
+        })();
+        match r {
+            Ok(()) => self.entry(&to, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let r = (|| -> io::Result<File> {
+            let rel = self
+                .path_of(ino)
+                .map_err(|e| io::Error::from_raw_os_error(e.code()))?;
+            let acc = flags.0 & libc::O_ACCMODE;
+            let writing = acc != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+            let layer = if writing {
+                let _g = self.big.lock();
+                self.copy_up(&rel)?;
+                Layer::Upper
+            } else {
+                let f = self.find(&rel)?;
+                if f.upper.is_some() {
+                    Layer::Upper
+                } else {
+                    Layer::Lower
+                }
+            };
+            let at = self.at(layer, &rel)?;
+            OpenOptions::new()
+                .read(acc != libc::O_WRONLY)
+                .write(acc != libc::O_RDONLY)
+                .custom_flags(
+                    (flags.0 & (libc::O_APPEND | libc::O_TRUNC | libc::O_SYNC | libc::O_DSYNC))
+                        | libc::O_NOFOLLOW,
+                )
+                .open(&at.path)
+        })();
+        match r {
+            Ok(f) => reply.opened(
+                FileHandle(self.new_handle(Handle::File(f))),
+                FopenFlags::empty(),
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        let h = match self.file(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        let Handle::File(f) = &*h else {
+            return reply.error(Errno::EISDIR);
+        };
+        let mut buf = vec![0u8; size as usize];
+        let mut got = 0;
+        while got < buf.len() {
+            match f.read_at(&mut buf[got..], offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) => return reply.error(errno(&e)),
+            }
+        }
+        reply.data(&buf[..got]);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: fuser::WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let h = match self.file(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        let Handle::File(f) = &*h else {
+            return reply.error(Errno::EISDIR);
+        };
+        match f.write_all_at(data, offset) {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.handles.lock().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let r = self
+            .file(fh)
+            .map_err(|e| io::Error::from_raw_os_error(e.code()))
+            .and_then(|h| match &*h {
+                Handle::File(f) if datasync => f.sync_data(),
+                Handle::File(f) => f.sync_all(),
+                Handle::Dir(_) => Ok(()),
+            });
+        reply_empty(r, reply);
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let r = (|| -> io::Result<Vec<(u64, FileType, OsString)>> {
+            let rel = self
+                .path_of(ino)
+                .map_err(|e| io::Error::from_raw_os_error(e.code()))?;
+            let mut out = vec![
+                (ino.0, FileType::Directory, OsString::from(".")),
+                (1, FileType::Directory, OsString::from("..")),
+            ];
+            for (name, kind) in self.list(&rel)? {
+                let c = rel.join(&name);
+                let ino = self.find(&c).map(|f| self.ino_for(&c, &f)).unwrap_or(0);
+                out.push((ino, kind, name));
+            }
+            Ok(out)
+        })();
+        match r {
+            Ok(list) => reply.opened(
+                FileHandle(self.new_handle(Handle::Dir(list))),
+                FopenFlags::empty(),
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let h = match self.file(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        let Handle::Dir(list) = &*h else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        for (i, (ino, kind, name)) in list.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo((*ino).max(1)), i as u64 + 1, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.handles.lock().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match nix::sys::statvfs::fstatvfs(&self.upper_root) {
+            Ok(s) => reply.statfs(
+                s.blocks(),
+                s.blocks_free(),
+                s.blocks_available(),
+                s.files(),
+                s.files_free(),
+                s.block_size() as u32,
+                255,
+                s.fragment_size() as u32,
+            ),
+            Err(e) => reply.error(Errno::from_i32(e as i32)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        if is_overlay_name(name) {
+            return reply.error(Errno::EPERM);
+        }
+        let r = self
+            .path_of(ino)
+            .map_err(|e| io::Error::from_raw_os_error(e.code()))
+            .and_then(|rel| {
+                let _g = self.big.lock();
+                self.copy_up(&rel)?;
+                xattr::set(&self.at(Layer::Upper, &rel)?.path, name, value)
+            });
+        reply_empty(r, reply);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if is_overlay_name(name) {
+            return reply.error(Errno::ENODATA);
+        }
+        let r = self
+            .path_of(ino)
+            .map_err(|e| io::Error::from_raw_os_error(e.code()))
+            .and_then(|rel| {
+                let f = self.find(&rel)?;
+                let layer = if f.upper.is_some() {
+                    Layer::Upper
+                } else {
+                    Layer::Lower
+                };
+                xattr::get(&self.at(layer, &rel)?.path, name)
+            });
+        match r {
+            Ok(Some(v)) if size == 0 => reply.size(v.len() as u32),
+            Ok(Some(v)) if v.len() > size as usize => reply.error(Errno::ERANGE),
+            Ok(Some(v)) => reply.data(&v),
+            Ok(None) => reply.error(Errno::ENODATA),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let r = self
+            .path_of(ino)
+            .map_err(|e| io::Error::from_raw_os_error(e.code()))
+            .and_then(|rel| {
+                let f = self.find(&rel)?;
+                let layer = if f.upper.is_some() {
+                    Layer::Upper
+                } else {
+                    Layer::Lower
+                };
+                let mut out = Vec::new();
+                for n in xattr::list(&self.at(layer, &rel)?.path)? {
+                    if !is_overlay_name(&n) {
+                        out.extend_from_slice(n.as_bytes());
+                        out.push(0);
+                    }
+                }
+                Ok(out)
+            });
+        match r {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if is_overlay_name(name) {
+            return reply.error(Errno::ENODATA);
+        }
+        let r = self
+            .path_of(ino)
+            .map_err(|e| io::Error::from_raw_os_error(e.code()))
+            .and_then(|rel| {
+                let _g = self.big.lock();
+                self.copy_up(&rel)?;
+                xattr::remove(&self.at(Layer::Upper, &rel)?.path, name)
+            });
+        reply_empty(r, reply);
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let rel = match self.child(parent, name) {
+            Ok(r) => r,
+            Err(e) => return reply.error(e),
+        };
+        let r = (|| -> io::Result<(File, FileAttr)> {
+            let _g = self.big.lock();
+            self.prepare_create(&rel)?;
+            let at = self.at(Layer::Upper, &rel)?;
+            let acc = flags & libc::O_ACCMODE;
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(mode & !umask & 0o7777)
+                .custom_flags(flags & libc::O_APPEND)
+                .open(&at.path)?;
+            let _ = acc;
+            fs::set_permissions(&at.path, fs::Permissions::from_mode(mode & !umask & 0o7777))?;
+            self.own(req, &rel, &at.path)?;
+            let a = self.attr(&rel)?;
+            Ok((f, a))
+        })();
+        match r {
+            Ok((f, a)) => {
+                let fh = self.new_handle(Handle::File(f));
+                reply.created(&TTL, &a, Generation(0), FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let r = self
+            .file(fh)
+            .map_err(|e| io::Error::from_raw_os_error(e.code()))
+            .and_then(|h| match &*h {
+                Handle::File(f) => nix::fcntl::fallocate(
+                    f.as_raw_fd(),
+                    nix::fcntl::FallocateFlags::from_bits_truncate(mode),
+                    offset as i64,
+                    length as i64,
+                )
+                .map_err(io::Error::from),
+                Handle::Dir(_) => Err(io::Error::from_raw_os_error(libc::EISDIR)),
+            });
+        reply_empty(r, reply);
+    }
+}
+
+fn is_overlay_name(name: &OsStr) -> bool {
+    let b = name.as_bytes();
+    b.starts_with(b"trusted.overlay.") || b.starts_with(b"user.overlay.")
+}
