@@ -2,9 +2,14 @@
 //! mount) and an upper directory in kernel overlayfs's on-disk form, for where kernel overlayfs
 //! cannot be mounted (an unprivileged user, a sandbox that forbids overlay mounts).
 //!
-//! Work in progress (branch `fuse-upper-wip`): path-based, every path resolved beneath its layer's
-//! root without following symlinks (`openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` for the
-//! parent, then the last name through `/proc/self/fd`).
+//! First version (`strata mount --upper DIR --fuse-upper`, as root): path-based, every path
+//! resolved beneath its layer's root without following symlinks (`openat2(RESOLVE_BENEATH |
+//! RESOLVE_NO_SYMLINKS)` for the parent, then the last name through `/proc/self/fd`); one lock
+//! serialises copy-ups and namespace changes. It passes the semantics suite
+//! (`tests/src/semantics.rs`) but O_TMPFILE (FUSE's TMPFILE request is not in fuser 0.18). Not
+//! yet: metadata-only copy-up, `redirect_dir` (a renamed lower directory is copied up whole),
+//! hard links kept together across remounts (within one mount they are), writeback cache and
+//! passthrough, an unprivileged daemon (the `user.overlay.*` forms are written, not yet tested).
 //!
 //! The upper directory's form is overlayfs's: a deleted lower entry is a whiteout (a 0/0
 //! character device; for an unprivileged daemon, an empty file with `user.overlay.whiteout`, its
