@@ -4,12 +4,16 @@
 //!
 //! First version (`strata mount --upper DIR --fuse-upper`, as root): path-based, every path
 //! resolved beneath its layer's root without following symlinks (`openat2(RESOLVE_BENEATH |
-//! RESOLVE_NO_SYMLINKS)` for the parent, then the last name through `/proc/self/fd`); one lock
-//! serialises copy-ups and namespace changes. It passes the semantics suite
-//! (`tests/src/semantics.rs`) but O_TMPFILE (FUSE's TMPFILE request is not in fuser 0.18). Not
-//! yet: metadata-only copy-up, `redirect_dir` (a renamed lower directory is copied up whole),
-//! hard links kept together across remounts (within one mount they are), writeback cache and
-//! passthrough, an unprivileged daemon (the `user.overlay.*` forms are written, not yet tested).
+//! RESOLVE_NO_SYMLINKS)` for the parent, then the last name through `/proc/self/fd`); an inode is
+//! acted on only while its path still resolves to it (else ESTALE: a name replaced since must
+//! never redirect a chmod or an open to another file); lower errors other than ENOENT are errors,
+//! never "deleted"; one lock serialises copy-ups and namespace changes. It passes the semantics
+//! suite (`tests/src/semantics.rs`) but O_TMPFILE (FUSE's TMPFILE request is not in fuser 0.18).
+//! Not yet: metadata-only copy-up, `redirect_dir` (a renamed lower directory is copied up
+//! whole), FORGET (the inode table grows with the names seen), copy-ups outside the lock,
+//! whiteouts and directories built in `work/` then renamed (atomic against crashes), writeback
+//! cache and passthrough, an unprivileged daemon (the `user.overlay.*` forms are written, not
+//! yet tested).
 //!
 //! The upper directory's form is overlayfs's: a deleted lower entry is a whiteout (a 0/0
 //! character device; for an unprivileged daemon, an empty file with `user.overlay.whiteout`, its
@@ -65,6 +69,8 @@ struct At {
 
 /// What a relative path is in the merged view.
 struct Found {
+    /// Whether the upper entry is an opaque directory (it replaced the lower one).
+    opaque: bool,
     upper: Option<fs::Metadata>,
     /// The lower entry, when the view's parents let it show (whatever the upper holds).
     lower: Option<fs::Metadata>,
@@ -90,12 +96,12 @@ enum Key {
 struct Inodes {
     next: u64,
     by_key: HashMap<Key, u64>,
+    /// FUSE inode → its identity (what a path must still resolve to before it is acted on).
+    keys: HashMap<u64, Key>,
     /// FUSE inode → a path it was last seen at.
     paths: HashMap<u64, PathBuf>,
     /// Upper inode → the lower inode it was copied up from.
     origin: HashMap<u64, u64>,
-    /// Lower inode → its upper copy's path (hard links copied up once).
-    copied: HashMap<u64, PathBuf>,
 }
 
 enum Handle {
@@ -237,6 +243,16 @@ impl UpperFs {
         fs::symlink_metadata(&self.at(layer, rel)?.path)
     }
 
+    /// `rel` in `layer`: `None` when absent, an error when it cannot be told (a lazy lower
+    /// that fails must not make image files look deleted).
+    fn probe(&self, layer: Layer, rel: &Path) -> io::Result<Option<fs::Metadata>> {
+        match self.lstat(layer, rel) {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     fn xattr_name(&self, what: &str) -> String {
         format!("{}overlay.{what}", self.ns)
     }
@@ -275,8 +291,9 @@ impl UpperFs {
         let mut prefix = PathBuf::new();
         let mut lower_visible = true;
         let mut found = Found {
-            upper: self.lstat(Layer::Upper, Path::new("")).ok(),
-            lower: self.lstat(Layer::Lower, Path::new("")).ok(),
+            opaque: false,
+            upper: self.probe(Layer::Upper, Path::new(""))?,
+            lower: self.probe(Layer::Lower, Path::new(""))?,
         };
         for comp in rel.components() {
             let parent_is_dir = found.top().is_some_and(|(m, _)| m.is_dir());
@@ -288,37 +305,38 @@ impl UpperFs {
                 && found.lower.as_ref().is_some_and(|m| m.is_dir())
                 && !(found.upper.is_some() && self.is_opaque(&prefix));
             prefix.push(comp);
-            let upper = self.lstat(Layer::Upper, &prefix).ok();
+            let upper = self.probe(Layer::Upper, &prefix)?;
             if let Some(u) = &upper {
                 if self.is_whiteout(Layer::Upper, &prefix, u) {
                     return Err(io::Error::from_raw_os_error(libc::ENOENT));
                 }
             }
             let lower = if lower_visible {
-                self.lstat(Layer::Lower, &prefix).ok()
+                self.probe(Layer::Lower, &prefix)?
             } else {
                 None
             };
             if upper.is_none() && lower.is_none() {
                 return Err(io::Error::from_raw_os_error(libc::ENOENT));
             }
-            found = Found { upper, lower };
+            let opaque = upper.as_ref().is_some_and(|u| u.is_dir()) && self.is_opaque(&prefix);
+            found = Found {
+                opaque,
+                upper,
+                lower,
+            };
         }
         Ok(found)
     }
 
-    /// The FUSE inode of `rel` (found as `f`), remembering the path.
-    fn ino_for(&self, rel: &Path, f: &Found) -> u64 {
-        if rel.as_os_str().is_empty() {
-            return 1;
-        }
-        let mut t = self.inodes.lock();
-        let key = match (&f.upper, &f.lower) {
+    /// The identity of what `f` found.
+    fn key_of(t: &mut Inodes, f: &Found) -> Key {
+        match (&f.upper, &f.lower) {
             (Some(u), _) => match t.origin.get(&u.ino()) {
                 Some(&l) => Key::Lower(l),
                 None => match &f.lower {
                     // A directory in both: the lower's identity, kept if it moves.
-                    Some(l) if u.is_dir() && l.is_dir() => {
+                    Some(l) if u.is_dir() && l.is_dir() && !f.opaque => {
                         t.origin.insert(u.ino(), l.ino());
                         Key::Lower(l.ino())
                     }
@@ -327,18 +345,44 @@ impl UpperFs {
             },
             (None, Some(l)) => Key::Lower(l.ino()),
             (None, None) => Key::Upper(0),
-        };
+        }
+    }
+
+    /// The FUSE inode of `rel` (found as `f`), remembering the path.
+    fn ino_for(&self, rel: &Path, f: &Found) -> u64 {
+        if rel.as_os_str().is_empty() {
+            return 1;
+        }
+        let mut t = self.inodes.lock();
+        let key = Self::key_of(&mut t, f);
         let ino = match t.by_key.get(&key) {
             Some(&i) => i,
             None => {
                 let i = t.next;
                 t.next += 1;
                 t.by_key.insert(key, i);
+                t.keys.insert(i, key);
                 i
             }
         };
         t.paths.insert(ino, rel.to_path_buf());
         ino
+    }
+
+    /// The path of `ino`, checked to still name that file (a name replaced by a rename or an
+    /// unlink since is ESTALE: acting on it would act on another file). Answers what is there.
+    fn checked(&self, ino: INodeNo) -> io::Result<(PathBuf, Found)> {
+        let rel = self.rel_of(ino)?;
+        let stale = || io::Error::from_raw_os_error(libc::ESTALE);
+        let f = self.find(&rel).map_err(|_| stale())?;
+        if ino.0 != 1 {
+            let mut t = self.inodes.lock();
+            let key = Self::key_of(&mut t, &f);
+            if t.keys.get(&ino.0) != Some(&key) {
+                return Err(stale());
+            }
+        }
+        Ok((rel, f))
     }
 
     fn path_of(&self, ino: INodeNo) -> Result<PathBuf, Errno> {
@@ -468,16 +512,12 @@ impl UpperFs {
             self.inodes.lock().origin.insert(up.ino(), md.ino());
             return Ok(up);
         }
-        // A lower file with other names already copied up: link to that copy.
-        if t.is_file() && md.nlink() > 1 {
-            let copy = self.inodes.lock().copied.get(&md.ino()).cloned();
-            if let Some(c) = copy {
-                if let Ok(cat) = self.at(Layer::Upper, &c) {
-                    if fs::hard_link(&cat.path, &dst.path).is_ok() {
-                        return fs::symlink_metadata(&dst.path);
-                    }
-                }
-            }
+        // A lower file with other names copied up already: this name links to that copy,
+        // kept in the index (`work/index/INO`, as overlayfs's `index=on`) even when every name
+        // of it was removed since, so the names stay one file with one set of attributes.
+        let indexed = self.work.join("index").join(md.ino().to_string());
+        if t.is_file() && md.nlink() > 1 && fs::hard_link(&indexed, &dst.path).is_ok() {
+            return fs::symlink_metadata(&dst.path);
         }
         let tmp = self.temp_name();
         let made = (|| -> io::Result<()> {
@@ -519,12 +559,15 @@ impl UpperFs {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
-        let up = fs::symlink_metadata(&dst.path)?;
-        let mut t2 = self.inodes.lock();
-        t2.origin.insert(up.ino(), md.ino());
-        if md.nlink() > 1 {
-            t2.copied.insert(md.ino(), rel.to_path_buf());
+        if t.is_file() && md.nlink() > 1 {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(self.work.join("index"))?;
+            fs::hard_link(&dst.path, &indexed)?;
         }
+        let up = fs::symlink_metadata(&dst.path)?;
+        self.inodes.lock().origin.insert(up.ino(), md.ino());
         Ok(up)
     }
 
@@ -671,6 +714,7 @@ impl UpperFs {
     /// Moves the remembered paths under `from` to `to`.
     fn renamed(&self, from: &Path, to: &Path) {
         let mut t = self.inodes.lock();
+        let t = &mut *t;
         for p in t.paths.values_mut() {
             if let Ok(rest) = p.strip_prefix(from) {
                 *p = to.join(rest);
@@ -777,6 +821,12 @@ impl UpperFs {
             self.copy_up(p)?;
         }
         let dst_at = self.at(Layer::Upper, to)?;
+        // A deleted image name (a whiteout in the upper layer): the rename replaces it, and a
+        // directory put there must hide the image's.
+        let over_whiteout = dst.is_none() && fs::symlink_metadata(&dst_at.path).is_ok();
+        if over_whiteout {
+            fs::remove_file(&dst_at.path)?;
+        }
         // An empty target directory in the upper layer: its whiteouts go first.
         if dst
             .as_ref()
@@ -789,7 +839,7 @@ impl UpperFs {
         let src_at = self.at(Layer::Upper, from)?;
         fs::rename(&src_at.path, &dst_at.path)?;
         // A directory over something of the lower: it must hide the lower one.
-        if src_dir && dst.as_ref().is_some_and(|d| d.lower.is_some()) {
+        if src_dir && (over_whiteout || dst.as_ref().is_some_and(|d| d.lower.is_some())) {
             xattr::set(&dst_at.path, self.xattr_name("opaque"), b"y")?;
         }
         if src.lower.is_some() {
@@ -877,10 +927,20 @@ impl Filesystem for UpperFs {
         };
         let r = (|| -> io::Result<()> {
             let _g = self.big.lock();
+            let (_, f) = self.checked(ino)?;
+            let is_link = f.top().is_some_and(|(m, _)| m.file_type().is_symlink());
             self.copy_up(&rel)?;
             let at = self.at(Layer::Upper, &rel)?;
             if let Some(m) = mode {
-                fs::set_permissions(&at.path, fs::Permissions::from_mode(m & 0o7777))?;
+                if is_link {
+                    return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+                }
+                nix::sys::stat::fchmodat(
+                    None,
+                    &at.path,
+                    nix::sys::stat::Mode::from_bits_truncate(m & 0o7777),
+                    nix::sys::stat::FchmodatFlags::FollowSymlink,
+                )?;
             }
             if uid.is_some() || gid.is_some() {
                 nix::unistd::fchownat(
@@ -897,11 +957,16 @@ impl Filesystem for UpperFs {
                         Handle::File(f) => f.set_len(s)?,
                         Handle::Dir(_) => return Err(io::Error::from_raw_os_error(libc::EISDIR)),
                     },
-                    _ => OpenOptions::new()
-                        .write(true)
-                        .custom_flags(libc::O_NOFOLLOW)
-                        .open(&at.path)?
-                        .set_len(s)?,
+                    _ => {
+                        let f = OpenOptions::new()
+                            .write(true)
+                            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                            .open(&at.path)?;
+                        if !f.metadata()?.is_file() {
+                            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+                        }
+                        f.set_len(s)?
+                    }
                 }
             }
             if atime.is_some() || mtime.is_some() {
@@ -930,8 +995,7 @@ impl Filesystem for UpperFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let r = self.rel_of(ino).and_then(|rel| {
-            let f = self.find(&rel)?;
+        let r = self.checked(ino).and_then(|(rel, f)| {
             let layer = if f.upper.is_some() {
                 Layer::Upper
             } else {
@@ -1053,6 +1117,7 @@ impl Filesystem for UpperFs {
         };
         let r = (|| -> io::Result<()> {
             let _g = self.big.lock();
+            self.checked(ino)?;
             let md = self.copy_up(&from)?;
             if md.is_dir() {
                 return Err(io::Error::from_raw_os_error(libc::EPERM));
@@ -1071,9 +1136,7 @@ impl Filesystem for UpperFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let r = (|| -> io::Result<File> {
-            let rel = self
-                .path_of(ino)
-                .map_err(|e| io::Error::from_raw_os_error(e.code()))?;
+            let (rel, found) = self.checked(ino)?;
             let acc = flags.0 & libc::O_ACCMODE;
             let writing = acc != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
             let layer = if writing {
@@ -1089,14 +1152,24 @@ impl Filesystem for UpperFs {
                 }
             };
             let at = self.at(layer, &rel)?;
-            OpenOptions::new()
+            // Only regular files are opened here (the kernel serves devices and fifos itself);
+            // O_APPEND stays with the kernel, which gives every write its offset.
+            if !found.top().is_some_and(|(m, _)| m.is_file()) {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            let file = OpenOptions::new()
                 .read(acc != libc::O_WRONLY)
                 .write(acc != libc::O_RDONLY)
                 .custom_flags(
-                    (flags.0 & (libc::O_APPEND | libc::O_TRUNC | libc::O_SYNC | libc::O_DSYNC))
-                        | libc::O_NOFOLLOW,
+                    (flags.0 & (libc::O_TRUNC | libc::O_SYNC | libc::O_DSYNC))
+                        | libc::O_NOFOLLOW
+                        | libc::O_NONBLOCK,
                 )
-                .open(&at.path)
+                .open(&at.path)?;
+            if !file.metadata()?.is_file() {
+                return Err(io::Error::from_raw_os_error(libc::ESTALE));
+            }
+            Ok(file)
         })();
         match r {
             Ok(f) => reply.opened(
@@ -1208,9 +1281,7 @@ impl Filesystem for UpperFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let r = (|| -> io::Result<Vec<(u64, FileType, OsString)>> {
-            let rel = self
-                .path_of(ino)
-                .map_err(|e| io::Error::from_raw_os_error(e.code()))?;
+            let (rel, _) = self.checked(ino)?;
             let mut out = vec![
                 (ino.0, FileType::Directory, OsString::from(".")),
                 (1, FileType::Directory, OsString::from("..")),
@@ -1306,14 +1377,12 @@ impl Filesystem for UpperFs {
         if is_overlay_name(name) {
             return reply.error(Errno::EPERM);
         }
-        let r = self
-            .path_of(ino)
-            .map_err(|e| io::Error::from_raw_os_error(e.code()))
-            .and_then(|rel| {
-                let _g = self.big.lock();
-                self.copy_up(&rel)?;
-                xattr::set(&self.at(Layer::Upper, &rel)?.path, name, value)
-            });
+        let r = self.rel_of(ino).and_then(|rel| {
+            let _g = self.big.lock();
+            self.checked(ino)?;
+            self.copy_up(&rel)?;
+            xattr::set(&self.at(Layer::Upper, &rel)?.path, name, value)
+        });
         reply_empty(r, reply);
     }
 
@@ -1321,18 +1390,14 @@ impl Filesystem for UpperFs {
         if is_overlay_name(name) {
             return reply.error(Errno::ENODATA);
         }
-        let r = self
-            .path_of(ino)
-            .map_err(|e| io::Error::from_raw_os_error(e.code()))
-            .and_then(|rel| {
-                let f = self.find(&rel)?;
-                let layer = if f.upper.is_some() {
-                    Layer::Upper
-                } else {
-                    Layer::Lower
-                };
-                xattr::get(&self.at(layer, &rel)?.path, name)
-            });
+        let r = self.checked(ino).and_then(|(rel, f)| {
+            let layer = if f.upper.is_some() {
+                Layer::Upper
+            } else {
+                Layer::Lower
+            };
+            xattr::get(&self.at(layer, &rel)?.path, name)
+        });
         match r {
             Ok(Some(v)) if size == 0 => reply.size(v.len() as u32),
             Ok(Some(v)) if v.len() > size as usize => reply.error(Errno::ERANGE),
@@ -1343,25 +1408,21 @@ impl Filesystem for UpperFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let r = self
-            .path_of(ino)
-            .map_err(|e| io::Error::from_raw_os_error(e.code()))
-            .and_then(|rel| {
-                let f = self.find(&rel)?;
-                let layer = if f.upper.is_some() {
-                    Layer::Upper
-                } else {
-                    Layer::Lower
-                };
-                let mut out = Vec::new();
-                for n in xattr::list(&self.at(layer, &rel)?.path)? {
-                    if !is_overlay_name(&n) {
-                        out.extend_from_slice(n.as_bytes());
-                        out.push(0);
-                    }
+        let r = self.checked(ino).and_then(|(rel, f)| {
+            let layer = if f.upper.is_some() {
+                Layer::Upper
+            } else {
+                Layer::Lower
+            };
+            let mut out = Vec::new();
+            for n in xattr::list(&self.at(layer, &rel)?.path)? {
+                if !is_overlay_name(&n) {
+                    out.extend_from_slice(n.as_bytes());
+                    out.push(0);
                 }
-                Ok(out)
-            });
+            }
+            Ok(out)
+        });
         match r {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
@@ -1374,14 +1435,12 @@ impl Filesystem for UpperFs {
         if is_overlay_name(name) {
             return reply.error(Errno::ENODATA);
         }
-        let r = self
-            .path_of(ino)
-            .map_err(|e| io::Error::from_raw_os_error(e.code()))
-            .and_then(|rel| {
-                let _g = self.big.lock();
-                self.copy_up(&rel)?;
-                xattr::remove(&self.at(Layer::Upper, &rel)?.path, name)
-            });
+        let r = self.rel_of(ino).and_then(|rel| {
+            let _g = self.big.lock();
+            self.checked(ino)?;
+            self.copy_up(&rel)?;
+            xattr::remove(&self.at(Layer::Upper, &rel)?.path, name)
+        });
         reply_empty(r, reply);
     }
 
@@ -1409,7 +1468,6 @@ impl Filesystem for UpperFs {
                 .write(true)
                 .create_new(true)
                 .mode(mode & !umask & 0o7777)
-                .custom_flags(flags & libc::O_APPEND)
                 .open(&at.path)?;
             let _ = acc;
             fs::set_permissions(&at.path, fs::Permissions::from_mode(mode & !umask & 0o7777))?;

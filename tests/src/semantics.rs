@@ -43,6 +43,8 @@ pub fn lower_layer() -> Result<Vec<u8>> {
         .dir("dir/full", 0o755)?
         .file("dir/full/z", 0o644, b"z\n")?
         .symlink("link", "etc/motd")?
+        .dir("app", 0o755)?
+        .file("app/v1", 0o644, b"v1\n")?
         .dir("ro", 0o755)?
         .file("ro/file", 0o444, b"read only\n")?
         .dir("priv", 0o700)?
@@ -65,6 +67,7 @@ pub fn run(root: &Path) -> Vec<String> {
         ("rmdir of a non-empty dir", rmdir_not_empty),
         ("rename of files", rename_files),
         ("rename of directories", rename_dirs),
+        ("rename onto a deleted name", rename_onto_deleted),
         ("hard links", hard_links),
         ("symlinks", symlinks),
         ("mknod", special_files),
@@ -230,6 +233,24 @@ fn rename_dirs(root: &Path) -> Result<()> {
         e == Some(libc::ENOTEMPTY) || e == Some(libc::EEXIST),
         "errno {e:?}"
     );
+    Ok(())
+}
+
+fn rename_onto_deleted(root: &Path) -> Result<()> {
+    // `rm -rf /opt/app && mv /tmp/app /opt/app`, as upgrades do.
+    fs::remove_dir_all(root.join("app"))?;
+    fs::create_dir(root.join("tmp/app"))?;
+    fs::write(root.join("tmp/app/v2"), b"v2\n")?;
+    fs::rename(root.join("tmp/app"), root.join("app"))?;
+    let names: Vec<_> = fs::read_dir(root.join("app"))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<std::io::Result<_>>()?;
+    ensure!(names == ["v2"], "app holds {names:?}");
+    // A file onto a deleted file's name.
+    fs::remove_file(root.join("app/v2"))?;
+    fs::write(root.join("tmp/v3"), b"v3\n")?;
+    fs::rename(root.join("tmp/v3"), root.join("app/v2"))?;
+    ensure!(fs::read(root.join("app/v2"))? == b"v3\n");
     Ok(())
 }
 
@@ -630,7 +651,19 @@ pub fn compare_random(view: &Path, plain: &Path, seed: u64, steps: usize) -> Res
     if v != p {
         let only_v: Vec<_> = v.iter().filter(|l| !p.contains(l)).collect();
         let only_p: Vec<_> = p.iter().filter(|l| !v.contains(l)).collect();
-        bail!("trees differ after {steps} steps (seed {seed}): view only {only_v:#?}, plain only {only_p:#?}");
+        // The operations that named the paths that differ.
+        let named: Vec<&String> = history
+            .iter()
+            .filter(|h| {
+                h.contains("hard")
+                    || only_v.iter().chain(&only_p).any(|l| {
+                        l.split(' ')
+                            .next()
+                            .is_some_and(|p| h.split(' ').any(|w| w == p))
+                    })
+            })
+            .collect();
+        bail!("trees differ after {steps} steps (seed {seed}): view only {only_v:#?}, plain only {only_p:#?}; operations on them: {named:#?}");
     }
     Ok(())
 }

@@ -53,6 +53,16 @@ fn suite(fuse: bool) {
 
     let mnt = base.path().join("view");
     mount_view(&root, &image, &tmp.join("upper"), &mnt, fuse);
+    // Never a way to setuid files or devices of the image (as the kernel overlay's view).
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .rfind(|l| l.split_whitespace().nth(4) == Some(&*mnt.to_string_lossy()))
+        .unwrap();
+    assert!(line.contains("nosuid") && line.contains("nodev"), "{line}");
+    if fuse {
+        stale_names_are_not_followed(&mnt, base.path());
+    }
     let failures = semantics::run(&mnt);
     strata_ok(&root, &["umount", &mnt.to_string_lossy()]);
 
@@ -100,4 +110,25 @@ fn suite(fuse: bool) {
     all.extend(random.map(|e| format!("random sequence: {e:#}")));
     assert!(all.is_empty(), "{}", all.join("\n"));
     fs::remove_dir_all(&tmp).ok();
+}
+
+/// An open file whose name was replaced (here by a symlink to a file outside the view): fchmod
+/// through it must not reach whatever the name now holds.
+fn stale_names_are_not_followed(mnt: &Path, outside: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let victim = outside.join("victim");
+    fs::write(&victim, b"host\n").unwrap();
+    fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).unwrap();
+    let x = mnt.join("data/x");
+    fs::write(&x, b"x\n").unwrap();
+    let held = fs::File::open(&x).unwrap();
+    std::os::unix::fs::symlink(&victim, mnt.join("data/y")).unwrap();
+    fs::rename(mnt.join("data/y"), &x).unwrap();
+    let _ = held.set_permissions(fs::Permissions::from_mode(0o666));
+    assert_eq!(
+        fs::metadata(&victim).unwrap().mode() & 0o777,
+        0o600,
+        "chmod reached the host"
+    );
+    fs::remove_file(&x).unwrap();
 }

@@ -224,8 +224,43 @@ impl MountService {
         // Restored by digest: the tag may move, the upper layer belongs to this manifest.
         recorded.image = info.manifest.clone();
         write_record(&recorded);
+        // One form per upper directory: the FUSE layer reads neither metacopy files nor
+        // redirects, which kernel overlayfs writes; kernel overlayfs reads the FUSE layer's.
+        let form = upper_dir.join("form");
+        let want = if req.fuse_upper {
+            "strata-fuse"
+        } else {
+            "overlayfs"
+        };
+        match std::fs::read_to_string(&form) {
+            Ok(f) if f.trim() != want => {
+                undo(true);
+                return Err(bad(
+                    &upper_dir,
+                    format!(
+                        "was written by {} (this mount is {want}): use another directory",
+                        f.trim()
+                    ),
+                ));
+            }
+            Ok(_) => {}
+            Err(_) => {
+                let fresh = std::fs::read_dir(&dirs.upper).map_or(true, |mut d| d.next().is_none());
+                if req.fuse_upper && !fresh {
+                    undo(true);
+                    return Err(bad(
+                        &upper_dir,
+                        "holds changes of kernel overlayfs: use another directory for --fuse-upper",
+                    ));
+                }
+                if let Err(e) = write_marker(&form, want.as_bytes()) {
+                    undo(true);
+                    return Err(bad(&form, e.to_string()));
+                }
+            }
+        }
         let mounted = if req.fuse_upper {
-            mount_fuse_upper(&lower, &dirs, target)
+            mount_fuse_upper(&lower, &dirs, target, req.setuid)
         } else {
             upper::mount_overlay(&lower, &dirs, target, !req.setuid)
         };
@@ -364,16 +399,27 @@ impl MountService {
 
 /// Mounts strata's FUSE writable layer (`crate::fuse_upper`) at `target`, its session served
 /// on its own thread until unmounted.
-fn mount_fuse_upper(lower: &Path, dirs: &UpperDirs, target: &Path) -> std::io::Result<()> {
+fn mount_fuse_upper(
+    lower: &Path,
+    dirs: &UpperDirs,
+    target: &Path,
+    setuid: bool,
+) -> std::io::Result<()> {
     let fs = crate::fuse_upper::UpperFs::new(lower, &dirs.upper, &dirs.work)?;
     let mut cfg = fuser::Config::default();
     cfg.mount_options = vec![
         fuser::MountOption::FSName("strata-upper".into()),
         fuser::MountOption::Subtype("strata".into()),
         fuser::MountOption::DefaultPermissions,
-        fuser::MountOption::Dev,
-        fuser::MountOption::Suid,
     ];
+    // As the kernel overlay's view: nosuid,nodev unless a container's root asks for them.
+    if setuid {
+        cfg.mount_options.push(fuser::MountOption::Dev);
+        cfg.mount_options.push(fuser::MountOption::Suid);
+    } else {
+        cfg.mount_options.push(fuser::MountOption::NoDev);
+        cfg.mount_options.push(fuser::MountOption::NoSuid);
+    }
     cfg.acl = if nix::unistd::geteuid().is_root() {
         fuser::SessionACL::All
     } else {
