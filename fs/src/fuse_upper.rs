@@ -20,7 +20,7 @@
 //! directory marked `user.overlay.opaque=x`), a directory hiding the lower one carries
 //! `overlay.opaque=y`. Copy-up copies data, owner, mode, times and xattrs, through a temporary
 //! file in the work directory renamed into place. Lower hard links are copied up once and linked
-//! (in this mount's lifetime). A lower directory renamed is copied up whole first (no
+//! through `work/index/INO` (overlayfs's `index=on` idea), across remounts too. A lower directory renamed is copied up whole first (no
 //! `redirect_dir`).
 
 use std::collections::HashMap;
