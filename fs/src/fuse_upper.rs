@@ -594,15 +594,10 @@ impl UpperFs {
         let f = self.find(rel)?;
         let mut out: Vec<(OsString, FileType)> = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        if f.upper.is_some() {
-            let at = self.at(Layer::Upper, rel)?;
-            for e in fs::read_dir(&at.path)? {
-                let e = e?;
-                let name = e.file_name();
+        if f.upper.as_ref().is_some_and(|m| m.is_dir()) {
+            for (name, md) in dir_entries(&self.at(Layer::Upper, rel)?.path)? {
                 seen.insert(name.clone());
-                let c = rel.join(&name);
-                let md = fs::symlink_metadata(e.path())?;
-                if self.is_whiteout(Layer::Upper, &c, &md) {
+                if self.is_whiteout(Layer::Upper, &rel.join(&name), &md) {
                     continue;
                 }
                 out.push((name, kind_of(md.file_type())));
@@ -611,14 +606,10 @@ impl UpperFs {
         let lower_shows = f.lower.as_ref().is_some_and(|m| m.is_dir())
             && !(f.upper.is_some() && self.is_opaque(rel));
         if lower_shows {
-            let at = self.at(Layer::Lower, rel)?;
-            for e in fs::read_dir(&at.path)? {
-                let e = e?;
-                let name = e.file_name();
-                if seen.contains(&name) {
-                    continue;
+            for (name, md) in dir_entries(&self.at(Layer::Lower, rel)?.path)? {
+                if !seen.contains(&name) {
+                    out.push((name, kind_of(md.file_type())));
                 }
-                out.push((name, kind_of(e.file_type()?)));
             }
         }
         Ok(out)
@@ -711,6 +702,14 @@ impl UpperFs {
         self.handles.lock().get(&fh.0).cloned().ok_or(Errno::EBADF)
     }
 
+    /// An upper file's last name is gone: its inode number may come back for another file,
+    /// which must not inherit its identity.
+    fn forget_upper(&self, md: &fs::Metadata) {
+        if md.is_dir() || md.nlink() <= 1 {
+            self.inodes.lock().origin.remove(&md.ino());
+        }
+    }
+
     /// Moves the remembered paths under `from` to `to`.
     fn renamed(&self, from: &Path, to: &Path) {
         let mut t = self.inodes.lock();
@@ -743,6 +742,9 @@ impl UpperFs {
                 fs::remove_file(e?.path())?;
             }
             fs::remove_dir(&at.path)?;
+            if let Some(u) = &f.upper {
+                self.forget_upper(u);
+            }
         }
         if f.lower.is_some() {
             self.whiteout(rel)?;
@@ -761,8 +763,9 @@ impl UpperFs {
         if let Some(p) = rel.parent() {
             self.copy_up(p)?;
         }
-        if f.upper.is_some() {
+        if let Some(u) = &f.upper {
             fs::remove_file(&self.at(Layer::Upper, rel)?.path)?;
+            self.forget_upper(u);
         }
         if f.lower.is_some() {
             self.whiteout(rel)?;
@@ -850,6 +853,23 @@ impl UpperFs {
     }
 }
 
+/// The entries of the directory at `path` (never through a symlink there), with their metadata.
+fn dir_entries(path: &Path) -> io::Result<Vec<(OsString, fs::Metadata)>> {
+    let dir = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(path)?;
+    let at = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+    let mut out = Vec::new();
+    for e in fs::read_dir(&at)? {
+        let e = e?;
+        let md = fs::symlink_metadata(e.path())?;
+        out.push((e.file_name(), md));
+    }
+    drop(dir);
+    Ok(out)
+}
+
 /// Copies `len` bytes, leaving holes where the source has them.
 fn copy_sparse(from: &mut File, to: &mut File, len: u64) -> io::Result<()> {
     let mut buf = vec![0u8; 1 << 20];
@@ -921,13 +941,10 @@ impl Filesystem for UpperFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let rel = match self.path_of(ino) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e),
-        };
-        let r = (|| -> io::Result<()> {
+        let r = (|| -> io::Result<PathBuf> {
+            // The check and every action under the namespace lock, on the checked path.
             let _g = self.big.lock();
-            let (_, f) = self.checked(ino)?;
+            let (rel, f) = self.checked(ino)?;
             let is_link = f.top().is_some_and(|(m, _)| m.file_type().is_symlink());
             self.copy_up(&rel)?;
             let at = self.at(Layer::Upper, &rel)?;
@@ -986,9 +1003,9 @@ impl Filesystem for UpperFs {
                     nix::sys::stat::UtimensatFlags::NoFollowSymlink,
                 )?;
             }
-            Ok(())
+            Ok(rel)
         })();
-        match r.and_then(|()| self.attr(&rel)) {
+        match r.and_then(|rel| self.attr(&rel)) {
             Ok(a) => reply.attr(&TTL, &FileAttr { ino, ..a }),
             Err(e) => reply.error(errno(&e)),
         }
@@ -1111,13 +1128,13 @@ impl Filesystem for UpperFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let (from, to) = match (self.path_of(ino), self.child(newparent, newname)) {
-            (Ok(a), Ok(b)) => (a, b),
-            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        let to = match self.child(newparent, newname) {
+            Ok(b) => b,
+            Err(e) => return reply.error(e),
         };
         let r = (|| -> io::Result<()> {
             let _g = self.big.lock();
-            self.checked(ino)?;
+            let (from, _) = self.checked(ino)?;
             let md = self.copy_up(&from)?;
             if md.is_dir() {
                 return Err(io::Error::from_raw_os_error(libc::EPERM));
@@ -1136,27 +1153,26 @@ impl Filesystem for UpperFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let r = (|| -> io::Result<File> {
+            // Checked, copied up and opened under the namespace lock: what was checked is what
+            // is opened.
+            let _g = self.big.lock();
             let (rel, found) = self.checked(ino)?;
-            let acc = flags.0 & libc::O_ACCMODE;
-            let writing = acc != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
-            let layer = if writing {
-                let _g = self.big.lock();
-                self.copy_up(&rel)?;
-                Layer::Upper
-            } else {
-                let f = self.find(&rel)?;
-                if f.upper.is_some() {
-                    Layer::Upper
-                } else {
-                    Layer::Lower
-                }
-            };
-            let at = self.at(layer, &rel)?;
             // Only regular files are opened here (the kernel serves devices and fifos itself);
             // O_APPEND stays with the kernel, which gives every write its offset.
             if !found.top().is_some_and(|(m, _)| m.is_file()) {
                 return Err(io::Error::from_raw_os_error(libc::EINVAL));
             }
+            let acc = flags.0 & libc::O_ACCMODE;
+            let writing = acc != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+            let layer = if writing {
+                self.copy_up(&rel)?;
+                Layer::Upper
+            } else if found.upper.is_some() {
+                Layer::Upper
+            } else {
+                Layer::Lower
+            };
+            let at = self.at(layer, &rel)?;
             let file = OpenOptions::new()
                 .read(acc != libc::O_WRONLY)
                 .write(acc != libc::O_RDONLY)
@@ -1281,6 +1297,7 @@ impl Filesystem for UpperFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let r = (|| -> io::Result<Vec<(u64, FileType, OsString)>> {
+            let _g = self.big.lock();
             let (rel, _) = self.checked(ino)?;
             let mut out = vec![
                 (ino.0, FileType::Directory, OsString::from(".")),
@@ -1377,12 +1394,12 @@ impl Filesystem for UpperFs {
         if is_overlay_name(name) {
             return reply.error(Errno::EPERM);
         }
-        let r = self.rel_of(ino).and_then(|rel| {
+        let r = (|| {
             let _g = self.big.lock();
-            self.checked(ino)?;
+            let (rel, _) = self.checked(ino)?;
             self.copy_up(&rel)?;
             xattr::set(&self.at(Layer::Upper, &rel)?.path, name, value)
-        });
+        })();
         reply_empty(r, reply);
     }
 
@@ -1435,12 +1452,12 @@ impl Filesystem for UpperFs {
         if is_overlay_name(name) {
             return reply.error(Errno::ENODATA);
         }
-        let r = self.rel_of(ino).and_then(|rel| {
+        let r = (|| {
             let _g = self.big.lock();
-            self.checked(ino)?;
+            let (rel, _) = self.checked(ino)?;
             self.copy_up(&rel)?;
             xattr::remove(&self.at(Layer::Upper, &rel)?.path, name)
-        });
+        })();
         reply_empty(r, reply);
     }
 
