@@ -129,7 +129,13 @@ fn lazy_mount_reads_a_small_fraction_then_matches_the_source() {
     loop {
         let stats: serde_json::Value =
             serde_json::from_str(&strata_ok(&pre, &["cache", "stats", "--json"])).unwrap();
-        if stats["bytes"].as_u64().unwrap() >= 100 << 20 {
+        // Every chunk in (the small files' batch frames may come after the 100 MiB of blobs).
+        let mount: serde_json::Value = serde_json::from_str(&strata_ok(
+            &pre,
+            &["stats", "--json", &m.dir.to_string_lossy()],
+        ))
+        .unwrap();
+        if stats["bytes"].as_u64().unwrap() >= 100 << 20 && mount["prefetched"] == true {
             break;
         }
         assert!(
