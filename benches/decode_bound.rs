@@ -25,13 +25,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let file = store.open_blob(&layer.descriptor.digest)?;
         files.push(file);
         // The files of a batch share one frame: decoded once.
-        let mut last = None;
-        for e in &layer.toc.entries {
-            for c in &e.chunks {
-                if last.replace(c.compressed_offset) != Some(c.compressed_offset) {
-                    work.push((files.len() - 1, *c));
-                }
-            }
+        for c in layer.toc.frames() {
+            work.push((files.len() - 1, *c));
         }
     }
     let next = AtomicUsize::new(0);

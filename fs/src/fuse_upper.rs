@@ -692,6 +692,14 @@ impl UpperFs {
         }
     }
 
+    /// Replies to an open with a new handle for `h`, or the error.
+    fn opened(&self, h: io::Result<Handle>, reply: ReplyOpen) {
+        match h {
+            Ok(h) => reply.opened(FileHandle(self.new_handle(h)), FopenFlags::empty()),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
     fn new_handle(&self, h: Handle) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().insert(fh, std::sync::Arc::new(h));
@@ -1187,13 +1195,7 @@ impl Filesystem for UpperFs {
             }
             Ok(file)
         })();
-        match r {
-            Ok(f) => reply.opened(
-                FileHandle(self.new_handle(Handle::File(f))),
-                FopenFlags::empty(),
-            ),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.opened(r.map(Handle::File), reply);
     }
 
     fn read(
@@ -1310,13 +1312,7 @@ impl Filesystem for UpperFs {
             }
             Ok(out)
         })();
-        match r {
-            Ok(list) => reply.opened(
-                FileHandle(self.new_handle(Handle::Dir(list))),
-                FopenFlags::empty(),
-            ),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.opened(r.map(Handle::Dir), reply);
     }
 
     fn readdir(

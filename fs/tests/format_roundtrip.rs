@@ -60,6 +60,17 @@ fn write_layer_with(
     w.finish().unwrap()
 }
 
+/// The blob decoded as any zstd reader decodes it, checked against the diff ID.
+fn tar_stream(blob: &[u8], summary: &LayerSummary) -> Vec<u8> {
+    let mut tar_bytes = Vec::new();
+    zstd::stream::read::Decoder::new(blob)
+        .unwrap()
+        .read_to_end(&mut tar_bytes)
+        .unwrap();
+    assert_eq!(Sha256Digest::of(&tar_bytes), summary.diff_id);
+    tar_bytes
+}
+
 fn open(blob: &[u8]) -> Toc {
     let footer = parse_footer(&blob[blob.len() - FOOTER_SIZE..], blob.len() as u64).unwrap();
     let frame = &blob[footer.toc_offset as usize..(footer.toc_offset + footer.toc_size) as usize];
@@ -156,12 +167,7 @@ fn blob_is_a_standard_tar_zstd_stream() {
 fn standard_stream(flags: u16) {
     let entries = sample();
     let (blob, summary) = write_layer_with(&entries, 4096, flags);
-    let mut tar_bytes = Vec::new();
-    zstd::stream::read::Decoder::new(&blob[..])
-        .unwrap()
-        .read_to_end(&mut tar_bytes)
-        .unwrap();
-    assert_eq!(Sha256Digest::of(&tar_bytes), summary.diff_id);
+    let tar_bytes = tar_stream(&blob, &summary);
     let mut archive = ::tar::Archive::new(&tar_bytes[..]);
     let mut seen = 0;
     for (item, (want, data)) in archive.entries().unwrap().zip(&entries) {
@@ -232,12 +238,7 @@ fn small_files_share_batch_frames() {
         assert_eq!(&read_file(&blob, got), data);
     }
     // Still one standard tar stream, byte for byte.
-    let mut tar_bytes = Vec::new();
-    zstd::stream::read::Decoder::new(&blob[..])
-        .unwrap()
-        .read_to_end(&mut tar_bytes)
-        .unwrap();
-    assert_eq!(Sha256Digest::of(&tar_bytes), summary.diff_id);
+    let tar_bytes = tar_stream(&blob, &summary);
     let mut archive = ::tar::Archive::new(&tar_bytes[..]);
     for (item, (_, data)) in archive.entries().unwrap().zip(&entries) {
         let mut got = Vec::new();

@@ -267,14 +267,18 @@ pub struct Toc {
 }
 
 impl Toc {
-    /// Chunk frames in the layer (a batch frame counts once).
-    pub fn chunk_count(&self) -> usize {
+    /// Each chunk frame of the layer once (the files of a batch share theirs).
+    pub fn frames(&self) -> impl Iterator<Item = &Chunk> {
         let mut last = None;
         self.entries
             .iter()
             .flat_map(|e| e.chunks.iter())
-            .filter(|c| last.replace(c.compressed_offset) != Some(c.compressed_offset))
-            .count()
+            .filter(move |c| last.replace(c.compressed_offset) != Some(c.compressed_offset))
+    }
+
+    /// Chunk frames in the layer (a batch frame counts once).
+    pub fn chunk_count(&self) -> usize {
+        self.frames().count()
     }
     pub fn uncompressed_bytes(&self) -> u64 {
         self.entries
@@ -284,13 +288,7 @@ impl Toc {
             .sum()
     }
     pub fn compressed_chunk_bytes(&self) -> u64 {
-        let mut last = None;
-        self.entries
-            .iter()
-            .flat_map(|e| e.chunks.iter())
-            .filter(|c| last.replace(c.compressed_offset) != Some(c.compressed_offset))
-            .map(|c| u64::from(c.compressed_len))
-            .sum()
+        self.frames().map(|c| u64::from(c.compressed_len)).sum()
     }
 }
 
