@@ -186,7 +186,12 @@ fn main() {
         None => config::Defaults::default(),
     };
     let matches = config::apply(Cli::command(), &defaults).get_matches_from(args);
-    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // The daemon keeps paths under the root (mounts, records): never relative to a client's
+    // working directory.
+    if let Ok(abs) = std::path::absolute(&cli.global.root) {
+        cli.global.root = abs;
+    }
     // fuser logs an expected failure to unmount an already unmounted session at warn.
     let directive = if cli.global.log_level.contains("fuser") {
         cli.global.log_level.clone()

@@ -326,6 +326,27 @@ fn makedev(major: u32, minor: u32) -> u32 {
     (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
 }
 
+/// A lookup answer with node id 0: "no such name", cached by the kernel for the entry's TTL.
+fn negative_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
 fn attr(ino: Ino, n: &Node) -> FileAttr {
     let t = system_time(n.mtime_sec, n.mtime_nsec);
     let size = match n.kind {
@@ -846,7 +867,9 @@ impl Filesystem for StrataFs {
             Some(p) if p.kind != EntryKind::Directory => reply.error(FsError::NotDir.errno()),
             Some(_) => match self.shared.tree.lookup(parent.0, name.as_bytes()) {
                 Some(ino) => self.reply_entry(ino, reply),
-                None => reply.error(FsError::NotFound.errno()),
+                // The image never changes: the kernel may remember the name is absent (a
+                // writable view over the mount asks for absent names on every create).
+                None => reply.entry(&TTL, &negative_attr(), Generation(0)),
             },
             None => reply.error(FsError::NotFound.errno()),
         });

@@ -43,7 +43,9 @@ use fuser::{
 };
 use parking_lot::Mutex;
 
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may keep names and attributes: every change goes through this daemon
+/// (the lower never changes), which answers each with fresh attributes.
+const TTL: Duration = Duration::from_secs(60);
 
 /// Which layer a path lives in.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -121,6 +123,18 @@ pub struct UpperFs {
     next_fh: AtomicU64,
     /// Serialises copy-ups and namespace changes (simple and correct first).
     big: Mutex<()>,
+    /// Directories of the view seen lately: whether their children may come from the lower.
+    dirs: Mutex<DirViews>,
+}
+
+/// Which directories of the view show lower children, by path: a lookup resolves its parent
+/// here instead of walking every component through both layers. Cleared whenever directories
+/// are removed, moved or made opaque; an answer computed across such a change is not kept (the
+/// generation moved on).
+#[derive(Default)]
+struct DirViews {
+    generation: u64,
+    lower_children: HashMap<PathBuf, bool>,
 }
 
 fn errno(e: &io::Error) -> Errno {
@@ -199,6 +213,7 @@ impl UpperFs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             big: Mutex::new(()),
+            dirs: Mutex::new(DirViews::default()),
         })
     }
 
@@ -288,45 +303,63 @@ impl UpperFs {
 
     /// What `rel` is in the merged view (ENOENT when hidden or absent).
     fn find(&self, rel: &Path) -> io::Result<Found> {
-        let mut prefix = PathBuf::new();
-        let mut lower_visible = true;
-        let mut found = Found {
-            opaque: false,
-            upper: self.probe(Layer::Upper, Path::new(""))?,
-            lower: self.probe(Layer::Lower, Path::new(""))?,
+        let (Some(parent), Some(_)) = (rel.parent(), rel.file_name()) else {
+            return Ok(Found {
+                opaque: false,
+                upper: self.probe(Layer::Upper, Path::new(""))?,
+                lower: self.probe(Layer::Lower, Path::new(""))?,
+            });
         };
-        for comp in rel.components() {
-            let parent_is_dir = found.top().is_some_and(|(m, _)| m.is_dir());
-            if !parent_is_dir {
-                return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
-            }
-            // The lower shows through a parent that is not opaque and is a dir in both.
-            lower_visible = lower_visible
-                && found.lower.as_ref().is_some_and(|m| m.is_dir())
-                && !(found.upper.is_some() && self.is_opaque(&prefix));
-            prefix.push(comp);
-            let upper = self.probe(Layer::Upper, &prefix)?;
-            if let Some(u) = &upper {
-                if self.is_whiteout(Layer::Upper, &prefix, u) {
-                    return Err(io::Error::from_raw_os_error(libc::ENOENT));
-                }
-            }
-            let lower = if lower_visible {
-                self.probe(Layer::Lower, &prefix)?
-            } else {
-                None
-            };
-            if upper.is_none() && lower.is_none() {
+        let lower_visible = self.lower_children(parent)?;
+        let upper = self.probe(Layer::Upper, rel)?;
+        if let Some(u) = &upper {
+            if self.is_whiteout(Layer::Upper, rel, u) {
                 return Err(io::Error::from_raw_os_error(libc::ENOENT));
             }
-            let opaque = upper.as_ref().is_some_and(|u| u.is_dir()) && self.is_opaque(&prefix);
-            found = Found {
-                opaque,
-                upper,
-                lower,
-            };
         }
-        Ok(found)
+        let lower = if lower_visible {
+            self.probe(Layer::Lower, rel)?
+        } else {
+            None
+        };
+        if upper.is_none() && lower.is_none() {
+            return Err(io::Error::from_raw_os_error(libc::ENOENT));
+        }
+        let opaque = upper.as_ref().is_some_and(|u| u.is_dir()) && self.is_opaque(rel);
+        Ok(Found {
+            opaque,
+            upper,
+            lower,
+        })
+    }
+
+    /// Whether directory `dir` of the view shows lower children (a directory in both layers,
+    /// not opaque, under parents that show it); ENOTDIR when it is not a directory.
+    fn lower_children(&self, dir: &Path) -> io::Result<bool> {
+        let generation = {
+            let d = self.dirs.lock();
+            if let Some(&v) = d.lower_children.get(dir) {
+                return Ok(v);
+            }
+            d.generation
+        };
+        let f = self.find(dir)?;
+        if !f.top().is_some_and(|(m, _)| m.is_dir()) {
+            return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
+        }
+        let v = f.lower.as_ref().is_some_and(|m| m.is_dir()) && !(f.upper.is_some() && f.opaque);
+        let mut d = self.dirs.lock();
+        if d.generation == generation {
+            d.lower_children.insert(dir.to_path_buf(), v);
+        }
+        Ok(v)
+    }
+
+    /// Directories were removed, moved or made opaque: what `lower_children` knew is void.
+    fn dirs_changed(&self) {
+        let mut d = self.dirs.lock();
+        d.generation += 1;
+        d.lower_children.clear();
     }
 
     /// The identity of what `f` found.
@@ -442,11 +475,16 @@ impl UpperFs {
         let (md, _) = f
             .top()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+        Ok(self.view_attr(ino, md))
+    }
+
+    /// The attributes the view shows for `md` as inode `ino`.
+    fn view_attr(&self, ino: u64, md: &fs::Metadata) -> FileAttr {
         let mut a = attr_of(ino, md);
         if md.is_dir() {
             a.nlink = 2;
         }
-        Ok(a)
+        a
     }
 
     /// Copies the attributes of `from` (metadata `md`) onto `to` (a path in the upper layer).
@@ -585,8 +623,9 @@ impl UpperFs {
         }
         // Nothing of the lower shows through any more: it is all here.
         let at = self.at(Layer::Upper, rel)?;
-        xattr::set(&at.path, self.xattr_name("opaque"), b"y")?;
-        Ok(())
+        let r = xattr::set(&at.path, self.xattr_name("opaque"), b"y");
+        self.dirs_changed();
+        r
     }
 
     /// The merged entries of directory `rel` (name, kind), whiteouts hidden.
@@ -878,6 +917,24 @@ fn dir_entries(path: &Path) -> io::Result<Vec<(OsString, fs::Metadata)>> {
     Ok(out)
 }
 
+/// Drops what a write by an unprivileged process must drop (the daemon writes as root, whose
+/// writes keep them): setuid, setgid on a group-executable file, file capabilities.
+fn kill_privs(f: &File) -> io::Result<()> {
+    use xattr::FileExt as _;
+    let mode = f.metadata()?.mode();
+    let mut kill = libc::S_ISUID;
+    if mode & libc::S_IXGRP != 0 {
+        kill |= libc::S_ISGID;
+    }
+    if mode & kill != 0 {
+        f.set_permissions(fs::Permissions::from_mode(mode & 0o7777 & !kill))?;
+    }
+    match f.remove_xattr("security.capability") {
+        Err(e) if !matches!(e.raw_os_error(), Some(libc::ENODATA | libc::ENOTSUP)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Copies `len` bytes, leaving holes where the source has them.
 fn copy_sparse(from: &mut File, to: &mut File, len: u64) -> io::Result<()> {
     let mut buf = vec![0u8; 1 << 20];
@@ -905,6 +962,14 @@ fn reply_empty(r: io::Result<()>, reply: ReplyEmpty) {
 impl Filesystem for UpperFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let _ = config.set_max_write(1 << 20);
+        // Writes land in the page cache and reach the daemon in large batches; the kernel
+        // keeps sizes and times meanwhile (and may read a file opened write-only to fill a
+        // page: write opens are read-write below).
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE);
+        // The daemon clears setuid/setgid bits and file capabilities on writes itself (see
+        // `kill_privs`): the kernel then stops asking for `security.capability` before every
+        // write and chown.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         Ok(())
     }
 
@@ -933,7 +998,7 @@ impl Filesystem for UpperFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -949,12 +1014,14 @@ impl Filesystem for UpperFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let r = (|| -> io::Result<PathBuf> {
+        let r = (|| -> io::Result<fs::Metadata> {
             // The check and every action under the namespace lock, on the checked path.
             let _g = self.big.lock();
             let (rel, f) = self.checked(ino)?;
             let is_link = f.top().is_some_and(|(m, _)| m.file_type().is_symlink());
-            self.copy_up(&rel)?;
+            if f.upper.is_none() {
+                self.copy_up(&rel)?;
+            }
             let at = self.at(Layer::Upper, &rel)?;
             if let Some(m) = mode {
                 if is_link {
@@ -977,9 +1044,17 @@ impl Filesystem for UpperFs {
                 )?;
             }
             if let Some(s) = size {
+                // A truncate by anyone but root drops setuid/setgid, as the kernel's own
+                // filesystems do (the daemon truncates as root).
+                let kill = req.uid() != 0;
                 match fh.map(|f| self.file(f)) {
                     Some(Ok(h)) => match &*h {
-                        Handle::File(f) => f.set_len(s)?,
+                        Handle::File(f) => {
+                            if kill {
+                                kill_privs(f)?;
+                            }
+                            f.set_len(s)?
+                        }
                         Handle::Dir(_) => return Err(io::Error::from_raw_os_error(libc::EISDIR)),
                     },
                     _ => {
@@ -989,6 +1064,9 @@ impl Filesystem for UpperFs {
                             .open(&at.path)?;
                         if !f.metadata()?.is_file() {
                             return Err(io::Error::from_raw_os_error(libc::EINVAL));
+                        }
+                        if kill {
+                            kill_privs(&f)?;
                         }
                         f.set_len(s)?
                     }
@@ -1011,10 +1089,11 @@ impl Filesystem for UpperFs {
                     nix::sys::stat::UtimensatFlags::NoFollowSymlink,
                 )?;
             }
-            Ok(rel)
+            // What is there now, still under the lock.
+            fs::symlink_metadata(&at.path)
         })();
-        match r.and_then(|rel| self.attr(&rel)) {
-            Ok(a) => reply.attr(&TTL, &FileAttr { ino, ..a }),
+        match r {
+            Ok(md) => reply.attr(&TTL, &self.view_attr(ino.0, &md)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -1089,12 +1168,12 @@ impl Filesystem for UpperFs {
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _g = self.big.lock();
-        reply_empty(
-            self.child(parent, name)
-                .map_err(|e| io::Error::from_raw_os_error(e.code()))
-                .and_then(|rel| self.do_rmdir(&rel)),
-            reply,
-        );
+        let r = self
+            .child(parent, name)
+            .map_err(|e| io::Error::from_raw_os_error(e.code()))
+            .and_then(|rel| self.do_rmdir(&rel));
+        self.dirs_changed();
+        reply_empty(r, reply);
     }
 
     fn symlink(
@@ -1125,7 +1204,9 @@ impl Filesystem for UpperFs {
             (Err(e), _) | (_, Err(e)) => return reply.error(e),
         };
         let _g = self.big.lock();
-        reply_empty(self.do_rename(&from, &to, flags), reply);
+        let r = self.do_rename(&from, &to, flags);
+        self.dirs_changed();
+        reply_empty(r, reply);
     }
 
     fn link(
@@ -1159,7 +1240,7 @@ impl Filesystem for UpperFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let r = (|| -> io::Result<File> {
             // Checked, copied up and opened under the namespace lock: what was checked is what
             // is opened.
@@ -1181,17 +1262,29 @@ impl Filesystem for UpperFs {
                 Layer::Lower
             };
             let at = self.at(layer, &rel)?;
-            let file = OpenOptions::new()
-                .read(acc != libc::O_WRONLY)
-                .write(acc != libc::O_RDONLY)
-                .custom_flags(
-                    (flags.0 & (libc::O_TRUNC | libc::O_SYNC | libc::O_DSYNC))
-                        | libc::O_NOFOLLOW
-                        | libc::O_NONBLOCK,
-                )
-                .open(&at.path)?;
+            // Read-write even when opened write-only: the writeback cache reads to fill pages.
+            let open = |read: bool| {
+                OpenOptions::new()
+                    .read(read)
+                    .write(acc != libc::O_RDONLY)
+                    .custom_flags(
+                        (flags.0 & (libc::O_TRUNC | libc::O_SYNC | libc::O_DSYNC))
+                            | libc::O_NOFOLLOW
+                            | libc::O_NONBLOCK,
+                    )
+                    .open(&at.path)
+            };
+            let file = match open(true) {
+                Err(e) if acc == libc::O_WRONLY && e.raw_os_error() == Some(libc::EACCES) => {
+                    open(false)?
+                }
+                r => r?,
+            };
             if !file.metadata()?.is_file() {
                 return Err(io::Error::from_raw_os_error(libc::ESTALE));
+            }
+            if flags.0 & libc::O_TRUNC != 0 && req.uid() != 0 {
+                kill_privs(&file)?;
             }
             Ok(file)
         })();
@@ -1235,7 +1328,7 @@ impl Filesystem for UpperFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: fuser::WriteFlags,
+        write_flags: fuser::WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
@@ -1247,6 +1340,11 @@ impl Filesystem for UpperFs {
         let Handle::File(f) = &*h else {
             return reply.error(Errno::EISDIR);
         };
+        if write_flags.contains(fuser::WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            if let Err(e) = kill_privs(f) {
+                return reply.error(errno(&e));
+            }
+        }
         match f.write_all_at(data, offset) {
             Ok(()) => reply.written(data.len() as u32),
             Err(e) => reply.error(errno(&e)),
@@ -1261,7 +1359,9 @@ impl Filesystem for UpperFs {
         _lock_owner: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Nothing to do on close (the kernel writes dirty pages back first either way, and
+        // keeps locks itself): ENOSYS spares every later close the round trip.
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
@@ -1475,17 +1575,30 @@ impl Filesystem for UpperFs {
             let _g = self.big.lock();
             self.prepare_create(&rel)?;
             let at = self.at(Layer::Upper, &rel)?;
-            let acc = flags & libc::O_ACCMODE;
+            // Read-write whatever the flags: the writeback cache may read to fill pages.
+            let _ = flags;
             let f = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW)
                 .mode(mode & !umask & 0o7777)
                 .open(&at.path)?;
-            let _ = acc;
-            fs::set_permissions(&at.path, fs::Permissions::from_mode(mode & !umask & 0o7777))?;
+            f.set_permissions(fs::Permissions::from_mode(mode & !umask & 0o7777))?;
             self.own(req, &rel, &at.path)?;
-            let a = self.attr(&rel)?;
+            // A new upper file: its identity is its upper inode (as `find` would answer).
+            let md = f.metadata()?;
+            let found = Found {
+                opaque: false,
+                upper: Some(md),
+                lower: None,
+            };
+            let ino = self.ino_for(&rel, &found);
+            let a = found
+                .upper
+                .as_ref()
+                .map(|md| self.view_attr(ino, md))
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?;
             Ok((f, a))
         })();
         match r {

@@ -321,7 +321,9 @@ impl MountService {
         if !self.inner.keep_records.load(Ordering::SeqCst) {
             let _ = std::fs::remove_file(&w.record);
         }
-        let _ = self.unmount_internal_lazy(&w.lower, lazy);
+        if let Err(e) = self.unmount_internal_lazy(&w.lower, lazy) {
+            tracing::warn!(lower = %w.lower.display(), "unmounting a writable view's lower: {e}");
+        }
         let _ = std::fs::remove_dir(&w.lower);
         self.inner.changed.notify_all();
     }
