@@ -197,6 +197,16 @@ fn attr_of(ino: u64, md: &fs::Metadata) -> FileAttr {
 impl UpperFs {
     /// The view of `lower` under `upper`, with `work` (on `upper`'s filesystem) for copy-ups.
     pub fn new(lower: &Path, upper: &Path, work: &Path) -> io::Result<Self> {
+        // Copy-ups a killed daemon left half made (never renamed into the upper layer).
+        if let Ok(entries) = fs::read_dir(work) {
+            for e in entries.flatten() {
+                let leftover = e.file_name().as_bytes().starts_with(b"copyup.")
+                    && e.file_type().is_ok_and(|t| !t.is_dir());
+                if leftover {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
         Ok(UpperFs {
             upper_root: open_dir_path(upper)?,
             lower_root: open_dir_path(lower)?,
@@ -532,7 +542,12 @@ impl UpperFs {
     fn copy_up(&self, rel: &Path) -> io::Result<fs::Metadata> {
         let f = self.find(rel)?;
         if let Some(u) = f.upper {
-            return Ok(u);
+            return match &f.lower {
+                Some(l) if u.is_file() && l.is_file() && self.is_metacopy(rel) => {
+                    self.copy_up_data(rel, &u, l)
+                }
+                _ => Ok(u),
+            };
         }
         if let Some(parent) = rel.parent() {
             self.copy_up(parent)?;
@@ -607,6 +622,100 @@ impl UpperFs {
         let up = fs::symlink_metadata(&dst.path)?;
         self.inodes.lock().origin.insert(up.ino(), md.ino());
         Ok(up)
+    }
+
+    /// Whether the upper `rel` is a metadata-only copy-up (its data still the lower's).
+    fn is_metacopy(&self, rel: &Path) -> bool {
+        self.at(Layer::Upper, rel)
+            .ok()
+            .and_then(|a| {
+                xattr::get(&a.path, self.xattr_name("metacopy"))
+                    .ok()
+                    .flatten()
+            })
+            .is_some()
+    }
+
+    /// Copies the metadata of lower `rel` up and no data (overlayfs's `metacopy=on`): a
+    /// chmod, chown, utimens or xattr change of an image file reads none of it. The upper
+    /// file is sparse, of the lower's size, marked `overlay.metacopy`; reads go to the lower
+    /// until a write copies the data up ([`Self::copy_up`]). Hard-linked files are copied up
+    /// whole (their names must stay one file).
+    fn copy_up_meta(&self, rel: &Path) -> io::Result<()> {
+        let f = self.find(rel)?;
+        if f.upper.is_some() {
+            return Ok(());
+        }
+        let Some(md) = f.lower else {
+            return Err(io::Error::from_raw_os_error(libc::ENOENT));
+        };
+        if !md.is_file() || md.nlink() > 1 {
+            return self.copy_up(rel).map(|_| ());
+        }
+        if let Some(parent) = rel.parent() {
+            self.copy_up(parent)?;
+        }
+        let src = self.at(Layer::Lower, rel)?;
+        let dst = self.at(Layer::Upper, rel)?;
+        let tmp = self.temp_name();
+        let made = (|| -> io::Result<()> {
+            let to = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            to.set_len(md.size())?;
+            xattr::set(&tmp, self.xattr_name("metacopy"), b"")?;
+            self.copy_attrs(&src.path, &md, &tmp)?;
+            // No data to sync: the journal orders the inode and its xattrs before the rename.
+            drop(to);
+            fs::rename(&tmp, &dst.path)
+        })();
+        if let Err(e) = made {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let up = fs::symlink_metadata(&dst.path)?;
+        self.inodes.lock().origin.insert(up.ino(), md.ino());
+        Ok(())
+    }
+
+    /// Completes the metadata-only copy-up `rel` (upper `up`) with the lower's data (`low`):
+    /// a new upper file with the data and the upper's attributes replaces it in one rename.
+    fn copy_up_data(
+        &self,
+        rel: &Path,
+        up: &fs::Metadata,
+        low: &fs::Metadata,
+    ) -> io::Result<fs::Metadata> {
+        let src = self.at(Layer::Lower, rel)?;
+        let dst = self.at(Layer::Upper, rel)?;
+        let tmp = self.temp_name();
+        let made = (|| -> io::Result<()> {
+            let mut from = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&src.path)?;
+            let mut to = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            copy_sparse(&mut from, &mut to, up.size())?;
+            to.sync_all()?;
+            // The attributes and xattrs the metacopy holds now (its overlay marks left out).
+            self.copy_attrs(&dst.path, up, &tmp)?;
+            fs::rename(&tmp, &dst.path)
+        })();
+        if let Err(e) = made {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let new = fs::symlink_metadata(&dst.path)?;
+        let mut t = self.inodes.lock();
+        let origin = t.origin.remove(&up.ino()).unwrap_or(low.ino());
+        t.origin.insert(new.ino(), origin);
+        Ok(new)
     }
 
     /// Copies `rel` (a directory) and everything under it up.
@@ -1019,8 +1128,11 @@ impl Filesystem for UpperFs {
             let _g = self.big.lock();
             let (rel, f) = self.checked(ino)?;
             let is_link = f.top().is_some_and(|(m, _)| m.file_type().is_symlink());
-            if f.upper.is_none() {
+            // A size change needs the data; metadata changes copy none.
+            if size.is_some() {
                 self.copy_up(&rel)?;
+            } else if f.upper.is_none() {
+                self.copy_up_meta(&rel)?;
             }
             let at = self.at(Layer::Upper, &rel)?;
             if let Some(m) = mode {
@@ -1253,10 +1365,15 @@ impl Filesystem for UpperFs {
             }
             let acc = flags.0 & libc::O_ACCMODE;
             let writing = acc != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+            let metacopy = || {
+                found.upper.is_some()
+                    && found.lower.as_ref().is_some_and(|l| l.is_file())
+                    && self.is_metacopy(&rel)
+            };
             let layer = if writing {
                 self.copy_up(&rel)?;
                 Layer::Upper
-            } else if found.upper.is_some() {
+            } else if found.upper.is_some() && !metacopy() {
                 Layer::Upper
             } else {
                 Layer::Lower
@@ -1493,7 +1610,7 @@ impl Filesystem for UpperFs {
         let r = (|| {
             let _g = self.big.lock();
             let (rel, _) = self.checked(ino)?;
-            self.copy_up(&rel)?;
+            self.copy_up_meta(&rel)?;
             xattr::set(&self.at(Layer::Upper, &rel)?.path, name, value)
         })();
         reply_empty(r, reply);
@@ -1551,7 +1668,7 @@ impl Filesystem for UpperFs {
         let r = (|| {
             let _g = self.big.lock();
             let (rel, _) = self.checked(ino)?;
-            self.copy_up(&rel)?;
+            self.copy_up_meta(&rel)?;
             xattr::remove(&self.at(Layer::Upper, &rel)?.path, name)
         })();
         reply_empty(r, reply);

@@ -49,7 +49,11 @@ pub fn lower_layer() -> Result<Vec<u8>> {
         .file("ro/file", 0o444, b"read only\n")?
         .dir("priv", 0o700)?
         .file("priv/secret", 0o600, b"secret\n")?
-        .dir("tmp", 0o1777)?;
+        .dir("tmp", 0o1777)?
+        .dir("meta", 0o755)?
+        .file("meta/a", 0o644, &noise(3, 200 << 10))?
+        .file("meta/b", 0o644, b"bee\n")?
+        .file("meta/d", 0o644, &noise(4, 8 << 10))?;
     l.finish()
 }
 
@@ -60,6 +64,7 @@ pub fn run(root: &Path) -> Vec<String> {
         ("copy-up on write", copy_up_on_write),
         ("copy-up on truncate", copy_up_on_truncate),
         ("metadata changes", metadata_changes),
+        ("metadata, then data changes", metadata_then_data),
         ("xattrs", xattrs),
         ("st_ino stable across copy-up", inode_stable),
         ("whiteouts", whiteouts),
@@ -140,6 +145,46 @@ fn metadata_changes(root: &Path) -> Result<()> {
         fs::read(&p)? == b"root:x:0:0::/root:/bin/sh\n",
         "content kept"
     );
+    Ok(())
+}
+
+/// A file whose metadata changed (a metadata-only copy-up where the view has one) keeps its
+/// content, its identity and the new metadata when its data changes or it is renamed.
+fn metadata_then_data(root: &Path) -> Result<()> {
+    let a = root.join("meta/a");
+    let ino = fs::metadata(&a)?.ino();
+    fs::set_permissions(&a, fs::Permissions::from_mode(0o640))?;
+    xattr::set(&a, "user.strata.k", b"v")?;
+    ensure!(fs::read(&a)? == noise(3, 200 << 10), "content after chmod");
+    let mut f = OpenOptions::new().append(true).open(&a)?;
+    f.write_all(b"tail")?;
+    drop(f);
+    let mut want = noise(3, 200 << 10);
+    want.extend_from_slice(b"tail");
+    ensure!(fs::read(&a)? == want, "content after the append");
+    let md = fs::metadata(&a)?;
+    ensure!(md.mode() & 0o7777 == 0o640, "mode {:o}", md.mode());
+    ensure!(md.ino() == ino, "st_ino {ino} -> {}", md.ino());
+    ensure!(
+        xattr::get(&a, "user.strata.k")?.as_deref() == Some(&b"v"[..]),
+        "xattr lost on the data copy-up"
+    );
+    let b = root.join("meta/b");
+    nix::unistd::chown(&b, Some(nix::unistd::Uid::from_raw(77)), None)?;
+    fs::rename(&b, root.join("meta/c"))?;
+    ensure!(
+        fs::read(root.join("meta/c"))? == b"bee\n",
+        "content after rename"
+    );
+    ensure!(
+        fs::metadata(root.join("meta/c"))?.uid() == 77,
+        "owner after rename"
+    );
+    ensure!(!b.exists(), "old name still there");
+    let d = root.join("meta/d");
+    fs::set_permissions(&d, fs::Permissions::from_mode(0o600))?;
+    nix::unistd::chown(&d, Some(nix::unistd::Uid::from_raw(78)), None)?;
+    ensure!(fs::read(&d)? == noise(4, 8 << 10), "content after chown");
     Ok(())
 }
 

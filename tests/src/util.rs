@@ -335,3 +335,30 @@ pub fn unpack_with_tar(layout: &Path, dest: &Path) {
         assert!(x.status.success(), "{}", String::from_utf8_lossy(&x.stderr));
     }
 }
+
+/// The pid of the node daemon serving `root`, from /proc.
+pub fn daemon_pid(root: &Path) -> Option<i32> {
+    let root = root.to_string_lossy().to_string();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<String> = cmd
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let at_root = args.windows(2).any(|w| w[0] == "--root" && w[1] == root);
+        (at_root && args.iter().any(|a| a == "daemon")).then_some(pid)
+    })
+}
+
+/// kill -9 of the node daemon of `root`; answers its pid.
+pub fn kill_node_daemon(root: &Path) -> i32 {
+    let daemon = daemon_pid(root).expect("the node daemon runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    daemon
+}

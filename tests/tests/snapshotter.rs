@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use strata_tests::image::scratch;
 use strata_tests::registry::TestRegistry;
-use strata_tests::util::{busybox_image, strata_bin, strata_ok, strata_with};
+use strata_tests::util::{
+    busybox_image, daemon_pid, kill_node_daemon, strata_bin, strata_ok, strata_with,
+};
 
 /// A child process killed (and reaped) when dropped.
 struct Daemon(Child);
@@ -267,33 +269,6 @@ fn blob_requests(lines: &[String], digest: &str) -> (u64, usize, bool) {
         ranged &= status == "206";
     }
     (bytes, count, ranged)
-}
-
-/// The pid of the node daemon serving `root`, from /proc.
-fn daemon_pid(root: &Path) -> Option<i32> {
-    let root = root.to_string_lossy().to_string();
-    fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-        let cmd = fs::read(e.path().join("cmdline")).ok()?;
-        let args: Vec<String> = cmd
-            .split(|&b| b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let at_root = args.windows(2).any(|w| w[0] == "--root" && w[1] == root);
-        (at_root && args.iter().any(|a| a == "daemon")).then_some(pid)
-    })
-}
-
-/// kill -9 of the node daemon of `root`; answers its pid.
-fn kill_node_daemon(root: &Path) -> i32 {
-    let daemon = daemon_pid(root).expect("the node daemon runs");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
-    daemon
 }
 
 /// A two-layer strata image in the registry, its layer digests, and its gzip OCI layout.
