@@ -224,8 +224,8 @@ impl MountService {
         // Restored by digest: the tag may move, the upper layer belongs to this manifest.
         recorded.image = info.manifest.clone();
         write_record(&recorded);
-        // One form per upper directory: the FUSE layer reads neither metacopy files nor
-        // redirects, which kernel overlayfs writes; kernel overlayfs reads the FUSE layer's.
+        // One form per upper directory: the FUSE layer reads its own metacopy files (data at
+        // the same path below) but not kernel overlayfs's redirects and origins.
         let form = upper_dir.join("form");
         let want = if req.fuse_upper {
             "strata-fuse"
