@@ -673,7 +673,8 @@ impl UpperFs {
             to.set_len(md.size())?;
             xattr::set(&tmp, self.xattr_name("metacopy"), b"")?;
             self.copy_attrs(&src.path, &md, &tmp)?;
-            // No data to sync: the journal orders the inode and its xattrs before the rename.
+            // No data to sync (nor does kernel overlayfs sync a metacopy): on a journaling
+            // filesystem the inode and its xattrs commit no later than the rename naming it.
             drop(to);
             fs::rename(&tmp, &dst.path)
         })();
