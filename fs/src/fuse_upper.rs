@@ -113,7 +113,11 @@ struct Inodes {
 }
 
 enum Handle {
+    /// A file of the upper layer.
     File(File),
+    /// A lower file opened for reading (never written; its attributes are not the view's: a
+    /// metadata-only copy-up holds those).
+    Lower(File),
     Dir(Vec<(u64, FileType, OsString)>),
 }
 
@@ -469,7 +473,13 @@ impl UpperFs {
             let _g = self.big.lock();
             let had_whiteout = self.prepare_create(&rel)?;
             let at = self.at(Layer::Upper, &rel)?;
-            make(&at.path, had_whiteout)?;
+            let made = make(&at.path, had_whiteout);
+            if had_whiteout {
+                // A directory made opaque over a deleted one: what lookups meanwhile learnt
+                // of the name (the image's directory showing through) is void.
+                self.dirs_changed();
+            }
+            made?;
             self.own(req, &rel, &at.path)
         })();
         match r {
@@ -719,9 +729,21 @@ impl UpperFs {
             return Err(e);
         }
         let new = fs::symlink_metadata(&dst.path)?;
+        // The file keeps the identity it had: its origin's, or (a metacopy made before a
+        // restart, whose origin was not known) its old upper inode's, moved to the new one.
         let mut t = self.inodes.lock();
-        let origin = t.origin.remove(&up.ino()).unwrap_or(low.ino());
-        t.origin.insert(new.ino(), origin);
+        match t.origin.remove(&up.ino()) {
+            Some(origin) => {
+                t.origin.insert(new.ino(), origin);
+            }
+            None => {
+                if let Some(i) = t.by_key.remove(&Key::Upper(up.ino())) {
+                    t.by_key.insert(Key::Upper(new.ino()), i);
+                    t.keys.insert(i, Key::Upper(new.ino()));
+                }
+            }
+        }
+        let _ = low;
         Ok(new)
     }
 
@@ -1033,6 +1055,18 @@ fn dir_entries(path: &Path) -> io::Result<Vec<(OsString, fs::Metadata)>> {
     Ok(out)
 }
 
+/// A setattr time as utimensat takes it (absent: left alone).
+fn timespec(t: Option<TimeOrNow>) -> nix::sys::time::TimeSpec {
+    match t {
+        None => nix::sys::time::TimeSpec::new(0, libc::UTIME_OMIT),
+        Some(TimeOrNow::Now) => nix::sys::time::TimeSpec::new(0, libc::UTIME_NOW),
+        Some(TimeOrNow::SpecificTime(t)) => {
+            let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+            nix::sys::time::TimeSpec::new(d.as_secs() as i64, d.subsec_nanos() as i64)
+        }
+    }
+}
+
 /// Drops what a write by an unprivileged process must drop (the daemon writes as root, whose
 /// writes keep them): setuid, setgid on a group-executable file, file capabilities.
 fn kill_privs(f: &File) -> io::Result<()> {
@@ -1086,6 +1120,8 @@ impl Filesystem for UpperFs {
         // `kill_privs`): the kernel then stops asking for `security.capability` before every
         // write and chown.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2);
+        // O_TRUNC arrives with the open (not as a separate SETATTR after it).
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_ATOMIC_O_TRUNC);
         Ok(())
     }
 
@@ -1099,6 +1135,8 @@ impl Filesystem for UpperFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         if let Some(fh) = fh {
             if let Ok(h) = self.file(fh) {
+                // Only an upper handle describes the view's file (a lower one lacks what a
+                // metadata-only copy-up changed).
                 if let Handle::File(f) = &*h {
                     if let Ok(md) = f.metadata() {
                         return reply.attr(&TTL, &attr_of(ino.0, &md));
@@ -1130,6 +1168,32 @@ impl Filesystem for UpperFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        // Sizes and times through an open upper handle (the writeback cache sends them on
+        // close and fsync, also for a file unlinked or replaced since): the handle is the file.
+        if let (Some(h), None, None, None) = (fh.and_then(|f| self.file(f).ok()), mode, uid, gid) {
+            if let Handle::File(f) = &*h {
+                let r = (|| -> io::Result<fs::Metadata> {
+                    if let Some(s) = size {
+                        if req.uid() != 0 {
+                            kill_privs(f)?;
+                        }
+                        f.set_len(s)?;
+                    }
+                    if atime.is_some() || mtime.is_some() {
+                        nix::sys::stat::futimens(
+                            f.as_raw_fd(),
+                            &timespec(atime),
+                            &timespec(mtime),
+                        )?;
+                    }
+                    f.metadata()
+                })();
+                return match r {
+                    Ok(md) => reply.attr(&TTL, &self.view_attr(ino.0, &md)),
+                    Err(e) => reply.error(errno(&e)),
+                };
+            }
+        }
         let r = (|| -> io::Result<fs::Metadata> {
             // The check and every action under the namespace lock, on the checked path.
             let _g = self.big.lock();
@@ -1175,6 +1239,7 @@ impl Filesystem for UpperFs {
                             f.set_len(s)?
                         }
                         Handle::Dir(_) => return Err(io::Error::from_raw_os_error(libc::EISDIR)),
+                        Handle::Lower(_) => return Err(io::Error::from_raw_os_error(libc::EBADF)),
                     },
                     _ => {
                         let f = OpenOptions::new()
@@ -1192,19 +1257,11 @@ impl Filesystem for UpperFs {
                 }
             }
             if atime.is_some() || mtime.is_some() {
-                let ts = |t: Option<TimeOrNow>| match t {
-                    None => nix::sys::time::TimeSpec::new(0, libc::UTIME_OMIT),
-                    Some(TimeOrNow::Now) => nix::sys::time::TimeSpec::new(0, libc::UTIME_NOW),
-                    Some(TimeOrNow::SpecificTime(t)) => {
-                        let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-                        nix::sys::time::TimeSpec::new(d.as_secs() as i64, d.subsec_nanos() as i64)
-                    }
-                };
                 nix::sys::stat::utimensat(
                     None,
                     &at.path,
-                    &ts(atime),
-                    &ts(mtime),
+                    &timespec(atime),
+                    &timespec(mtime),
                     nix::sys::stat::UtimensatFlags::NoFollowSymlink,
                 )?;
             }
@@ -1360,7 +1417,7 @@ impl Filesystem for UpperFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let r = (|| -> io::Result<File> {
+        let r = (|| -> io::Result<Handle> {
             // Checked, copied up and opened under the namespace lock: what was checked is what
             // is opened.
             let _g = self.big.lock();
@@ -1410,9 +1467,13 @@ impl Filesystem for UpperFs {
             if flags.0 & libc::O_TRUNC != 0 && req.uid() != 0 {
                 kill_privs(&file)?;
             }
-            Ok(file)
+            Ok(if layer == Layer::Lower {
+                Handle::Lower(file)
+            } else {
+                Handle::File(file)
+            })
         })();
-        self.opened(r.map(Handle::File), reply);
+        self.opened(r, reply);
     }
 
     fn read(
@@ -1430,7 +1491,7 @@ impl Filesystem for UpperFs {
             Ok(h) => h,
             Err(e) => return reply.error(e),
         };
-        let Handle::File(f) = &*h else {
+        let (Handle::File(f) | Handle::Lower(f)) = &*h else {
             return reply.error(Errno::EISDIR);
         };
         let mut buf = vec![0u8; size as usize];
@@ -1516,6 +1577,7 @@ impl Filesystem for UpperFs {
             .and_then(|h| match &*h {
                 Handle::File(f) if datasync => f.sync_data(),
                 Handle::File(f) => f.sync_all(),
+                Handle::Lower(_) => Ok(()),
                 Handle::Dir(_) => Ok(()),
             });
         reply_empty(r, reply);
@@ -1755,6 +1817,7 @@ impl Filesystem for UpperFs {
                     length as i64,
                 )
                 .map_err(io::Error::from),
+                Handle::Lower(_) => Err(io::Error::from_raw_os_error(libc::EBADF)),
                 Handle::Dir(_) => Err(io::Error::from_raw_os_error(libc::EISDIR)),
             });
         reply_empty(r, reply);

@@ -473,6 +473,22 @@ fn unlink_open(root: &Path) -> Result<()> {
     f.read_to_string(&mut s)?;
     ensure!(s == "deep\n", "read after unlink: {s:?}");
     ensure!(!p.exists());
+    // A file written, then unlinked while open: its writes and fsync still work.
+    let q = root.join("tmp/unlinked");
+    let mut w = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&q)?;
+    w.write_all(b"before")?;
+    fs::remove_file(&q)?;
+    w.write_all(b" after")?;
+    w.sync_all()?;
+    let mut s = String::new();
+    w.seek(SeekFrom::Start(0))?;
+    w.read_to_string(&mut s)?;
+    ensure!(s == "before after", "read back after unlink: {s:?}");
     Ok(())
 }
 
