@@ -355,10 +355,17 @@ impl MountService {
         } else {
             nix::mount::MntFlags::empty()
         };
-        nix::mount::umount2(target, flags).map_err(|e| ServiceError::Unmount {
-            path: target.to_path_buf(),
-            source: e.into(),
-        })?;
+        match nix::mount::umount2(target, flags) {
+            // An ordinary user's FUSE view was mounted through the setuid fusermount3, which
+            // unmounts it too.
+            Err(nix::errno::Errno::EPERM) if !nix::unistd::geteuid().is_root() => {
+                fusermount_unmount(target, lazy)?
+            }
+            r => r.map_err(|e| ServiceError::Unmount {
+                path: target.to_path_buf(),
+                source: e.into(),
+            })?,
+        }
         // A lazily detached busy view still holds its lower: detach that too.
         self.drop_view(target, true);
         Ok(())
@@ -397,6 +404,30 @@ impl MountService {
         upper::changes(&upper, &lower, exclude)
             .map_err(|e| ServiceError::Io(format!("reading {}: {e}", upper.display())))
     }
+}
+
+/// `fusermount3 -u [-z] target`: how an ordinary user unmounts a FUSE mount of theirs.
+fn fusermount_unmount(target: &Path, lazy: bool) -> Result<(), ServiceError> {
+    let mut cmd = std::process::Command::new("fusermount3");
+    cmd.arg("-u");
+    if lazy {
+        cmd.arg("-z");
+    }
+    let out = cmd
+        .arg("--")
+        .arg(target)
+        .output()
+        .map_err(|e| ServiceError::Unmount {
+            path: target.to_path_buf(),
+            source: e,
+        })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(ServiceError::Unmount {
+        path: target.to_path_buf(),
+        source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+    })
 }
 
 /// Mounts strata's FUSE writable layer (`crate::fuse_upper`) at `target`, its session served
