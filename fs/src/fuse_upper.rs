@@ -501,10 +501,21 @@ impl UpperFs {
         let (md, _) = f
             .top()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
-        Ok(self.view_attr(ino, md))
+        let mut a = self.view_attr(ino, md);
+        if f.upper.is_some() {
+            if let Some((uid, gid)) = self
+                .at(Layer::Upper, rel)
+                .ok()
+                .and_then(|at| self.recorded_owner(&at.path, md))
+            {
+                (a.uid, a.gid) = (uid, gid);
+            }
+        }
+        Ok(a)
     }
 
-    /// The attributes the view shows for `md` as inode `ino`.
+    /// The attributes the view shows for `md` as inode `ino` (for an upper entry, see also
+    /// [`Self::recorded_owner`]).
     fn view_attr(&self, ino: u64, md: &fs::Metadata) -> FileAttr {
         let mut a = attr_of(ino, md);
         if md.is_dir() {
@@ -513,16 +524,40 @@ impl UpperFs {
         a
     }
 
+    /// The owner an unprivileged daemon could not give the upper entry at `path` (`md`): the
+    /// image's, kept in `user.strata.owner` ("UID:GID") when a copy-up's chown was refused.
+    fn recorded_owner(&self, path: &Path, md: &fs::Metadata) -> Option<(u32, u32)> {
+        if self.ns != "user." || md.uid() != nix::unistd::geteuid().as_raw() {
+            return None;
+        }
+        let v = xattr::get(path, OWNER_XATTR).ok().flatten()?;
+        let (u, g) = std::str::from_utf8(&v).ok()?.split_once(':')?;
+        Some((u.parse().ok()?, g.parse().ok()?))
+    }
+
     /// Copies the attributes of `from` (metadata `md`) onto `to` (a path in the upper layer).
     fn copy_attrs(&self, from: &Path, md: &fs::Metadata, to: &Path) -> io::Result<()> {
         let t = md.file_type();
-        nix::unistd::fchownat(
+        let (uid, gid) = self
+            .recorded_owner(from, md)
+            .unwrap_or((md.uid(), md.gid()));
+        match nix::unistd::fchownat(
             None,
             to,
-            Some(md.uid().into()),
-            Some(md.gid().into()),
+            Some(uid.into()),
+            Some(gid.into()),
             nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-        )?;
+        ) {
+            // An unprivileged daemon cannot give files away: the entry stays the user's and
+            // the view shows the image's owner, recorded beside it (symlinks take no user
+            // xattrs: theirs shows as the user's).
+            Err(nix::errno::Errno::EPERM) if self.ns == "user." => {
+                if !t.is_symlink() {
+                    xattr::set(to, OWNER_XATTR, format!("{uid}:{gid}").as_bytes())?;
+                }
+            }
+            r => r?,
+        }
         if !t.is_symlink() {
             fs::set_permissions(to, fs::Permissions::from_mode(md.mode() & 0o7777))?;
         }
@@ -1139,7 +1174,12 @@ impl Filesystem for UpperFs {
                 // metadata-only copy-up changed).
                 if let Handle::File(f) = &*h {
                     if let Ok(md) = f.metadata() {
-                        return reply.attr(&TTL, &attr_of(ino.0, &md));
+                        let mut a = attr_of(ino.0, &md);
+                        let fd = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
+                        if let Some((uid, gid)) = self.recorded_owner(&fd, &md) {
+                            (a.uid, a.gid) = (uid, gid);
+                        }
+                        return reply.attr(&TTL, &a);
                     }
                 }
             }
@@ -1194,7 +1234,7 @@ impl Filesystem for UpperFs {
                 };
             }
         }
-        let r = (|| -> io::Result<fs::Metadata> {
+        let r = (|| -> io::Result<FileAttr> {
             // The check and every action under the namespace lock, on the checked path.
             let _g = self.big.lock();
             let (rel, f) = self.checked(ino)?;
@@ -1266,10 +1306,15 @@ impl Filesystem for UpperFs {
                 )?;
             }
             // What is there now, still under the lock.
-            fs::symlink_metadata(&at.path)
+            let md = fs::symlink_metadata(&at.path)?;
+            let mut a = self.view_attr(ino.0, &md);
+            if let Some((uid, gid)) = self.recorded_owner(&at.path, &md) {
+                (a.uid, a.gid) = (uid, gid);
+            }
+            Ok(a)
         })();
         match r {
-            Ok(md) => reply.attr(&TTL, &self.view_attr(ino.0, &md)),
+            Ok(a) => reply.attr(&TTL, &a),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -1824,7 +1869,13 @@ impl Filesystem for UpperFs {
     }
 }
 
+/// Where an unprivileged daemon keeps an upper entry's image owner it could not chown to.
+const OWNER_XATTR: &str = "user.strata.owner";
+
+/// The xattrs of the layers' own bookkeeping: never shown, set or copied as a file's own.
 fn is_overlay_name(name: &OsStr) -> bool {
     let b = name.as_bytes();
-    b.starts_with(b"trusted.overlay.") || b.starts_with(b"user.overlay.")
+    b.starts_with(b"trusted.overlay.")
+        || b.starts_with(b"user.overlay.")
+        || b == OWNER_XATTR.as_bytes()
 }

@@ -108,5 +108,65 @@ fn an_ordinary_user_mounts_images_lazily() {
     let o = as_user(uid, gid, &home, &["umount", mnt.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(!is_mounted(&mnt));
+
+    // A writable view from strata's FUSE writable layer, the user's too: writes where the
+    // image lets the user write (its /tmp), in overlayfs's form under DIR, owned by the user;
+    // unmounted through fusermount3.
+    let dir = home.join("dir");
+    let o = as_user(
+        uid,
+        gid,
+        &home,
+        &[
+            "mount",
+            "--upper",
+            dir.to_str().unwrap(),
+            "--fuse-upper",
+            &image,
+            mnt.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let script = format!(
+        "set -e; cd {}; echo x > tmp/a; mkdir tmp/d; echo y > tmp/d/b; mv tmp/a tmp/c; \
+         cat etc/motd; ! touch etc/motd 2>/dev/null; stat -c %u:%g tmp",
+        mnt.display()
+    );
+    let w = Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={gid}"),
+            "--clear-groups",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .output()
+        .unwrap();
+    assert!(w.status.success(), "{}", String::from_utf8_lossy(&w.stderr));
+    // /tmp was copied up (the daemon could not chown it to root): the view still shows the
+    // image's owner.
+    assert_eq!(String::from_utf8_lossy(&w.stdout), "welcome\n0:0\n");
+    let o = as_user(uid, gid, &home, &["umount", mnt.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!is_mounted(&mnt));
+    let upper = dir.join("upper");
+    assert_eq!(fs::read(upper.join("tmp/c")).unwrap(), b"x\n");
+    assert_eq!(fs::read(upper.join("tmp/d/b")).unwrap(), b"y\n");
+    assert!(!upper.join("tmp/a").exists());
+    assert_eq!(fs::metadata(upper.join("tmp/c")).unwrap().uid(), uid);
+    assert_eq!(
+        xattr::get(upper.join("tmp"), "user.strata.owner")
+            .unwrap()
+            .as_deref(),
+        Some(&b"0:0"[..])
+    );
+    assert!(!upper.join("etc/motd").exists());
     let _ = as_user(uid, gid, &home, &["daemon", "--stop", "--forget"]);
+    let left = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !left.contains(tmp.path().to_str().unwrap()),
+        "mounts left behind"
+    );
 }
