@@ -4,7 +4,7 @@
 set -euo pipefail
 
 need=()
-for pkg in fuse3 umoci skopeo zstd tar bc attr docker-registry apache2-utils curl openssl runc crun podman buildah busybox-static gcc libc6-dev containerd golang-github-containerd-containerd-dev; do
+for pkg in fuse3 uidmap umoci skopeo zstd tar bc attr docker-registry apache2-utils curl openssl runc crun podman buildah busybox-static gcc libc6-dev containerd golang-github-containerd-containerd-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -322,9 +322,28 @@ pub fn container_spec(o: &SpecOptions) -> Result<Spec, RuntimeError> {
     for v in &o.volumes {
         mounts.push(bind(&v.host, &v.container, v.read_only));
     }
+    // Root of a user namespace (a rootless container): a new sysfs is refused where the host's
+    // is partly covered, and cgroups are not this user's to set up: the host's /sys bound
+    // read-only and no cgroup mount or limits, as runc's rootless spec has it.
+    let rootless = !strata_fs::fuse_upper::privileged();
+    if rootless {
+        for m in mounts.iter_mut() {
+            if m.typ().as_deref() == Some("sysfs") {
+                let mut sys = bind(Path::new("/sys"), Path::new("/sys"), true);
+                let mut options = sys.options().clone().unwrap_or_default();
+                options.extend(["nosuid", "noexec", "nodev"].map(String::from));
+                sys.set_options(Some(options));
+                *m = sys;
+            }
+        }
+        mounts.retain(|m| m.typ().as_deref() != Some("cgroup"));
+    }
     spec.set_mounts(Some(mounts));
 
     if let Some(linux) = spec.linux_mut() {
+        if rootless {
+            linux.set_resources(None);
+        }
         if o.host_network {
             if let Some(ns) = linux.namespaces_mut() {
                 ns.retain(|n| n.typ() != LinuxNamespaceType::Network);

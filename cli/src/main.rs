@@ -78,6 +78,9 @@ enum Command {
     History(commands::container::HistoryArgs),
     #[command(hide = true)]
     ContainerMonitor(commands::container::MonitorArgs),
+    /// (Internal) keeps an ordinary user's rootless user namespace alive.
+    #[command(hide = true)]
+    UsernsHolder,
     /// Mount an image read-only (lazily) at a directory.
     Mount(commands::mount::MountArgs),
     /// What changed in a writable view (A/C/D lines, like `docker container diff`).
@@ -214,6 +217,28 @@ fn main() {
             )
             .init();
     }
+    // An ordinary user's containers and builds live in the user's rootless user namespace.
+    let in_userns = match &cli.command {
+        Command::Run(_)
+        | Command::Ps(_)
+        | Command::Rm(_)
+        | Command::Start(_)
+        | Command::Stop(_)
+        | Command::Kill(_)
+        | Command::Logs(_)
+        | Command::Commit(_)
+        | Command::Exec(_)
+        | Command::Build(_) => true,
+        // A container's changes (a writable view of the user's own is a directory here).
+        Command::Diff(a) => !a.mountpoint.is_dir(),
+        _ => false,
+    };
+    if in_userns {
+        if let Err(e) = commands::rootless::reenter(&cli.global) {
+            eprintln!("strata: error: {e:#}");
+            std::process::exit(125);
+        }
+    }
     let result = match cli.command {
         Command::Convert(a) => commands::convert::run(&cli.global, a),
         Command::Mount(a) => commands::mount::mount(&cli.global, a),
@@ -234,6 +259,7 @@ fn main() {
         Command::Save(a) => commands::archive::save(&cli.global, a),
         Command::Load(a) => commands::archive::load(&cli.global, a),
         Command::ContainerMonitor(a) => commands::container::monitor(&cli.global, a),
+        Command::UsernsHolder => commands::rootless::hold(&cli.global),
         Command::Daemon(a) => commands::daemon::run(&cli.global, a),
         Command::Umount(a) => commands::mount::umount(&cli.global, a),
         Command::Mounts(a) => commands::mount::mounts(&cli.global, a),

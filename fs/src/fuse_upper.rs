@@ -221,11 +221,7 @@ impl UpperFs {
             upper_root: open_dir_path(upper)?,
             lower_root: open_dir_path(lower)?,
             work: work.to_path_buf(),
-            ns: if nix::unistd::geteuid().is_root() {
-                "trusted."
-            } else {
-                "user."
-            },
+            ns: if privileged() { "trusted." } else { "user." },
             inodes: Mutex::new(Inodes {
                 next: 2,
                 ..Inodes::default()
@@ -1867,6 +1863,15 @@ impl Filesystem for UpperFs {
             });
         reply_empty(r, reply);
     }
+}
+
+/// Whether this process is root of the initial user namespace: the one that may write
+/// `trusted.` xattrs (and mount kernel overlayfs with metacopy and index). Root of another user
+/// namespace (a rootless container's) is not.
+pub fn privileged() -> bool {
+    nix::unistd::geteuid().is_root()
+        && fs::read_to_string("/proc/self/uid_map")
+            .is_ok_and(|m| m.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"])
 }
 
 /// Where an unprivileged daemon keeps an upper entry's image owner it could not chown to.

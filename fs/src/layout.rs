@@ -22,6 +22,11 @@
 //! `CACHE` is `ROOT/cache`, except for an ordinary user's default root
 //! (`$XDG_DATA_HOME/strata`), whose caches go where a user's caches go: `$XDG_CACHE_HOME/strata`
 //! (by default `~/.cache/strata`), out of backups and disposable as the spec says.
+//!
+//! Root of a user namespace (an ordinary user's rootless namespace, `strata` re-run inside it
+//! for containers and builds) runs a node daemon of its own, whose mounts live in that
+//! namespace: its daemon files, mount records, containers and caches are under `ROOT/userns/`
+//! (`STATE`), the images and blobs are the same store's.
 
 use std::path::{Path, PathBuf};
 
@@ -29,7 +34,14 @@ use std::path::{Path, PathBuf};
 #[derive(Clone, Debug)]
 pub struct Layout {
     root: PathBuf,
+    /// Where the daemon's own files go: `root`, or `root/userns` in a user namespace.
+    state: PathBuf,
     cache: PathBuf,
+}
+
+/// Whether this process is root of a user namespace other than the initial one.
+pub fn in_user_namespace() -> bool {
+    nix::unistd::geteuid().is_root() && !crate::fuse_upper::privileged()
 }
 
 /// Where the caches of `root` live (see the module's table).
@@ -49,8 +61,17 @@ fn cache_root(root: &Path) -> PathBuf {
 impl Layout {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         let root = root.into();
+        if in_user_namespace() {
+            let state = root.join("userns");
+            let cache = state.join("cache");
+            return Layout { root, state, cache };
+        }
         let cache = cache_root(&root);
-        Layout { root, cache }
+        Layout {
+            state: root.clone(),
+            root,
+            cache,
+        }
     }
 
     /// The directory of the chunk and file caches.
@@ -104,22 +125,27 @@ impl Layout {
     }
 
     pub fn mounts(&self) -> PathBuf {
-        self.root.join("mounts")
+        self.state.join("mounts")
     }
 
     pub fn containers(&self) -> PathBuf {
-        self.root.join("containers")
+        self.state.join("containers")
     }
 
     pub fn socket(&self) -> PathBuf {
-        self.root.join("daemon.sock")
+        self.state.join("daemon.sock")
     }
 
     pub fn daemon_lock(&self) -> PathBuf {
-        self.root.join("daemon.lock")
+        self.state.join("daemon.lock")
     }
 
     pub fn daemon_log(&self) -> PathBuf {
-        self.root.join("daemon.log")
+        self.state.join("daemon.log")
+    }
+
+    /// The directory of the daemon's own files (`ROOT`, or `ROOT/userns`).
+    pub fn state(&self) -> &Path {
+        &self.state
     }
 }

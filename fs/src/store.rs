@@ -120,7 +120,12 @@ impl Store {
         let root = root.into();
         let layout = Layout::new(&root);
         create_private_dir(&root)?;
-        for d in [layout.blobs(), layout.tmp(), layout.mounts()] {
+        for d in [
+            layout.blobs(),
+            layout.tmp(),
+            layout.state().to_path_buf(),
+            layout.mounts(),
+        ] {
             create_private_dir(&d)?;
         }
         let store = Store { root, layout };

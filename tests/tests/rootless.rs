@@ -49,6 +49,22 @@ fn as_user(uid: u32, gid: u32, home: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `sh -c SCRIPT` as the test user.
+fn sh_as_user(uid: u32, gid: u32, script: &str) -> Output {
+    Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={gid}"),
+            "--clear-groups",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn an_ordinary_user_mounts_images_lazily() {
     // /dev/fuse is 0666 on a standard system (scripts/setup.sh makes it so in containers).
@@ -132,18 +148,7 @@ fn an_ordinary_user_mounts_images_lazily() {
          cat etc/motd; ! touch etc/motd 2>/dev/null; stat -c %u:%g tmp",
         mnt.display()
     );
-    let w = Command::new("setpriv")
-        .args([
-            &format!("--reuid={uid}"),
-            &format!("--regid={gid}"),
-            "--clear-groups",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ])
-        .output()
-        .unwrap();
+    let w = sh_as_user(uid, gid, &script);
     assert!(w.status.success(), "{}", String::from_utf8_lossy(&w.stderr));
     // /tmp was copied up (the daemon could not chown it to root): the view still shows the
     // image's owner.
@@ -164,6 +169,163 @@ fn an_ordinary_user_mounts_images_lazily() {
     );
     assert!(!upper.join("etc/motd").exists());
     let _ = as_user(uid, gid, &home, &["daemon", "--stop", "--forget"]);
+    let left = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !left.contains(tmp.path().to_str().unwrap()),
+        "mounts left behind"
+    );
+}
+
+/// Gives the test user subordinate uid and gid ranges (as `useradd` does for a normal user).
+fn subordinate_ranges() -> u32 {
+    let base = 300_000;
+    for (file, flag) in [
+        ("/etc/subuid", "--add-subuids"),
+        ("/etc/subgid", "--add-subgids"),
+    ] {
+        let has = fs::read_to_string(file)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.starts_with(&format!("{USER}:")));
+        if !has {
+            let o = Command::new("usermod")
+                .args([flag, &format!("{base}-{}", base + 65535), USER])
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+    }
+    let line = fs::read_to_string("/etc/subuid").unwrap();
+    let l = line
+        .lines()
+        .find(|l| l.starts_with(&format!("{USER}:")))
+        .unwrap();
+    l.split(':').nth(1).unwrap().parse().unwrap()
+}
+
+/// The containers walk-through as an ordinary user: `run` (in the user's rootless user
+/// namespace, runc rootless, strata's FUSE writable layer), `diff`, a `build`, `commit`, `push`, and a
+/// lazy mount of the result from the registry into another store of the user's. Owners inside
+/// are the image's; on disk, uid N of the container is the user's N-th subordinate uid.
+#[test]
+fn an_ordinary_user_runs_commits_and_pushes_containers() {
+    let (uid, gid) = test_user();
+    let sub = subordinate_ranges();
+    let tmp = tempfile::Builder::new()
+        .prefix("strata-rootless-run")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let reg = TestRegistry::start(&tmp.path().join("registry"), None).unwrap();
+    let image = busybox_image(tmp.path(), &reg.addr);
+    let home = tmp.path().join("home");
+    fs::create_dir_all(&home).unwrap();
+    nix::unistd::chown(&home, Some(uid.into()), Some(gid.into())).unwrap();
+    let user = |args: &[&str]| {
+        let o = as_user(uid, gid, &home, args);
+        assert!(
+            o.status.success(),
+            "strata {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let out = user(&[
+        "run",
+        "--name",
+        "c1",
+        &image,
+        // The image's ENTRYPOINT is sh.
+        "-c",
+        "echo hello > /tmp/greeting; mkdir /opt/app; echo v2 > /opt/app/version; \
+         chown 1000:1000 /opt/app/version; rm /opt/d/f1; id -u; stat -c %u /etc/motd",
+    ]);
+    assert_eq!(out, "0\n0\n");
+    let diff = user(&["diff", "c1"]);
+    for want in ["A /tmp/greeting", "A /opt/app/version", "D /opt/d/f1"] {
+        assert!(
+            diff.lines().any(|l| l == want),
+            "{want} missing in:\n{diff}"
+        );
+    }
+    // On disk the container's uid 1000 is the user's 1000th subordinate uid.
+    let root = home.join(".local/share/strata");
+    let containers = root.join("userns/containers");
+    let version = fs::read_dir(&containers)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("layer/upper/opt/app/version"))
+        .find(|p| p.exists())
+        .expect("the container's upper layer");
+    assert_eq!(fs::metadata(&version).unwrap().uid(), sub + 999);
+
+    // A build, rootless the same way.
+    let ctx = home.join("ctx");
+    fs::create_dir_all(&ctx).unwrap();
+    fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM {image}\nRUN echo built > /built && chown 1000 /built\nCOPY note /note\n"),
+    )
+    .unwrap();
+    fs::write(ctx.join("note"), "noted\n").unwrap();
+    for p in [&ctx, &ctx.join("Dockerfile"), &ctx.join("note")] {
+        nix::unistd::chown(p.as_path(), Some(uid.into()), Some(gid.into())).unwrap();
+    }
+    user(&["build", "-t", "rootless/built:v1", ctx.to_str().unwrap()]);
+    let out = user(&[
+        "run",
+        "--rm",
+        "rootless/built:v1",
+        "-c",
+        "cat /built /note; stat -c %u /built",
+    ]);
+    assert_eq!(out, "built\nnoted\n1000\n");
+
+    let pushed = format!("{}/rootless/result:v1", reg.addr);
+    user(&["commit", "c1", &pushed]);
+    user(&["push", &pushed]);
+    user(&["rm", "c1"]);
+    assert!(user(&["ps", "-a"]).lines().count() <= 1);
+
+    // The result, lazily from the registry, in another store of the user's.
+    let home2 = tmp.path().join("home2");
+    let mnt = home2.join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    for d in [&home2, &mnt] {
+        nix::unistd::chown(d, Some(uid.into()), Some(gid.into())).unwrap();
+    }
+    let o = as_user(uid, gid, &home2, &["mount", &pushed, mnt.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let script = format!(
+        "cd {}; cat tmp/greeting opt/app/version; stat -c %u:%g opt/app/version; \
+         test ! -e opt/d/f1 && echo gone",
+        mnt.display()
+    );
+    let look = sh_as_user(uid, gid, &script);
+    assert_eq!(
+        String::from_utf8_lossy(&look.stdout),
+        "hello\nv2\n1000:1000\ngone\n",
+        "{}",
+        String::from_utf8_lossy(&look.stderr)
+    );
+    let o = as_user(uid, gid, &home2, &["umount", mnt.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // Stop what the test started: the daemons and the namespace holder (its daemon with it).
+    let _ = as_user(uid, gid, &home2, &["daemon", "--stop", "--forget"]);
+    let _ = as_user(uid, gid, &home, &["daemon", "--stop", "--forget"]);
+    if let Some(pid) = fs::read_to_string(root.join("userns.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok())
+    {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let _ = Command::new("pkill")
+        .args(["-KILL", "-u", &uid.to_string(), "-f", "strata"])
+        .status();
+    // Upper files owned by subordinate ids: removed as root.
     let left = fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(
         !left.contains(tmp.path().to_str().unwrap()),

@@ -240,7 +240,7 @@ pub fn connect_or_start(g: &GlobalArgs, settings: &DaemonSettings) -> anyhow::Re
     // its socket answering.
     strata_fs::store::create_private_dir(&g.root)
         .with_context(|| format!("creating {}", g.root.display()))?;
-    let start_lock = layout.root().join("daemon.start.lock");
+    let start_lock = layout.state().join("daemon.start.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)

@@ -8,6 +8,7 @@ pub mod images;
 pub mod metrics;
 pub mod mount;
 pub mod registry;
+pub mod rootless;
 pub mod rpull;
 pub mod snapshotter;
 

@@ -227,13 +227,16 @@ impl MountService {
         // One form per upper directory: the FUSE layer reads its own metacopy files (data at
         // the same path below) but not kernel overlayfs's redirects and origins.
         let form = upper_dir.join("form");
-        let want = if req.fuse_upper {
-            "strata-fuse"
-        } else {
-            "overlayfs"
-        };
-        match std::fs::read_to_string(&form) {
-            Ok(f) if f.trim() != want => {
+        // FUSE when asked, when DIR was written by it, or when kernel overlayfs cannot give
+        // this form here (an ordinary user; root of a user namespace, where overlayfs refuses
+        // metacopy, index and trusted xattrs).
+        let written = std::fs::read_to_string(&form).ok();
+        let fuse = req.fuse_upper
+            || written.as_deref().map(str::trim) == Some("strata-fuse")
+            || (written.is_none() && !crate::fuse_upper::privileged());
+        let want = if fuse { "strata-fuse" } else { "overlayfs" };
+        match written {
+            Some(f) if f.trim() != want => {
                 undo(true);
                 return Err(bad(
                     &upper_dir,
@@ -243,10 +246,10 @@ impl MountService {
                     ),
                 ));
             }
-            Ok(_) => {}
-            Err(_) => {
+            Some(_) => {}
+            None => {
                 let fresh = std::fs::read_dir(&dirs.upper).map_or(true, |mut d| d.next().is_none());
-                if req.fuse_upper && !fresh {
+                if fuse && !fresh {
                     undo(true);
                     return Err(bad(
                         &upper_dir,
@@ -259,7 +262,7 @@ impl MountService {
                 }
             }
         }
-        let mounted = if req.fuse_upper {
+        let mounted = if fuse {
             mount_fuse_upper(&lower, &dirs, target, req.setuid)
         } else {
             upper::mount_overlay(&lower, &dirs, target, !req.setuid)
