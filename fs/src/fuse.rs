@@ -1137,11 +1137,14 @@ fn visible_xattrs(n: &Node) -> impl Iterator<Item = (&[u8], &[u8])> {
         )
 }
 
-/// overlayfs's own attributes (`trusted.overlay.*`, `user.overlay.*`) are never passed through
+/// overlayfs's own attributes (`trusted.overlay.*`, `user.overlay.*`) and the FUSE writable
+/// layer's record of owners (`user.strata.owner`) are never passed through
 /// from image content: an image could otherwise forge whiteouts, redirects or metacopy origins
 /// for an overlay mounted over this filesystem. They read as absent.
 fn is_overlay_xattr(name: &[u8]) -> bool {
-    name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.")
+    name.starts_with(b"trusted.overlay.")
+        || name.starts_with(b"user.overlay.")
+        || name == crate::fuse_upper::OWNER_XATTR.as_bytes()
 }
 
 /// A directory's entries from `offset` on, as (offset of the next entry, name, inode):

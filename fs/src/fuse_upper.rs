@@ -1875,7 +1875,7 @@ pub fn privileged() -> bool {
 }
 
 /// Where an unprivileged daemon keeps an upper entry's image owner it could not chown to.
-const OWNER_XATTR: &str = "user.strata.owner";
+pub const OWNER_XATTR: &str = "user.strata.owner";
 
 /// The xattrs of the layers' own bookkeeping: never shown, set or copied as a file's own.
 fn is_overlay_name(name: &OsStr) -> bool {

@@ -23,8 +23,8 @@
 //! (`$XDG_DATA_HOME/strata`), whose caches go where a user's caches go: `$XDG_CACHE_HOME/strata`
 //! (by default `~/.cache/strata`), out of backups and disposable as the spec says.
 //!
-//! Root of a user namespace (an ordinary user's rootless namespace, `strata` re-run inside it
-//! for containers and builds) runs a node daemon of its own, whose mounts live in that
+//! strata re-run in an ordinary user's rootless user namespace (for containers and builds;
+//! `STRATA_USERNS` set) runs a node daemon of its own, whose mounts live in that
 //! namespace: its daemon files, mount records, containers and caches are under `ROOT/userns/`
 //! (`STATE`), the images and blobs are the same store's.
 
@@ -39,9 +39,13 @@ pub struct Layout {
     cache: PathBuf,
 }
 
-/// Whether this process is root of a user namespace other than the initial one.
+/// Whether this process is strata re-run in an ordinary user's rootless user namespace
+/// (`STRATA_USERNS` set there, root of a user namespace other than the initial one). Root of
+/// another user namespace (a system container's) keeps the usual layout.
 pub fn in_user_namespace() -> bool {
-    nix::unistd::geteuid().is_root() && !crate::fuse_upper::privileged()
+    std::env::var_os("STRATA_USERNS").is_some()
+        && nix::unistd::geteuid().is_root()
+        && !crate::fuse_upper::privileged()
 }
 
 /// Where the caches of `root` live (see the module's table).

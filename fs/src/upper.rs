@@ -58,11 +58,18 @@ pub fn is_whiteout(md: &std::fs::Metadata) -> bool {
     md.file_type().is_char_device() && md.rdev() == 0
 }
 
-/// Whether an upper-dir directory hides the lower directory's contents. Only the `trusted.`
-/// namespace counts (strata mounts overlays without `userxattr`): a container can set
-/// `user.overlay.opaque` itself and must not fake deletions with it.
+/// Whether an upper-dir directory hides the lower directory's contents. As root, only the
+/// `trusted.` namespace counts (strata mounts overlays without `userxattr`): a container can
+/// set `user.overlay.opaque` itself and must not fake deletions with it. Unprivileged (an
+/// ordinary user, or root of a rootless user namespace), the marks are the `user.` ones the
+/// FUSE writable layer writes there, and the layer never lets a container set them.
 pub fn is_opaque(path: &Path) -> bool {
-    xattr::get(path, "trusted.overlay.opaque")
+    let name = if crate::fuse_upper::privileged() {
+        "trusted.overlay.opaque"
+    } else {
+        "user.overlay.opaque"
+    };
+    xattr::get(path, name)
         .ok()
         .flatten()
         .is_some_and(|v| v == b"y")

@@ -237,11 +237,18 @@ fn an_ordinary_user_runs_commits_and_pushes_containers() {
         // The image's ENTRYPOINT is sh.
         "-c",
         "echo hello > /tmp/greeting; mkdir /opt/app; echo v2 > /opt/app/version; \
-         chown 1000:1000 /opt/app/version; rm /opt/d/f1; id -u; stat -c %u /etc/motd",
+         chown 1000:1000 /opt/app/version; rm /opt/d/f1; \
+         rm -r /opt/keep; mkdir /opt/keep; echo new > /opt/keep/n; id -u; stat -c %u /etc/motd",
     ]);
     assert_eq!(out, "0\n0\n");
     let diff = user(&["diff", "c1"]);
-    for want in ["A /tmp/greeting", "A /opt/app/version", "D /opt/d/f1"] {
+    for want in [
+        "A /tmp/greeting",
+        "A /opt/app/version",
+        "D /opt/d/f1",
+        "D /opt/keep",
+        "A /opt/keep/n",
+    ] {
         assert!(
             diff.lines().any(|l| l == want),
             "{want} missing in:\n{diff}"
@@ -297,34 +304,40 @@ fn an_ordinary_user_runs_commits_and_pushes_containers() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let script = format!(
         "cd {}; cat tmp/greeting opt/app/version; stat -c %u:%g opt/app/version; \
-         test ! -e opt/d/f1 && echo gone",
+         test ! -e opt/d/f1 && echo gone; test ! -e opt/keep/k1 && cat opt/keep/n",
         mnt.display()
     );
     let look = sh_as_user(uid, gid, &script);
     assert_eq!(
         String::from_utf8_lossy(&look.stdout),
-        "hello\nv2\n1000:1000\ngone\n",
+        "hello\nv2\n1000:1000\ngone\nnew\n",
         "{}",
         String::from_utf8_lossy(&look.stderr)
     );
     let o = as_user(uid, gid, &home2, &["umount", mnt.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
-    // Stop what the test started: the daemons and the namespace holder (its daemon with it).
+    // Stop what the test started: the daemons, the namespace holder and every process left
+    // in its namespaces (the inner daemon), found by namespace, not by name.
     let _ = as_user(uid, gid, &home2, &["daemon", "--stop", "--forget"]);
     let _ = as_user(uid, gid, &home, &["daemon", "--stop", "--forget"]);
-    if let Some(pid) = fs::read_to_string(root.join("userns.pid"))
-        .ok()
-        .and_then(|p| p.trim().parse::<i32>().ok())
-    {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+    let holder: i32 = fs::read_to_string(root.join("userns.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let ns = fs::read_link(format!("/proc/{holder}/ns/user")).unwrap();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if fs::read_link(format!("/proc/{pid}/ns/user")).is_ok_and(|n| n == ns) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
-    let _ = Command::new("pkill")
-        .args(["-KILL", "-u", &uid.to_string(), "-f", "strata"])
-        .status();
     // Upper files owned by subordinate ids: removed as root.
     let left = fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(

@@ -238,8 +238,10 @@ pub fn connect_or_start(g: &GlobalArgs, settings: &DaemonSettings) -> anyhow::Re
     }
     // One starter at a time: whoever holds this lock starts the daemon, the others then find
     // its socket answering.
-    strata_fs::store::create_private_dir(&g.root)
-        .with_context(|| format!("creating {}", g.root.display()))?;
+    for d in [&g.root, &layout.state().to_path_buf()] {
+        strata_fs::store::create_private_dir(d)
+            .with_context(|| format!("creating {}", d.display()))?;
+    }
     let start_lock = layout.state().join("daemon.start.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)

@@ -13,6 +13,7 @@
 //! container rootless. Image files owned by root show as the user's outside the namespace,
 //! those of uid N as the user's N-th subordinate uid, as rootless podman shows them.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -26,8 +27,12 @@ fn pid_file(root: &Path) -> PathBuf {
     root.join("userns.pid")
 }
 
-/// The holder's pid, if one runs for `root`: a live process of this user whose command line
-/// is strata's holder.
+/// Set in the environment of strata re-run in the rootless namespace: its node daemon keeps
+/// its files apart (`strata_fs::layout`).
+pub const MARKER: &str = "STRATA_USERNS";
+
+/// The holder's pid, if one runs for `root`: a live process of this user, in a user namespace
+/// other than ours, whose command line is strata's holder for this root.
 fn running_holder(root: &Path) -> Option<i32> {
     let pid: i32 = std::fs::read_to_string(pid_file(root))
         .ok()?
@@ -35,22 +40,32 @@ fn running_holder(root: &Path) -> Option<i32> {
         .parse()
         .ok()?;
     let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let is_holder = cmd.split(|&b| b == 0).any(|a| a == b"userns-holder");
+    let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+    let is_holder = args.len() >= 3
+        && args[args.len() - 2] == b"userns-holder"
+        && args
+            .windows(2)
+            .any(|w| w[0] == b"--root" && w[1] == root.as_os_str().as_encoded_bytes());
     let uid = std::fs::metadata(format!("/proc/{pid}"))
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
         .ok()?;
-    (is_holder && uid == nix::unistd::geteuid().as_raw()).then_some(pid)
+    let other_ns = std::fs::read_link(format!("/proc/{pid}/ns/user")).ok()?
+        != std::fs::read_link("/proc/self/ns/user").ok()?;
+    (is_holder && other_ns && uid == nix::unistd::geteuid().as_raw()).then_some(pid)
 }
 
 /// Starts the holder (in new user and mount namespaces) unless one runs; answers its pid.
 fn holder(g: &GlobalArgs) -> anyhow::Result<i32> {
-    std::fs::create_dir_all(&g.root).with_context(|| format!("creating {}", g.root.display()))?;
+    // The root is made (and checked to be this user's alone) before anything is written in it.
+    super::open_store(g)?;
     // One holder per root, whoever asks at the same time.
     let lock_path = g.root.join("userns.lock");
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&lock_path)
         .with_context(|| format!("opening {}", lock_path.display()))?;
     let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
@@ -59,13 +74,26 @@ fn holder(g: &GlobalArgs) -> anyhow::Result<i32> {
         return Ok(pid);
     }
     let _ = std::fs::remove_file(pid_file(&g.root));
+    // A daemon of a previous holder's namespaces (the holder died: killed, logged out) would
+    // keep answering with mounts the new namespace cannot see: it stops first, keeping its
+    // records, so the next daemon mounts them again in the new namespace.
+    let socket = g.root.join("userns/daemon.sock");
+    if let Ok(mut c) = strata_fs::service::client::Client::connect(&socket) {
+        let _ = c.call(&strata_fs::service::protocol::Request::Shutdown { forget: false });
+        let gone = Instant::now() + Duration::from_secs(10);
+        while strata_fs::service::client::Client::connect(&socket).is_ok() && Instant::now() < gone
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     let exe = std::env::current_exe().context("finding the strata binary")?;
     let mut child = Command::new("unshare")
         .args([
             "--user",
             "--mount",
+            // Mounts made on the host later (a build context, a volume's source) show inside.
             "--propagation",
-            "private",
+            "slave",
             "--map-auto",
             "--map-root-user",
             "--",
@@ -92,8 +120,9 @@ fn holder(g: &GlobalArgs) -> anyhow::Result<i32> {
             }
             bail!(
                 "making the rootless user namespace failed ({status}): {}\n\
-                 (it needs newuidmap/newgidmap, package uidmap, and ranges for this user in \
-                 /etc/subuid and /etc/subgid)",
+                 (it needs util-linux 2.38 or later for `unshare --map-auto`, newuidmap and \
+                 newgidmap (package uidmap), and ranges for this user in /etc/subuid and \
+                 /etc/subgid)",
                 err.trim()
             );
         }
@@ -109,9 +138,19 @@ fn holder(g: &GlobalArgs) -> anyhow::Result<i32> {
 pub fn hold(g: &GlobalArgs) -> anyhow::Result<()> {
     let path = pid_file(&g.root);
     let tmp = g.root.join(format!("userns.pid.{}", std::process::id()));
-    std::fs::write(&tmp, format!("{}\n", std::process::id()))
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::io::Write::write_all(&mut f, format!("{}\n", std::process::id()).as_bytes())
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    // Holding no directory busy.
+    let _ = std::env::set_current_dir("/");
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
@@ -130,13 +169,15 @@ pub fn reenter(g: &GlobalArgs) -> anyhow::Result<()> {
     let args: Vec<_> = std::env::args_os().skip(1).collect();
     let err = Command::new("nsenter")
         .arg(format!("--target={pid}"))
-        .args(["--user", "--mount"])
+        // Root inside as the user's own uid (mapped to 0), supplementary groups kept.
+        .args(["--user", "--mount", "--preserve-credentials"])
         .arg(format!("--wd={}", cwd.display()))
         .arg("--")
         .arg(exe)
         .args(args)
         // The same store inside (where root's default would be /var/lib/strata).
         .env("STRATA_ROOT", &g.root)
+        .env(MARKER, "1")
         .exec();
     Err(err).context("running nsenter (util-linux) into the rootless user namespace")
 }
