@@ -122,7 +122,9 @@ enum Handle {
     /// A lower file opened for reading (never written; its attributes are not the view's: a
     /// metadata-only copy-up holds those).
     Lower(File),
-    Dir(Vec<(u64, FileType, OsString)>),
+    /// A directory's entries as listed at open: inode, kind, name and (where known) the
+    /// attributes READDIRPLUS answers with.
+    Dir(Vec<(u64, FileType, OsString, Option<FileAttr>)>),
 }
 
 /// The merged writable view of `lower` (read-only) under `upper`.
@@ -502,7 +504,7 @@ impl UpperFs {
             .top()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
         let mut a = self.view_attr(ino, md);
-        if f.upper.is_some() {
+        if f.upper.is_some() && self.ns == "user." {
             if let Some((uid, gid)) = self
                 .at(Layer::Upper, rel)
                 .ok()
@@ -1090,6 +1092,28 @@ fn dir_entries(path: &Path) -> io::Result<Vec<(OsString, fs::Metadata)>> {
     Ok(out)
 }
 
+/// Placeholder attributes of a directory (for `.` and `..` in READDIRPLUS, which the kernel
+/// reads the kind of and links nothing for).
+fn attr_of_dir() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(1),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::Directory,
+        perm: 0o755,
+        nlink: 2,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
 /// A setattr time as utimensat takes it (absent: left alone).
 fn timespec(t: Option<TimeOrNow>) -> nix::sys::time::TimeSpec {
     match t {
@@ -1155,6 +1179,8 @@ impl Filesystem for UpperFs {
         // `kill_privs`): the kernel then stops asking for `security.capability` before every
         // write and chown.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2);
+        // Directory listings carry attributes (no LOOKUP per entry after a readdir).
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS);
         // O_TRUNC arrives with the open (not as a separate SETATTR after it).
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_ATOMIC_O_TRUNC);
         Ok(())
@@ -1629,17 +1655,20 @@ impl Filesystem for UpperFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let r = (|| -> io::Result<Vec<(u64, FileType, OsString)>> {
+        let r = (|| -> io::Result<Vec<(u64, FileType, OsString, Option<FileAttr>)>> {
             let _g = self.big.lock();
             let (rel, _) = self.checked(ino)?;
             let mut out = vec![
-                (ino.0, FileType::Directory, OsString::from(".")),
-                (1, FileType::Directory, OsString::from("..")),
+                (ino.0, FileType::Directory, OsString::from("."), None),
+                (1, FileType::Directory, OsString::from(".."), None),
             ];
             for (name, kind) in self.list(&rel)? {
                 let c = rel.join(&name);
-                let ino = self.find(&c).map(|f| self.ino_for(&c, &f)).unwrap_or(0);
-                out.push((ino, kind, name));
+                let (ino, attr) = match self.attr(&c) {
+                    Ok(a) => (a.ino.0, Some(a)),
+                    Err(_) => (0, None),
+                };
+                out.push((ino, kind, name, attr));
             }
             Ok(out)
         })();
@@ -1661,8 +1690,46 @@ impl Filesystem for UpperFs {
         let Handle::Dir(list) = &*h else {
             return reply.error(Errno::ENOTDIR);
         };
-        for (i, (ino, kind, name)) in list.iter().enumerate().skip(offset as usize) {
+        for (i, (ino, kind, name, _)) in list.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo((*ino).max(1)), i as u64 + 1, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    /// READDIRPLUS: the entries with their attributes, so that `ls -l`, `find`, `chmod -R`
+    /// need no LOOKUP per entry. `.` and `..` (never linked by the kernel) and names gone
+    /// since the open carry no attributes.
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
+        let h = match self.file(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        let Handle::Dir(list) = &*h else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        for (i, (ino, kind, name, attr)) in list.iter().enumerate().skip(offset as usize) {
+            let full = match attr {
+                Some(a) => reply.add(a.ino, i as u64 + 1, name, &TTL, a, Generation(0)),
+                None if name == "." || name == ".." => {
+                    let a = FileAttr {
+                        ino: INodeNo((*ino).max(1)),
+                        kind: *kind,
+                        ..attr_of_dir()
+                    };
+                    reply.add(a.ino, i as u64 + 1, name, &Duration::ZERO, &a, Generation(0))
+                }
+                None => continue,
+            };
+            if full {
                 break;
             }
         }
