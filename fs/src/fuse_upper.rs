@@ -1725,7 +1725,14 @@ impl Filesystem for UpperFs {
                         kind: *kind,
                         ..attr_of_dir()
                     };
-                    reply.add(a.ino, i as u64 + 1, name, &Duration::ZERO, &a, Generation(0))
+                    reply.add(
+                        a.ino,
+                        i as u64 + 1,
+                        name,
+                        &Duration::ZERO,
+                        &a,
+                        Generation(0),
+                    )
                 }
                 None => continue,
             };
