@@ -122,10 +122,12 @@ enum Handle {
     /// A lower file opened for reading (never written; its attributes are not the view's: a
     /// metadata-only copy-up holds those).
     Lower(File),
-    /// A directory's entries as listed at open: inode, kind, name and (where known) the
-    /// attributes READDIRPLUS answers with.
-    Dir(Vec<(u64, FileType, OsString, Option<FileAttr>)>),
+    Dir(Listing),
 }
+
+/// A directory's entries as listed at open: inode, kind, name and (where known) the
+/// attributes READDIRPLUS answers with.
+type Listing = Vec<(u64, FileType, OsString, Option<FileAttr>)>;
 
 /// The merged writable view of `lower` (read-only) under `upper`.
 pub struct UpperFs {
@@ -1655,7 +1657,7 @@ impl Filesystem for UpperFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let r = (|| -> io::Result<Vec<(u64, FileType, OsString, Option<FileAttr>)>> {
+        let r = (|| -> io::Result<Listing> {
             let _g = self.big.lock();
             let (rel, _) = self.checked(ino)?;
             let mut out = vec![
