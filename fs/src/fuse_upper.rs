@@ -121,8 +121,16 @@ enum Handle {
     File(File),
     /// A lower file opened for reading (never written; its attributes are not the view's: a
     /// metadata-only copy-up holds those).
-    Lower(File),
+    Lower(LowerRead),
     Dir(Listing),
+}
+
+/// A read-only open served by the lower file until the file's data is copied up: then by the
+/// upper copy (as overlayfs's open files follow a copy-up), so reads through an open taken
+/// before a write see that write.
+struct LowerRead {
+    /// The file reads go to, and the copy-up count it was current for.
+    file: Mutex<(std::sync::Arc<File>, u64)>,
 }
 
 /// A directory's entries as listed at open: inode, kind, name and (where known) the
@@ -143,6 +151,8 @@ pub struct UpperFs {
     big: Mutex<()>,
     /// Directories of the view seen lately: whether their children may come from the lower.
     dirs: Mutex<DirViews>,
+    /// Data copy-ups made: a read-only open of a lower file looks again when this moved.
+    data_copies: AtomicU64,
 }
 
 /// Which directories of the view show lower children, by path: a lookup resolves its parent
@@ -238,6 +248,7 @@ impl UpperFs {
             next_fh: AtomicU64::new(1),
             big: Mutex::new(()),
             dirs: Mutex::new(DirViews::default()),
+            data_copies: AtomicU64::new(0),
         })
     }
 
@@ -506,6 +517,12 @@ impl UpperFs {
             .top()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
         let mut a = self.view_attr(ino, md);
+        // A metadata-only copy-up holds no blocks: its data's are the lower's (as overlayfs).
+        if let (Some(u), Some(l)) = (&f.upper, &f.lower) {
+            if u.is_file() && l.is_file() && self.is_metacopy(rel) {
+                a.blocks = l.blocks();
+            }
+        }
         if f.upper.is_some() && self.ns == "user." {
             if let Some((uid, gid)) = self
                 .at(Layer::Upper, rel)
@@ -625,6 +642,7 @@ impl UpperFs {
         // of it was removed since, so the names stay one file with one set of attributes.
         let indexed = self.work.join("index").join(md.ino().to_string());
         if t.is_file() && md.nlink() > 1 && fs::hard_link(&indexed, &dst.path).is_ok() {
+            self.data_copies.fetch_add(1, Ordering::SeqCst);
             return fs::symlink_metadata(&dst.path);
         }
         let tmp = self.temp_name();
@@ -667,6 +685,9 @@ impl UpperFs {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
+        if t.is_file() {
+            self.data_copies.fetch_add(1, Ordering::SeqCst);
+        }
         if t.is_file() && md.nlink() > 1 {
             fs::DirBuilder::new()
                 .recursive(true)
@@ -677,6 +698,35 @@ impl UpperFs {
         let up = fs::symlink_metadata(&dst.path)?;
         self.inodes.lock().origin.insert(up.ino(), md.ino());
         Ok(up)
+    }
+
+    /// The file a read-only open of a lower file reads now: the upper copy once the data was
+    /// copied up (looked for only when a data copy-up happened since the last look).
+    fn lower_read_file(&self, ino: INodeNo, l: &LowerRead) -> std::sync::Arc<File> {
+        let now = self.data_copies.load(Ordering::SeqCst);
+        let mut cur = l.file.lock();
+        if cur.1 != now {
+            cur.1 = now;
+            let upper = (|| -> io::Result<Option<File>> {
+                let _g = self.big.lock();
+                let (rel, f) = self.checked(ino)?;
+                let copied =
+                    f.upper.as_ref().is_some_and(|u| u.is_file()) && !self.is_metacopy(&rel);
+                if !copied {
+                    return Ok(None);
+                }
+                let at = self.at(Layer::Upper, &rel)?;
+                let file = OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                    .open(&at.path)?;
+                Ok(file.metadata()?.is_file().then_some(file))
+            })();
+            if let Ok(Some(file)) = upper {
+                cur.0 = std::sync::Arc::new(file);
+            }
+        }
+        cur.0.clone()
     }
 
     /// Whether the upper `rel` is a metadata-only copy-up (its data still the lower's).
@@ -767,6 +817,7 @@ impl UpperFs {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
+        self.data_copies.fetch_add(1, Ordering::SeqCst);
         let new = fs::symlink_metadata(&dst.path)?;
         // The file keeps the identity it had: its origin's, or (a metacopy made before a
         // restart, whose origin was not known) its old upper inode's, moved to the new one.
@@ -997,7 +1048,9 @@ impl UpperFs {
         Ok(())
     }
 
-    fn do_rename(&self, from: &Path, to: &Path, flags: RenameFlags) -> io::Result<()> {
+    /// Renames `from` to `to` in the view; answers whether a directory moved (what
+    /// `lower_children` knew may then be void).
+    fn do_rename(&self, from: &Path, to: &Path, flags: RenameFlags) -> io::Result<bool> {
         if flags.contains(RenameFlags::RENAME_EXCHANGE)
             || flags.contains(RenameFlags::RENAME_WHITEOUT)
         {
@@ -1021,7 +1074,7 @@ impl UpperFs {
             Err(e) => return Err(e),
         };
         if from == to {
-            return Ok(());
+            return Ok(false);
         }
         if let Some(d) = &dst {
             if flags.contains(RenameFlags::RENAME_NOREPLACE) {
@@ -1073,7 +1126,7 @@ impl UpperFs {
             self.whiteout(from)?;
         }
         self.renamed(from, to);
-        Ok(())
+        Ok(src_dir)
     }
 }
 
@@ -1336,6 +1389,11 @@ impl Filesystem for UpperFs {
             // What is there now, still under the lock.
             let md = fs::symlink_metadata(&at.path)?;
             let mut a = self.view_attr(ino.0, &md);
+            if md.is_file() && self.is_metacopy(&rel) {
+                if let Ok(l) = self.lstat(Layer::Lower, &rel) {
+                    a.blocks = l.blocks();
+                }
+            }
             if let Some((uid, gid)) = self.recorded_owner(&at.path, &md) {
                 (a.uid, a.gid) = (uid, gid);
             }
@@ -1454,8 +1512,11 @@ impl Filesystem for UpperFs {
         };
         let _g = self.big.lock();
         let r = self.do_rename(&from, &to, flags);
-        self.dirs_changed();
-        reply_empty(r, reply);
+        // Files moving change no directory's view (a failure half-way might have).
+        if r.as_ref().map_or(true, |&dir| dir) {
+            self.dirs_changed();
+        }
+        reply_empty(r.map(|_| ()), reply);
     }
 
     fn link(
@@ -1541,7 +1602,12 @@ impl Filesystem for UpperFs {
                 kill_privs(&file)?;
             }
             Ok(if layer == Layer::Lower {
-                Handle::Lower(file)
+                Handle::Lower(LowerRead {
+                    file: Mutex::new((
+                        std::sync::Arc::new(file),
+                        self.data_copies.load(Ordering::SeqCst),
+                    )),
+                })
             } else {
                 Handle::File(file)
             })
@@ -1552,7 +1618,7 @@ impl Filesystem for UpperFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -1564,8 +1630,14 @@ impl Filesystem for UpperFs {
             Ok(h) => h,
             Err(e) => return reply.error(e),
         };
-        let (Handle::File(f) | Handle::Lower(f)) = &*h else {
-            return reply.error(Errno::EISDIR);
+        let lower;
+        let f: &File = match &*h {
+            Handle::File(f) => f,
+            Handle::Lower(l) => {
+                lower = self.lower_read_file(ino, l);
+                &lower
+            }
+            Handle::Dir(_) => return reply.error(Errno::EISDIR),
         };
         let mut buf = vec![0u8; size as usize];
         let mut got = 0;

@@ -153,6 +153,8 @@ fn metadata_changes(root: &Path) -> Result<()> {
 fn metadata_then_data(root: &Path) -> Result<()> {
     let a = root.join("meta/a");
     let ino = fs::metadata(&a)?.ino();
+    // Opened for reading before anything changes: it must follow the copy-up.
+    let early = File::open(&a)?;
     fs::set_permissions(&a, fs::Permissions::from_mode(0o640))?;
     xattr::set(&a, "user.strata.k", b"v")?;
     ensure!(fs::read(&a)? == noise(3, 200 << 10), "content after chmod");
@@ -162,6 +164,17 @@ fn metadata_then_data(root: &Path) -> Result<()> {
     let mut want = noise(3, 200 << 10);
     want.extend_from_slice(b"tail");
     ensure!(fs::read(&a)? == want, "content after the append");
+    // Read through the early open with the page cache dropped (the read reaches the
+    // filesystem): the appended bytes are there.
+    nix::unistd::sync();
+    fs::write("/proc/sys/vm/drop_caches", "1")?;
+    let mut tail = [0u8; 4];
+    let n = std::os::unix::fs::FileExt::read_at(&early, &mut tail, (200 << 10) as u64)?;
+    ensure!(
+        &tail[..n] == b"tail",
+        "an open taken before the copy-up read {:?}",
+        &tail[..n]
+    );
     let md = fs::metadata(&a)?;
     ensure!(md.mode() & 0o7777 == 0o640, "mode {:o}", md.mode());
     ensure!(md.ino() == ino, "st_ino {ino} -> {}", md.ino());
@@ -185,6 +198,10 @@ fn metadata_then_data(root: &Path) -> Result<()> {
     fs::set_permissions(&d, fs::Permissions::from_mode(0o600))?;
     nix::unistd::chown(&d, Some(nix::unistd::Uid::from_raw(78)), None)?;
     ensure!(fs::read(&d)? == noise(4, 8 << 10), "content after chown");
+    ensure!(
+        fs::metadata(&d)?.blocks() > 0,
+        "a file whose metadata changed shows no blocks"
+    );
     Ok(())
 }
 
