@@ -53,6 +53,9 @@ use fuser::{
 };
 use parking_lot::Mutex;
 
+/// Writes of at least this size are a streaming writer's (see `write`).
+const STREAM_WRITE: usize = 256 << 10;
+
 /// How long the kernel may keep names and attributes: every change goes through this daemon
 /// (the lower never changes), which answers each with fresh attributes.
 const TTL: Duration = Duration::from_secs(60);
@@ -1676,7 +1679,21 @@ impl Filesystem for UpperFs {
             }
         }
         match f.write_all_at(data, offset) {
-            Ok(()) => reply.written(data.len() as u32),
+            Ok(()) => {
+                // A large write (the writeback cache's batches of a streaming writer): its
+                // pages start going to disk now, overlapping the transfer instead of waiting
+                // for the final fsync, and leave the backing file's cache (the view's own page
+                // cache holds them already).
+                if data.len() >= STREAM_WRITE {
+                    let _ = nix::fcntl::posix_fadvise(
+                        f.as_raw_fd(),
+                        offset as i64,
+                        data.len() as i64,
+                        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+                    );
+                }
+                reply.written(data.len() as u32)
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
