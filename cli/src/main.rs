@@ -78,6 +78,9 @@ enum Command {
     History(commands::container::HistoryArgs),
     #[command(hide = true)]
     ContainerMonitor(commands::container::MonitorArgs),
+    /// Run a command (default: the user's shell) in the rootless user namespace, where an
+    /// ordinary user's containers live (to look at or remove files owned by subordinate ids).
+    Unshare(commands::rootless::UnshareArgs),
     /// (Internal) keeps an ordinary user's rootless user namespace alive.
     #[command(hide = true)]
     UsernsHolder,
@@ -228,7 +231,8 @@ fn main() {
         | Command::Logs(_)
         | Command::Commit(_)
         | Command::Exec(_)
-        | Command::Build(_) => true,
+        | Command::Build(_)
+        | Command::Unshare(_) => true,
         // A container's changes (a writable view of the user's own is a directory here).
         Command::Diff(a) => !a.mountpoint.is_dir(),
         _ => false,
@@ -260,6 +264,7 @@ fn main() {
         Command::Load(a) => commands::archive::load(&cli.global, a),
         Command::ContainerMonitor(a) => commands::container::monitor(&cli.global, a),
         Command::UsernsHolder => commands::rootless::hold(&cli.global),
+        Command::Unshare(a) => commands::rootless::unshare(a),
         Command::Daemon(a) => commands::daemon::run(&cli.global, a),
         Command::Umount(a) => commands::mount::umount(&cli.global, a),
         Command::Mounts(a) => commands::mount::mounts(&cli.global, a),

@@ -287,6 +287,12 @@ fn an_ordinary_user_runs_commits_and_pushes_containers() {
     ]);
     assert_eq!(out, "built\nnoted\n1000\n");
 
+    // The namespace itself, for a look from the user's side (as `podman unshare`).
+    assert_eq!(
+        user(&["unshare", "stat", "-c", "%u", version.to_str().unwrap()]),
+        "1000\n"
+    );
+
     let pushed = format!("{}/rootless/result:v1", reg.addr);
     user(&["commit", "c1", &pushed]);
     user(&["push", &pushed]);

@@ -6,7 +6,8 @@
 //! `newgidmap` through `unshare --map-auto`), with a mount namespace of its own. One holder
 //! process (`strata userns-holder`, its pid in `ROOT/userns.pid`) keeps the namespaces alive;
 //! `run`, `exec`, `start`, `stop`, `kill`, `logs`, `ps`, `rm`, `commit`, `build` and the `diff`
-//! of a container re-run themselves inside it through `nsenter`. There, strata is root of the
+//! of a container re-run themselves inside it through `nsenter`, and `strata unshare CMD` runs
+//! any command there (as `podman unshare`). Without subordinate ids only the user is mapped. There, strata is root of the
 //! namespace: its node daemon (a second one, files under `ROOT/userns/`; the images are the
 //! same store's) mounts FUSE itself, the writable layer is strata's FUSE layer (kernel
 //! overlayfs refuses metacopy and trusted xattrs in a user namespace), and runc runs the
@@ -87,17 +88,22 @@ fn holder(g: &GlobalArgs) -> anyhow::Result<i32> {
         }
     }
     let exe = std::env::current_exe().context("finding the strata binary")?;
-    let mut child = Command::new("unshare")
-        .args([
-            "--user",
-            "--mount",
-            // Mounts made on the host later (a build context, a volume's source) show inside.
-            "--propagation",
-            "slave",
-            "--map-auto",
-            "--map-root-user",
-            "--",
-        ])
+    let mut unshare = Command::new("unshare");
+    // Mounts made on the host later (a build context, a volume's source) show inside.
+    unshare.args(["--user", "--mount", "--propagation", "slave"]);
+    if has_subordinate_ids() {
+        unshare.arg("--map-auto");
+    } else {
+        // As podman: without subordinate ids only the user's own id is mapped (root inside);
+        // images with files of other owners cannot be written where those files are.
+        eprintln!(
+            "strata: warning: no subordinate ids for this user in /etc/subuid: the rootless \
+             namespace maps only the user (as root); add a range (usermod --add-subuids, \
+             --add-subgids) for images with other owners"
+        );
+    }
+    let mut child = unshare
+        .args(["--map-root-user", "--"])
         .arg(&exe)
         .arg("--root")
         .arg(&g.root)
@@ -154,6 +160,42 @@ pub fn hold(g: &GlobalArgs) -> anyhow::Result<()> {
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
+}
+
+#[derive(clap::Args)]
+pub struct UnshareArgs {
+    /// The command and its arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<std::ffi::OsString>,
+}
+
+/// `strata unshare [CMD...]`: runs CMD (default `$SHELL`, else /bin/sh) in the rootless user
+/// namespace, as `podman unshare` does.
+pub fn unshare(a: UnshareArgs) -> anyhow::Result<()> {
+    if std::env::var_os(MARKER).is_none() {
+        bail!("strata unshare is for an ordinary user (root needs no user namespace)");
+    }
+    let mut command = a.command;
+    if command.is_empty() {
+        command.push(std::env::var_os("SHELL").unwrap_or_else(|| "/bin/sh".into()));
+    }
+    let err = Command::new(&command[0]).args(&command[1..]).exec();
+    Err(err).with_context(|| format!("running {}", command[0].to_string_lossy()))
+}
+
+/// Whether /etc/subuid gives this user subordinate ids (by name or uid).
+fn has_subordinate_ids() -> bool {
+    let uid = nix::unistd::geteuid();
+    let name = nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|u| u.name);
+    std::fs::read_to_string("/etc/subuid").is_ok_and(|t| {
+        t.lines().any(|l| {
+            let owner = l.split(':').next().unwrap_or("");
+            owner == uid.to_string() || Some(owner) == name.as_deref()
+        })
+    })
 }
 
 /// For an ordinary user, re-runs this command inside the rootless user namespace (replacing
