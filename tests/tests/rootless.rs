@@ -49,6 +49,24 @@ fn as_user(uid: u32, gid: u32, home: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Lazily unmounts, when dropped (a failed test too), every mount under a directory.
+struct UnmountUnder(std::path::PathBuf);
+
+impl Drop for UnmountUnder {
+    fn drop(&mut self) {
+        let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut under: Vec<&str> = info
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(4))
+            .filter(|m| Path::new(m).starts_with(&self.0))
+            .collect();
+        under.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in under {
+            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
 /// `sh -c SCRIPT` as the test user.
 fn sh_as_user(uid: u32, gid: u32, script: &str) -> Output {
     Command::new("setpriv")
@@ -80,6 +98,8 @@ fn an_ordinary_user_mounts_images_lazily() {
         .prefix("strata-rootless")
         .tempdir_in("/tmp")
         .unwrap();
+    // Whatever happens, nothing stays mounted under it (dropped before `tmp` is removed).
+    let _unmount = UnmountUnder(tmp.path().to_path_buf());
     let reg = TestRegistry::start(&tmp.path().join("registry"), None).unwrap();
     let image = busybox_image(tmp.path(), &reg.addr);
     let home = tmp.path().join("home");
@@ -215,6 +235,8 @@ fn an_ordinary_user_runs_commits_and_pushes_containers() {
         .prefix("strata-rootless-run")
         .tempdir_in("/tmp")
         .unwrap();
+    // Whatever happens, nothing stays mounted under it (dropped before `tmp` is removed).
+    let _unmount = UnmountUnder(tmp.path().to_path_buf());
     let reg = TestRegistry::start(&tmp.path().join("registry"), None).unwrap();
     let image = busybox_image(tmp.path(), &reg.addr);
     let home = tmp.path().join("home");
