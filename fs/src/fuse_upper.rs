@@ -619,7 +619,7 @@ impl UpperFs {
         if let Some(u) = f.upper {
             return match &f.lower {
                 Some(l) if u.is_file() && l.is_file() && self.is_metacopy(rel) => {
-                    self.copy_up_data(rel, &u, l)
+                    self.copy_up_data(rel, &u)
                 }
                 _ => Ok(u),
             };
@@ -653,17 +653,7 @@ impl UpperFs {
             if t.is_symlink() {
                 std::os::unix::fs::symlink(fs::read_link(&src.path)?, &tmp)?;
             } else if t.is_file() {
-                let mut from = OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&src.path)?;
-                let mut to = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&tmp)?;
-                copy_sparse(&mut from, &mut to, md.size())?;
-                to.sync_all()?;
+                copy_data(&src.path, &tmp, md.size())?;
             } else {
                 let kind = if t.is_char_device() {
                     nix::sys::stat::SFlag::S_IFCHR
@@ -789,29 +779,14 @@ impl UpperFs {
         Ok(())
     }
 
-    /// Completes the metadata-only copy-up `rel` (upper `up`) with the lower's data (`low`):
+    /// Completes the metadata-only copy-up `rel` (upper `up`) with the lower's data:
     /// a new upper file with the data and the upper's attributes replaces it in one rename.
-    fn copy_up_data(
-        &self,
-        rel: &Path,
-        up: &fs::Metadata,
-        low: &fs::Metadata,
-    ) -> io::Result<fs::Metadata> {
+    fn copy_up_data(&self, rel: &Path, up: &fs::Metadata) -> io::Result<fs::Metadata> {
         let src = self.at(Layer::Lower, rel)?;
         let dst = self.at(Layer::Upper, rel)?;
         let tmp = self.temp_name();
         let made = (|| -> io::Result<()> {
-            let mut from = OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&src.path)?;
-            let mut to = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            copy_sparse(&mut from, &mut to, up.size())?;
-            to.sync_all()?;
+            copy_data(&src.path, &tmp, up.size())?;
             // The attributes and xattrs the metacopy holds now (its overlay marks left out).
             self.copy_attrs(&dst.path, up, &tmp)?;
             fs::rename(&tmp, &dst.path)
@@ -836,7 +811,6 @@ impl UpperFs {
                 }
             }
         }
-        let _ = low;
         Ok(new)
     }
 
@@ -1200,6 +1174,22 @@ fn kill_privs(f: &File) -> io::Result<()> {
         Err(e) if !matches!(e.raw_os_error(), Some(libc::ENODATA | libc::ENOTSUP)) => Err(e),
         _ => Ok(()),
     }
+}
+
+/// Copies the first `len` bytes of the file at `from` (never through a symlink) into a new
+/// file `to` (0600), holes kept, synced before it is renamed anywhere.
+fn copy_data(from: &Path, to: &Path, len: u64) -> io::Result<()> {
+    let mut src = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(from)?;
+    let mut dst = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)?;
+    copy_sparse(&mut src, &mut dst, len)?;
+    dst.sync_all()
 }
 
 /// Copies `len` bytes, leaving holes where the source has them.
