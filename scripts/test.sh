@@ -13,12 +13,17 @@ export STRATA_TEST_TMP=${STRATA_TEST_TMP:-$PWD/target/strata-tests}
 findmnt -rn -o TARGET | { grep "^${STRATA_TEST_TMP}/" || true; } | sort -r | while read -r m; do umount "$m" || umount -l "$m"; done
 rm -rf "$STRATA_TEST_TMP"
 
+# A one-off build gains nothing from incremental caches, which double target/'s size.
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
+df -h . | tail -1
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== build"
 cargo build --workspace --bins --tests --quiet
+du -sh target 2>/dev/null || true
 echo "== tests"
 cargo test --workspace --quiet -- --test-threads=2 2>&1 | tee target/test.log
 # Fail loudly if anything was left mounted.
