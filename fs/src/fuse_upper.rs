@@ -26,7 +26,7 @@
 //! The upper directory's form is overlayfs's: a deleted lower entry is a whiteout (a 0/0
 //! character device, which kernels since 5.8 let anyone make; where refused, an empty file with
 //! `user.overlay.whiteout`, its directory marked `user.overlay.opaque=x`), a directory hiding the lower one carries
-//! `overlay.opaque=y`. Copy-up copies data (fsynced), owner, mode, times and xattrs, through a
+//! `overlay.opaque=y`. Copy-up copies data (synced in batches: `unsynced`), owner, mode, times and xattrs, through a
 //! temporary file in the work directory renamed into place; a metadata change copies no data
 //! (`metacopy`: a sparse file of the lower's size marked `overlay.metacopy`, read from the lower
 //! until its data is copied up on a write, truncate, link or rename). Lower hard links are
@@ -52,6 +52,9 @@ use fuser::{
     ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
 };
 use parking_lot::Mutex;
+
+mod unsynced;
+use unsynced::Unsynced;
 
 /// Writes of at least this size are a streaming writer's (see `write`).
 const STREAM_WRITE: usize = 256 << 10;
@@ -156,6 +159,8 @@ pub struct UpperFs {
     dirs: Mutex<DirViews>,
     /// Data copy-ups made: a read-only open of a lower file looks again when this moved.
     data_copies: AtomicU64,
+    /// Data copy-ups not yet synced (`unsynced`: one filesystem sync a second for them all).
+    unsynced: std::sync::Arc<Unsynced>,
 }
 
 /// Which directories of the view show lower children, by path: a lookup resolves its parent
@@ -225,6 +230,12 @@ fn attr_of(ino: u64, md: &fs::Metadata) -> FileAttr {
     }
 }
 
+impl Drop for UpperFs {
+    fn drop(&mut self) {
+        self.unsynced.stop();
+    }
+}
+
 impl UpperFs {
     /// The view of `lower` under `upper`, with `work` (on `upper`'s filesystem) for copy-ups.
     pub fn new(lower: &Path, upper: &Path, work: &Path) -> io::Result<Self> {
@@ -238,9 +249,14 @@ impl UpperFs {
                 }
             }
         }
+        let upper_root = open_dir_path(upper)?;
+        let lower_root = open_dir_path(lower)?;
+        let unsynced = Unsynced::open(work, |rel, name| {
+            restore_copy_up(&upper_root, &lower_root, rel, name)
+        })?;
         Ok(UpperFs {
-            upper_root: open_dir_path(upper)?,
-            lower_root: open_dir_path(lower)?,
+            upper_root,
+            lower_root,
             work: work.to_path_buf(),
             ns: if privileged() { "trusted." } else { "user." },
             inodes: Mutex::new(Inodes {
@@ -252,6 +268,7 @@ impl UpperFs {
             big: Mutex::new(()),
             dirs: Mutex::new(DirViews::default()),
             data_copies: AtomicU64::new(0),
+            unsynced,
         })
     }
 
@@ -644,6 +661,12 @@ impl UpperFs {
         // kept in the index (`work/index/INO`, as overlayfs's `index=on`) even when every name
         // of it was removed since, so the names stay one file with one set of attributes.
         let indexed = self.work.join("index").join(md.ino().to_string());
+        if t.is_file() && md.nlink() > 1 && fs::symlink_metadata(&indexed).is_ok() {
+            // Its record names the first name only, which may go: synced first.
+            if self.unsynced.any() {
+                self.unsynced.settle()?;
+            }
+        }
         if t.is_file() && md.nlink() > 1 && fs::hard_link(&indexed, &dst.path).is_ok() {
             self.data_copies.fetch_add(1, Ordering::SeqCst);
             return fs::symlink_metadata(&dst.path);
@@ -672,7 +695,7 @@ impl UpperFs {
                 )?;
             }
             self.copy_attrs(&src.path, &md, &tmp)?;
-            fs::rename(&tmp, &dst.path)
+            self.rename_copy(&tmp, rel, &dst.path, t.is_file())
         })();
         if let Err(e) = made {
             let _ = fs::remove_file(&tmp);
@@ -691,6 +714,25 @@ impl UpperFs {
         let up = fs::symlink_metadata(&dst.path)?;
         self.inodes.lock().origin.insert(up.ino(), md.ino());
         Ok(up)
+    }
+
+    /// Renames the copy-up `tmp` into place at `dst` (`rel` in the view); a data copy is
+    /// recorded first, as not yet synced (see `unsynced`).
+    fn rename_copy(&self, tmp: &Path, rel: &Path, dst: &Path, data: bool) -> io::Result<()> {
+        if !data {
+            return fs::rename(tmp, dst);
+        }
+        let record = self.unsynced.record(tmp, rel)?;
+        match fs::rename(tmp, dst) {
+            Ok(()) => {
+                self.unsynced.added(record);
+                Ok(())
+            }
+            Err(e) => {
+                self.unsynced.dropped(record);
+                Err(e)
+            }
+        }
     }
 
     /// The file a read-only open of a lower file reads now: the upper copy once the data was
@@ -789,7 +831,7 @@ impl UpperFs {
             copy_data(&src.path, &tmp, up.size())?;
             // The attributes and xattrs the metacopy holds now (its overlay marks left out).
             self.copy_attrs(&dst.path, up, &tmp)?;
-            fs::rename(&tmp, &dst.path)
+            self.rename_copy(&tmp, rel, &dst.path, true)
         })();
         if let Err(e) = made {
             let _ = fs::remove_file(&tmp);
@@ -1094,6 +1136,15 @@ impl UpperFs {
             }
         }
         let src_at = self.at(Layer::Upper, from)?;
+        // Records of unsynced copy-ups name paths: none may move (see `unsynced`).
+        if self.unsynced.any()
+            && (src_dir
+                || self
+                    .unsynced
+                    .pending(fs::symlink_metadata(&src_at.path)?.ino()))
+        {
+            self.unsynced.settle()?;
+        }
         fs::rename(&src_at.path, &dst_at.path)?;
         // A directory over something of the lower: it must hide the lower one.
         if src_dir && (over_whiteout || dst.as_ref().is_some_and(|d| d.lower.is_some())) {
@@ -1177,7 +1228,7 @@ fn kill_privs(f: &File) -> io::Result<()> {
 }
 
 /// Copies the first `len` bytes of the file at `from` (never through a symlink) into a new
-/// file `to` (0600), holes kept, synced before it is renamed anywhere.
+/// file `to` (0600), holes kept; not synced (the caller records it as `unsynced`).
 fn copy_data(from: &Path, to: &Path, len: u64) -> io::Result<()> {
     let mut src = OpenOptions::new()
         .read(true)
@@ -1188,14 +1239,49 @@ fn copy_data(from: &Path, to: &Path, len: u64) -> io::Result<()> {
         .create_new(true)
         .mode(0o600)
         .open(to)?;
+    copy_sparse(&mut src, &mut dst, len)
+}
+
+/// After a crash, gives the upper file `rel` (if it is still the file record `name` was made
+/// for) the lower's data again: a copy-up the crash may have cut short. Its attributes stay.
+fn restore_copy_up(upper: &File, lower: &File, rel: &Path, name: &str) -> io::Result<()> {
+    if rel.is_absolute()
+        || rel
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return Ok(());
+    }
+    let up = PathBuf::from(format!("/proc/self/fd/{}", upper.as_raw_fd())).join(rel);
+    let low = PathBuf::from(format!("/proc/self/fd/{}", lower.as_raw_fd())).join(rel);
+    let Ok(md) = fs::symlink_metadata(&up) else {
+        return Ok(());
+    };
+    if !md.is_file() || !Unsynced::names(name, &md) {
+        return Ok(());
+    }
+    let mut src = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&low)?;
+    let len = src.metadata()?.len();
+    let mut dst = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&up)?;
+    dst.set_len(0)?;
     copy_sparse(&mut src, &mut dst, len)?;
+    let a = nix::sys::time::TimeSpec::new(md.atime(), md.atime_nsec());
+    let m = nix::sys::time::TimeSpec::new(md.mtime(), md.mtime_nsec());
+    nix::sys::stat::futimens(dst.as_raw_fd(), &a, &m)?;
     dst.sync_all()
 }
 
 /// Copies `len` bytes, leaving holes where the source has them.
 fn copy_sparse(from: &mut File, to: &mut File, len: u64) -> io::Result<()> {
-    let mut buf = vec![0u8; 1 << 20];
-    let mut at = 0u64;
+    // Sized for the file (most are small: a zeroed megabyte each showed in profiles).
+    let mut buf = vec![0u8; len.clamp(4096, 1 << 20) as usize];
+    let (mut at, mut end) = (0u64, 0u64);
     while at < len {
         let n = from.read(&mut buf)?;
         if n == 0 {
@@ -1203,10 +1289,16 @@ fn copy_sparse(from: &mut File, to: &mut File, len: u64) -> io::Result<()> {
         }
         if buf[..n].iter().any(|&b| b != 0) {
             to.write_all_at(&buf[..n], at)?;
+            end = at + n as u64;
         }
         at += n as u64;
     }
-    to.set_len(len)
+    // Only where a hole ends the file or the source ran longer (a truncate of the same size
+    // is not free: ext4 then flushes the data at its next commit).
+    if end != len {
+        to.set_len(len)?;
+    }
+    Ok(())
 }
 
 fn reply_empty(r: io::Result<()>, reply: ReplyEmpty) {
@@ -1232,6 +1324,10 @@ impl Filesystem for UpperFs {
         // O_TRUNC arrives with the open (not as a separate SETATTR after it).
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_ATOMIC_O_TRUNC);
         Ok(())
+    }
+
+    fn destroy(&mut self) {
+        self.unsynced.stop();
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -1531,6 +1627,10 @@ impl Filesystem for UpperFs {
             if md.is_dir() {
                 return Err(io::Error::from_raw_os_error(libc::EPERM));
             }
+            // A second name for an unsynced copy-up: synced first (records name one path).
+            if self.unsynced.pending(md.ino()) {
+                self.unsynced.settle()?;
+            }
             self.prepare_create(&to)?;
             fs::hard_link(
                 &self.at(Layer::Upper, &from)?.path,
@@ -1727,8 +1827,7 @@ impl Filesystem for UpperFs {
             .file(fh)
             .map_err(|e| io::Error::from_raw_os_error(e.code()))
             .and_then(|h| match &*h {
-                Handle::File(f) if datasync => f.sync_data(),
-                Handle::File(f) => f.sync_all(),
+                Handle::File(f) => self.unsynced.sync_file(f, datasync),
                 Handle::Lower(_) => Ok(()),
                 Handle::Dir(_) => Ok(()),
             });

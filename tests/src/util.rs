@@ -362,3 +362,21 @@ pub fn kill_node_daemon(root: &Path) -> i32 {
     std::thread::sleep(std::time::Duration::from_millis(200));
     daemon
 }
+
+/// Lazily unmounts, when dropped (a failed test too), every mount under a directory.
+pub struct UnmountUnder(pub PathBuf);
+
+impl Drop for UnmountUnder {
+    fn drop(&mut self) {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut under: Vec<&str> = info
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(4))
+            .filter(|m| std::path::Path::new(m).starts_with(&self.0))
+            .collect();
+        under.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in under {
+            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use strata_tests::registry::TestRegistry;
-use strata_tests::util::{busybox_image, is_mounted, strata_bin};
+use strata_tests::util::{busybox_image, is_mounted, strata_bin, UnmountUnder};
 
 const USER: &str = "strata-rootless";
 
@@ -47,24 +47,6 @@ fn as_user(uid: u32, gid: u32, home: &Path, args: &[&str]) -> Output {
         .current_dir(home)
         .output()
         .unwrap()
-}
-
-/// Lazily unmounts, when dropped (a failed test too), every mount under a directory.
-struct UnmountUnder(std::path::PathBuf);
-
-impl Drop for UnmountUnder {
-    fn drop(&mut self) {
-        let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut under: Vec<&str> = info
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(4))
-            .filter(|m| Path::new(m).starts_with(&self.0))
-            .collect();
-        under.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in under {
-            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
-        }
-    }
 }
 
 /// `sh -c SCRIPT` as the test user.
