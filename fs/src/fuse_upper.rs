@@ -86,6 +86,7 @@ struct At {
 }
 
 /// What a relative path is in the merged view.
+#[derive(Clone)]
 struct Found {
     /// Whether the upper entry is an opaque directory (it replaced the lower one).
     opaque: bool,
@@ -632,7 +633,17 @@ impl UpperFs {
     /// Makes sure `rel` exists in the upper layer (copying it up, with its parents); answers
     /// its metadata there.
     fn copy_up(&self, rel: &Path) -> io::Result<fs::Metadata> {
-        let f = self.find(rel)?;
+        // A directory already in the upper layer (the parents of most copy-ups): nothing to do.
+        if let Some(u) = self.probe(Layer::Upper, rel)? {
+            if u.is_dir() {
+                return Ok(u);
+            }
+        }
+        self.copy_up_found(rel, self.find(rel)?)
+    }
+
+    /// [`Self::copy_up`] of `rel`, found as `f` just now (under the namespace lock).
+    fn copy_up_found(&self, rel: &Path, f: Found) -> io::Result<fs::Metadata> {
         if let Some(u) = f.upper {
             return match &f.lower {
                 Some(l) if u.is_file() && l.is_file() && self.is_metacopy(rel) => {
@@ -1662,7 +1673,7 @@ impl Filesystem for UpperFs {
                     && self.is_metacopy(&rel)
             };
             let layer = if writing {
-                self.copy_up(&rel)?;
+                self.copy_up_found(&rel, found.clone())?;
                 Layer::Upper
             } else if found.upper.is_some() && !metacopy() {
                 Layer::Upper

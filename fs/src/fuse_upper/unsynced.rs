@@ -176,8 +176,14 @@ impl Unsynced {
     pub(super) fn record(&self, file: &Path, rel: &Path) -> io::Result<Record> {
         let md = fs::symlink_metadata(file)?;
         let path = self.dir.join(record_name(&md));
-        let _ = fs::remove_file(&path);
-        std::os::unix::fs::symlink(rel, &path)?;
+        if let Err(e) = std::os::unix::fs::symlink(rel, &path) {
+            // A record of an inode of the same number and birth (clock stepped back): stale.
+            if e.kind() != io::ErrorKind::AlreadyExists {
+                return Err(e);
+            }
+            fs::remove_file(&path)?;
+            std::os::unix::fs::symlink(rel, &path)?;
+        }
         Ok(Record {
             ino: md.ino(),
             path,
