@@ -54,6 +54,7 @@ use fuser::{
 use parking_lot::Mutex;
 
 mod unsynced;
+pub use unsynced::settle_all;
 use unsynced::Unsynced;
 
 /// Writes of at least this size are a streaming writer's (see `write`).
@@ -252,14 +253,15 @@ impl UpperFs {
         }
         let upper_root = open_dir_path(upper)?;
         let lower_root = open_dir_path(lower)?;
+        let ns = if privileged() { "trusted." } else { "user." };
         let unsynced = Unsynced::open(work, |rel, name| {
-            restore_copy_up(&upper_root, &lower_root, rel, name)
+            restore_copy_up(&upper_root, &lower_root, ns, rel, name)
         })?;
         Ok(UpperFs {
             upper_root,
             lower_root,
             work: work.to_path_buf(),
-            ns: if privileged() { "trusted." } else { "user." },
+            ns,
             inodes: Mutex::new(Inodes {
                 next: 2,
                 ..Inodes::default()
@@ -282,7 +284,17 @@ impl UpperFs {
 
     /// `rel` in `layer`, its parent opened beneath the layer's root with no symlinks.
     fn at(&self, layer: Layer, rel: &Path) -> io::Result<At> {
-        let root = self.root_fd(layer);
+        beneath(self.root_fd(layer), rel)
+    }
+
+    fn lstat(&self, layer: Layer, rel: &Path) -> io::Result<fs::Metadata> {
+        fs::symlink_metadata(&self.at(layer, rel)?.path)
+    }
+}
+
+/// `rel` beneath the directory `root`, its parent opened with no symlinks followed.
+fn beneath(root: RawFd, rel: &Path) -> io::Result<At> {
+    {
         let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
             // `/.` makes even lstat and lgetxattr go through the magic link to the directory.
             return Ok(At {
@@ -309,11 +321,9 @@ impl UpperFs {
             _parent: fd,
         })
     }
+}
 
-    fn lstat(&self, layer: Layer, rel: &Path) -> io::Result<fs::Metadata> {
-        fs::symlink_metadata(&self.at(layer, rel)?.path)
-    }
-
+impl UpperFs {
     /// `rel` in `layer`: `None` when absent, an error when it cannot be told (a lazy lower
     /// that fails must not make image files look deleted).
     fn probe(&self, layer: Layer, rel: &Path) -> io::Result<Option<fs::Metadata>> {
@@ -672,12 +682,6 @@ impl UpperFs {
         // kept in the index (`work/index/INO`, as overlayfs's `index=on`) even when every name
         // of it was removed since, so the names stay one file with one set of attributes.
         let indexed = self.work.join("index").join(md.ino().to_string());
-        if t.is_file() && md.nlink() > 1 && fs::symlink_metadata(&indexed).is_ok() {
-            // Its record names the first name only, which may go: synced first.
-            if self.unsynced.any() {
-                self.unsynced.settle()?;
-            }
-        }
         if t.is_file() && md.nlink() > 1 && fs::hard_link(&indexed, &dst.path).is_ok() {
             self.data_copies.fetch_add(1, Ordering::SeqCst);
             return fs::symlink_metadata(&dst.path);
@@ -706,7 +710,7 @@ impl UpperFs {
                 )?;
             }
             self.copy_attrs(&src.path, &md, &tmp)?;
-            self.rename_copy(&tmp, rel, &dst.path, t.is_file())
+            self.rename_copy(&tmp, rel, &dst.path, t.is_file().then_some(md.nlink()))
         })();
         if let Err(e) = made {
             let _ = fs::remove_file(&tmp);
@@ -727,10 +731,20 @@ impl UpperFs {
         Ok(up)
     }
 
-    /// Renames the copy-up `tmp` into place at `dst` (`rel` in the view); a data copy is
-    /// recorded first, as not yet synced (see `unsynced`).
-    fn rename_copy(&self, tmp: &Path, rel: &Path, dst: &Path, data: bool) -> io::Result<()> {
-        if !data {
+    /// Renames the copy-up `tmp` into place at `dst` (`rel` in the view). A data copy (of a
+    /// file of `nlink` names) is recorded first as not yet synced, or synced (see `unsynced`).
+    fn rename_copy(
+        &self,
+        tmp: &Path,
+        rel: &Path,
+        dst: &Path,
+        nlink: Option<u64>,
+    ) -> io::Result<()> {
+        let Some(nlink) = nlink else {
+            return fs::rename(tmp, dst);
+        };
+        if !self.unsynced.records(nlink) {
+            File::open(tmp)?.sync_all()?;
             return fs::rename(tmp, dst);
         }
         let record = self.unsynced.record(tmp, rel)?;
@@ -842,7 +856,7 @@ impl UpperFs {
             copy_data(&src.path, &tmp, up.size())?;
             // The attributes and xattrs the metacopy holds now (its overlay marks left out).
             self.copy_attrs(&dst.path, up, &tmp)?;
-            self.rename_copy(&tmp, rel, &dst.path, true)
+            self.rename_copy(&tmp, rel, &dst.path, Some(1))
         })();
         if let Err(e) = made {
             let _ = fs::remove_file(&tmp);
@@ -1130,6 +1144,16 @@ impl UpperFs {
         if let Some(p) = to.parent() {
             self.copy_up(p)?;
         }
+        // Records of unsynced copy-ups name paths: none may move (see `unsynced`). Synced
+        // before anything is removed, so a failed sync changes nothing.
+        let moves_pending = if src_dir {
+            self.unsynced.pending_under(from)
+        } else {
+            self.unsynced.pending(self.lstat(Layer::Upper, from)?.ino())
+        };
+        if moves_pending {
+            self.unsynced.settle()?;
+        }
         let dst_at = self.at(Layer::Upper, to)?;
         // A deleted image name (a whiteout in the upper layer): the rename replaces it, and a
         // directory put there must hide the image's.
@@ -1147,15 +1171,6 @@ impl UpperFs {
             }
         }
         let src_at = self.at(Layer::Upper, from)?;
-        // Records of unsynced copy-ups name paths: none may move (see `unsynced`).
-        if self.unsynced.any()
-            && (src_dir
-                || self
-                    .unsynced
-                    .pending(fs::symlink_metadata(&src_at.path)?.ino()))
-        {
-            self.unsynced.settle()?;
-        }
         fs::rename(&src_at.path, &dst_at.path)?;
         // A directory over something of the lower: it must hide the lower one.
         if src_dir && (over_whiteout || dst.as_ref().is_some_and(|d| d.lower.is_some())) {
@@ -1253,9 +1268,17 @@ fn copy_data(from: &Path, to: &Path, len: u64) -> io::Result<()> {
     copy_sparse(&mut src, &mut dst, len)
 }
 
-/// After a crash, gives the upper file `rel` (if it is still the file record `name` was made
-/// for) the lower's data again: a copy-up the crash may have cut short. Its attributes stay.
-fn restore_copy_up(upper: &File, lower: &File, rel: &Path, name: &str) -> io::Result<()> {
+/// After a crash, makes the upper file `rel` (if it is still the file record `name` was made
+/// for) a metadata-only copy-up again: its data the lower's (read lazily, when read), its
+/// owner, mode, times and xattrs kept. A copy-up the crash may have cut short then reads as
+/// the image's file, a state it had.
+fn restore_copy_up(upper: &File, lower: &File, ns: &str, rel: &Path, name: &str) -> io::Result<()> {
+    let gone = |e: &io::Error| {
+        matches!(
+            e.raw_os_error(),
+            Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
+        )
+    };
     if rel.is_absolute()
         || rel
             .components()
@@ -1263,29 +1286,59 @@ fn restore_copy_up(upper: &File, lower: &File, rel: &Path, name: &str) -> io::Re
     {
         return Ok(());
     }
-    let up = PathBuf::from(format!("/proc/self/fd/{}", upper.as_raw_fd())).join(rel);
-    let low = PathBuf::from(format!("/proc/self/fd/{}", lower.as_raw_fd())).join(rel);
-    let Ok(md) = fs::symlink_metadata(&up) else {
-        return Ok(());
+    let up = match beneath(upper.as_raw_fd(), rel) {
+        Err(e) if gone(&e) => return Ok(()),
+        r => r?,
+    };
+    let md = match fs::symlink_metadata(&up.path) {
+        Err(e) if gone(&e) => return Ok(()),
+        r => r?,
     };
     if !md.is_file() || !Unsynced::names(name, &md) {
         return Ok(());
     }
-    let mut src = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&low)?;
-    let len = src.metadata()?.len();
-    let mut dst = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&up)?;
-    dst.set_len(0)?;
-    copy_sparse(&mut src, &mut dst, len)?;
+    let low = match beneath(lower.as_raw_fd(), rel).and_then(|a| fs::symlink_metadata(&a.path)) {
+        Err(e) if gone(&e) => return Ok(()),
+        r => r?,
+    };
+    if !low.is_file() {
+        return Ok(());
+    }
+    // Truncating drops file capabilities (and, unprivileged, setuid bits): put back after.
+    let mut kept = Vec::new();
+    for n in xattr::list(&up.path)? {
+        if let Some(v) = xattr::get(&up.path, &n)? {
+            kept.push((n, v));
+        }
+    }
+    let open = || {
+        OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&up.path)
+    };
+    let f = match open() {
+        // A read-only file of an unprivileged daemon (its own): writable for the moment.
+        Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+            fs::set_permissions(&up.path, fs::Permissions::from_mode(0o600))?;
+            open()?
+        }
+        r => r?,
+    };
+    if !f.metadata()?.is_file() || f.metadata()?.ino() != md.ino() {
+        return Ok(());
+    }
+    f.set_len(0)?;
+    f.set_len(low.size())?;
+    for (n, v) in &kept {
+        xattr::set(&up.path, n, v)?;
+    }
+    xattr::set(&up.path, format!("{ns}overlay.metacopy"), b"")?;
+    f.set_permissions(fs::Permissions::from_mode(md.mode() & 0o7777))?;
     let a = nix::sys::time::TimeSpec::new(md.atime(), md.atime_nsec());
     let m = nix::sys::time::TimeSpec::new(md.mtime(), md.mtime_nsec());
-    nix::sys::stat::futimens(dst.as_raw_fd(), &a, &m)?;
-    dst.sync_all()
+    nix::sys::stat::futimens(f.as_raw_fd(), &a, &m)?;
+    f.sync_all()
 }
 
 /// Copies `len` bytes, leaving holes where the source has them.
@@ -1829,7 +1882,7 @@ impl Filesystem for UpperFs {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
@@ -1839,7 +1892,15 @@ impl Filesystem for UpperFs {
             .map_err(|e| io::Error::from_raw_os_error(e.code()))
             .and_then(|h| match &*h {
                 Handle::File(f) => self.unsynced.sync_file(f, datasync),
-                Handle::Lower(_) => Ok(()),
+                // A read-only open whose file was copied up since: the copy is synced.
+                Handle::Lower(l) => {
+                    let f = self.lower_read_file(ino, l);
+                    if f.metadata()?.dev() == self.upper_root.metadata()?.dev() {
+                        self.unsynced.sync_file(&f, datasync)
+                    } else {
+                        Ok(())
+                    }
+                }
                 Handle::Dir(_) => Ok(()),
             });
         reply_empty(r, reply);
@@ -1949,12 +2010,32 @@ impl Filesystem for UpperFs {
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
-        _datasync: bool,
+        datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // The upper directory's entries (a directory only in the image changed nothing).
+        let r = (|| -> io::Result<()> {
+            let rel = self.rel_of(ino)?;
+            let at = self.at(Layer::Upper, &rel)?;
+            let dir = match OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+                .open(&at.path)
+            {
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
+                    return Ok(())
+                }
+                r => r?,
+            };
+            if datasync {
+                dir.sync_data()
+            } else {
+                dir.sync_all()
+            }
+        })();
+        reply_empty(r, reply);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

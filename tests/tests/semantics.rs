@@ -358,8 +358,10 @@ fn fuse_copy_ups_survive_a_crash() {
     ));
     // The view cannot sync any more; it goes, and the filesystem comes back from its journal.
     strata_ok(&root, &["umount", &mnt.to_string_lossy()]);
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    sh(&format!("umount {dir} && mount -o loop {img} {dir}"));
+    // The daemon lets go of the upper filesystem when the view's session ends, just after.
+    let umount = format!("for _ in $(seq 100); do umount {dir} && exit 0; sleep 0.1; done; exit 1");
+    sh(&umount);
+    sh(&format!("mount -o loop {img} {dir}"));
     let records = fs::read_dir(upper.join("work/unsynced"))
         .unwrap()
         .filter(|e| e.as_ref().unwrap().file_name() != "mount")
@@ -375,6 +377,10 @@ fn fuse_copy_ups_survive_a_crash() {
         })
         .count();
     eprintln!("after the crash: {records} records, {cut_short} upper files cut short");
+    assert!(
+        cut_short > 0,
+        "no copy-up was cut short: the crash tested nothing"
+    );
 
     mount_view(&root, &image, &upper, &mnt, true);
     for i in 0..n {
@@ -400,8 +406,7 @@ fn fuse_copy_ups_survive_a_crash() {
     assert_eq!(left, 0, "records outlived the recovery");
     strata_ok(&root, &["umount", &mnt.to_string_lossy()]);
     strata_ok(&root, &["daemon", "--stop"]);
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    sh(&format!("umount {dir}"));
+    sh(&umount);
 }
 
 /// Every path under `dir` (not following symlinks).

@@ -971,6 +971,9 @@ impl MountService {
             mounts.keys().cloned().collect()
         };
         let views: Vec<PathBuf> = self.inner.writable.lock().keys().cloned().collect();
+        // FUSE writable layers sync their copy-ups when their sessions end, which a daemon
+        // about to exit may not wait for: now, and again once they are detached.
+        crate::fuse_upper::settle_all();
         for mp in views.into_iter().chain(mounts) {
             match self.unmount(&mp, true) {
                 // A writable view's lower went with its view.
@@ -978,6 +981,7 @@ impl MountService {
                 Err(e) => tracing::warn!(mountpoint = %mp.display(), "{e}"),
             }
         }
+        crate::fuse_upper::settle_all();
         self.inner.stopped.store(true, Ordering::SeqCst);
         let _guard = self.inner.mounts.lock();
         self.inner.changed.notify_all();
