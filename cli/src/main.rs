@@ -235,6 +235,12 @@ fn main() {
         | Command::Unshare(_) => true,
         // A container's changes (a writable view of the user's own is a directory here).
         Command::Diff(a) => !a.mountpoint.is_dir(),
+        // A container's record or counters.
+        Command::Inspect(a) => commands::rootless::names_container(&cli.global, &a.image),
+        Command::Stats(a) => {
+            !a.mountpoint.is_dir()
+                && commands::rootless::names_container(&cli.global, &a.mountpoint.to_string_lossy())
+        }
         _ => false,
     };
     if in_userns {

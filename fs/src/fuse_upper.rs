@@ -856,7 +856,7 @@ impl UpperFs {
             copy_data(&src.path, &tmp, up.size())?;
             // The attributes and xattrs the metacopy holds now (its overlay marks left out).
             self.copy_attrs(&dst.path, up, &tmp)?;
-            self.rename_copy(&tmp, rel, &dst.path, Some(1))
+            self.rename_copy(&tmp, rel, &dst.path, Some(up.nlink()))
         })();
         if let Err(e) = made {
             let _ = fs::remove_file(&tmp);
@@ -893,7 +893,9 @@ impl UpperFs {
                 self.copy_up(&c)?;
             }
         }
-        // Nothing of the lower shows through any more: it is all here.
+        // Nothing of the lower shows through any more: it is all here, and synced (a record
+        // of a copy under an opaque directory could not be restored from the lower).
+        self.unsynced.settle()?;
         let at = self.at(Layer::Upper, rel)?;
         let r = xattr::set(&at.path, self.xattr_name("opaque"), b"y");
         self.dirs_changed();

@@ -300,6 +300,10 @@ fn an_ordinary_user_runs_commits_and_pushes_containers() {
     let pushed = format!("{}/rootless/result:v1", reg.addr);
     user(&["commit", "c1", &pushed]);
     user(&["push", &pushed]);
+    // The container's record and the mounts of the namespace's daemon, from outside it.
+    let rec = user(&["inspect", "c1"]);
+    assert!(rec.contains("\"c1\""), "{rec}");
+    user(&["mounts"]);
     user(&["rm", "c1"]);
     assert!(user(&["ps", "-a"]).lines().count() <= 1);
 
@@ -330,13 +334,42 @@ fn an_ordinary_user_runs_commits_and_pushes_containers() {
     // Stop what the test started: the daemons, the namespace holder and every process left
     // in its namespaces (the inner daemon), found by namespace, not by name.
     let _ = as_user(uid, gid, &home2, &["daemon", "--stop", "--forget"]);
-    let _ = as_user(uid, gid, &home, &["daemon", "--stop", "--forget"]);
+    let stopped = as_user(uid, gid, &home, &["daemon", "--stop", "--forget"]);
     let holder: i32 = fs::read_to_string(root.join("userns.pid"))
         .unwrap()
         .trim()
         .parse()
         .unwrap();
     let ns = fs::read_link(format!("/proc/{holder}/ns/user")).unwrap();
+    let in_ns = || -> Vec<i32> {
+        fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+            .filter(|pid| fs::read_link(format!("/proc/{pid}/ns/user")).is_ok_and(|n| n == ns))
+            .collect()
+    };
+    // `daemon --stop` stopped the namespace's daemon too: only the holder is left.
+    let left: Vec<String> = in_ns()
+        .into_iter()
+        .filter(|&p| p != holder)
+        // An exited daemon whose parent has not reaped it yet holds nothing.
+        .filter(|p| {
+            fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|st| {
+                st.rsplit_once(')')
+                    .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+            })
+        })
+        .map(|p| {
+            let cmd = fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmd).replace('\0', " ")
+        })
+        .collect();
+    assert!(
+        left.is_empty(),
+        "processes left in the namespace after `daemon --stop` ({}): {left:?}",
+        String::from_utf8_lossy(&stopped.stdout)
+    );
     for e in fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;

@@ -180,6 +180,22 @@ pub fn open_lock(g: &GlobalArgs) -> anyhow::Result<std::fs::File> {
 
 /// Asks the daemon to stop and waits until it has exited (its lock is free).
 fn stop(g: &GlobalArgs, forget: bool) -> anyhow::Result<()> {
+    // An ordinary user's containers have their own daemon, in the rootless namespace.
+    let mut args = vec!["daemon", "--stop"];
+    if forget {
+        args.push("--forget");
+    }
+    if let Some(out) = super::rootless::inside(g, &args)? {
+        if !out.status.success() {
+            bail!(
+                "stopping the daemon of the rootless namespace: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        if !String::from_utf8_lossy(&out.stdout).starts_with("no strata daemon") {
+            println!("strata daemon of the rootless namespace stopped");
+        }
+    }
     let layout = Layout::new(&g.root);
     let Some(pid) = call_running(g, &Request::Ping)?.and_then(|v| v["pid"].as_u64()) else {
         println!("no strata daemon runs for {}", g.root.display());

@@ -259,7 +259,19 @@ pub struct MountsArgs {
 /// `strata mounts`: the daemon's live mounts.
 pub fn mounts(g: &GlobalArgs, a: MountsArgs) -> anyhow::Result<()> {
     let list = daemon::call_running(g, &Request::List)?.unwrap_or(serde_json::json!([]));
-    let list: Vec<MountInfo> = serde_json::from_value(list).context("the daemon's answer")?;
+    let mut list: Vec<MountInfo> = serde_json::from_value(list).context("the daemon's answer")?;
+    // An ordinary user's containers: mounted by the daemon of the rootless namespace.
+    if let Some(out) = super::rootless::inside(g, &["mounts", "--json"])? {
+        if !out.status.success() {
+            anyhow::bail!(
+                "listing the mounts of the rootless namespace: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let inner: Vec<MountInfo> =
+            serde_json::from_slice(&out.stdout).context("the rootless daemon's answer")?;
+        list.extend(inner);
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(());

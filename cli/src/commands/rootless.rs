@@ -7,7 +7,9 @@
 //! process (`strata userns-holder`, its pid in `ROOT/userns.pid`) keeps the namespaces alive;
 //! `run`, `exec`, `start`, `stop`, `kill`, `logs`, `ps`, `rm`, `commit`, `build` and the `diff`
 //! of a container re-run themselves inside it through `nsenter`, and `strata unshare CMD` runs
-//! any command there (as `podman unshare`). Without subordinate ids only the user is mapped. There, strata is root of the
+//! any command there (as `podman unshare`); `inspect` and `stats` of a container run there too,
+//! and `mounts` and `daemon --stop` also reach the daemon there. Without subordinate ids only
+//! the user is mapped. There, strata is root of the
 //! namespace: its node daemon (a second one, files under `ROOT/userns/`; the images are the
 //! same store's) mounts FUSE itself, the writable layer is strata's FUSE layer (kernel
 //! overlayfs refuses metacopy and trusted xattrs in a user namespace), and runc runs the
@@ -222,4 +224,54 @@ pub fn reenter(g: &GlobalArgs) -> anyhow::Result<()> {
         .env(MARKER, "1")
         .exec();
     Err(err).context("running nsenter (util-linux) into the rootless user namespace")
+}
+
+/// Runs `strata ARGS` in the user's rootless namespace, if one is held and this is an
+/// ordinary user outside it (so `mounts` and `daemon --stop` reach the daemon of the user's
+/// containers too); answers its output, or `None` where there is no such namespace.
+pub fn inside(g: &GlobalArgs, args: &[&str]) -> anyhow::Result<Option<std::process::Output>> {
+    if nix::unistd::geteuid().is_root() || std::env::var_os(MARKER).is_some() {
+        return Ok(None);
+    }
+    let Some(pid) = running_holder(&g.root) else {
+        return Ok(None);
+    };
+    let exe = std::env::current_exe().context("finding the strata binary")?;
+    let out = Command::new("nsenter")
+        .arg(format!("--target={pid}"))
+        .args(["--user", "--mount", "--preserve-credentials", "--"])
+        .arg(exe)
+        .args(args)
+        .env("STRATA_ROOT", &g.root)
+        .env(MARKER, "1")
+        .stdin(Stdio::null())
+        .output()
+        .context("running nsenter (util-linux) into the rootless user namespace")?;
+    Ok(Some(out))
+}
+
+/// Whether `key` names (or is an id prefix of) a container of the user's rootless
+/// namespace: `inspect` and `stats` of it run there.
+pub fn names_container(g: &GlobalArgs, key: &str) -> bool {
+    if nix::unistd::geteuid().is_root() || std::env::var_os(MARKER).is_some() || key.is_empty() {
+        return false;
+    }
+    let Ok(dirs) = std::fs::read_dir(g.root.join("userns").join("containers")) else {
+        return false;
+    };
+    dirs.flatten().any(|d| {
+        let Ok(raw) = std::fs::read(d.path().join("container.json")) else {
+            return false;
+        };
+        let Ok(rec) = serde_json::from_slice::<serde_json::Value>(&raw) else {
+            return false;
+        };
+        let field = |k: &str| {
+            rec.get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string()
+        };
+        field("name") == key || field("id").starts_with(key)
+    })
 }

@@ -118,17 +118,39 @@ fn mount_identity(dir: &File) -> io::Result<String> {
     let want = rustix::fs::StatxFlags::MNT_ID
         | rustix::fs::StatxFlags::from_bits_retain(STATX_MNT_ID_UNIQUE);
     let st = rustix::fs::statx(dir, "", rustix::fs::AtFlags::EMPTY_PATH, want)?;
-    let kind = if st.stx_mask & STATX_MNT_ID_UNIQUE != 0 {
-        "u"
-    } else {
-        "m"
-    };
+    // Without unique ids (before Linux 6.8) a remount may get the old id back: no identity,
+    // so the records are always restored.
+    if st.stx_mask & STATX_MNT_ID_UNIQUE == 0 {
+        return Ok(format!("{} unknown {}\n", boot.trim(), std::process::id()));
+    }
     Ok(format!(
-        "{} {kind}{} {}\n",
+        "{} {} {}\n",
         boot.trim(),
         st.stx_mnt_id,
         st.stx_ino
     ))
+}
+
+/// Whether the ext2/3/4 filesystem `dir` is on keeps a journal (jbd2 lists it as `DEV-8`).
+fn has_journal(dir: &File) -> bool {
+    let Ok(md) = dir.metadata() else {
+        return false;
+    };
+    let (major, minor) = (
+        nix::sys::stat::major(md.dev()),
+        nix::sys::stat::minor(md.dev()),
+    );
+    let Ok(uevent) = fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/uevent")) else {
+        return false;
+    };
+    let Some(name) = uevent.lines().find_map(|l| l.strip_prefix("DEVNAME=")) else {
+        return false;
+    };
+    let want = format!("{}-", name.replace('/', "!"));
+    fs::read_dir("/proc/fs/jbd2").is_ok_and(|d| {
+        d.flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(&want))
+    })
 }
 
 /// Writes `data` to `path` durably (temporary file, fsync, rename; the caller syncs the
@@ -159,8 +181,8 @@ impl Unsynced {
             .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
             .open(&dir)?;
         let kind = nix::sys::statfs::fstatfs(&dir_fd)?.filesystem_type();
-        let batched =
-            kind == nix::sys::statfs::EXT4_SUPER_MAGIC || kind == nix::sys::statfs::XFS_SUPER_MAGIC;
+        let batched = kind == nix::sys::statfs::XFS_SUPER_MAGIC
+            || (kind == nix::sys::statfs::EXT4_SUPER_MAGIC && has_journal(&dir_fd));
         let u = Unsynced {
             dir,
             dir_fd,
@@ -242,7 +264,7 @@ impl Unsynced {
 
     /// Whether copies of `nlink` names are recorded; if not, the caller fsyncs them.
     pub(super) fn records(&self, nlink: u64) -> bool {
-        self.batched && nlink <= 1
+        self.batched && nlink <= 1 && !self.state.lock().failed
     }
 
     /// Records `file` (made in `work/`, about to be renamed to `rel` in the upper layer).
@@ -315,7 +337,7 @@ impl Unsynced {
         let record = {
             let st = self.state.lock();
             match st.files.get(&ino) {
-                Some(e) if !st.failed => e.record.clone(),
+                Some(e) => e.record.clone(),
                 _ => {
                     drop(st);
                     return if datasync {
@@ -379,7 +401,7 @@ impl Unsynced {
                 if st.stop {
                     return;
                 }
-                if st.files.len() < BATCH {
+                if st.files.len() < BATCH || st.failed {
                     self.wake.wait_for(&mut st, self.tick);
                 }
                 if st.stop {
