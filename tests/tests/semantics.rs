@@ -420,6 +420,86 @@ fn fuse_copy_ups_survive_a_crash() {
     sh(&umount);
 }
 
+/// A killed daemon, the machine and the upper's filesystem still up: copy-ups it had not
+/// synced yet are in the page cache, and the next daemon keeps them (one `syncfs`) instead of
+/// giving the files their image content back.
+#[test]
+fn fuse_copy_ups_survive_a_killed_daemon() {
+    let tmp = scratch("semantics-killed").unwrap();
+    let _unmount = UnmountUnder(tmp.clone());
+    let reg = TestRegistry::start(&tmp.join("registry"), None).unwrap();
+    let image = publish_layer(
+        &tmp,
+        &reg.addr,
+        semantics::lower_layer().unwrap(),
+        "sem/killed:v1",
+    );
+    let root = tmp.join("node");
+    let (disk, fsdir) = (tmp.join("upper.img"), tmp.join("fs"));
+    fs::create_dir_all(&fsdir).unwrap();
+    let sh = |cmd: &str| {
+        let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let (img, dir) = (disk.display(), fsdir.display());
+    sh(&format!(
+        "truncate -s 64M {img} && mkfs.ext4 -q -F {img} && mount -o loop {img} {dir}"
+    ));
+    let upper = fsdir.join("ctr");
+    let mnt = tmp.join("view");
+    fs::create_dir_all(&mnt).unwrap();
+    let out = Command::new(strata_tests::util::strata_bin())
+        .arg("--root")
+        .arg(&root)
+        .args(["mount", "--fuse-upper", "--upper"])
+        .arg(&upper)
+        .arg(&image)
+        .arg(&mnt)
+        .env("STRATA_UPPER_SYNC_MS", "3600000")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let files = ["etc/motd", "etc/group", "dir/keep/x", "meta/b", "app/v1"];
+    for f in files {
+        let mut h = fs::OpenOptions::new()
+            .append(true)
+            .open(mnt.join(f))
+            .unwrap();
+        std::io::Write::write_all(&mut h, b"+kept\n").unwrap();
+    }
+    // The appends reach the daemon (a close flushes the writeback cache), then it dies.
+    let records = fs::read_dir(upper.join("work/unsynced"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name() != "mount")
+        .count();
+    assert_eq!(records, files.len(), "copy-ups left unsynced");
+    kill_node_daemon(&root);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The next daemon (started by the next mount) mounts the view again from its record.
+    let lower = tmp.join("lower");
+    fs::create_dir_all(&lower).unwrap();
+    strata_ok(&root, &["mount", &image, &lower.to_string_lossy()]);
+    for f in files {
+        let got = fs::read_to_string(mnt.join(f)).unwrap();
+        let image_content = fs::read_to_string(lower.join(f)).unwrap();
+        assert_eq!(got, format!("{image_content}+kept\n"), "{f}");
+    }
+    strata_ok(&root, &["umount", &lower.to_string_lossy()]);
+    strata_ok(&root, &["umount", &mnt.to_string_lossy()]);
+    strata_ok(&root, &["daemon", "--stop"]);
+    sh(&format!(
+        "for _ in $(seq 100); do umount {dir} && exit 0; sleep 0.1; done; exit 1"
+    ));
+}
+
 /// Every path under `dir` (not following symlinks).
 fn walkdir(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
