@@ -304,42 +304,16 @@ fn fuse_copy_ups_survive_a_crash() {
         l.file(&format!("c/f{i}"), 0o644, &content(i)).unwrap();
     }
     let image = publish_layer(&tmp, &reg.addr, l.finish().unwrap(), "sem/crash:v1");
-    let root = tmp.join("node");
-    let disk = tmp.join("upper.img");
-    let fsdir = tmp.join("fs");
-    fs::create_dir_all(&fsdir).unwrap();
-    let sh = |cmd: &str| {
-        let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{cmd}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let (img, dir) = (disk.display(), fsdir.display());
-    sh(&format!(
-        "truncate -s 128M {img} && mkfs.ext4 -q -F {img} && mount -o loop {img} {dir}"
-    ));
-    let upper = fsdir.join("ctr");
-    let mnt = tmp.join("view");
-    fs::create_dir_all(&mnt).unwrap();
     // The daemon (started by this mount) syncs copy-ups only when asked: the crash finds them
     // all unsynced.
-    let out = Command::new(strata_tests::util::strata_bin())
-        .arg("--root")
-        .arg(&root)
-        .args(["mount", "--fuse-upper", "--upper"])
-        .arg(&upper)
-        .arg(&image)
-        .arg(&mnt)
-        .env("STRATA_UPPER_SYNC_MS", "3600000")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let Ext4View {
+        root,
+        img,
+        fsdir,
+        upper,
+        mnt,
+    } = Ext4View::mount(&tmp, &image);
+    let (img, dir) = (img.display(), fsdir.display());
     for i in 0..n {
         let mut f = fs::OpenOptions::new()
             .append(true)
@@ -434,39 +408,14 @@ fn fuse_copy_ups_survive_a_killed_daemon() {
         semantics::lower_layer().unwrap(),
         "sem/killed:v1",
     );
-    let root = tmp.join("node");
-    let (disk, fsdir) = (tmp.join("upper.img"), tmp.join("fs"));
-    fs::create_dir_all(&fsdir).unwrap();
-    let sh = |cmd: &str| {
-        let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{cmd}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let (img, dir) = (disk.display(), fsdir.display());
-    sh(&format!(
-        "truncate -s 64M {img} && mkfs.ext4 -q -F {img} && mount -o loop {img} {dir}"
-    ));
-    let upper = fsdir.join("ctr");
-    let mnt = tmp.join("view");
-    fs::create_dir_all(&mnt).unwrap();
-    let out = Command::new(strata_tests::util::strata_bin())
-        .arg("--root")
-        .arg(&root)
-        .args(["mount", "--fuse-upper", "--upper"])
-        .arg(&upper)
-        .arg(&image)
-        .arg(&mnt)
-        .env("STRATA_UPPER_SYNC_MS", "3600000")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let Ext4View {
+        root,
+        fsdir,
+        upper,
+        mnt,
+        ..
+    } = Ext4View::mount(&tmp, &image);
+    let dir = fsdir.display();
     let files = ["etc/motd", "etc/group", "dir/keep/x", "meta/b", "app/v1"];
     for f in files {
         let mut h = fs::OpenOptions::new()
@@ -498,6 +447,60 @@ fn fuse_copy_ups_survive_a_killed_daemon() {
     sh(&format!(
         "for _ in $(seq 100); do umount {dir} && exit 0; sleep 0.1; done; exit 1"
     ));
+}
+
+/// `sh -c CMD`, which must succeed.
+fn sh(cmd: &str) {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A FUSE writable view of `image` whose upper directory is on an ext4 of its own (a loop
+/// file, mounted at `fsdir`), its daemon syncing copy-ups only when asked.
+struct Ext4View {
+    root: std::path::PathBuf,
+    img: std::path::PathBuf,
+    fsdir: std::path::PathBuf,
+    upper: std::path::PathBuf,
+    mnt: std::path::PathBuf,
+}
+
+impl Ext4View {
+    fn mount(tmp: &Path, image: &str) -> Ext4View {
+        let v = Ext4View {
+            root: tmp.join("node"),
+            img: tmp.join("upper.img"),
+            fsdir: tmp.join("fs"),
+            upper: tmp.join("fs/ctr"),
+            mnt: tmp.join("view"),
+        };
+        fs::create_dir_all(&v.fsdir).unwrap();
+        fs::create_dir_all(&v.mnt).unwrap();
+        let (img, dir) = (v.img.display(), v.fsdir.display());
+        sh(&format!(
+            "truncate -s 128M {img} && mkfs.ext4 -q -F {img} && mount -o loop {img} {dir}"
+        ));
+        let out = Command::new(strata_tests::util::strata_bin())
+            .arg("--root")
+            .arg(&v.root)
+            .args(["mount", "--fuse-upper", "--upper"])
+            .arg(&v.upper)
+            .arg(image)
+            .arg(&v.mnt)
+            .env("STRATA_UPPER_SYNC_MS", "3600000")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        v
+    }
 }
 
 /// Every path under `dir` (not following symlinks).
