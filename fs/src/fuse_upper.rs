@@ -1327,20 +1327,28 @@ fn restore_copy_up(upper: &File, lower: &File, ns: &str, rel: &Path, name: &str)
         }
         r => r?,
     };
-    if !f.metadata()?.is_file() || f.metadata()?.ino() != md.ino() {
-        return Ok(());
+    let mode = fs::Permissions::from_mode(md.mode() & 0o7777);
+    let made = (|| -> io::Result<()> {
+        if !f.metadata()?.is_file() || f.metadata()?.ino() != md.ino() {
+            return Ok(());
+        }
+        f.set_len(0)?;
+        f.set_len(low.size())?;
+        for (n, v) in &kept {
+            xattr::set(&up.path, n, v)?;
+        }
+        xattr::set(&up.path, format!("{ns}overlay.metacopy"), b"")?;
+        f.set_permissions(mode.clone())?;
+        let a = nix::sys::time::TimeSpec::new(md.atime(), md.atime_nsec());
+        let m = nix::sys::time::TimeSpec::new(md.mtime(), md.mtime_nsec());
+        nix::sys::stat::futimens(f.as_raw_fd(), &a, &m)?;
+        f.sync_all()
+    })();
+    // Whatever failed, the file keeps its mode (the next mount tries again).
+    if made.is_err() {
+        let _ = f.set_permissions(mode);
     }
-    f.set_len(0)?;
-    f.set_len(low.size())?;
-    for (n, v) in &kept {
-        xattr::set(&up.path, n, v)?;
-    }
-    xattr::set(&up.path, format!("{ns}overlay.metacopy"), b"")?;
-    f.set_permissions(fs::Permissions::from_mode(md.mode() & 0o7777))?;
-    let a = nix::sys::time::TimeSpec::new(md.atime(), md.atime_nsec());
-    let m = nix::sys::time::TimeSpec::new(md.mtime(), md.mtime_nsec());
-    nix::sys::stat::futimens(f.as_raw_fd(), &a, &m)?;
-    f.sync_all()
+    made
 }
 
 /// Copies `len` bytes, leaving holes where the source has them.
