@@ -300,10 +300,23 @@ fn an_ordinary_user_runs_commits_and_pushes_containers() {
     let pushed = format!("{}/rootless/result:v1", reg.addr);
     user(&["commit", "c1", &pushed]);
     user(&["push", &pushed]);
-    // The container's record and the mounts of the namespace's daemon, from outside it.
+    // From outside the namespace: a container's record, the mounts of the namespace's daemon
+    // (a running container's root among them), and `daemon --stop` stopping that daemon too.
     let rec = user(&["inspect", "c1"]);
     assert!(rec.contains("\"c1\""), "{rec}");
-    user(&["mounts"]);
+    user(&["run", "-d", "--name", "c2", &image, "-c", "sleep 120"]);
+    let mounts = user(&["mounts", "--json"]);
+    let listed: serde_json::Value = serde_json::from_str(&mounts).unwrap();
+    assert!(
+        mounts.contains("userns/containers/"),
+        "the running container's root is not listed: {listed}"
+    );
+    let stopped = user(&["daemon", "--stop"]);
+    assert!(
+        stopped.contains("strata daemon of the rootless namespace stopped"),
+        "{stopped}"
+    );
+    user(&["rm", "-f", "c2"]);
     user(&["rm", "c1"]);
     assert!(user(&["ps", "-a"]).lines().count() <= 1);
 
@@ -335,6 +348,7 @@ fn an_ordinary_user_runs_commits_and_pushes_containers() {
     // in its namespaces (the inner daemon), found by namespace, not by name.
     let _ = as_user(uid, gid, &home2, &["daemon", "--stop", "--forget"]);
     let stopped = as_user(uid, gid, &home, &["daemon", "--stop", "--forget"]);
+    assert!(stopped.status.success());
     let holder: i32 = fs::read_to_string(root.join("userns.pid"))
         .unwrap()
         .trim()

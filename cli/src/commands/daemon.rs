@@ -180,25 +180,10 @@ pub fn open_lock(g: &GlobalArgs) -> anyhow::Result<std::fs::File> {
 
 /// Asks the daemon to stop and waits until it has exited (its lock is free).
 fn stop(g: &GlobalArgs, forget: bool) -> anyhow::Result<()> {
-    // An ordinary user's containers have their own daemon, in the rootless namespace.
-    let mut args = vec!["daemon", "--stop"];
-    if forget {
-        args.push("--forget");
-    }
-    if let Some(out) = super::rootless::inside(g, &args)? {
-        if !out.status.success() {
-            bail!(
-                "stopping the daemon of the rootless namespace: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        if !String::from_utf8_lossy(&out.stdout).starts_with("no strata daemon") {
-            println!("strata daemon of the rootless namespace stopped");
-        }
-    }
     let layout = Layout::new(&g.root);
     let Some(pid) = call_running(g, &Request::Ping)?.and_then(|v| v["pid"].as_u64()) else {
         println!("no strata daemon runs for {}", g.root.display());
+        stop_inside(g);
         return Ok(());
     };
     call_running(g, &Request::Shutdown { forget })?;
@@ -226,6 +211,7 @@ fn stop(g: &GlobalArgs, forget: bool) -> anyhow::Result<()> {
         }
     }
     println!("strata daemon stopped");
+    stop_inside(g);
     Ok(())
 }
 
@@ -367,5 +353,24 @@ pub fn call_running(g: &GlobalArgs, req: &Request) -> anyhow::Result<Option<serd
             None => Ok(None),
         },
         other => Ok(Some(other?)),
+    }
+}
+
+/// An ordinary user's containers have a daemon of their own, in the rootless namespace: it is
+/// stopped too (its records kept, even with `--forget`: the containers' roots come back with
+/// the next one). A failure there is a warning; the user's own daemon is stopped either way.
+fn stop_inside(g: &GlobalArgs) {
+    match super::rootless::inside(g, &["daemon", "--stop"]) {
+        Ok(None) => {}
+        Ok(Some(out)) if out.status.success() => {
+            if String::from_utf8_lossy(&out.stdout).contains("strata daemon stopped") {
+                println!("strata daemon of the rootless namespace stopped");
+            }
+        }
+        Ok(Some(out)) => eprintln!(
+            "strata: warning: stopping the daemon of the rootless namespace: {}",
+            super::rootless::failure(&out)
+        ),
+        Err(e) => eprintln!("strata: warning: {e:#}"),
     }
 }

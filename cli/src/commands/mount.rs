@@ -261,16 +261,20 @@ pub fn mounts(g: &GlobalArgs, a: MountsArgs) -> anyhow::Result<()> {
     let list = daemon::call_running(g, &Request::List)?.unwrap_or(serde_json::json!([]));
     let mut list: Vec<MountInfo> = serde_json::from_value(list).context("the daemon's answer")?;
     // An ordinary user's containers: mounted by the daemon of the rootless namespace.
-    if let Some(out) = super::rootless::inside(g, &["mounts", "--json"])? {
-        if !out.status.success() {
-            anyhow::bail!(
-                "listing the mounts of the rootless namespace: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+    // A failure there is a warning: the user's own mounts are listed either way.
+    match super::rootless::inside(g, &["mounts", "--json"]) {
+        Ok(None) => {}
+        Ok(Some(out)) if out.status.success() => {
+            match serde_json::from_slice::<Vec<MountInfo>>(&out.stdout) {
+                Ok(inner) => list.extend(inner),
+                Err(e) => eprintln!("strata: warning: the rootless namespace's daemon: {e}"),
+            }
         }
-        let inner: Vec<MountInfo> =
-            serde_json::from_slice(&out.stdout).context("the rootless daemon's answer")?;
-        list.extend(inner);
+        Ok(Some(out)) => eprintln!(
+            "strata: warning: listing the mounts of the rootless namespace: {}",
+            super::rootless::failure(&out)
+        ),
+        Err(e) => eprintln!("strata: warning: {e:#}"),
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&list)?);

@@ -250,8 +250,8 @@ pub fn inside(g: &GlobalArgs, args: &[&str]) -> anyhow::Result<Option<std::proce
     Ok(Some(out))
 }
 
-/// Whether `key` names (or is an id prefix of) a container of the user's rootless
-/// namespace: `inspect` and `stats` of it run there.
+/// Whether `key` names a container of the user's rootless namespace (its name, its id, or a
+/// prefix of 12 or more characters of one id alone): `inspect` and `stats` of it run there.
 pub fn names_container(g: &GlobalArgs, key: &str) -> bool {
     if nix::unistd::geteuid().is_root() || std::env::var_os(MARKER).is_some() || key.is_empty() {
         return false;
@@ -259,19 +259,47 @@ pub fn names_container(g: &GlobalArgs, key: &str) -> bool {
     let Ok(dirs) = std::fs::read_dir(g.root.join("userns").join("containers")) else {
         return false;
     };
-    dirs.flatten().any(|d| {
-        let Ok(raw) = std::fs::read(d.path().join("container.json")) else {
-            return false;
+    let mut prefixed = 0;
+    for d in dirs.flatten() {
+        let Some((name, id)) = container_names(&d.path().join("container.json")) else {
+            continue;
         };
-        let Ok(rec) = serde_json::from_slice::<serde_json::Value>(&raw) else {
-            return false;
-        };
-        let field = |k: &str| {
-            rec.get(k)
-                .and_then(|v| v.as_str())
-                .unwrap_or_default()
-                .to_string()
-        };
-        field("name") == key || field("id").starts_with(key)
-    })
+        if name == key || id == key {
+            return true;
+        }
+        if key.len() >= 12 && id.starts_with(key) {
+            prefixed += 1;
+        }
+    }
+    prefixed == 1
+}
+
+/// The name and id in a container record (a regular file of this user's, never followed
+/// through a symlink, of a sane size).
+fn container_names(path: &Path) -> Option<(String, String)> {
+    use std::io::Read;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    if !f.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut raw = Vec::new();
+    f.take(1 << 20).read_to_end(&mut raw).ok()?;
+    let rec: serde_json::Value = serde_json::from_slice(&raw).ok()?;
+    let field = |k: &str| rec.get(k)?.as_str().map(str::to_string);
+    Some((field("name").unwrap_or_default(), field("id")?))
+}
+
+/// What a command run by [`inside`] said went wrong.
+pub fn failure(out: &std::process::Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    let err = err.trim().trim_start_matches("strata: error: ");
+    if err.is_empty() {
+        format!("it ended with {}", out.status)
+    } else {
+        err.to_string()
+    }
 }
