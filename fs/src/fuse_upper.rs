@@ -1375,6 +1375,24 @@ fn copy_sparse(from: &mut File, to: &mut File, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether the process behind `req` keeps setuid/setgid bits when it truncates a file: root
+/// with CAP_FSETID (a container's root may have dropped it). A process this daemon cannot see
+/// (another pid namespace) is judged by its uid alone.
+fn may_keep_privs(req: &Request) -> bool {
+    const CAP_FSETID: u32 = 4;
+    if req.uid() != 0 {
+        return false;
+    }
+    let Ok(status) = fs::read_to_string(format!("/proc/{}/status", req.pid())) else {
+        return true;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+        .is_none_or(|caps| caps & (1 << CAP_FSETID) != 0)
+}
+
 fn reply_empty(r: io::Result<()>, reply: ReplyEmpty) {
     match r {
         Ok(()) => reply.ok(),
@@ -1458,7 +1476,7 @@ impl Filesystem for UpperFs {
             if let Handle::File(f) = &*h {
                 let r = (|| -> io::Result<fs::Metadata> {
                     if let Some(s) = size {
-                        if req.uid() != 0 {
+                        if !may_keep_privs(req) {
                             kill_privs(f)?;
                         }
                         f.set_len(s)?;
@@ -1511,9 +1529,9 @@ impl Filesystem for UpperFs {
                 )?;
             }
             if let Some(s) = size {
-                // A truncate by anyone but root drops setuid/setgid, as the kernel's own
-                // filesystems do (the daemon truncates as root).
-                let kill = req.uid() != 0;
+                // A truncate by anyone without CAP_FSETID drops setuid/setgid, as the
+                // kernel's own filesystems do (the daemon truncates as root).
+                let kill = !may_keep_privs(req);
                 match fh.map(|f| self.file(f)) {
                     Some(Ok(h)) => match &*h {
                         Handle::File(f) => {
@@ -1765,7 +1783,7 @@ impl Filesystem for UpperFs {
             if !file.metadata()?.is_file() {
                 return Err(io::Error::from_raw_os_error(libc::ESTALE));
             }
-            if flags.0 & libc::O_TRUNC != 0 && req.uid() != 0 {
+            if flags.0 & libc::O_TRUNC != 0 && !may_keep_privs(req) {
                 kill_privs(&file)?;
             }
             Ok(if layer == Layer::Lower {

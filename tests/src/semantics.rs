@@ -82,6 +82,10 @@ pub fn run(root: &Path) -> Vec<String> {
         ("sparse writes", sparse),
         ("mmap writes", mmap_writes),
         ("fsync", fsync),
+        (
+            "truncate without CAP_FSETID drops setuid",
+            truncate_drops_setuid,
+        ),
         ("statfs", statfs),
         ("locks", locks),
         ("unlink of an open file", unlink_open),
@@ -437,6 +441,43 @@ m[4096:4103]=b'mapped!'; m.flush(); m.close(); f.close()\n";
     );
     let data = fs::read(&p)?;
     ensure!(data.len() == 8192 && &data[4096..4103] == b"mapped!");
+    Ok(())
+}
+
+/// A truncate by root without CAP_FSETID (a container's root may lack it) clears the setuid
+/// and setgid bits, as one with it keeps them.
+fn truncate_drops_setuid(root: &Path) -> Result<()> {
+    let (kept, dropped) = (root.join("tmp/suid-kept"), root.join("tmp/suid-dropped"));
+    for p in [&kept, &dropped] {
+        fs::write(p, b"#!/bin/sh\n")?;
+        fs::set_permissions(p, fs::Permissions::from_mode(0o6755))?;
+    }
+    let truncate = |p: &Path, drop_cap: bool| -> Result<()> {
+        let mut c = Command::new("setpriv");
+        if drop_cap {
+            c.arg("--bounding-set=-fsetid");
+        }
+        let out = c.arg("truncate").arg("-s").arg("4").arg(p).output()?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    truncate(&kept, false)?;
+    truncate(&dropped, true)?;
+    let mode = |p: &Path| -> Result<u32> { Ok(fs::metadata(p)?.mode() & 0o7777) };
+    ensure!(
+        mode(&kept)? == 0o6755,
+        "with CAP_FSETID: {:o}",
+        mode(&kept)?
+    );
+    ensure!(
+        mode(&dropped)? == 0o755,
+        "without CAP_FSETID: {:o}",
+        mode(&dropped)?
+    );
     Ok(())
 }
 
