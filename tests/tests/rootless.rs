@@ -308,9 +308,11 @@ fn an_ordinary_user_runs_commits_and_pushes_containers() {
     let mounts = user(&["mounts", "--json"]);
     let listed: serde_json::Value = serde_json::from_str(&mounts).unwrap();
     assert!(
-        mounts.contains("userns/containers/"),
-        "the running container's root is not listed: {listed}"
+        mounts.contains("userns/containers/") && mounts.contains("\"rootless\": true"),
+        "the running container's root is not listed as the namespace's: {listed}"
     );
+    let table = user(&["mounts"]);
+    assert!(table.contains("(rootless ns)"), "{table}");
     let stopped = user(&["daemon", "--stop"]);
     assert!(
         stopped.contains("strata daemon of the rootless namespace stopped"),

@@ -266,7 +266,10 @@ pub fn mounts(g: &GlobalArgs, a: MountsArgs) -> anyhow::Result<()> {
         Ok(None) => {}
         Ok(Some(out)) if out.status.success() => {
             match serde_json::from_slice::<Vec<MountInfo>>(&out.stdout) {
-                Ok(inner) => list.extend(inner),
+                Ok(inner) => list.extend(inner.into_iter().map(|mut m| {
+                    m.rootless = true;
+                    m
+                })),
                 Err(e) => eprintln!("strata: warning: the rootless namespace's daemon: {e}"),
             }
         }
@@ -285,12 +288,15 @@ pub fn mounts(g: &GlobalArgs, a: MountsArgs) -> anyhow::Result<()> {
         "MOUNTPOINT", "IMAGE", "ENTRIES", "MOUNT MS"
     );
     for m in list {
+        // A path of the rootless namespace's daemon: seen there (`strata unshare`).
+        let at = if m.rootless {
+            format!("{} (rootless ns)", m.mountpoint.display())
+        } else {
+            m.mountpoint.display().to_string()
+        };
         println!(
             "{:<40} {:<50} {:>9} {:>8}",
-            m.mountpoint.display(),
-            m.image,
-            m.entries,
-            m.time_to_mount_ms
+            at, m.image, m.entries, m.time_to_mount_ms
         );
     }
     Ok(())

@@ -237,18 +237,57 @@ pub fn inside(g: &GlobalArgs, args: &[&str]) -> anyhow::Result<Option<std::proce
         return Ok(None);
     };
     let exe = std::env::current_exe().context("finding the strata binary")?;
-    let out = Command::new("nsenter")
+    let mut child = Command::new("nsenter")
         .arg(format!("--target={pid}"))
         .args(["--user", "--mount", "--preserve-credentials", "--"])
         .arg(exe)
+        .arg("--log-level")
+        .arg(&g.log_level)
         .args(args)
         .env("STRATA_ROOT", &g.root)
         .env(MARKER, "1")
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .context("running nsenter (util-linux) into the rootless user namespace")?;
-    Ok(Some(out))
+    let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|r| Box::new(r) as _));
+    let stderr = drain(child.stderr.take().map(|r| Box::new(r) as _));
+    // A daemon there that never answers must not hang this command.
+    let deadline = Instant::now() + INSIDE_TIMEOUT;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "`strata {}` in the rootless namespace did not finish in {} s",
+                args.join(" "),
+                INSIDE_TIMEOUT.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Ok(Some(std::process::Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    }))
 }
+
+/// How long a command run by [`inside`] may take (a daemon stopping unmounts everything).
+const INSIDE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Whether `key` names a container of the user's rootless namespace (its name, its id, or a
 /// prefix of 12 or more characters of one id alone): `inspect` and `stats` of it run there.

@@ -261,6 +261,10 @@ pub struct MountInfo {
     /// For a mount of one layer: its digest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layer: Option<String>,
+    /// Listed for an ordinary user from the daemon of their rootless namespace (the path is
+    /// that namespace's: `strata unshare` reaches it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rootless: bool,
 }
 
 /// Node-wide settings of a service.
@@ -578,6 +582,7 @@ impl MountService {
             warnings,
             upper: None,
             layer: req.layer.clone(),
+            rootless: false,
         };
         let live = Arc::new(Live {
             info,
