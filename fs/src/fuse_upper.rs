@@ -3,35 +3,36 @@
 //! cannot be mounted (an unprivileged user, a sandbox that forbids overlay mounts).
 //!
 //! `strata mount --upper DIR --fuse-upper` (chosen by itself where kernel overlayfs cannot give
-//! this form: an ordinary user, root of a rootless user namespace). Path-based: every path resolved beneath
-//! its layer's root without following symlinks (`openat2(RESOLVE_BENEATH |
+//! this form: an ordinary user, root of a rootless user namespace). Path-based: every path resolved
+//! beneath its layer's root without following symlinks (`openat2(RESOLVE_BENEATH |
 //! RESOLVE_NO_SYMLINKS)` for the parent, then the last name through `/proc/self/fd`); which
-//! directories show lower children is remembered per path (cleared when directories move, go
-//! or turn opaque), so a request probes its own name only. An inode is acted on only while its
-//! path still resolves to it (else ESTALE: a name replaced since must never redirect a chmod or
-//! an open to another file); lower errors other than ENOENT are errors, never "deleted"; one
-//! lock serialises copy-ups and namespace changes. The kernel's writeback cache is on (the
-//! daemon drops setuid/setgid and capabilities on unprivileged writes itself,
-//! `handle_killpriv_v2`); names and attributes are cached for a minute (every change goes
-//! through this daemon). It passes the semantics suite (`tests/src/semantics.rs`) but O_TMPFILE
-//! (FUSE's TMPFILE request is not in fuser 0.18). Not yet: `redirect_dir` (a renamed lower
-//! directory is copied up whole), FORGET (the inode table grows with the names seen), copy-ups
-//! outside the lock, whiteouts and directories built in `work/` then renamed (atomic against
-//! crashes), passthrough for files never written.
+//! directories show lower children is remembered per path (cleared when directories move, go or
+//! turn opaque), so a request probes its own name only. An inode is acted on only while its path
+//! still resolves to it (else ESTALE: a name replaced since must never redirect a chmod or an open
+//! to another file); lower errors other than ENOENT are errors, never "deleted"; one lock
+//! serialises copy-ups and namespace changes. The kernel's writeback cache is on (the daemon drops
+//! setuid/setgid and capabilities on unprivileged writes itself, `handle_killpriv_v2`); names and
+//! attributes are cached for a minute (every change goes through this daemon). It passes the
+//! semantics suite (`tests/src/semantics.rs`) but O_TMPFILE (FUSE's TMPFILE request is not in fuser
+//! 0.18). Not yet: `redirect_dir` (a renamed lower directory is copied up whole), FORGET (the inode
+//! table grows with the names seen), copy-ups outside the lock, whiteouts and directories built in
+//! `work/` then renamed (atomic against crashes), passthrough for files never written (opens keep
+//! the page cache: `FOPEN_KEEP_CACHE`).
 //!
 //! Unprivileged (not root of the initial user namespace), the marks are `user.overlay.*`, and a
 //! copy-up the daemon cannot chown (an ordinary user's) keeps the image's owner in
 //! `user.strata.owner`, which the view shows as the owner.
 //!
-//! The upper directory's form is overlayfs's: a deleted lower entry is a whiteout (a 0/0
-//! character device, which kernels since 5.8 let anyone make; where refused, an empty file with
-//! `user.overlay.whiteout`, its directory marked `user.overlay.opaque=x`), a directory hiding the lower one carries
-//! `overlay.opaque=y`. Copy-up copies data (synced in batches: `unsynced`), owner, mode, times and xattrs, through a
-//! temporary file in the work directory renamed into place; a metadata change copies no data
-//! (`metacopy`: a sparse file of the lower's size marked `overlay.metacopy`, read from the lower
-//! until its data is copied up on a write, truncate, link or rename). Lower hard links are
-//! copied up once and linked through `work/index/INO` (overlayfs's `index=on` idea), across
-//! remounts too. A lower directory renamed is copied up whole first (no `redirect_dir`).
+//! The upper directory's form is overlayfs's: a deleted lower entry is a whiteout (a 0/0 character
+//! device, which kernels since 5.8 let anyone make; where refused, an empty file with
+//! `user.overlay.whiteout`, its directory marked `user.overlay.opaque=x`), a directory hiding the
+//! lower one carries `overlay.opaque=y`. Copy-up copies data (synced in batches: `unsynced`),
+//! owner, mode, times and xattrs, through a temporary file in the work directory renamed into
+//! place; a metadata change copies no data (`metacopy`: a sparse file of the lower's size marked
+//! `overlay.metacopy`, read from the lower until its data is copied up on a write, truncate, link
+//! or rename). Lower hard links are copied up once and linked through `work/index/INO` (overlayfs's
+//! `index=on` idea), across remounts too. A lower directory renamed is copied up whole first (no
+//! `redirect_dir`).
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
