@@ -243,6 +243,11 @@ pub fn inside(g: &GlobalArgs, args: &[&str]) -> anyhow::Result<Option<std::proce
         .arg(exe)
         .arg("--log-level")
         .arg(&g.log_level)
+        .args(
+            g.config
+                .iter()
+                .flat_map(|c| [std::ffi::OsStr::new("--config"), c.as_os_str()]),
+        )
         .args(args)
         .env("STRATA_ROOT", &g.root)
         .env(MARKER, "1")
