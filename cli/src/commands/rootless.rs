@@ -208,22 +208,28 @@ pub fn reenter(g: &GlobalArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let pid = holder(g)?;
-    let exe = std::env::current_exe().context("finding the strata binary")?;
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-    let args: Vec<_> = std::env::args_os().skip(1).collect();
-    let err = Command::new("nsenter")
-        .arg(format!("--target={pid}"))
+    let err = strata_in(g, pid, &cwd)?
+        .args(std::env::args_os().skip(1))
+        .exec();
+    Err(err).context("running nsenter (util-linux) into the rootless user namespace")
+}
+
+/// `nsenter` into the namespaces of holder `pid`, in directory `cwd`, running this strata
+/// binary (its arguments still to add) on the same store.
+fn strata_in(g: &GlobalArgs, pid: i32, cwd: &Path) -> anyhow::Result<Command> {
+    let exe = std::env::current_exe().context("finding the strata binary")?;
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--target={pid}"))
         // Root inside as the user's own uid (mapped to 0), supplementary groups kept.
         .args(["--user", "--mount", "--preserve-credentials"])
         .arg(format!("--wd={}", cwd.display()))
         .arg("--")
         .arg(exe)
-        .args(args)
         // The same store inside (where root's default would be /var/lib/strata).
         .env("STRATA_ROOT", &g.root)
-        .env(MARKER, "1")
-        .exec();
-    Err(err).context("running nsenter (util-linux) into the rootless user namespace")
+        .env(MARKER, "1");
+    Ok(c)
 }
 
 /// Runs `strata ARGS` in the user's rootless namespace, if one is held and this is an
@@ -236,11 +242,7 @@ pub fn inside(g: &GlobalArgs, args: &[&str]) -> anyhow::Result<Option<std::proce
     let Some(pid) = running_holder(&g.root) else {
         return Ok(None);
     };
-    let exe = std::env::current_exe().context("finding the strata binary")?;
-    let mut child = Command::new("nsenter")
-        .arg(format!("--target={pid}"))
-        .args(["--user", "--mount", "--preserve-credentials", "--"])
-        .arg(exe)
+    let mut child = strata_in(g, pid, Path::new("/"))?
         .arg("--log-level")
         .arg(&g.log_level)
         .args(
@@ -249,8 +251,6 @@ pub fn inside(g: &GlobalArgs, args: &[&str]) -> anyhow::Result<Option<std::proce
                 .flat_map(|c| [std::ffi::OsStr::new("--config"), c.as_os_str()]),
         )
         .args(args)
-        .env("STRATA_ROOT", &g.root)
-        .env(MARKER, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
