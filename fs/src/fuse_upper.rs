@@ -10,14 +10,16 @@
 //! turn opaque), so a request probes its own name only. An inode is acted on only while its path
 //! still resolves to it (else ESTALE: a name replaced since must never redirect a chmod or an open
 //! to another file); lower errors other than ENOENT are errors, never "deleted"; one lock
-//! serialises copy-ups and namespace changes. The kernel's writeback cache is on (the daemon drops
-//! setuid/setgid and capabilities on unprivileged writes itself, `handle_killpriv_v2`); names and
-//! attributes are cached for a minute (every change goes through this daemon). It passes the
-//! semantics suite (`tests/src/semantics.rs`) but O_TMPFILE (FUSE's TMPFILE request is not in fuser
-//! 0.18). Not yet: `redirect_dir` (a renamed lower directory is copied up whole), FORGET (the inode
-//! table grows with the names seen), copy-ups outside the lock, whiteouts and directories built in
-//! `work/` then renamed (atomic against crashes), passthrough for files never written (opens keep
-//! the page cache: `FOPEN_KEEP_CACHE`).
+//! serialises copy-ups and namespace changes. A root daemon hands upper files to the kernel by
+//! FUSE passthrough (`direct`); any other runs with the kernel's writeback cache (the daemon drops
+//! setuid/setgid and capabilities on unprivileged writes itself, `handle_killpriv_v2`). Names and
+//! attributes are cached for a minute (every change goes through this daemon). `O_TMPFILE` makes
+//! an unnamed file in `work/` that a link names in the upper layer (FUSE's TMPFILE request, parsed
+//! by the workspace's copy of fuser: `vendor/fuser/STRATA.md`). It passes the semantics suite
+//! (`tests/src/semantics.rs`). Not yet: `redirect_dir` (a renamed lower directory is copied up
+//! whole), FORGET (the inode table grows with the names seen), copy-ups outside the lock,
+//! whiteouts and directories built in `work/` then renamed (atomic against crashes), passthrough
+//! for files never written (opens keep the page cache: `FOPEN_KEEP_CACHE`).
 //!
 //! Unprivileged (not root of the initial user namespace), the marks are `user.overlay.*`, and a
 //! copy-up the daemon cannot chown (an ordinary user's) keeps the image's owner in
@@ -54,7 +56,9 @@ use fuser::{
 };
 use parking_lot::Mutex;
 
+mod direct;
 mod unsynced;
+use direct::{Created, IoModes, OpenReply};
 pub use unsynced::settle_all;
 use unsynced::Unsynced;
 
@@ -164,6 +168,24 @@ pub struct UpperFs {
     data_copies: AtomicU64,
     /// Data copy-ups not yet synced (`unsynced`: one filesystem sync a second for them all).
     unsynced: std::sync::Arc<Unsynced>,
+    /// Which opens the kernel serves itself from the upper file (`direct`).
+    io: IoModes,
+    /// Files made by `open(O_TMPFILE)` that have no name yet, by FUSE inode: unnamed files in
+    /// the work directory, kept while open (a link gives them a name in the upper layer).
+    anon: Mutex<HashMap<u64, Anon>>,
+}
+
+/// An unnamed file (`O_TMPFILE`) and how many opens of it are live.
+struct Anon {
+    file: std::sync::Arc<File>,
+    opens: u32,
+}
+
+impl Anon {
+    /// A path that reaches the file itself (the kernel's magic link of its descriptor).
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
 }
 
 /// Which directories of the view show lower children, by path: a lookup resolves its parent
@@ -273,6 +295,8 @@ impl UpperFs {
             dirs: Mutex::new(DirViews::default()),
             data_copies: AtomicU64::new(0),
             unsynced,
+            io: IoModes::default(),
+            anon: Mutex::new(HashMap::new()),
         })
     }
 
@@ -1006,22 +1030,29 @@ impl UpperFs {
         }
     }
 
-    /// Replies to an open with a new handle for `h`, or the error.
-    fn opened(&self, h: io::Result<Handle>, reply: ReplyOpen) {
-        match h {
-            // Every change of a file's data passes through this mount (the upper directory is
-            // the view's own, the lower never changes, a copy-up copies the same bytes): the
-            // kernel's page cache of a file stays valid across opens, so a file read again —
-            // a library, a script — is not read through the daemon again.
-            Ok(h) => reply.opened(FileHandle(self.new_handle(h)), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(errno(&e)),
-        }
-    }
-
-    fn new_handle(&self, h: Handle) -> u64 {
+    /// Replies to an open of `ino` with a new handle for `h`, or the error.
+    fn opened(&self, ino: INodeNo, h: io::Result<Handle>, reply: impl OpenReply) {
+        let h = match h {
+            Ok(h) => std::sync::Arc::new(h),
+            Err(e) => return reply.error(errno(&e)),
+        };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().insert(fh, std::sync::Arc::new(h));
-        fh
+        self.handles.lock().insert(fh, h.clone());
+        // Every change of a file's data passes through this mount (the upper directory is the
+        // view's own, the lower never changes, a copy-up copies the same bytes): the kernel's
+        // page cache of a file stays valid across opens, so a file read again — a library, a
+        // script — is not read through the daemon again. Upper files go by passthrough where
+        // the kernel allows it (`direct`).
+        let upper = match &*h {
+            Handle::File(f) => Some(f),
+            Handle::Lower(_) => None,
+            Handle::Dir(_) => {
+                return reply.cached(fh, FopenFlags::FOPEN_KEEP_CACHE);
+            }
+        };
+        if !self.io.answer(ino.0, fh, upper, reply) {
+            self.handles.lock().remove(&fh);
+        }
     }
 
     fn file(&self, fh: FileHandle) -> Result<std::sync::Arc<Handle>, Errno> {
@@ -1408,14 +1439,31 @@ fn reply_empty(r: io::Result<()>, reply: ReplyEmpty) {
 impl Filesystem for UpperFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let _ = config.set_max_write(1 << 20);
-        // Writes land in the page cache and reach the daemon in large batches; the kernel
-        // keeps sizes and times meanwhile (and may read a file opened write-only to fill a
-        // page: write opens are read-write below).
-        let _ = config.add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE);
-        // The daemon clears setuid/setgid bits and file capabilities on writes itself (see
-        // `kill_privs`): the kernel then stops asking for `security.capability` before every
-        // write and chown.
-        let _ = config.add_capabilities(fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2);
+        let offered = config.capabilities();
+        let passthrough = privileged()
+            && offered.contains(fuser::InitFlags::FUSE_PASSTHROUGH)
+            && std::env::var_os("STRATA_UPPER_PASSTHROUGH").is_none_or(|v| v != "0")
+            && config
+                .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
+                .is_ok()
+            // Backing files are the upper filesystem's: one level of stacking.
+            && config.set_max_stack_depth(1).is_ok();
+        if passthrough {
+            // Upper files are read and written by the kernel itself (`direct`); the kernel
+            // refuses passthrough beside the writeback cache. Writes through the daemon (the
+            // rare open beside a lower one) leave setuid/setgid to the kernel, which asks the
+            // daemon to clear them with a SETATTR.
+            self.io.enable();
+        } else {
+            // Writes land in the page cache and reach the daemon in large batches; the kernel
+            // keeps sizes and times meanwhile (and may read a file opened write-only to fill a
+            // page: write opens are read-write below).
+            let _ = config.add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE);
+            // The daemon clears setuid/setgid bits and file capabilities on writes itself (see
+            // `kill_privs`): the kernel then stops asking for `security.capability` before
+            // every write and chown.
+            let _ = config.add_capabilities(fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2);
+        }
         // Directory listings carry attributes (no LOOKUP per entry after a readdir).
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS);
         // O_TRUNC arrives with the open (not as a separate SETATTR after it).
@@ -1450,6 +1498,13 @@ impl Filesystem for UpperFs {
                     }
                 }
             }
+        }
+        let anon = self.anon.lock().get(&ino.0).map(|a| a.file.clone());
+        if let Some(f) = anon {
+            return match f.metadata() {
+                Ok(md) => reply.attr(&TTL, &self.view_attr(ino.0, &md)),
+                Err(e) => reply.error(errno(&e)),
+            };
         }
         match self.rel_of(ino).and_then(|p| self.attr(&p)) {
             Ok(a) => reply.attr(&TTL, &FileAttr { ino, ..a }),
@@ -1500,6 +1555,31 @@ impl Filesystem for UpperFs {
                     Err(e) => reply.error(errno(&e)),
                 };
             }
+        }
+        let anon = self.anon.lock().get(&ino.0).map(|a| a.file.clone());
+        if let Some(f) = anon {
+            let r = (|| -> io::Result<fs::Metadata> {
+                if let Some(m) = mode {
+                    f.set_permissions(fs::Permissions::from_mode(m & 0o7777))?;
+                }
+                if uid.is_some() || gid.is_some() {
+                    nix::unistd::fchown(f.as_raw_fd(), uid.map(Into::into), gid.map(Into::into))?;
+                }
+                if let Some(s) = size {
+                    if !may_keep_privs(req) {
+                        kill_privs(&f)?;
+                    }
+                    f.set_len(s)?;
+                }
+                if atime.is_some() || mtime.is_some() {
+                    nix::sys::stat::futimens(f.as_raw_fd(), &timespec(atime), &timespec(mtime))?;
+                }
+                f.metadata()
+            })();
+            return match r {
+                Ok(md) => reply.attr(&TTL, &self.view_attr(ino.0, &md)),
+                Err(e) => reply.error(errno(&e)),
+            };
         }
         let r = (|| -> io::Result<FileAttr> {
             // The check and every action under the namespace lock, on the checked path.
@@ -1719,6 +1799,22 @@ impl Filesystem for UpperFs {
         };
         let r = (|| -> io::Result<()> {
             let _g = self.big.lock();
+            // An unnamed file (O_TMPFILE) gets its first name: linked from the work directory
+            // (the same filesystem) into the upper layer, and a file like any other from then.
+            let anon = self.anon.lock().get(&ino.0).map(Anon::path);
+            if let Some(from) = anon {
+                self.prepare_create(&to)?;
+                nix::unistd::linkat(
+                    None,
+                    &from,
+                    None,
+                    &self.at(Layer::Upper, &to)?.path,
+                    nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+                )?;
+                self.anon.lock().remove(&ino.0);
+                self.inodes.lock().paths.insert(ino.0, to.clone());
+                return Ok(());
+            }
             let (from, _) = self.checked(ino)?;
             let md = self.copy_up(&from)?;
             if md.is_dir() {
@@ -1741,6 +1837,19 @@ impl Filesystem for UpperFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if let Some(a) = self.anon.lock().get_mut(&ino.0) {
+            // An unnamed file opened again (through `/proc/PID/fd/N`).
+            let acc = flags.0 & libc::O_ACCMODE;
+            let r = OpenOptions::new()
+                .read(true)
+                .write(acc != libc::O_RDONLY)
+                .custom_flags(flags.0 & (libc::O_TRUNC | libc::O_SYNC | libc::O_DSYNC))
+                .open(a.path());
+            if r.is_ok() {
+                a.opens += 1;
+            }
+            return self.opened(ino, r.map(Handle::File), reply);
+        }
         let r = (|| -> io::Result<Handle> {
             // Checked, copied up and opened under the namespace lock: what was checked is what
             // is opened.
@@ -1802,7 +1911,7 @@ impl Filesystem for UpperFs {
                 Handle::File(file)
             })
         })();
-        self.opened(r, reply);
+        self.opened(ino, r, reply);
     }
 
     fn read(
@@ -1901,7 +2010,7 @@ impl Filesystem for UpperFs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<fuser::LockOwner>,
@@ -1909,6 +2018,16 @@ impl Filesystem for UpperFs {
         reply: ReplyEmpty,
     ) {
         self.handles.lock().remove(&fh.0);
+        self.io.release(fh.0);
+        // The last open of an unnamed file: it is gone (its descriptor here was the last).
+        let mut anon = self.anon.lock();
+        if let Some(a) = anon.get_mut(&ino.0) {
+            a.opens = a.opens.saturating_sub(1);
+            if a.opens == 0 {
+                anon.remove(&ino.0);
+            }
+        }
+        drop(anon);
         reply.ok();
     }
 
@@ -1957,7 +2076,7 @@ impl Filesystem for UpperFs {
             }
             Ok(out)
         })();
-        self.opened(r.map(Handle::Dir), reply);
+        self.opened(ino, r.map(Handle::Dir), reply);
     }
 
     fn readdir(
@@ -2181,7 +2300,7 @@ impl Filesystem for UpperFs {
             Ok(r) => r,
             Err(e) => return reply.error(e),
         };
-        let r = (|| -> io::Result<(File, FileAttr)> {
+        let r = (|| -> io::Result<(File, u64, FileAttr)> {
             let _g = self.big.lock();
             self.prepare_create(&rel)?;
             let at = self.at(Layer::Upper, &rel)?;
@@ -2209,12 +2328,75 @@ impl Filesystem for UpperFs {
                 .as_ref()
                 .map(|md| self.view_attr(ino, md))
                 .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?;
-            Ok((f, a))
+            Ok((f, ino, a))
         })();
         match r {
-            Ok((f, a)) => {
-                let fh = self.new_handle(Handle::File(f));
-                reply.created(&TTL, &a, Generation(0), FileHandle(fh), FopenFlags::empty());
+            Ok((f, ino, attr)) => {
+                let created = Created {
+                    reply,
+                    attr,
+                    ttl: TTL,
+                };
+                self.opened(INodeNo(ino), Ok(Handle::File(f)), created);
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn tmpfile(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let r = (|| -> io::Result<(File, u64, FileAttr)> {
+            let _g = self.big.lock();
+            let (_, found) = self.checked(parent)?;
+            let Some((dir, _)) = found.top().filter(|(m, _)| m.is_dir()) else {
+                return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
+            };
+            // In the work directory (the upper's filesystem): a link later names it in the
+            // upper layer. Read-write whatever the flags, as `create`.
+            let perm = mode & !umask & 0o7777;
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_TMPFILE)
+                .mode(perm)
+                .open(&self.work)?;
+            let gid = if dir.mode() & libc::S_ISGID != 0 {
+                dir.gid()
+            } else {
+                req.gid()
+            };
+            nix::unistd::fchown(f.as_raw_fd(), Some(req.uid().into()), Some(gid.into()))?;
+            f.set_permissions(fs::Permissions::from_mode(perm))?;
+            let md = f.metadata()?;
+            // A FUSE inode of its own, with no path until a link names it.
+            let ino = {
+                let mut t = self.inodes.lock();
+                let i = t.next;
+                t.next += 1;
+                let key = Key::Upper(md.ino());
+                t.by_key.insert(key, i);
+                t.keys.insert(i, key);
+                i
+            };
+            let file = std::sync::Arc::new(f.try_clone()?);
+            self.anon.lock().insert(ino, Anon { file, opens: 1 });
+            Ok((f, ino, self.view_attr(ino, &md)))
+        })();
+        match r {
+            Ok((f, ino, attr)) => {
+                let created = Created {
+                    reply,
+                    attr,
+                    ttl: TTL,
+                };
+                self.opened(INodeNo(ino), Ok(Handle::File(f)), created);
             }
             Err(e) => reply.error(errno(&e)),
         }

@@ -83,7 +83,7 @@ pub fn run(root: &Path) -> Vec<String> {
         ("mmap writes", mmap_writes),
         ("fsync", fsync),
         (
-            "truncate without CAP_FSETID drops setuid",
+            "truncate or write without CAP_FSETID drops setuid",
             truncate_drops_setuid,
         ),
         ("statfs", statfs),
@@ -394,6 +394,22 @@ fn tmpfile(root: &Path) -> Result<()> {
         .mode(0o644)
         .open(root.join("data"))?;
     f.write_all(b"anonymous\n")?;
+    let md = f.metadata()?;
+    ensure!(md.nlink() == 0 && md.len() == 10, "unnamed file: {md:?}");
+    f.set_permissions(fs::Permissions::from_mode(0o640))?;
+    // One that is never named leaves nothing behind.
+    let before = fs::read_dir(root.join("data"))?.count();
+    let mut gone = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .mode(0o600)
+        .open(root.join("data"))?;
+    gone.write_all(b"scratch")?;
+    drop(gone);
+    ensure!(
+        fs::read_dir(root.join("data"))?.count() == before,
+        "an unnamed file showed up"
+    );
     let from = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
     nix::unistd::linkat(
         None,
@@ -403,6 +419,14 @@ fn tmpfile(root: &Path) -> Result<()> {
         nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
     )?;
     ensure!(fs::read(root.join("data/named"))? == b"anonymous\n");
+    let md = fs::metadata(root.join("data/named"))?;
+    ensure!(
+        md.mode() & 0o7777 == 0o640 && md.nlink() == 1,
+        "named: {md:?}"
+    );
+    // Still the open file: a write through it shows under the name.
+    f.write_all(b"more\n")?;
+    ensure!(fs::read(root.join("data/named"))? == b"anonymous\nmore\n");
     Ok(())
 }
 
@@ -444,8 +468,8 @@ m[4096:4103]=b'mapped!'; m.flush(); m.close(); f.close()\n";
     Ok(())
 }
 
-/// A truncate by root without CAP_FSETID (a container's root may lack it) clears the setuid
-/// and setgid bits, as one with it keeps them.
+/// A truncate or a write by root without CAP_FSETID (a container's root may lack it) clears
+/// the setuid and setgid bits, as a truncate with it keeps them.
 fn truncate_drops_setuid(root: &Path) -> Result<()> {
     let (kept, dropped) = (root.join("tmp/suid-kept"), root.join("tmp/suid-dropped"));
     for p in [&kept, &dropped] {
@@ -477,6 +501,23 @@ fn truncate_drops_setuid(root: &Path) -> Result<()> {
         mode(&dropped)? == 0o755,
         "without CAP_FSETID: {:o}",
         mode(&dropped)?
+    );
+    // A write (not a truncate) without CAP_FSETID, to a file opened before and after.
+    fs::set_permissions(&kept, fs::Permissions::from_mode(0o6755))?;
+    let out = Command::new("setpriv")
+        .arg("--bounding-set=-fsetid")
+        .args(["sh", "-c", "printf x >> \"$1\"", "sh"])
+        .arg(&kept)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        mode(&kept)? == 0o755,
+        "write without CAP_FSETID: {:o}",
+        mode(&kept)?
     );
     Ok(())
 }

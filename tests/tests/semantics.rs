@@ -108,9 +108,8 @@ fn suite(fuse: bool) {
     );
 
     // What the FUSE writable layer cannot do yet, named (the test fails when one starts
-    // working, to be taken off this list): O_TMPFILE needs FUSE's TMPFILE request, which the
-    // FUSE library (fuser 0.18) does not offer.
-    let known: &[&str] = if fuse { &["O_TMPFILE"] } else { &[] };
+    // working, to be taken off this list).
+    let known: &[&str] = &[];
     let gap = |f: &String| known.iter().any(|k| f.starts_with(&format!("{k}: ")));
     for k in known {
         assert!(
