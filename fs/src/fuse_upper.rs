@@ -70,7 +70,7 @@ const STREAM_WRITE: usize = 256 << 10;
 const TTL: Duration = Duration::from_secs(60);
 
 /// Which layer a path lives in.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Layer {
     Upper,
     Lower,
@@ -87,9 +87,22 @@ impl Drop for Fd {
 
 /// A path whose parent was resolved safely: `path` names the entry through `/proc/self/fd`.
 struct At {
-    _parent: Option<Fd>,
+    _parent: Option<std::sync::Arc<Fd>>,
     path: PathBuf,
 }
+
+/// Parent directories resolved lately (`UpperFs::at`), by layer and path: most requests name
+/// entries of the few directories a workload is busy in. Emptied whenever a directory is
+/// removed, moved or replaced (`dirs_changed`); a descriptor opened across such a change is
+/// not kept (the generation moved on).
+#[derive(Default)]
+struct Parents {
+    generation: u64,
+    fds: HashMap<(Layer, PathBuf), std::sync::Arc<Fd>>,
+}
+
+/// Parent directories kept at most (a directory tree walk must not pin every directory).
+const PARENTS_KEPT: usize = 1024;
 
 /// What a relative path is in the merged view.
 #[derive(Clone)]
@@ -164,6 +177,8 @@ pub struct UpperFs {
     big: Mutex<()>,
     /// Directories of the view seen lately: whether their children may come from the lower.
     dirs: Mutex<DirViews>,
+    /// Parent directories opened lately.
+    parents: Mutex<Parents>,
     /// Data copy-ups made: a read-only open of a lower file looks again when this moved.
     data_copies: AtomicU64,
     /// Data copy-ups not yet synced (`unsynced`: one filesystem sync a second for them all).
@@ -293,6 +308,7 @@ impl UpperFs {
             next_fh: AtomicU64::new(1),
             big: Mutex::new(()),
             dirs: Mutex::new(DirViews::default()),
+            parents: Mutex::new(Parents::default()),
             data_copies: AtomicU64::new(0),
             unsynced,
             io: IoModes::default(),
@@ -307,9 +323,36 @@ impl UpperFs {
         }
     }
 
-    /// `rel` in `layer`, its parent opened beneath the layer's root with no symlinks.
+    /// `rel` in `layer`, its parent opened beneath the layer's root with no symlinks (or
+    /// found among those opened lately).
     fn at(&self, layer: Layer, rel: &Path) -> io::Result<At> {
-        beneath(self.root_fd(layer), rel)
+        let Some(parent) = rel.parent().filter(|p| !p.as_os_str().is_empty()) else {
+            return beneath(self.root_fd(layer), rel);
+        };
+        let name = rel
+            .file_name()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let generation = {
+            let p = self.parents.lock();
+            if let Some(fd) = p.fds.get(&(layer, parent.to_path_buf())) {
+                return Ok(At {
+                    path: PathBuf::from(format!("/proc/self/fd/{}", fd.0)).join(name),
+                    _parent: Some(fd.clone()),
+                });
+            }
+            p.generation
+        };
+        let at = beneath(self.root_fd(layer), rel)?;
+        if let Some(fd) = &at._parent {
+            let mut p = self.parents.lock();
+            if p.generation == generation {
+                if p.fds.len() >= PARENTS_KEPT {
+                    p.fds.clear();
+                }
+                p.fds.insert((layer, parent.to_path_buf()), fd.clone());
+            }
+        }
+        Ok(at)
     }
 
     fn lstat(&self, layer: Layer, rel: &Path) -> io::Result<fs::Metadata> {
@@ -338,7 +381,9 @@ fn beneath(root: RawFd, rel: &Path) -> io::Result<At> {
                         | ResolveFlag::RESOLVE_NO_SYMLINKS
                         | ResolveFlag::RESOLVE_NO_MAGICLINKS,
                 );
-            Some(Fd(nix::fcntl::openat2(root, parent, how)?))
+            Some(std::sync::Arc::new(Fd(nix::fcntl::openat2(
+                root, parent, how,
+            )?)))
         };
         let dir = fd.as_ref().map_or(root, |f| f.0);
         Ok(At {
@@ -451,6 +496,10 @@ impl UpperFs {
         let mut d = self.dirs.lock();
         d.generation += 1;
         d.lower_children.clear();
+        drop(d);
+        let mut p = self.parents.lock();
+        p.generation += 1;
+        p.fds.clear();
     }
 
     /// The identity of what `f` found.
@@ -2232,14 +2281,19 @@ impl Filesystem for UpperFs {
         if is_overlay_name(name) {
             return reply.error(Errno::ENODATA);
         }
-        let r = self.checked(ino).and_then(|(rel, f)| {
-            let layer = if f.upper.is_some() {
-                Layer::Upper
-            } else {
-                Layer::Lower
-            };
-            xattr::get(&self.at(layer, &rel)?.path, name)
-        });
+        // A file open by passthrough is a whole upper file: asked of it directly (the kernel
+        // asks for `security.capability` before every write).
+        let r = match self.io.backing_file(ino.0) {
+            Some(f) => xattr::FileExt::get_xattr(&*f, name),
+            None => self.checked(ino).and_then(|(rel, f)| {
+                let layer = if f.upper.is_some() {
+                    Layer::Upper
+                } else {
+                    Layer::Lower
+                };
+                xattr::get(&self.at(layer, &rel)?.path, name)
+            }),
+        };
         match r {
             Ok(Some(v)) if size == 0 => reply.size(v.len() as u32),
             Ok(Some(v)) if v.len() > size as usize => reply.error(Errno::ERANGE),

@@ -22,6 +22,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FopenFlags, Generation, ReplyCreate, ReplyOpen,
@@ -88,6 +89,8 @@ struct Opens {
 /// The backing file of an inode's passthrough opens.
 struct Backed {
     id: BackingId,
+    /// The upper file (a descriptor of its own), for questions about it (`backing_file`).
+    upper: Arc<File>,
     /// The upper file's device and inode: every passthrough open must be of this file.
     file: (u64, u64),
     opens: u32,
@@ -167,17 +170,18 @@ impl IoModes {
             reply.passthrough(fh, &b.id);
             return true;
         }
-        match reply.open_backing(file) {
-            Ok(id) => {
+        match (reply.open_backing(file), file.try_clone()) {
+            (Ok(id), Ok(upper)) => {
                 let b = opens.backed.insert(Backed {
                     id,
+                    upper: Arc::new(upper),
                     file: identity,
                     opens: 1,
                 });
                 t.handles.insert(fh, (ino, true));
                 reply.passthrough(fh, &b.id);
             }
-            Err(e) => {
+            (Err(e), _) | (_, Err(e)) => {
                 // A refusal that will not change (no passthrough on this connection, a backing
                 // filesystem that cannot be stacked on) stops passthrough for this view; others
                 // (out of memory or descriptors) only for this open.
@@ -194,6 +198,12 @@ impl IoModes {
             }
         }
         true
+    }
+
+    /// The upper file inode `ino` is open by passthrough to, if it is.
+    pub fn backing_file(&self, ino: u64) -> Option<Arc<File>> {
+        let t = self.table.lock();
+        t.inodes.get(&ino)?.backed.as_ref().map(|b| b.upper.clone())
     }
 
     /// The open `fh` is released: the inode's backing file is closed with its last
