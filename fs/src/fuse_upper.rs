@@ -196,13 +196,6 @@ struct Anon {
     opens: u32,
 }
 
-impl Anon {
-    /// A path that reaches the file itself (the kernel's magic link of its descriptor).
-    fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
-    }
-}
-
 /// Which directories of the view show lower children, by path: a lookup resolves its parent
 /// here instead of walking every component through both layers. Cleared whenever directories
 /// are removed, moved or made opaque; an answer computed across such a change is not kept (the
@@ -1079,11 +1072,32 @@ impl UpperFs {
         }
     }
 
-    /// Replies to an open of `ino` with a new handle for `h`, or the error.
-    fn opened(&self, ino: INodeNo, h: io::Result<Handle>, reply: impl OpenReply) {
+    /// The unnamed (`O_TMPFILE`) file that is inode `ino`, if it is one.
+    fn anon_file(&self, ino: u64) -> Option<std::sync::Arc<File>> {
+        self.anon.lock().get(&ino).map(|a| a.file.clone())
+    }
+
+    /// An open of the unnamed file `ino` that was not given out (or is released): the file
+    /// goes with its last.
+    fn anon_closed(&self, ino: u64) {
+        let mut anon = self.anon.lock();
+        if let Some(a) = anon.get_mut(&ino) {
+            a.opens = a.opens.saturating_sub(1);
+            if a.opens == 0 {
+                anon.remove(&ino);
+            }
+        }
+    }
+
+    /// Replies to an open of `ino` with a new handle for `h`, or the error; answers whether
+    /// the handle was given out.
+    fn opened(&self, ino: INodeNo, h: io::Result<Handle>, reply: impl OpenReply) -> bool {
         let h = match h {
             Ok(h) => std::sync::Arc::new(h),
-            Err(e) => return reply.error(errno(&e)),
+            Err(e) => {
+                reply.error(errno(&e));
+                return false;
+            }
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().insert(fh, h.clone());
@@ -1096,12 +1110,15 @@ impl UpperFs {
             Handle::File(f) => Some(f),
             Handle::Lower(_) => None,
             Handle::Dir(_) => {
-                return reply.cached(fh, FopenFlags::FOPEN_KEEP_CACHE);
+                reply.cached(fh, FopenFlags::FOPEN_KEEP_CACHE);
+                return true;
             }
         };
-        if !self.io.answer(ino.0, fh, upper, reply) {
+        let answered = self.io.answer(ino.0, fh, upper, reply);
+        if !answered {
             self.handles.lock().remove(&fh);
         }
+        answered
     }
 
     fn file(&self, fh: FileHandle) -> Result<std::sync::Arc<Handle>, Errno> {
@@ -1490,6 +1507,7 @@ impl Filesystem for UpperFs {
         let _ = config.set_max_write(1 << 20);
         let offered = config.capabilities();
         let passthrough = privileged()
+            && has_cap_sys_admin()
             && offered.contains(fuser::InitFlags::FUSE_PASSTHROUGH)
             && std::env::var_os("STRATA_UPPER_PASSTHROUGH").is_none_or(|v| v != "0")
             && config
@@ -1548,8 +1566,7 @@ impl Filesystem for UpperFs {
                 }
             }
         }
-        let anon = self.anon.lock().get(&ino.0).map(|a| a.file.clone());
-        if let Some(f) = anon {
+        if let Some(f) = self.anon_file(ino.0) {
             return match f.metadata() {
                 Ok(md) => reply.attr(&TTL, &self.view_attr(ino.0, &md)),
                 Err(e) => reply.error(errno(&e)),
@@ -1605,8 +1622,7 @@ impl Filesystem for UpperFs {
                 };
             }
         }
-        let anon = self.anon.lock().get(&ino.0).map(|a| a.file.clone());
-        if let Some(f) = anon {
+        if let Some(f) = self.anon_file(ino.0) {
             let r = (|| -> io::Result<fs::Metadata> {
                 if let Some(m) = mode {
                     f.set_permissions(fs::Permissions::from_mode(m & 0o7777))?;
@@ -1850,9 +1866,11 @@ impl Filesystem for UpperFs {
             let _g = self.big.lock();
             // An unnamed file (O_TMPFILE) gets its first name: linked from the work directory
             // (the same filesystem) into the upper layer, and a file like any other from then.
-            let anon = self.anon.lock().get(&ino.0).map(Anon::path);
-            if let Some(from) = anon {
+            // The descriptor is held until the link is made: one closed meanwhile (its file's
+            // last release) could be reused for another file.
+            if let Some(file) = self.anon_file(ino.0) {
                 self.prepare_create(&to)?;
+                let from = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
                 nix::unistd::linkat(
                     None,
                     &from,
@@ -1893,11 +1911,15 @@ impl Filesystem for UpperFs {
                 .read(true)
                 .write(acc != libc::O_RDONLY)
                 .custom_flags(flags.0 & (libc::O_TRUNC | libc::O_SYNC | libc::O_DSYNC))
-                .open(a.path());
-            if r.is_ok() {
+                .open(format!("/proc/self/fd/{}", a.file.as_raw_fd()));
+            let counted = r.is_ok();
+            if counted {
                 a.opens += 1;
             }
-            return self.opened(ino, r.map(Handle::File), reply);
+            if !self.opened(ino, r.map(Handle::File), reply) && counted {
+                self.anon_closed(ino.0);
+            }
+            return;
         }
         let r = (|| -> io::Result<Handle> {
             // Checked, copied up and opened under the namespace lock: what was checked is what
@@ -1921,6 +1943,11 @@ impl Filesystem for UpperFs {
                 Layer::Upper
             } else if found.upper.is_some() && !metacopy() {
                 Layer::Upper
+            } else if let Some(f) = self.io.backing_file(ino.0) {
+                // A name of a lower hard link not copied up yet, another of whose names is
+                // open by passthrough: the inode's data is that upper copy (and the kernel
+                // wants every open of the inode on that backing file).
+                return Ok(Handle::File(f.try_clone()?));
             } else {
                 Layer::Lower
             };
@@ -2069,14 +2096,7 @@ impl Filesystem for UpperFs {
         self.handles.lock().remove(&fh.0);
         self.io.release(fh.0);
         // The last open of an unnamed file: it is gone (its descriptor here was the last).
-        let mut anon = self.anon.lock();
-        if let Some(a) = anon.get_mut(&ino.0) {
-            a.opens = a.opens.saturating_sub(1);
-            if a.opens == 0 {
-                anon.remove(&ino.0);
-            }
-        }
-        drop(anon);
+        self.anon_closed(ino.0);
         reply.ok();
     }
 
@@ -2269,6 +2289,9 @@ impl Filesystem for UpperFs {
             return reply.error(Errno::EPERM);
         }
         let r = (|| {
+            if let Some(f) = self.anon_file(ino.0) {
+                return xattr::FileExt::set_xattr(&*f, name, value);
+            }
             let _g = self.big.lock();
             let (rel, _) = self.checked(ino)?;
             self.copy_up_meta(&rel)?;
@@ -2282,8 +2305,12 @@ impl Filesystem for UpperFs {
             return reply.error(Errno::ENODATA);
         }
         // A file open by passthrough is a whole upper file: asked of it directly (the kernel
-        // asks for `security.capability` before every write).
-        let r = match self.io.backing_file(ino.0) {
+        // asks for `security.capability` before every write). So is an unnamed file.
+        let file = self
+            .io
+            .backing_file(ino.0)
+            .or_else(|| self.anon_file(ino.0));
+        let r = match file {
             Some(f) => xattr::FileExt::get_xattr(&*f, name),
             None => self.checked(ino).and_then(|(rel, f)| {
                 let layer = if f.upper.is_some() {
@@ -2304,20 +2331,24 @@ impl Filesystem for UpperFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let r = self.checked(ino).and_then(|(rel, f)| {
-            let layer = if f.upper.is_some() {
-                Layer::Upper
-            } else {
-                Layer::Lower
-            };
+        let names = match self.anon_file(ino.0) {
+            Some(f) => xattr::FileExt::list_xattr(&*f).map(|l| l.collect::<Vec<_>>()),
+            None => self.checked(ino).and_then(|(rel, f)| {
+                let layer = if f.upper.is_some() {
+                    Layer::Upper
+                } else {
+                    Layer::Lower
+                };
+                Ok(xattr::list(&self.at(layer, &rel)?.path)?.collect())
+            }),
+        };
+        let r = names.map(|names| {
             let mut out = Vec::new();
-            for n in xattr::list(&self.at(layer, &rel)?.path)? {
-                if !is_overlay_name(&n) {
-                    out.extend_from_slice(n.as_bytes());
-                    out.push(0);
-                }
+            for n in names.iter().filter(|n| !is_overlay_name(n)) {
+                out.extend_from_slice(n.as_bytes());
+                out.push(0);
             }
-            Ok(out)
+            out
         });
         match r {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
@@ -2332,6 +2363,9 @@ impl Filesystem for UpperFs {
             return reply.error(Errno::ENODATA);
         }
         let r = (|| {
+            if let Some(f) = self.anon_file(ino.0) {
+                return xattr::FileExt::remove_xattr(&*f, name);
+            }
             let _g = self.big.lock();
             let (rel, _) = self.checked(ino)?;
             self.copy_up_meta(&rel)?;
@@ -2450,7 +2484,9 @@ impl Filesystem for UpperFs {
                     attr,
                     ttl: TTL,
                 };
-                self.opened(INodeNo(ino), Ok(Handle::File(f)), created);
+                if !self.opened(INodeNo(ino), Ok(Handle::File(f)), created) {
+                    self.anon_closed(ino);
+                }
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -2491,6 +2527,20 @@ pub fn privileged() -> bool {
     nix::unistd::geteuid().is_root()
         && fs::read_to_string("/proc/self/uid_map")
             .is_ok_and(|m| m.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"])
+}
+
+/// Whether this process holds CAP_SYS_ADMIN (the kernel's condition for passthrough backing
+/// files; root can run without it).
+fn has_cap_sys_admin() -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
 }
 
 /// Where an unprivileged daemon keeps an upper entry's image owner it could not chown to.

@@ -327,6 +327,15 @@ fn hard_links(root: &Path) -> Result<()> {
     // A write through one name shows through the other (copy-up keeps them together).
     fs::write(&a, b"both\n")?;
     ensure!(fs::read(&b)? == b"both\n", "the other name after a write");
+    // The other name opened while one is open for writing (one inode for the kernel).
+    let mut w = OpenOptions::new().append(true).open(&a)?;
+    w.write_all(b"more\n")?;
+    let other = fs::read(&b).context("reading the other name while one is open")?;
+    ensure!(
+        other == b"both\nmore\n",
+        "the other name while open: {other:?}"
+    );
+    drop(w);
     let c = root.join("data/hard3");
     fs::hard_link(root.join("etc/motd"), &c)?;
     let (mm, mc) = (fs::metadata(root.join("etc/motd"))?, fs::metadata(&c)?);
@@ -502,7 +511,7 @@ fn truncate_drops_setuid(root: &Path) -> Result<()> {
         "without CAP_FSETID: {:o}",
         mode(&dropped)?
     );
-    // A write (not a truncate) without CAP_FSETID, to a file opened before and after.
+    // A write (not a truncate) without CAP_FSETID.
     fs::set_permissions(&kept, fs::Permissions::from_mode(0o6755))?;
     let out = Command::new("setpriv")
         .arg("--bounding-set=-fsetid")

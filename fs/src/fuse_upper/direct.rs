@@ -2,9 +2,9 @@
 //! as the FUSE file's backing file, so its reads, writes and mmaps go straight to the upper
 //! filesystem (its page cache, its writeback) without a round trip to the daemon.
 //!
-//! The kernel lets FUSE passthrough be negotiated only by a daemon with `CAP_SYS_ADMIN` in the
-//! initial user namespace, and not together with the writeback cache: a view whose daemon may
-//! use it (root) serves upper files by passthrough and has no writeback cache; any other (a
+//! The kernel registers backing files only for a daemon with `CAP_SYS_ADMIN` in the initial user
+//! namespace, and negotiates passthrough only without the writeback cache: a view whose daemon
+//! holds it (root) serves upper files by passthrough and has no writeback cache; any other (a
 //! rootless one) keeps the writeback cache instead.
 //!
 //! The kernel also refuses to mix the two kinds of open on one inode (an open of the wrong kind
@@ -106,13 +106,16 @@ struct Table {
 /// Which opens go by passthrough (see the module's documentation).
 #[derive(Default)]
 pub(super) struct IoModes {
-    /// Negotiated at INIT; turned off for good when the kernel refuses a backing file.
+    /// Negotiated at INIT (the writeback cache is off then).
+    negotiated: AtomicBool,
+    /// New backing files may be registered: turned off for good when the kernel refuses one.
     enabled: AtomicBool,
     table: Mutex<Table>,
 }
 
 impl IoModes {
     pub fn enable(&self) {
+        self.negotiated.store(true, Ordering::Relaxed);
         self.enabled.store(true, Ordering::Relaxed);
     }
 
@@ -127,14 +130,16 @@ impl IoModes {
         let mut t = self.table.lock();
         let t = &mut *t;
         let opens = t.inodes.entry(ino).or_default();
+        // An inode with a backing file keeps it, even once new ones are refused.
         let direct = match upper {
-            Some(f) if self.enabled() && opens.cached == 0 => Some(f),
+            Some(f) if (self.enabled() || opens.backed.is_some()) && opens.cached == 0 => Some(f),
             _ => None,
         };
         let Some(file) = direct else {
             if opens.backed.is_some() {
-                // Never reached while every passthrough open is of a complete upper file (no
-                // lower open of it can follow); the kernel would fail such an open with EIO.
+                // Not expected: every passthrough open is of a complete upper file, and an
+                // open of a name of it still in the lower gets that file (`open`); the kernel
+                // would fail this one with EIO.
                 tracing::warn!(
                     ino,
                     "an open through the page cache beside passthrough opens"
@@ -145,7 +150,7 @@ impl IoModes {
             t.handles.insert(fh, (ino, false));
             // An upper file's page cache is kept only while nothing else writes it: with
             // passthrough on, writes of other opens may have gone to the backing file.
-            let flags = if upper.is_some() && self.enabled() {
+            let flags = if upper.is_some() && self.negotiated.load(Ordering::Relaxed) {
                 FopenFlags::empty()
             } else {
                 FopenFlags::FOPEN_KEEP_CACHE
