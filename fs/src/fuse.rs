@@ -212,6 +212,62 @@ impl StatsHandle {
         self.0.upgrade().map(|s| s.ops.snapshot())
     }
 
+    /// The extended attributes the mount shows for the entry at `path` (relative to its root,
+    /// no symlinks followed); `None` when there is no such entry or the mount is gone.
+    pub fn xattrs_of(&self, path: &std::path::Path) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
+        use std::os::unix::ffi::OsStrExt;
+        let s = self.0.upgrade()?;
+        let ino = s.tree.lookup_path(path.as_os_str().as_bytes())?;
+        let n = s.tree.get(ino)?;
+        Some(
+            visible_xattrs(n)
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .collect(),
+        )
+    }
+
+    /// The content of the regular file at `path` (relative to the mount's root, no symlinks
+    /// followed) when it is at most `max` bytes and its chunks cover it without holes: every
+    /// chunk from the caches or its layer's blob, verified, as a read through the mount would
+    /// serve it. `None` when the mount cannot answer so (gone, no such file, larger, sparse).
+    pub fn whole_file(&self, path: &std::path::Path, max: u64) -> Option<Result<Vec<u8>, String>> {
+        use std::os::unix::ffi::OsStrExt;
+        let s = self.0.upgrade()?;
+        let n = s
+            .tree
+            .get(s.tree.lookup_path(path.as_os_str().as_bytes())?)?;
+        if n.kind != EntryKind::Regular || n.size > max {
+            return None;
+        }
+        if n.size == 0 {
+            return Some(Ok(Vec::new()));
+        }
+        let (layer, chunks) = s.chunks(n)?;
+        let mut end = 0;
+        for c in chunks {
+            if c.file_offset != end {
+                return None;
+            }
+            end = c.file_end();
+        }
+        if end != n.size {
+            return None;
+        }
+        let blob = s.blobs.get(layer as usize)?;
+        let mut out = Vec::with_capacity(n.size as usize);
+        for (c, frame) in chunks.iter().zip(s.cache.get_many(blob.as_ref(), chunks)) {
+            let frame = match frame {
+                Ok(f) => f,
+                Err(e) => return Some(Err(e.0)),
+            };
+            match c.file_bytes(&frame) {
+                Some(b) => out.extend_from_slice(b),
+                None => return Some(Err("chunk shorter than its TOC record".into())),
+            }
+        }
+        Some(Ok(out))
+    }
+
     /// Whether the mount's filesystem still exists.
     pub fn alive(&self) -> bool {
         self.0.strong_count() > 0

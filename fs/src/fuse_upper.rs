@@ -185,10 +185,25 @@ pub struct UpperFs {
     unsynced: std::sync::Arc<Unsynced>,
     /// Which opens the kernel serves itself from the upper file (`direct`).
     io: IoModes,
+    /// The lower's xattrs by path, known without asking it (the daemon's own lazy mount).
+    lower_xattrs: Option<LowerXattrs>,
+    /// The lower's small files by path, read without a trip through its mount (ditto).
+    lower_files: Option<LowerFiles>,
     /// Files made by `open(O_TMPFILE)` that have no name yet, by FUSE inode: unnamed files in
     /// the work directory, kept while open (a link gives them a name in the upper layer).
     anon: Mutex<HashMap<u64, Anon>>,
 }
+
+/// Answers the extended attributes of the lower's entry at a path (`None`: not known).
+pub type LowerXattrs = Box<dyn Fn(&Path) -> Option<Vec<(Vec<u8>, Vec<u8>)>> + Send + Sync>;
+
+/// Answers the content of the lower's regular file at a path if it is at most the given size
+/// (`None`: not known so; an error: the lower failed to read it).
+pub type LowerFiles = Box<dyn Fn(&Path, u64) -> Option<Result<Vec<u8>, String>> + Send + Sync>;
+
+/// Files up to this size are copied up from the lower's content read in-process (when the
+/// lower is the daemon's own mount): larger ones stream through the lower's mount.
+const IN_PROCESS_COPY: u64 = 4 << 20;
 
 /// An unnamed file (`O_TMPFILE`) and how many opens of it are live.
 struct Anon {
@@ -306,7 +321,20 @@ impl UpperFs {
             unsynced,
             io: IoModes::default(),
             anon: Mutex::new(HashMap::new()),
+            lower_xattrs: None,
+            lower_files: None,
         })
+    }
+
+    /// Where the lower's xattrs can be had without a round trip through its mount (its tree,
+    /// when the lower is this daemon's own lazy mount): copy-ups then list none through FUSE.
+    pub fn lower_xattrs(&mut self, f: LowerXattrs) {
+        self.lower_xattrs = Some(f);
+    }
+
+    /// Where the lower's small files can be read without a round trip through its mount.
+    pub fn lower_files(&mut self, f: LowerFiles) {
+        self.lower_files = Some(f);
     }
 
     fn root_fd(&self, layer: Layer) -> RawFd {
@@ -655,7 +683,15 @@ impl UpperFs {
     }
 
     /// Copies the attributes of `from` (metadata `md`) onto `to` (a path in the upper layer).
-    fn copy_attrs(&self, from: &Path, md: &fs::Metadata, to: &Path) -> io::Result<()> {
+    /// Gives `to` the owner, mode, xattrs and times of `from` (`md`), which is the lower's
+    /// entry at `lower` when that is given.
+    fn copy_attrs(
+        &self,
+        from: &Path,
+        md: &fs::Metadata,
+        to: &Path,
+        lower: Option<&Path>,
+    ) -> io::Result<()> {
         let t = md.file_type();
         let (uid, gid) = self
             .recorded_owner(from, md)
@@ -680,7 +716,15 @@ impl UpperFs {
         if !t.is_symlink() {
             fs::set_permissions(to, fs::Permissions::from_mode(md.mode() & 0o7777))?;
         }
-        if let Ok(names) = xattr::list(from) {
+        let known = lower.and_then(|rel| self.lower_xattrs.as_ref()?(rel));
+        if let Some(list) = known {
+            for (n, v) in list {
+                let n = OsStr::from_bytes(&n);
+                if !is_overlay_name(n) {
+                    let _ = xattr::set(to, n, &v);
+                }
+            }
+        } else if let Ok(names) = xattr::list(from) {
             for n in names {
                 if is_overlay_name(&n) {
                     continue;
@@ -740,7 +784,7 @@ impl UpperFs {
         let t = md.file_type();
         if t.is_dir() {
             fs::DirBuilder::new().mode(0o700).create(&dst.path)?;
-            self.copy_attrs(&src.path, &md, &dst.path)?;
+            self.copy_attrs(&src.path, &md, &dst.path, Some(rel))?;
             let up = fs::symlink_metadata(&dst.path)?;
             self.inodes.lock().origin.insert(up.ino(), md.ino());
             return Ok(up);
@@ -758,7 +802,22 @@ impl UpperFs {
             if t.is_symlink() {
                 std::os::unix::fs::symlink(fs::read_link(&src.path)?, &tmp)?;
             } else if t.is_file() {
-                copy_data(&src.path, &tmp, md.size())?;
+                let known = self
+                    .lower_files
+                    .as_ref()
+                    .and_then(|f| f(rel, md.size().min(IN_PROCESS_COPY)));
+                match known {
+                    Some(Ok(data)) if data.len() as u64 == md.size() => {
+                        let mut to = OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .mode(0o600)
+                            .open(&tmp)?;
+                        io::Write::write_all(&mut to, &data)?;
+                    }
+                    Some(Err(e)) => return Err(io::Error::other(e)),
+                    _ => copy_data(&src.path, &tmp, md.size())?,
+                }
             } else {
                 let kind = if t.is_char_device() {
                     nix::sys::stat::SFlag::S_IFCHR
@@ -776,7 +835,7 @@ impl UpperFs {
                     md.rdev(),
                 )?;
             }
-            self.copy_attrs(&src.path, &md, &tmp)?;
+            self.copy_attrs(&src.path, &md, &tmp, Some(rel))?;
             self.rename_copy(&tmp, rel, &dst.path, t.is_file().then_some(md.nlink()))
         })();
         if let Err(e) = made {
@@ -898,7 +957,7 @@ impl UpperFs {
                 .open(&tmp)?;
             to.set_len(md.size())?;
             xattr::set(&tmp, self.xattr_name("metacopy"), b"")?;
-            self.copy_attrs(&src.path, &md, &tmp)?;
+            self.copy_attrs(&src.path, &md, &tmp, Some(rel))?;
             // No data to sync (nor does kernel overlayfs sync a metacopy): on a journaling
             // filesystem the inode and its xattrs commit no later than the rename naming it.
             drop(to);
@@ -922,7 +981,7 @@ impl UpperFs {
         let made = (|| -> io::Result<()> {
             copy_data(&src.path, &tmp, up.size())?;
             // The attributes and xattrs the metacopy holds now (its overlay marks left out).
-            self.copy_attrs(&dst.path, up, &tmp)?;
+            self.copy_attrs(&dst.path, up, &tmp, None)?;
             self.rename_copy(&tmp, rel, &dst.path, Some(up.nlink()))
         })();
         if let Err(e) = made {

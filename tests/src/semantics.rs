@@ -28,6 +28,12 @@ pub fn lower_layer() -> Result<Vec<u8>> {
         .file("etc/motd", 0o644, b"welcome\n")?
         .file("etc/group", 0o644, b"root:x:0:\n")?
         .file("etc/passwd", 0o644, b"root:x:0:0::/root:/bin/sh\n")?
+        .file_pax(
+            "etc/labelled",
+            0o644,
+            b"labelled\n",
+            &[("SCHILY.xattr.user.label", b"image")],
+        )?
         .dir("data", 0o755)?
         .file("data/big.bin", 0o644, &noise(7, BIG))?
         .file("data/hard1", 0o644, b"linked\n")?
@@ -227,6 +233,19 @@ fn xattrs(root: &Path) -> Result<()> {
     xattr::remove(&p, "user.strata.test")?;
     ensure!(xattr::get(&p, "user.strata.test")?.is_none());
     ensure!(fs::read(&p)? == b"x\n");
+    // An image file's own xattrs survive the copy-up of its data.
+    let l = root.join("etc/labelled");
+    ensure!(xattr::get(&l, "user.label")?.as_deref() == Some(&b"image"[..]));
+    OpenOptions::new()
+        .append(true)
+        .open(&l)?
+        .write_all(b"more\n")?;
+    ensure!(fs::read(&l)? == b"labelled\nmore\n");
+    let label = xattr::get(&l, "user.label")?;
+    ensure!(
+        label.as_deref() == Some(&b"image"[..]),
+        "after copy-up: {label:?}"
+    );
     Ok(())
 }
 

@@ -263,7 +263,15 @@ impl MountService {
             }
         }
         let mounted = if fuse {
-            mount_fuse_upper(&lower, &dirs, target, req.setuid)
+            // The lower is this daemon's own mount: the view asks its tree for xattrs instead
+            // of listing them through FUSE at every copy-up.
+            let index = self
+                .inner
+                .mounts
+                .lock()
+                .get(&lower)
+                .map(|l| l.stats.clone());
+            mount_fuse_upper(&lower, index, &dirs, target, req.setuid)
         } else {
             upper::mount_overlay(&lower, &dirs, target, !req.setuid)
         };
@@ -437,11 +445,17 @@ fn fusermount_unmount(target: &Path, lazy: bool) -> Result<(), ServiceError> {
 /// on its own thread until unmounted.
 fn mount_fuse_upper(
     lower: &Path,
+    index: Option<crate::fuse::StatsHandle>,
     dirs: &UpperDirs,
     target: &Path,
     setuid: bool,
 ) -> std::io::Result<()> {
-    let fs = crate::fuse_upper::UpperFs::new(lower, &dirs.upper, &dirs.work)?;
+    let mut fs = crate::fuse_upper::UpperFs::new(lower, &dirs.upper, &dirs.work)?;
+    if let Some(index) = index {
+        let files = index.clone();
+        fs.lower_xattrs(Box::new(move |rel| index.xattrs_of(rel)));
+        fs.lower_files(Box::new(move |rel, max| files.whole_file(rel, max)));
+    }
     let mut cfg = fuser::Config::default();
     cfg.mount_options = vec![
         fuser::MountOption::FSName("strata-upper".into()),
