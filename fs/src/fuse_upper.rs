@@ -98,11 +98,15 @@ struct At {
 #[derive(Default)]
 struct Parents {
     generation: u64,
+    /// A directory is being removed or moved: nothing is taken from or put in `fds` until
+    /// the change is over (`dirs_changed`).
+    changing: bool,
     fds: HashMap<(Layer, PathBuf), std::sync::Arc<Fd>>,
 }
 
-/// Parent directories kept at most (a directory tree walk must not pin every directory).
-const PARENTS_KEPT: usize = 1024;
+/// Parent directories kept at most (a directory tree walk must not pin every directory, nor
+/// several views use up the daemon's descriptors).
+const PARENTS_KEPT: usize = 256;
 
 /// What a relative path is in the merged view.
 #[derive(Clone)]
@@ -355,6 +359,9 @@ impl UpperFs {
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
         let generation = {
             let p = self.parents.lock();
+            if p.changing {
+                return beneath(self.root_fd(layer), rel);
+            }
             if let Some(fd) = p.fds.get(&(layer, parent.to_path_buf())) {
                 return Ok(At {
                     path: PathBuf::from(format!("/proc/self/fd/{}", fd.0)).join(name),
@@ -366,7 +373,7 @@ impl UpperFs {
         let at = beneath(self.root_fd(layer), rel)?;
         if let Some(fd) = &at._parent {
             let mut p = self.parents.lock();
-            if p.generation == generation {
+            if p.generation == generation && !p.changing {
                 if p.fds.len() >= PARENTS_KEPT {
                     p.fds.clear();
                 }
@@ -520,6 +527,16 @@ impl UpperFs {
         drop(d);
         let mut p = self.parents.lock();
         p.generation += 1;
+        p.changing = false;
+        p.fds.clear();
+    }
+
+    /// A directory is about to be removed or moved (under the namespace lock): kept parent
+    /// descriptors go, and none are kept until `dirs_changed` (which the caller must reach).
+    fn dirs_changing(&self) {
+        let mut p = self.parents.lock();
+        p.generation += 1;
+        p.changing = true;
         p.fds.clear();
     }
 
@@ -718,9 +735,15 @@ impl UpperFs {
         }
         let known = lower.and_then(|rel| self.lower_xattrs.as_ref()?(rel));
         if let Some(list) = known {
+            // What a listing through the mount would copy: ACLs and LSM labels there are the
+            // kernel's to answer (no `FUSE_POSIX_ACL`; the LSM's own label), not the image's.
             for (n, v) in list {
                 let n = OsStr::from_bytes(&n);
-                if !is_overlay_name(n) {
+                let b = n.as_bytes();
+                let copied = b.starts_with(b"user.")
+                    || b.starts_with(b"trusted.")
+                    || b == b"security.capability";
+                if copied && !is_overlay_name(n) {
                     let _ = xattr::set(to, n, &v);
                 }
             }
@@ -802,22 +825,7 @@ impl UpperFs {
             if t.is_symlink() {
                 std::os::unix::fs::symlink(fs::read_link(&src.path)?, &tmp)?;
             } else if t.is_file() {
-                let known = self
-                    .lower_files
-                    .as_ref()
-                    .and_then(|f| f(rel, md.size().min(IN_PROCESS_COPY)));
-                match known {
-                    Some(Ok(data)) if data.len() as u64 == md.size() => {
-                        let mut to = OpenOptions::new()
-                            .write(true)
-                            .create_new(true)
-                            .mode(0o600)
-                            .open(&tmp)?;
-                        io::Write::write_all(&mut to, &data)?;
-                    }
-                    Some(Err(e)) => return Err(io::Error::other(e)),
-                    _ => copy_data(&src.path, &tmp, md.size())?,
-                }
+                self.copy_lower_data(rel, &src.path, &tmp, md.size())?;
             } else {
                 let kind = if t.is_char_device() {
                     nix::sys::stat::SFlag::S_IFCHR
@@ -979,7 +987,7 @@ impl UpperFs {
         let dst = self.at(Layer::Upper, rel)?;
         let tmp = self.temp_name();
         let made = (|| -> io::Result<()> {
-            copy_data(&src.path, &tmp, up.size())?;
+            self.copy_lower_data(rel, &src.path, &tmp, up.size())?;
             // The attributes and xattrs the metacopy holds now (its overlay marks left out).
             self.copy_attrs(&dst.path, up, &tmp, None)?;
             self.rename_copy(&tmp, rel, &dst.path, Some(up.nlink()))
@@ -1005,6 +1013,30 @@ impl UpperFs {
             }
         }
         Ok(new)
+    }
+
+    /// Writes the data of lower file `rel` (at `src`, `size` bytes) into the new file `tmp`:
+    /// read in-process when the lower can answer so (`lower_files`), else through its mount.
+    fn copy_lower_data(&self, rel: &Path, src: &Path, tmp: &Path, size: u64) -> io::Result<()> {
+        let known = self
+            .lower_files
+            .as_ref()
+            .and_then(|f| f(rel, size.min(IN_PROCESS_COPY)));
+        match known {
+            Some(Ok(data)) if data.len() as u64 == size => {
+                let mut to = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(tmp)?;
+                io::Write::write_all(&mut to, &data)
+            }
+            Some(Err(e)) => {
+                tracing::error!(path = %rel.display(), "cannot read the image's file: {e}");
+                Err(io::Error::other(e))
+            }
+            _ => copy_data(src, tmp, size),
+        }
     }
 
     /// Copies `rel` (a directory) and everything under it up.
@@ -1218,6 +1250,7 @@ impl UpperFs {
             self.copy_up(p)?;
         }
         if f.upper.is_some() {
+            self.dirs_changing();
             let at = self.at(Layer::Upper, rel)?;
             // Only whiteouts are left in it.
             for e in fs::read_dir(&at.path)? {
@@ -1316,6 +1349,11 @@ impl UpperFs {
         };
         if moves_pending {
             self.unsynced.settle()?;
+        }
+        // From here directories go or move (after `copy_up_tree`, which ends a change of its
+        // own): no parent descriptor is kept until the caller's `dirs_changed`.
+        if src_dir {
+            self.dirs_changing();
         }
         let dst_at = self.at(Layer::Upper, to)?;
         // A deleted image name (a whiteout in the upper layer): the rename replaces it, and a
@@ -2390,7 +2428,11 @@ impl Filesystem for UpperFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let names = match self.anon_file(ino.0) {
+        let file = self
+            .io
+            .backing_file(ino.0)
+            .or_else(|| self.anon_file(ino.0));
+        let names = match file {
             Some(f) => xattr::FileExt::list_xattr(&*f).map(|l| l.collect::<Vec<_>>()),
             None => self.checked(ino).and_then(|(rel, f)| {
                 let layer = if f.upper.is_some() {

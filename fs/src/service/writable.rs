@@ -263,14 +263,17 @@ impl MountService {
             }
         }
         let mounted = if fuse {
-            // The lower is this daemon's own mount: the view asks its tree for xattrs instead
-            // of listing them through FUSE at every copy-up.
+            // The lower is this daemon's own mount: a copy-up takes xattrs and small files'
+            // data from it in-process instead of through FUSE (keyed as the mount recorded it).
             let index = self
                 .inner
                 .mounts
                 .lock()
-                .get(&lower)
+                .get(&info.mountpoint)
                 .map(|l| l.stats.clone());
+            if index.is_none() {
+                tracing::warn!(lower = %lower.display(), "the view's lower is not a known mount");
+            }
             mount_fuse_upper(&lower, index, &dirs, target, req.setuid)
         } else {
             upper::mount_overlay(&lower, &dirs, target, !req.setuid)
