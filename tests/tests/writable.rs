@@ -9,7 +9,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 
 use strata_tests::image::{noise, scratch, LayerBuilder};
 use strata_tests::registry::TestRegistry;
-use strata_tests::util::{is_mounted, publish_layer, strata_ok};
+use strata_tests::util::{is_mounted, publish_layer, strata, strata_ok};
 
 const MIB: usize = 1 << 20;
 
@@ -124,6 +124,30 @@ fn writable_view_over_a_lazy_mount() {
     );
     assert_eq!(fs::read(mnt.join("new.txt")).unwrap(), b"hi\n");
     assert!(!mnt.join("etc/motd").exists());
+    // A second view over the same upper dir while this one is mounted is refused (two writers
+    // of one upper layer), by this daemon and by another one alike.
+    let mnt2 = tmp.join("mnt2");
+    fs::create_dir_all(&mnt2).unwrap();
+    for node in [root.clone(), tmp.join("node2")] {
+        let out = strata(
+            &node,
+            &[
+                "mount",
+                "--upper",
+                &upper.to_string_lossy(),
+                &image,
+                &mnt2.to_string_lossy(),
+                "--no-prefetch",
+            ],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("another mounted view"),
+            "{err}"
+        );
+        assert!(!is_mounted(&mnt2));
+    }
+    strata_ok(&tmp.join("node2"), &["daemon", "--stop"]);
     strata_ok(&root, &["umount", &m]);
     strata_ok(&root, &["daemon", "--stop"]);
     fs::remove_dir_all(&tmp).ok();

@@ -24,6 +24,8 @@ pub(super) struct Writable {
     record: PathBuf,
     /// The overlay's device number (to tell it from anything mounted over it later).
     dev: u64,
+    /// The upper directory, locked (`flock`) while this view uses it.
+    _lock: std::fs::File,
 }
 
 /// Where the lazy lower of the writable view at `mountpoint` is mounted.
@@ -154,6 +156,19 @@ impl MountService {
                 &upper_dir,
                 "the upper directory and the mount point must not contain each other",
             ));
+        }
+        // One live view per upper directory (as kernel overlayfs refuses an upperdir in use),
+        // across daemons too: two writers of one upper layer would corrupt it.
+        let lock = std::fs::File::open(&upper_dir).map_err(|e| bad(&upper_dir, e.to_string()))?;
+        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(bad(
+                    &upper_dir,
+                    "is the upper directory of another mounted view: unmount that one first",
+                ))
+            }
+            Err(e) => return Err(bad(&upper_dir, format!("cannot lock it: {e}"))),
         }
         // The view's root takes the upper dir's mode: 0755 like an image root.
         let dirs = UpperDirs {
@@ -305,6 +320,7 @@ impl MountService {
                     dirs,
                     record,
                     dev,
+                    _lock: lock,
                 },
             );
         }
