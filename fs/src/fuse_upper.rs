@@ -5,7 +5,9 @@
 //! `strata mount --upper DIR --fuse-upper` (chosen by itself where kernel overlayfs cannot give
 //! this form: an ordinary user, root of a rootless user namespace). Path-based: every path resolved
 //! beneath its layer's root without following symlinks (`openat2(RESOLVE_BENEATH |
-//! RESOLVE_NO_SYMLINKS)` for the parent, then the last name through `/proc/self/fd`); which
+//! RESOLVE_NO_SYMLINKS)` for the parent, kept open a while, then the last name through
+//! `/proc/self/fd`); copy-ups read the lower's small files and xattrs in-process when the lower
+//! is the daemon's own lazy mount (`lower_files`, `lower_xattrs`); which
 //! directories show lower children is remembered per path (cleared when directories move, go or
 //! turn opaque), so a request probes its own name only. An inode is acted on only while its path
 //! still resolves to it (else ESTALE: a name replaced since must never redirect a chmod or an open
