@@ -145,8 +145,14 @@ fn an_ordinary_user_mounts_images_lazily() {
         ],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // An unnamed file (O_TMPFILE), named with linkat, is the user's as any other (a dir fd
+    // makes Python call linkat with AT_SYMLINK_FOLLOW rather than link(2)).
+    let tmpfile = "import os; fd = os.open('tmp', os.O_TMPFILE | os.O_RDWR, 0o640); \
+        os.write(fd, b'anon\\n'); here = os.open('.', os.O_RDONLY); \
+        os.link('/proc/self/fd/%d' % fd, 'tmp/anon', src_dir_fd=here, follow_symlinks=True)";
     let script = format!(
         "set -e; cd {}; echo x > tmp/a; mkdir tmp/d; echo y > tmp/d/b; mv tmp/a tmp/c; \
+         python3 -c \"{tmpfile}\"; \
          cat etc/motd; ! touch etc/motd 2>/dev/null; stat -c %u:%g tmp",
         mnt.display()
     );
@@ -161,6 +167,10 @@ fn an_ordinary_user_mounts_images_lazily() {
     let upper = dir.join("upper");
     assert_eq!(fs::read(upper.join("tmp/c")).unwrap(), b"x\n");
     assert_eq!(fs::read(upper.join("tmp/d/b")).unwrap(), b"y\n");
+    let anon = upper.join("tmp/anon");
+    assert_eq!(fs::read(&anon).unwrap(), b"anon\n");
+    let md = fs::metadata(&anon).unwrap();
+    assert_eq!((md.uid(), md.mode() & 0o7777), (uid, 0o640));
     assert!(!upper.join("tmp/a").exists());
     assert_eq!(fs::metadata(upper.join("tmp/c")).unwrap().uid(), uid);
     assert_eq!(
