@@ -1165,6 +1165,26 @@ impl UpperFs {
         }
     }
 
+    /// Replies to a create (or tmpfile) with the new file's entry and an open of it; answers
+    /// the inode when it made it but could not give the open out.
+    fn created(&self, r: io::Result<(File, u64, FileAttr)>, reply: ReplyCreate) -> Option<u64> {
+        match r {
+            Ok((f, ino, attr)) => {
+                let created = Created {
+                    reply,
+                    attr,
+                    ttl: TTL,
+                };
+                let given = self.opened(INodeNo(ino), Ok(Handle::File(f)), created);
+                (!given).then_some(ino)
+            }
+            Err(e) => {
+                reply.error(errno(&e));
+                None
+            }
+        }
+    }
+
     /// The unnamed (`O_TMPFILE`) file that is inode `ino`, if it is one.
     fn anon_file(&self, ino: u64) -> Option<std::sync::Arc<File>> {
         self.anon.lock().get(&ino).map(|a| a.file.clone())
@@ -1584,14 +1604,17 @@ fn may_keep_privs(req: &Request) -> bool {
     if req.uid() != 0 {
         return false;
     }
-    let Ok(status) = fs::read_to_string(format!("/proc/{}/status", req.pid())) else {
-        return true;
-    };
-    status
+    effective_caps(&format!("/proc/{}/status", req.pid()))
+        .is_none_or(|caps| caps & (1 << CAP_FSETID) != 0)
+}
+
+/// The effective capability set in a `/proc/PID/status` file (`None`: unreadable).
+fn effective_caps(status: &str) -> Option<u64> {
+    fs::read_to_string(status)
+        .ok()?
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
-        .is_none_or(|caps| caps & (1 << CAP_FSETID) != 0)
 }
 
 fn reply_empty(r: io::Result<()>, reply: ReplyEmpty) {
@@ -2521,17 +2544,7 @@ impl Filesystem for UpperFs {
                 .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?;
             Ok((f, ino, a))
         })();
-        match r {
-            Ok((f, ino, attr)) => {
-                let created = Created {
-                    reply,
-                    attr,
-                    ttl: TTL,
-                };
-                self.opened(INodeNo(ino), Ok(Handle::File(f)), created);
-            }
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.created(r, reply);
     }
 
     fn tmpfile(
@@ -2580,18 +2593,9 @@ impl Filesystem for UpperFs {
             self.anon.lock().insert(ino, Anon { file, opens: 1 });
             Ok((f, ino, self.view_attr(ino, &md)))
         })();
-        match r {
-            Ok((f, ino, attr)) => {
-                let created = Created {
-                    reply,
-                    attr,
-                    ttl: TTL,
-                };
-                if !self.opened(INodeNo(ino), Ok(Handle::File(f)), created) {
-                    self.anon_closed(ino);
-                }
-            }
-            Err(e) => reply.error(errno(&e)),
+        if let Some(ino) = self.created(r, reply) {
+            // Never given out: the unnamed file goes.
+            self.anon_closed(ino);
         }
     }
 
@@ -2636,14 +2640,7 @@ pub fn privileged() -> bool {
 /// files; root can run without it).
 fn has_cap_sys_admin() -> bool {
     const CAP_SYS_ADMIN: u32 = 21;
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
-        })
-        .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
+    effective_caps("/proc/self/status").is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
 }
 
 /// Where an unprivileged daemon keeps an upper entry's image owner it could not chown to.
