@@ -39,7 +39,8 @@
 # 256K, 1 MiB chunks); its rpull and snapshotter reach the shaped link's registry over plain HTTP
 # through STRATA_INSECURE_REGISTRIES (loopback is plain HTTP by default).
 #
-# Knobs (environment): SKIP_BUILD=1 (no cargo build), STRATA=PATH (strata binary),
+# Knobs (environment): SKIP_BUILD=1 (no cargo build), REUSE=1 (keep WORKDIR's source
+# images, gzip and eStargz images from an earlier run; strata's is converted again), STRATA=PATH (strata binary),
 # STARGZ_BIN=DIR (where containerd-stargz-grpc is, built there if missing; /var/tmp/stargz-bin),
 # SNAPSHOTTERS="strata stargz overlayfs", LINKS="shaped loopback", IMAGES="large small",
 # WORKLOADS="true read30", RATE=100mbit, REPEAT=5 (runs per lazy figure, interleaved; medians
@@ -108,7 +109,12 @@ cleanup() {
 }
 trap cleanup EXIT
 unmount_under "$work"
-rm -rf "$work"; mkdir -p "$work"
+reuse=${REUSE:-}
+if [ -n "$reuse" ] && [ -d "$work/registry/data" ]; then
+  rm -rf "$work/runs" "$work/registry/"*.log
+else
+  reuse=; rm -rf "$work"; mkdir -p "$work"
+fi
 now() { date +%s.%N; }
 since() { echo "$(now) - $1" | bc; }
 ratio() { echo "scale=3; $1 / $2" | bc; }
@@ -167,7 +173,7 @@ declare -A dirs=(
 declare -A files
 for img in $images; do
   # shellcheck disable=SC2086
-  python3 "$repo/benches/e2e/mkimage.py" "$work/src-$img" ${dirs[$img]} > /dev/null
+  [ -n "$reuse" ] || python3 "$repo/benches/e2e/mkimage.py" "$work/src-$img" ${dirs[$img]} > /dev/null
   # The read30 workload: 30 files spread over the layers after busybox's.
   files[$img]=$(python3 - "$work/src-$img" <<'PY'
 import json, re, sys, tarfile
@@ -219,6 +225,15 @@ if has "$snapshotters" stargz; then
 fi
 for img in $images; do
   r=$loop_reg/bench/$img
+  if [ -n "$reuse" ]; then
+    # strata's image is converted again: its converter is what changes between runs.
+    if has "$snapshotters" strata; then
+      rm -rf "$work/convert-strata"
+      "$strata" --root "$work/convert-strata" convert "oci:$work/src-$img:v1" "$r:strata" > /dev/null 2> "$work/convert-$img.log" ||
+        { cat "$work/convert-$img.log" >&2; exit 1; }
+    fi
+    continue
+  fi
   skopeo copy -q --dest-tls-verify=false "oci:$work/src-$img:v1" "docker://$r:gzip"
   if has "$snapshotters" stargz; then
     ctr_ content fetch --plain-http "$r:gzip" > /dev/null

@@ -22,6 +22,11 @@ use crate::BuildError;
 #[derive(Clone, Debug)]
 pub struct ConvertOptions {
     pub chunk_size: u32,
+    /// Chunk size of executables (regular files with an execute bit that start with the ELF
+    /// magic), when smaller than `chunk_size`; 0 = `chunk_size`. `exec` touches a few scattered
+    /// pages of a binary (the loader, start-up code, the data it relocates): small chunks let a
+    /// lazy start fetch those pages rather than the whole binary.
+    pub exec_chunk_size: u32,
     pub level: i32,
     /// Compression workers; 0 = one per core.
     pub threads: usize,
@@ -34,12 +39,21 @@ impl Default for ConvertOptions {
     fn default() -> Self {
         ConvertOptions {
             chunk_size: format::DEFAULT_CHUNK_SIZE,
+            exec_chunk_size: DEFAULT_EXEC_CHUNK_SIZE,
             level: 3,
             threads: 0,
             hash_source: true,
         }
     }
 }
+
+/// Chunk size of executables by default (see [`ConvertOptions::exec_chunk_size`]): a static
+/// busybox's `exec` touches 71 of its 484 pages, in 38 of its 121 16 KiB pieces but 23 of its 31
+/// 64 KiB ones (docs/format.md §7).
+pub const DEFAULT_EXEC_CHUNK_SIZE: u32 = 16 << 10;
+
+/// The ELF magic an executable's chunking is chosen by.
+const ELF_MAGIC: &[u8] = b"\x7fELF";
 
 /// Compression of a source layer, detected from its first bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -292,18 +306,35 @@ pub fn convert_layer<W: Write + Send>(
                     send(Work::Batch(std::mem::take(&mut batch)))?;
                 }
                 let size = entry.size;
+                let mode = entry.mode;
                 let is_file = entry.kind == EntryKind::Regular;
                 send(Work::Entry(entry))?;
                 if is_file {
+                    // An executable's first piece decides its chunking: small chunks only
+                    // for ELF binaries (a script is read through, not paged in).
+                    let exec = opts.exec_chunk_size > 0
+                        && opts.exec_chunk_size < opts.chunk_size
+                        && mode & 0o111 != 0
+                        && size > u64::from(opts.exec_chunk_size);
+                    let mut piece = if exec {
+                        opts.exec_chunk_size
+                    } else {
+                        opts.chunk_size
+                    };
+                    let mut first = true;
                     let mut left = size;
                     while left > 0 {
-                        let n = left.min(u64::from(opts.chunk_size)) as usize;
+                        let n = left.min(u64::from(piece)) as usize;
                         let mut buf = recycle_rx.try_recv().unwrap_or_default();
                         buf.clear();
                         buf.resize(n, 0);
                         item.read_exact(&mut buf).map_err(|e| {
                             BuildError::Layer(format!("reading file data: {e} (truncated layer?)"))
                         })?;
+                        if exec && first && !buf.starts_with(ELF_MAGIC) {
+                            piece = opts.chunk_size;
+                        }
+                        first = false;
                         send(Work::Chunk(buf))?;
                         left -= n as u64;
                     }

@@ -30,6 +30,8 @@ use crate::tree::{Ino, Node, Tree};
 
 /// Chunks decoded ahead of a sequential reader.
 const READAHEAD_CHUNKS: usize = 3;
+/// A read of a small chunk at least this large is taken for sequential (see `read`).
+const SEQUENTIAL_READ: u64 = 64 << 10;
 
 /// How long the kernel may cache entries and attributes: layers never change.
 const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -600,8 +602,14 @@ impl Shared {
             pieces.push((data, from, to));
         }
         // A read that reaches the second half of its last chunk is likely sequential: warm the
-        // next few chunks so every core decodes while the reader consumes.
-        let sequential = pieces.last().is_some_and(|(d, _, to)| to * 2 >= d.len());
+        // next few chunks so every core decodes while the reader consumes. Not for a page
+        // fault in a small chunk (an executable's, paged in here and there by `exec`): a
+        // sequential reader's reads that small would be the kernel's smallest readahead.
+        let sequential = pieces.last().is_some_and(|(d, _, to)| to * 2 >= d.len())
+            && (end - offset >= SEQUENTIAL_READ
+                || needed
+                    .last()
+                    .is_some_and(|c| c.uncompressed_len > SEQUENTIAL_READ as u32));
         match pieces.as_slice() {
             [(d, from, to)] => reply.data(&d[*from..*to]),
             _ => {

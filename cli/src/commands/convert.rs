@@ -17,6 +17,10 @@ pub struct ConvertArgs {
     /// Uncompressed bytes per chunk (e.g. 1M, 512K).
     #[arg(long, default_value = "1M", value_parser = parse_size)]
     pub chunk_size: u64,
+    /// Uncompressed bytes per chunk of ELF executables (files with an execute bit), which
+    /// `exec` pages in sparsely; 0 = --chunk-size.
+    #[arg(long, default_value = "16K", value_parser = parse_size)]
+    pub exec_chunk_size: u64,
     /// zstd compression level.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
     pub compression_level: i32,
@@ -41,12 +45,17 @@ pub fn run(g: &GlobalArgs, a: ConvertArgs) -> anyhow::Result<()> {
         .ok()
         .filter(|&c| (4096..=strata_fs::format::MAX_CHUNK_SIZE).contains(&c))
         .context("--chunk-size must be between 4K and 64M")?;
+    let exec_chunk_size = u32::try_from(a.exec_chunk_size)
+        .ok()
+        .filter(|&c| c == 0 || (4096..=strata_fs::format::MAX_CHUNK_SIZE).contains(&c))
+        .context("--exec-chunk-size must be 0 or between 4K and 64M")?;
     let store = open_store(g)?;
     let client = a.registry.client()?;
     let src =
         open_source(&a.source, Some(&client)).with_context(|| format!("reading {}", a.source))?;
     let opts = ConvertOptions {
         chunk_size,
+        exec_chunk_size,
         level: a.compression_level,
         threads: a.threads,
         ..ConvertOptions::default()

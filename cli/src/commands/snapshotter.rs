@@ -23,6 +23,11 @@ pub struct SnapshotterArgs {
     /// Do not fetch the rest of a lazily mounted layer in the background.
     #[arg(long)]
     pub no_prefetch: bool,
+    /// Kernel readahead of each lazily mounted layer, in KiB. Small, because a container's
+    /// start pages executables and libraries in here and there and every readahead page of a
+    /// lazy layer is fetched; reads of 128 KiB and more still go to the daemon whole.
+    #[arg(long, default_value_t = 16)]
+    pub read_ahead_kb: u32,
     /// Also serve the CRI image service on this socket, forwarded to containerd, so that the
     /// credentials the kubelet pulls with (pull secrets) reach lazy layers: point the kubelet's
     /// `--image-service-endpoint` here.
@@ -48,6 +53,7 @@ struct DaemonLayers {
     settings: DaemonSettings,
     registry: RegistryOptions,
     prefetch: bool,
+    read_ahead_kb: u32,
     /// What the CRI image-service proxy saw the kubelet pull with.
     creds: Arc<CriCredentials>,
 }
@@ -58,6 +64,7 @@ impl LayerMounter for DaemonLayers {
         req.layer = Some(layer.layer.clone());
         req.setuid = true;
         req.prefetch = self.prefetch;
+        req.read_ahead_kb = self.read_ahead_kb;
         req.registry = self.registry.clone();
         req.registry.passed = self.creds.lookup(&layer.image);
         daemon::call(&self.global, &self.settings, &Request::Mount(Box::new(req)))
@@ -113,6 +120,7 @@ pub fn serve(g: &GlobalArgs, a: SnapshotterArgs) -> anyhow::Result<()> {
             settings: a.daemon.clone(),
             registry: a.registry.options(),
             prefetch: !a.no_prefetch,
+            read_ahead_kb: a.read_ahead_kb,
             creds: creds.clone(),
         }) as Arc<dyn LayerMounter>
     });

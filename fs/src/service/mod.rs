@@ -489,7 +489,9 @@ impl MountService {
             )
             .map_err(|e| ServiceError::Image(format!("opening {}: {e}", req.image)))
         };
+        let t_pulled = started.elapsed();
         let mut image = open(false)?;
+        let t_open1 = started.elapsed();
         // A layer alone that lacks parent directories takes their attributes from the layers
         // below: open those only then (most layers list their parents).
         if req.layer.is_some()
@@ -500,6 +502,8 @@ impl MountService {
         {
             image = open(true)?;
         }
+        let t_open2 = started.elapsed();
+        tracing::info!("DEBUG open1 {:?} open2 {:?}", t_open1, t_open2);
         let reference = image.reference.to_string();
         let manifest = image.manifest_digest.clone();
         let (tree, blobs) = if req.layer.is_some() {
@@ -509,6 +513,7 @@ impl MountService {
         }
         .map_err(|e| ServiceError::Image(format!("merging the layers of {reference}: {e}")))?;
         let entries = tree.len() as u64;
+        let t_tree = started.elapsed();
         let profile = match &req.profile {
             Some(p) => read_limited(p, MAX_PROFILE)
                 .map_err(|e| ServiceError::Io(format!("reading profile {}: {e}", p.display())))?
@@ -568,6 +573,7 @@ impl MountService {
                 });
             }
         };
+        let t_kernel = started.elapsed();
         let unmounter = session.unmount_callable();
         let info = MountInfo {
             id,
@@ -629,7 +635,9 @@ impl MountService {
         };
         *live.thread.lock() = Some(thread);
         // The first request through the mount waits for the kernel's INIT to be answered.
-        match std::fs::metadata(mountpoint) {
+        let answered = std::fs::metadata(mountpoint);
+        let t_answer = started.elapsed();
+        match answered {
             Ok(md) => {
                 use std::os::unix::fs::MetadataExt;
                 live.dev.store(md.dev(), Ordering::SeqCst);
@@ -654,7 +662,9 @@ impl MountService {
             tracing::warn!(mountpoint = %mountpoint.display(), "cannot update the mount record: {e}");
         }
         tracing::info!(image = %reference, mountpoint = %mountpoint.display(), entries,
-            "mounted in {:.3}s", started.elapsed().as_secs_f64());
+            "mounted in {:.3}s (metadata {:.3}s, tree {:.3}s, kernel mount {:.3}s, first answer {:.3}s)",
+            started.elapsed().as_secs_f64(), t_pulled.as_secs_f64(), t_tree.as_secs_f64(),
+            t_kernel.as_secs_f64(), t_answer.as_secs_f64());
         Ok(info)
     }
 
