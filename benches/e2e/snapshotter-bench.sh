@@ -40,7 +40,9 @@
 # through STRATA_INSECURE_REGISTRIES (loopback is plain HTTP by default).
 #
 # Knobs (environment): SKIP_BUILD=1 (no cargo build), REUSE=1 (keep WORKDIR's source
-# images, gzip and eStargz images from an earlier run; strata's is converted again), STRATA=PATH (strata binary),
+# images, gzip and eStargz images from an earlier run; strata's is converted again),
+# STRATA_CONVERT_ARGS and STRATA_SNAPSHOTTER_ARGS (extra flags of strata's convert and
+# snapshotter), STRATA=PATH (strata binary),
 # STARGZ_BIN=DIR (where containerd-stargz-grpc is, built there if missing; /var/tmp/stargz-bin),
 # SNAPSHOTTERS="strata stargz overlayfs", LINKS="shaped loopback", IMAGES="large small",
 # WORKLOADS="true read30", RATE=100mbit, REPEAT=5 (runs per lazy figure, interleaved; medians
@@ -131,6 +133,8 @@ state = "$run/state"
 disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [grpc]
   address = "$run/c.sock"
+[debug]
+  level = "${CONTAINERD_LOG_LEVEL:-info}"
 [plugins."io.containerd.internal.v1.opt"]
   path = "$1/opt"
 [proxy_plugins]
@@ -160,7 +164,7 @@ start_snapshotter() { # NAME DIR: the proxy snapshotter NAME with its root (and 
       mkdir -p "$2"; rm -f "$run/s.sock"
       "$strata" --root "$2" daemon > "$2.daemon.log" 2>&1 &
       for _ in $(seq 100); do [ -S "$2/daemon.sock" ] && break; sleep 0.05; done
-      "$strata" --root "$2" snapshotter --address "$run/s.sock" > "$2.log" 2>&1 &
+      "$strata" --root "$2" snapshotter --address "$run/s.sock" ${STRATA_SNAPSHOTTER_ARGS:-} > "$2.log" 2>&1 &
       sn_pid=$!; sn_root=$2; wait_sock "$run/s.sock" ;;
   esac
 }
@@ -229,7 +233,7 @@ for img in $images; do
     # strata's image is converted again: its converter is what changes between runs.
     if has "$snapshotters" strata; then
       rm -rf "$work/convert-strata"
-      "$strata" --root "$work/convert-strata" convert "oci:$work/src-$img:v1" "$r:strata" > /dev/null 2> "$work/convert-$img.log" ||
+      "$strata" --root "$work/convert-strata" convert ${STRATA_CONVERT_ARGS:-} "oci:$work/src-$img:v1" "$r:strata" > /dev/null 2> "$work/convert-$img.log" ||
         { cat "$work/convert-$img.log" >&2; exit 1; }
     fi
     continue
@@ -241,7 +245,7 @@ for img in $images; do
     ctr_ image push --plain-http "$r:esgz" > /dev/null
   fi
   if has "$snapshotters" strata; then
-    "$strata" --root "$work/convert-strata" convert "oci:$work/src-$img:v1" "$r:strata" > /dev/null 2> "$work/convert-$img.log" ||
+    "$strata" --root "$work/convert-strata" convert ${STRATA_CONVERT_ARGS:-} "oci:$work/src-$img:v1" "$r:strata" > /dev/null 2> "$work/convert-$img.log" ||
       { cat "$work/convert-$img.log" >&2; exit 1; }
   fi
 done

@@ -777,3 +777,78 @@ mod tests {
         assert_eq!(parse_pax_time(b"x"), None);
     }
 }
+
+#[cfg(test)]
+mod exec_chunk_tests {
+    use super::*;
+
+    fn file(t: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32, data: &[u8]) {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(path).unwrap();
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(data.len() as u64);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        t.append(&h, data).unwrap();
+    }
+
+    /// Uncompressed chunk lengths of each regular file of the converted layer, by path.
+    fn chunking(opts: &ConvertOptions, files: &[(&str, u32, Vec<u8>)]) -> Vec<(String, Vec<u32>)> {
+        let mut t = tar::Builder::new(Vec::new());
+        for (p, m, d) in files {
+            file(&mut t, p, *m, d);
+        }
+        let tar = t.into_inner().unwrap();
+        let (blob, c) = convert_layer(tar.as_slice(), Vec::new(), opts).unwrap();
+        let f = &c.summary.footer;
+        let start = f.toc_offset as usize;
+        let frame = &blob[start..start + f.toc_size as usize];
+        let toc = format::parse_toc(frame, &f.toc_digest, f.toc_offset).unwrap();
+        toc.entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::Regular)
+            .map(|e| {
+                let lens = e.chunks.iter().map(|c| c.uncompressed_len).collect();
+                (String::from_utf8_lossy(&e.path).into_owned(), lens)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn elf_executables_get_small_chunks() {
+        let mut elf = b"\x7fELF".to_vec();
+        elf.resize(100 << 10, 7);
+        let mut script = b"#!/bin/sh\n".to_vec();
+        script.resize(100 << 10, b'#');
+        let opts = ConvertOptions {
+            chunk_size: 64 << 10,
+            exec_chunk_size: 16 << 10,
+            ..ConvertOptions::default()
+        };
+        let got = chunking(
+            &opts,
+            &[
+                ("bin/tool", 0o755, elf.clone()),
+                ("lib/data.so", 0o644, elf.clone()),
+                ("bin/script", 0o755, script),
+            ],
+        );
+        let k16 = 16 << 10;
+        assert_eq!(got[0].0, "bin/tool");
+        assert_eq!(got[0].1, vec![k16, k16, k16, k16, k16, k16, 4 << 10]);
+        // Not executable: the layer's chunk size.
+        assert_eq!(got[1].1, vec![64 << 10, 36 << 10]);
+        // Executable but no ELF: only the piece that told it apart is small.
+        assert_eq!(got[2].1, vec![k16, 64 << 10, 20 << 10]);
+        // Off: every file in the layer's chunk size.
+        let off = ConvertOptions {
+            exec_chunk_size: 0,
+            ..opts
+        };
+        let got = chunking(&off, &[("bin/tool", 0o755, elf)]);
+        assert_eq!(got[0].1, vec![64 << 10, 36 << 10]);
+    }
+}

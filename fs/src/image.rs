@@ -153,6 +153,12 @@ fn toc_cache_path(store: &Store, layer_digest: &str) -> Result<PathBuf, StoreErr
     Ok(store.root().join("tocs").join(name))
 }
 
+/// Whether a layer's TOC is on this node (the whole blob, or its TOC in the TOC cache): opening
+/// the layer then needs no request.
+pub fn has_toc(store: &Store, layer_digest: &str) -> bool {
+    store.has_blob(layer_digest) || toc_cache_path(store, layer_digest).is_ok_and(|p| p.is_file())
+}
+
 /// Opens one layer's TOC: from the local TOC cache, else read from `src` (and cached; a lazily
 /// pulled image keeps its TOCs so remounting needs no request).
 pub fn open_layer_toc(

@@ -47,7 +47,8 @@ pub fn pull(
     all: bool,
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<Descriptor, TransferError> {
-    pull_layers(store, registry, r, platform, all, true, progress)
+    let resolved = registry.resolve(r, platform.0, platform.1)?;
+    pull_layers(store, registry, r, resolved, all, true, progress)
 }
 
 /// Pulls `r`'s manifest, config and strata layers' TOCs only: plain layers are left in the
@@ -58,30 +59,47 @@ pub fn pull_metadata(
     r: &Reference,
     platform: (&str, &str),
 ) -> Result<Descriptor, TransferError> {
-    pull_layers(store, registry, r, platform, false, false, &mut |_| {})
+    let resolved = registry.resolve(r, platform.0, platform.1)?;
+    pull_layers(store, registry, r, resolved, false, false, &mut |_| {})
+}
+
+/// [`pull_metadata`] of a manifest the caller has fetched already (`resolved`, verified
+/// against its digest, of `r`'s repository): one request fewer.
+pub fn pull_metadata_of(
+    store: &Store,
+    registry: &Arc<Registry>,
+    r: &Reference,
+    resolved: crate::registry::Resolved,
+) -> Result<Descriptor, TransferError> {
+    if oci::is_index(&resolved.media_type) {
+        return Err(TransferError::Invalid(format!(
+            "{r}: an image index where a manifest was expected"
+        )));
+    }
+    pull_layers(store, registry, r, resolved, false, false, &mut |_| {})
 }
 
 fn pull_layers(
     store: &Store,
     registry: &Arc<Registry>,
     r: &Reference,
-    platform: (&str, &str),
+    resolved: crate::registry::Resolved,
     all: bool,
     plain: bool,
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<Descriptor, TransferError> {
-    let resolved = registry.resolve(r, platform.0, platform.1)?;
-    let manifest = resolved.manifest;
+    let manifest = &resolved.manifest;
     progress(Progress::Blob {
         what: "config",
         digest: &manifest.config.digest,
         size: manifest.config.size,
     });
-    if !store.has_blob(&manifest.config.digest) {
-        let config = registry.get_blob(r, &manifest.config.digest, 64 << 20)?;
-        store.put_blob(&config)?;
-    }
-    progress(Progress::Done { moved: true });
+    // The config is fetched beside the TOCs (below), each its own request.
+    let config = (!store.has_blob(&manifest.config.digest)).then(|| {
+        let registry = registry.clone();
+        let (r, digest) = (r.clone(), manifest.config.digest.clone());
+        std::thread::spawn(move || registry.get_blob(&r, &digest, 64 << 20))
+    });
     let source = Reference {
         registry: r.registry.clone(),
         repository: r.repository.clone(),
@@ -111,6 +129,13 @@ fn pull_layers(
             })
             .collect()
     });
+    if let Some(fetch) = config {
+        let bytes = fetch
+            .join()
+            .map_err(|_| TransferError::Invalid("the config fetch panicked".into()))??;
+        store.put_blob(&bytes)?;
+    }
+    progress(Progress::Done { moved: true });
     for r in results {
         r?;
     }

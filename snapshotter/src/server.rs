@@ -198,17 +198,48 @@ impl Service {
         let mounter = layers.clone();
         let wanted = layer.clone();
         let expected = target.to_string();
-        // Mounted, and truly the layer containerd expects there: the chain ID of the image's
-        // diff IDs up to this layer must be the one containerd will look it up by.
-        let mounted = tokio::task::spawn_blocking(move || {
-            mounter.mount(&wanted, &mount_dir)?;
-            let chain = mounter.chain_id(&wanted)?;
+        let locks = self.dir_locks.clone();
+        // Truly the layer containerd expects there: the chain ID of the image's diff IDs up to
+        // this layer must be the one containerd will look it up by.
+        let check_chain = move |m: &dyn LayerMounter, l: &RemoteLayer| {
+            let chain = m.chain_id(l)?;
             if chain != expected {
                 return Err(format!(
                     "the image's config gives this layer chain ID {chain}, containerd expects {expected}"
                 ));
             }
             Ok(())
+        };
+        let mounted = tokio::task::spawn_blocking(move || {
+            if !mounter.is_local(&wanted) {
+                // The mount fetches what it needs first: a registry that cannot be reached
+                // makes this an ordinary snapshot.
+                mounter.mount(&wanted, &mount_dir)?;
+                return check_chain(mounter.as_ref(), &wanted);
+            }
+            // Everything the mount reads is on this node (`strata rpull` put it there): it
+            // goes on in the background, holding the directory's lock from before Prepare
+            // answers, so the layers of an image mount side by side while containerd prepares
+            // the next ones. A container start (`ensure_lowers`) and Remove wait for the lock;
+            // a mount that failed is tried again by the container start, which reports it.
+            check_chain(mounter.as_ref(), &wanted)?;
+            let (locked_tx, locked) = std::sync::mpsc::channel();
+            std::thread::Builder::new()
+                .name("strata-layer-mount".into())
+                .spawn(move || {
+                    let lock = locks.get(&mount_dir);
+                    let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
+                    let _ = locked_tx.send(());
+                    if let Err(e) = mounter.mount(&wanted, &mount_dir) {
+                        tracing::warn!(layer = %wanted.layer, image = %wanted.image,
+                            dir = %mount_dir.display(),
+                            "mounting a lazy layer failed (a container start tries again): {e}");
+                    }
+                })
+                .map_err(|e| format!("starting the layer's mount: {e}"))?;
+            locked
+                .recv()
+                .map_err(|_| "the layer's mount ended before it started".to_string())
         })
         .await
         .map_err(|e| e.to_string())
@@ -235,7 +266,14 @@ impl Service {
                 if let Ok(mut meta) = self.meta() {
                     let _ = meta.remove(key);
                 }
-                let _ = tokio::task::spawn_blocking(move || release_dir(&dir, Some(&layers))).await;
+                let locks = self.dir_locks.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    // After a background mount into it, if one started.
+                    let lock = locks.get(&dir);
+                    let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
+                    release_dir(&dir, Some(&layers))
+                })
+                .await;
                 other.map(|_| ())
             }
         }
@@ -557,9 +595,15 @@ impl pb::snapshots_server::Snapshots for Service {
             meta.dir(s.id).join("fs")
         };
         let layers = self.layers.clone();
-        tokio::task::spawn_blocking(move || release_dir(&dir, layers.as_ref()))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let locks = self.dir_locks.clone();
+        tokio::task::spawn_blocking(move || {
+            // A lazy layer's mount may still be going on in the background: after it.
+            let lock = locks.get(&dir);
+            let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
+            release_dir(&dir, layers.as_ref())
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(()))
     }
 

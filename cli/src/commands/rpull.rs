@@ -72,6 +72,8 @@ pub fn rpull(g: &GlobalArgs, a: RpullArgs) -> anyhow::Result<()> {
             r.digest.as_deref().or(r.tag.as_deref()).unwrap_or("latest"),
         )
         .with_context(|| format!("resolving {r}"))?;
+    // A manifest named directly is not fetched again below.
+    let single = (!strata_fs::oci::is_index(&top.media_type)).then(|| top.clone());
     let (pinned, index) = if strata_fs::oci::is_index(&top.media_type) {
         let idx: strata_fs::oci::Index = serde_json::from_slice(&top.bytes)
             .with_context(|| format!("the image index of {r}"))?;
@@ -93,9 +95,11 @@ pub fn rpull(g: &GlobalArgs, a: RpullArgs) -> anyhow::Result<()> {
         };
         (pinned, None)
     };
-    let manifest_desc =
-        strata_fs::transfer::pull_metadata(&store, &registry, &pinned, (&os, &arch))
-            .with_context(|| format!("pulling the metadata of {r}"))?;
+    let manifest_desc = match single {
+        Some(m) => strata_fs::transfer::pull_metadata_of(&store, &registry, &pinned, m),
+        None => strata_fs::transfer::pull_metadata(&store, &registry, &pinned, (&os, &arch)),
+    }
+    .with_context(|| format!("pulling the metadata of {r}"))?;
     tracing::info!(image = %r, "metadata pulled in {:.3}s", started.elapsed().as_secs_f64());
     let manifest_bytes = store.read_blob(&manifest_desc.digest)?;
     let manifest = store.manifest(&manifest_desc.digest)?;
@@ -143,118 +147,127 @@ pub fn rpull(g: &GlobalArgs, a: RpullArgs) -> anyhow::Result<()> {
         );
         ctd.take_lease(&format!("strata-rpull-{nonce}")).await?;
         let result = async {
-            // Content first (under the lease), labelled for the garbage collector.
-            let mut config_labels = BTreeMap::from([(source_label.clone(), source.clone())]);
-            if let Some(top) = chains.last() {
-                config_labels.insert(
-                    format!("containerd.io/gc.ref.snapshot.{}", a.snapshotter),
-                    top.clone(),
-                );
-            }
-            ctd.write_content(
-                &manifest.config.digest,
-                config_bytes.len() as u64,
-                Box::new(std::io::Cursor::new(config_bytes.clone())),
-                &config_labels,
-            )
-            .await?;
-            let mut manifest_labels = BTreeMap::from([
-                (source_label.clone(), source.clone()),
-                (
-                    "containerd.io/gc.ref.content.config".to_string(),
-                    manifest.config.digest.clone(),
-                ),
-            ]);
-            for (i, l) in manifest.layers.iter().enumerate() {
-                manifest_labels.insert(
-                    format!("containerd.io/gc.ref.content.l.{i}"),
-                    l.digest.clone(),
-                );
-            }
-            ctd.write_content(
-                &manifest_desc.digest,
-                manifest_bytes.len() as u64,
-                Box::new(std::io::Cursor::new(manifest_bytes.clone())),
-                &manifest_labels,
-            )
-            .await?;
-            tracing::info!("content written at {:.3}s", started.elapsed().as_secs_f64());
-            // Then the layers, bottom up.
-            let (mut lazy, mut unpacked) = (0usize, 0usize);
-            for (i, l) in manifest.layers.iter().enumerate() {
-                let chain = &chains[i];
-                if ctd.snapshot_exists(&a.snapshotter, chain).await? {
-                    continue;
+            // Content (under the lease), labelled for the garbage collector, written while
+            // the layers are prepared: only the image record needs it in place.
+            let content = async {
+                let mut config_labels = BTreeMap::from([(source_label.clone(), source.clone())]);
+                if let Some(top) = chains.last() {
+                    config_labels.insert(
+                        format!("containerd.io/gc.ref.snapshot.{}", a.snapshotter),
+                        top.clone(),
+                    );
                 }
-                let parent = if i == 0 {
-                    String::new()
-                } else {
-                    chains[i - 1].clone()
-                };
-                let labels = BTreeMap::from([
-                    (remote::LABEL_TARGET.to_string(), chain.clone()),
-                    (remote::LABEL_IMAGE_REF.to_string(), name.clone()),
+                ctd.write_content(
+                    &manifest.config.digest,
+                    config_bytes.len() as u64,
+                    Box::new(std::io::Cursor::new(config_bytes.clone())),
+                    &config_labels,
+                )
+                .await?;
+                let mut manifest_labels = BTreeMap::from([
+                    (source_label.clone(), source.clone()),
                     (
-                        remote::LABEL_MANIFEST.to_string(),
-                        manifest_desc.digest.clone(),
+                        "containerd.io/gc.ref.content.config".to_string(),
+                        manifest.config.digest.clone(),
                     ),
-                    (remote::LABEL_LAYER.to_string(), l.digest.clone()),
-                    (remote::LABEL_IMAGE_LAYERS.to_string(), image_layers(i)),
                 ]);
-                let key = format!("extract-{nonce}-{i} {chain}");
-                let mounts = match ctd.prepare(&a.snapshotter, &key, &parent, &labels).await? {
-                    Prepared::AlreadyExists => {
-                        tracing::info!(layer = %l.digest, "mounted lazily at {:.3}s",
-                            started.elapsed().as_secs_f64());
-                        lazy += 1;
+                for (i, l) in manifest.layers.iter().enumerate() {
+                    manifest_labels.insert(
+                        format!("containerd.io/gc.ref.content.l.{i}"),
+                        l.digest.clone(),
+                    );
+                }
+                ctd.write_content(
+                    &manifest_desc.digest,
+                    manifest_bytes.len() as u64,
+                    Box::new(std::io::Cursor::new(manifest_bytes.clone())),
+                    &manifest_labels,
+                )
+                .await?;
+                tracing::info!("content written at {:.3}s", started.elapsed().as_secs_f64());
+                anyhow::Ok(())
+            };
+            // The layers, bottom up.
+            let layers = async {
+                let (mut lazy, mut unpacked) = (0usize, 0usize);
+                for (i, l) in manifest.layers.iter().enumerate() {
+                    let chain = &chains[i];
+                    if ctd.snapshot_exists(&a.snapshotter, chain).await? {
                         continue;
                     }
-                    Prepared::Mounts(m) => m,
-                };
-                let unpack = async {
-                    let layer_labels = BTreeMap::from([(source_label.clone(), source.clone())]);
-                    let reader = {
-                        let registry = registry.clone();
-                        let (r, d) = (r.clone(), l.digest.clone());
-                        tokio::task::spawn_blocking(move || registry.open_blob(&r, &d)).await??
+                    let parent = if i == 0 {
+                        String::new()
+                    } else {
+                        chains[i - 1].clone()
                     };
-                    ctd.write_content(&l.digest, l.size, reader, &layer_labels)
+                    let labels = BTreeMap::from([
+                        (remote::LABEL_TARGET.to_string(), chain.clone()),
+                        (remote::LABEL_IMAGE_REF.to_string(), name.clone()),
+                        (
+                            remote::LABEL_MANIFEST.to_string(),
+                            manifest_desc.digest.clone(),
+                        ),
+                        (remote::LABEL_LAYER.to_string(), l.digest.clone()),
+                        (remote::LABEL_IMAGE_LAYERS.to_string(), image_layers(i)),
+                    ]);
+                    let key = format!("extract-{nonce}-{i} {chain}");
+                    let mounts = match ctd.prepare(&a.snapshotter, &key, &parent, &labels).await? {
+                        Prepared::AlreadyExists => {
+                            tracing::info!(layer = %l.digest, "mounted lazily at {:.3}s",
+                            started.elapsed().as_secs_f64());
+                            lazy += 1;
+                            continue;
+                        }
+                        Prepared::Mounts(m) => m,
+                    };
+                    let unpack = async {
+                        let layer_labels = BTreeMap::from([(source_label.clone(), source.clone())]);
+                        let reader = {
+                            let registry = registry.clone();
+                            let (r, d) = (r.clone(), l.digest.clone());
+                            tokio::task::spawn_blocking(move || registry.open_blob(&r, &d))
+                                .await??
+                        };
+                        ctd.write_content(&l.digest, l.size, reader, &layer_labels)
+                            .await?;
+                        let desc = CtrDescriptor {
+                            media_type: l.media_type.clone(),
+                            digest: l.digest.clone(),
+                            size: l.size as i64,
+                            annotations: HashMap::new(),
+                        };
+                        let applied = ctd.apply(desc, mounts).await?;
+                        if applied.digest != diff_ids[i] {
+                            bail!(
+                                "layer {} unpacked to {}, but the config says {}",
+                                l.digest,
+                                applied.digest,
+                                diff_ids[i]
+                            );
+                        }
+                        ctd.label_content(
+                            &l.digest,
+                            &BTreeMap::from([(
+                                "containerd.io/uncompressed".to_string(),
+                                applied.digest.clone(),
+                            )]),
+                        )
                         .await?;
-                    let desc = CtrDescriptor {
-                        media_type: l.media_type.clone(),
-                        digest: l.digest.clone(),
-                        size: l.size as i64,
-                        annotations: HashMap::new(),
+                        let commit_labels =
+                            BTreeMap::from([(remote::LABEL_TARGET.to_string(), chain.clone())]);
+                        ctd.commit(&a.snapshotter, chain, &key, &commit_labels)
+                            .await?;
+                        anyhow::Ok(())
                     };
-                    let applied = ctd.apply(desc, mounts).await?;
-                    if applied.digest != diff_ids[i] {
-                        bail!(
-                            "layer {} unpacked to {}, but the config says {}",
-                            l.digest,
-                            applied.digest,
-                            diff_ids[i]
-                        );
+                    if let Err(e) = unpack.await {
+                        let _ = ctd.remove_snapshot(&a.snapshotter, &key).await;
+                        return Err(e.context(format!("unpacking layer {} of {name}", l.digest)));
                     }
-                    ctd.label_content(
-                        &l.digest,
-                        &BTreeMap::from([(
-                            "containerd.io/uncompressed".to_string(),
-                            applied.digest.clone(),
-                        )]),
-                    )
-                    .await?;
-                    let commit_labels =
-                        BTreeMap::from([(remote::LABEL_TARGET.to_string(), chain.clone())]);
-                    ctd.commit(&a.snapshotter, chain, &key, &commit_labels)
-                        .await?;
-                    anyhow::Ok(())
-                };
-                if let Err(e) = unpack.await {
-                    let _ = ctd.remove_snapshot(&a.snapshotter, &key).await;
-                    return Err(e.context(format!("unpacking layer {} of {name}", l.digest)));
+                    unpacked += 1;
                 }
-                unpacked += 1;
-            }
+                anyhow::Ok((lazy, unpacked))
+            };
+            let ((), (lazy, unpacked)) = tokio::try_join!(content, layers)?;
             let target = match &index {
                 Some((idx, children)) => {
                     let mut labels = BTreeMap::from([(source_label.clone(), source.clone())]);

@@ -101,6 +101,13 @@ impl LayerMounter for DaemonLayers {
             .ok_or_else(|| "no chain ID".to_string())
     }
 
+    fn is_local(&self, layer: &RemoteLayer) -> bool {
+        let Ok(store) = strata_fs::store::Store::open(&self.global.root) else {
+            return false;
+        };
+        store.resolve(&layer.image).is_ok() && strata_fs::image::has_toc(&store, &layer.layer)
+    }
+
     fn unmount(&self, dir: &Path) -> Result<(), String> {
         let req = Request::Unmount {
             mountpoint: dir.to_path_buf(),

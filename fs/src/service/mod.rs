@@ -491,7 +491,6 @@ impl MountService {
         };
         let t_pulled = started.elapsed();
         let mut image = open(false)?;
-        let t_open1 = started.elapsed();
         // A layer alone that lacks parent directories takes their attributes from the layers
         // below: open those only then (most layers list their parents).
         if req.layer.is_some()
@@ -502,8 +501,6 @@ impl MountService {
         {
             image = open(true)?;
         }
-        let t_open2 = started.elapsed();
-        tracing::info!("DEBUG open1 {:?} open2 {:?}", t_open1, t_open2);
         let reference = image.reference.to_string();
         let manifest = image.manifest_digest.clone();
         let (tree, blobs) = if req.layer.is_some() {
