@@ -36,7 +36,7 @@
 # applies only to layers without a landmark), 50 kB chunks, 2 concurrent background tasks, FUSE
 # attr/entry timeout 1 s; its resolver config only maps each registry to a plain-HTTP mirror.
 # strata keeps its defaults too (background prefetch of the rest of each layer, neighbour fetch
-# 256K, 1 MiB chunks); its rpull and snapshotter reach the shaped link's registry over plain HTTP
+# 256K, 1 MiB chunks and 32 KiB ones for ELF executables, 16 KiB kernel readahead per layer); its rpull and snapshotter reach the shaped link's registry over plain HTTP
 # through STRATA_INSECURE_REGISTRIES (loopback is plain HTTP by default).
 #
 # Knobs (environment): SKIP_BUILD=1 (no cargo build), REUSE=1 (keep WORKDIR's source

@@ -19,7 +19,7 @@ pub struct ConvertArgs {
     pub chunk_size: u64,
     /// Uncompressed bytes per chunk of ELF executables (files with an execute bit), which
     /// `exec` pages in sparsely; 0 = --chunk-size.
-    #[arg(long, default_value = "16K", value_parser = parse_size)]
+    #[arg(long, default_value = "32K", value_parser = parse_size)]
     pub exec_chunk_size: u64,
     /// zstd compression level.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
