@@ -52,6 +52,10 @@ impl Default for ConvertOptions {
 /// 1.08 MB compressed); smaller pieces save bytes but cost a request each (docs/format.md §7).
 pub const DEFAULT_EXEC_CHUNK_SIZE: u32 = 32 << 10;
 
+/// Executables larger than this keep the layer's chunk size: every lazy mount fetches the
+/// TOC first, and small chunks cost a chunk record (about 1 KB of TOC per MiB) each.
+pub const MAX_EXEC_SMALL_CHUNKED: u64 = 64 << 20;
+
 /// The ELF magic an executable's chunking is chosen by.
 const ELF_MAGIC: &[u8] = b"\x7fELF";
 
@@ -315,7 +319,8 @@ pub fn convert_layer<W: Write + Send>(
                     let exec = opts.exec_chunk_size > 0
                         && opts.exec_chunk_size < opts.chunk_size
                         && mode & 0o111 != 0
-                        && size > u64::from(opts.exec_chunk_size);
+                        && size > u64::from(opts.exec_chunk_size)
+                        && size <= MAX_EXEC_SMALL_CHUNKED;
                     let mut piece = if exec {
                         opts.exec_chunk_size
                     } else {

@@ -73,9 +73,11 @@ pub trait LayerMounter: Send + Sync + 'static {
     /// Mounts `layer.layer` of `layer.image` lazily at `dir` (an empty directory), in the form
     /// overlayfs reads a lower layer in; returns once the mount answers.
     fn mount(&self, layer: &RemoteLayer, dir: &Path) -> Result<(), String>;
-    /// Whether mounting `layer` needs nothing from its registry (the image's manifest, config
-    /// and the layer's TOC are on this node, as `strata rpull` leaves them): the mount can
-    /// then only fail for local reasons, and may go on after Prepare has answered.
+    /// Whether mounting `layer` needs nothing from its registry (the image's manifest and
+    /// config, and the TOCs of this strata layer and of every layer below it, are on this
+    /// node, as `strata rpull` leaves them): the mount can then fail only for local reasons
+    /// (a TOC over the daemon's entry limit, a full disk), and may go on after Prepare has
+    /// answered.
     fn is_local(&self, layer: &RemoteLayer) -> bool;
     /// Unmounts `dir` (detaching it if busy).
     fn unmount(&self, dir: &Path) -> Result<(), String>;

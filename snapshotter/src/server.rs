@@ -33,7 +33,47 @@ impl DirLocks {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
         m.entry(dir.to_path_buf()).or_default().clone()
     }
+
+    /// Whether someone holds `dir`'s lock now (a mount of it in flight).
+    fn held(&self, dir: &Path) -> bool {
+        let lock = {
+            let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            match m.get(dir) {
+                Some(l) => l.clone(),
+                None => return false,
+            }
+        };
+        let held = matches!(lock.try_lock(), Err(std::sync::TryLockError::WouldBlock));
+        held
+    }
+
+    /// Runs `f` holding `dir`'s lock, waiting for it at most `wait` (a mount of it in flight
+    /// through a hung daemon never lets go): after that, runs it anyway.
+    fn with<T>(&self, dir: &Path, wait: std::time::Duration, f: impl FnOnce() -> T) -> T {
+        let lock = self.get(dir);
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match lock.try_lock() {
+                Ok(_held) => return f(),
+                Err(std::sync::TryLockError::Poisoned(p)) => {
+                    let _held = p.into_inner();
+                    return f();
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    if std::time::Instant::now() >= deadline {
+                        tracing::warn!(dir = %dir.display(),
+                            "a mount of this layer is still in flight; going on without it");
+                        return f();
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            }
+        }
+    }
 }
+
+/// How long Remove waits for a lazy layer's mount in flight before it goes on.
+const REMOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How long a container start waits for its lazy layers to answer (a hung daemon never
 /// answers: FUSE requests have no timeout).
@@ -152,7 +192,7 @@ impl Service {
         });
         match tokio::time::timeout(LAYER_CHECK_TIMEOUT, check).await {
             Err(_) => Err(Status::unavailable(
-                "the lazy layers did not answer in time (is the strata daemon hung?)",
+                "the lazy layers did not answer in time (still mounting them, or is the strata daemon hung?)",
             )),
             Ok(joined) => joined
                 .map_err(|e| Status::internal(e.to_string()))?
@@ -269,9 +309,7 @@ impl Service {
                 let locks = self.dir_locks.clone();
                 let _ = tokio::task::spawn_blocking(move || {
                     // After a background mount into it, if one started.
-                    let lock = locks.get(&dir);
-                    let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
-                    release_dir(&dir, Some(&layers))
+                    locks.with(&dir, REMOVE_WAIT, || release_dir(&dir, Some(&layers)))
                 })
                 .await;
                 other.map(|_| ())
@@ -598,9 +636,7 @@ impl pb::snapshots_server::Snapshots for Service {
         let locks = self.dir_locks.clone();
         tokio::task::spawn_blocking(move || {
             // A lazy layer's mount may still be going on in the background: after it.
-            let lock = locks.get(&dir);
-            let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
-            release_dir(&dir, layers.as_ref())
+            locks.with(&dir, REMOVE_WAIT, || release_dir(&dir, layers.as_ref()))
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
@@ -690,7 +726,15 @@ impl pb::snapshots_server::Snapshots for Service {
     async fn cleanup(&self, _request: Request<pb::CleanupRequest>) -> Result<Response<()>, Status> {
         // Lazy layers left mounted on orphans (an interrupted Prepare or Remove) are unmounted
         // first, without the lock (ids only grow: no Prepare is given an orphan's id).
-        let orphans = self.meta()?.orphans();
+        // An orphan whose layer is being mounted or released (its lock held: a Remove waiting
+        // for a background mount) is the holder's to finish: left for a later Cleanup.
+        let busy = |d: &Path| self.dir_locks.held(&d.join("fs"));
+        let orphans: Vec<PathBuf> = self
+            .meta()?
+            .orphans()
+            .into_iter()
+            .filter(|d| !busy(d))
+            .collect();
         let layers = self.layers.clone();
         let mounted: Vec<PathBuf> = orphans
             .iter()
@@ -711,7 +755,7 @@ impl pb::snapshots_server::Snapshots for Service {
             let meta = self.meta()?;
             let trash = meta.trash_dir();
             for d in meta.orphans() {
-                if strata_fs::service::is_mount_point(&d.join("fs")) {
+                if busy(&d) || strata_fs::service::is_mount_point(&d.join("fs")) {
                     continue;
                 }
                 if let Some(name) = d.file_name() {
@@ -824,4 +868,134 @@ pub fn serve(
         served?;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::snapshots_server::Snapshots;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Mounts a tmpfs as "the layer", failing its first `fails` mounts.
+    struct FakeLayers {
+        chain: String,
+        fails: AtomicUsize,
+        mounts: AtomicUsize,
+    }
+
+    impl LayerMounter for FakeLayers {
+        fn mount(&self, _layer: &RemoteLayer, dir: &Path) -> Result<(), String> {
+            // Slow enough that the container start below comes while it is in flight.
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            if self
+                .fails
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err("injected mount failure".into());
+            }
+            nix::mount::mount(
+                Some("tmpfs"),
+                dir,
+                Some("tmpfs"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .map_err(|e| e.to_string())?;
+            self.mounts.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn unmount(&self, dir: &Path) -> Result<(), String> {
+            nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH).map_err(|e| e.to_string())
+        }
+        fn chain_id(&self, _layer: &RemoteLayer) -> Result<String, String> {
+            Ok(self.chain.clone())
+        }
+        fn is_local(&self, _layer: &RemoteLayer) -> bool {
+            true
+        }
+    }
+
+    /// A layer mounted in the background whose mount fails: Prepare has answered
+    /// `AlreadyExists`, so the container start that comes next waits for it, mounts it again,
+    /// and gets an overlay over the mounted layer; Remove unmounts it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_background_mount_is_retried_by_the_container_start() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("needs root (mounts a tmpfs); CI runs it as root");
+            return;
+        }
+        let root = std::env::temp_dir().join(format!(
+            "strata-snap-bg-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
+        let chain = format!("sha256:{}", "c".repeat(64));
+        let fake = Arc::new(FakeLayers {
+            chain: chain.clone(),
+            fails: AtomicUsize::new(1),
+            mounts: AtomicUsize::new(0),
+        });
+        let svc = Service::open(&root, Some(fake.clone() as Arc<dyn LayerMounter>)).unwrap();
+        let labels: std::collections::HashMap<String, String> = [
+            (remote::LABEL_TARGET, chain.clone()),
+            (remote::LABEL_IMAGE_REF, "localhost:5000/app:v1".to_string()),
+            (remote::LABEL_MANIFEST, format!("sha256:{}", "a".repeat(64))),
+            (remote::LABEL_LAYER, format!("sha256:{}", "b".repeat(64))),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let answered = svc
+            .prepare(Request::new(pb::PrepareSnapshotRequest {
+                snapshotter: "strata".into(),
+                key: "extract-0".into(),
+                parent: String::new(),
+                labels,
+            }))
+            .await;
+        assert_eq!(
+            answered.err().map(|s| s.code()),
+            Some(tonic::Code::AlreadyExists)
+        );
+        // Answered before the (slow, failing) mount finished.
+        assert_eq!(fake.mounts.load(Ordering::SeqCst), 0);
+        let prepared = svc
+            .prepare(Request::new(pb::PrepareSnapshotRequest {
+                snapshotter: "strata".into(),
+                key: "container".into(),
+                // containerd names the parent by the key the lazy layer was committed under.
+                parent: remote::committed_name(&chain, ""),
+                labels: Default::default(),
+            }))
+            .await
+            .expect("the container start mounts the layer again");
+        assert_eq!(fake.mounts.load(Ordering::SeqCst), 1);
+        assert_eq!(fake.fails.load(Ordering::SeqCst), 0);
+        let layer_dir = {
+            let meta = svc.meta().unwrap();
+            let committed = meta.find_committed(&chain, "").unwrap();
+            meta.dir(committed.id).join("fs")
+        };
+        assert!(strata_fs::service::is_mount_point(&layer_dir));
+        let options = &prepared.into_inner().mounts[0].options;
+        assert!(
+            options
+                .iter()
+                .any(|o| o.contains(&*layer_dir.to_string_lossy())),
+            "{options:?}"
+        );
+        for key in ["container".to_string(), remote::committed_name(&chain, "")] {
+            svc.remove(Request::new(pb::RemoveSnapshotRequest {
+                snapshotter: "strata".into(),
+                key,
+            }))
+            .await
+            .unwrap();
+        }
+        assert!(!strata_fs::service::is_mount_point(&layer_dir));
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }

@@ -17,8 +17,8 @@ pub struct ConvertArgs {
     /// Uncompressed bytes per chunk (e.g. 1M, 512K).
     #[arg(long, default_value = "1M", value_parser = parse_size)]
     pub chunk_size: u64,
-    /// Uncompressed bytes per chunk of ELF executables (files with an execute bit), which
-    /// `exec` pages in sparsely; 0 = --chunk-size.
+    /// Uncompressed bytes per chunk of ELF executables (files with an execute bit, up to
+    /// 64 MiB), which `exec` pages in sparsely; 0 = --chunk-size.
     #[arg(long, default_value = "32K", value_parser = parse_size)]
     pub exec_chunk_size: u64,
     /// zstd compression level.
@@ -47,8 +47,10 @@ pub fn run(g: &GlobalArgs, a: ConvertArgs) -> anyhow::Result<()> {
         .context("--chunk-size must be between 4K and 64M")?;
     let exec_chunk_size = u32::try_from(a.exec_chunk_size)
         .ok()
-        .filter(|&c| c == 0 || (4096..=strata_fs::format::MAX_CHUNK_SIZE).contains(&c))
-        .context("--exec-chunk-size must be 0 or between 4K and 64M")?;
+        .filter(|&c| {
+            c == 0 || (c % 4096 == 0 && (4096..=strata_fs::format::MAX_CHUNK_SIZE).contains(&c))
+        })
+        .context("--exec-chunk-size must be 0 or a multiple of 4K up to 64M (whole pages)")?;
     let store = open_store(g)?;
     let client = a.registry.client()?;
     let src =

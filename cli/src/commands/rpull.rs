@@ -267,6 +267,8 @@ pub fn rpull(g: &GlobalArgs, a: RpullArgs) -> anyhow::Result<()> {
                 }
                 anyhow::Ok((lazy, unpacked))
             };
+            // A failure of either drops the other mid-call: what it left (content, a prepared
+            // snapshot) is under the lease and goes with it; no image names any of it yet.
             let ((), (lazy, unpacked)) = tokio::try_join!(content, layers)?;
             let target = match &index {
                 Some((idx, children)) => {

@@ -102,10 +102,24 @@ impl LayerMounter for DaemonLayers {
     }
 
     fn is_local(&self, layer: &RemoteLayer) -> bool {
+        use strata_fs::image::{has_toc, is_strata_layer};
         let Ok(store) = strata_fs::store::Store::open(&self.global.root) else {
             return false;
         };
-        store.resolve(&layer.image).is_ok() && strata_fs::image::has_toc(&store, &layer.layer)
+        let Ok(record) = store.resolve(&layer.image) else {
+            return false;
+        };
+        let Ok(manifest) = store.manifest(&record.descriptor.digest) else {
+            return false;
+        };
+        let Some(at) = manifest.layers.iter().position(|l| l.digest == layer.layer) else {
+            return false;
+        };
+        // This layer and every one below it (a layer that lacks parent directories takes them
+        // from the layers below) are strata layers whose TOCs are here.
+        manifest.layers[..=at]
+            .iter()
+            .all(|l| is_strata_layer(l) && has_toc(&store, &l.digest))
     }
 
     fn unmount(&self, dir: &Path) -> Result<(), String> {
