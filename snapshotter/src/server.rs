@@ -876,17 +876,21 @@ mod tests {
     use pb::snapshots_server::Snapshots;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// Mounts a tmpfs as "the layer", failing its first `fails` mounts.
+    /// Mounts a tmpfs as "the layer", failing its first `fails` mounts; the first mount waits
+    /// for `gate` to open.
     struct FakeLayers {
         chain: String,
         fails: AtomicUsize,
         mounts: AtomicUsize,
+        gate: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
     }
 
     impl LayerMounter for FakeLayers {
         fn mount(&self, _layer: &RemoteLayer, dir: &Path) -> Result<(), String> {
-            // Slow enough that the container start below comes while it is in flight.
-            std::thread::sleep(std::time::Duration::from_millis(200));
+            let gate = self.gate.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(gate) = gate {
+                let _ = gate.recv_timeout(std::time::Duration::from_secs(10));
+            }
             if self
                 .fails
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -922,7 +926,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_background_mount_is_retried_by_the_container_start() {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("needs root (mounts a tmpfs); CI runs it as root");
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI runs this test as root"
+            );
+            eprintln!("skipped: needs root (mounts a tmpfs)");
             return;
         }
         let root = std::env::temp_dir().join(format!(
@@ -933,12 +941,32 @@ mod tests {
                 .map_or(0, |d| d.as_nanos())
         ));
         let chain = format!("sha256:{}", "c".repeat(64));
+        let (open_gate, gate) = std::sync::mpsc::channel();
         let fake = Arc::new(FakeLayers {
             chain: chain.clone(),
             fails: AtomicUsize::new(1),
             mounts: AtomicUsize::new(0),
+            gate: Mutex::new(Some(gate)),
         });
-        let svc = Service::open(&root, Some(fake.clone() as Arc<dyn LayerMounter>)).unwrap();
+        /// Whatever happens, nothing stays mounted under the test's root.
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
+                    for m in mounts.lines().filter_map(|l| l.split(' ').nth(1)) {
+                        if Path::new(m).starts_with(&self.0) {
+                            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+                        }
+                    }
+                }
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        std::fs::create_dir_all(&root).unwrap();
+        let root = root.canonicalize().unwrap();
+        let _cleanup = Unmount(root.clone());
+        let svc =
+            Arc::new(Service::open(&root, Some(fake.clone() as Arc<dyn LayerMounter>)).unwrap());
         let labels: std::collections::HashMap<String, String> = [
             (remote::LABEL_TARGET, chain.clone()),
             (remote::LABEL_IMAGE_REF, "localhost:5000/app:v1".to_string()),
@@ -960,17 +988,30 @@ mod tests {
             answered.err().map(|s| s.code()),
             Some(tonic::Code::AlreadyExists)
         );
-        // Answered before the (slow, failing) mount finished.
-        assert_eq!(fake.mounts.load(Ordering::SeqCst), 0);
-        let prepared = svc
-            .prepare(Request::new(pb::PrepareSnapshotRequest {
-                snapshotter: "strata".into(),
-                key: "container".into(),
-                // containerd names the parent by the key the lazy layer was committed under.
-                parent: remote::committed_name(&chain, ""),
-                labels: Default::default(),
-            }))
+        // Answered while the mount waits at the gate.
+        assert_eq!(fake.fails.load(Ordering::SeqCst), 1);
+        let start = {
+            let svc = svc.clone();
+            let parent = remote::committed_name(&chain, "");
+            tokio::spawn(async move {
+                svc.prepare(Request::new(pb::PrepareSnapshotRequest {
+                    snapshotter: "strata".into(),
+                    key: "container".into(),
+                    // containerd names the parent by the key it was committed under.
+                    parent,
+                    labels: Default::default(),
+                }))
+                .await
+            })
+        };
+        // The container start waits for the mount in flight rather than mounting beside it.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!start.is_finished());
+        assert_eq!(fake.fails.load(Ordering::SeqCst), 1);
+        open_gate.send(()).unwrap();
+        let prepared = start
             .await
+            .unwrap()
             .expect("the container start mounts the layer again");
         assert_eq!(fake.mounts.load(Ordering::SeqCst), 1);
         assert_eq!(fake.fails.load(Ordering::SeqCst), 0);
@@ -996,6 +1037,22 @@ mod tests {
             .unwrap();
         }
         assert!(!strata_fs::service::is_mount_point(&layer_dir));
-        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn dir_locks_tell_held_and_bound_the_wait() {
+        let locks = Arc::new(DirLocks::default());
+        let dir = Path::new("/nonexistent/layer/fs");
+        assert!(!locks.held(dir));
+        let lock = locks.get(dir);
+        let guard = lock.lock().unwrap();
+        assert!(locks.held(dir));
+        let started = std::time::Instant::now();
+        let ran = locks.with(dir, std::time::Duration::from_millis(50), || 7);
+        assert_eq!(ran, 7);
+        assert!(started.elapsed() >= std::time::Duration::from_millis(50));
+        drop(guard);
+        assert!(!locks.held(dir));
+        assert_eq!(locks.with(dir, std::time::Duration::from_secs(5), || 8), 8);
     }
 }
