@@ -26,18 +26,31 @@ pub struct Service {
 
 /// A lock per directory, made on first use.
 #[derive(Default)]
-struct DirLocks(Mutex<std::collections::HashMap<PathBuf, Arc<Mutex<()>>>>);
+struct DirLocks {
+    locks: Mutex<std::collections::HashMap<PathBuf, Arc<Mutex<()>>>>,
+    /// Directories released without their lock (see `with`): a mount in flight into one
+    /// undoes itself when it lands.
+    released: Mutex<std::collections::HashSet<PathBuf>>,
+}
 
 impl DirLocks {
     fn get(&self, dir: &Path) -> Arc<Mutex<()>> {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         m.entry(dir.to_path_buf()).or_default().clone()
+    }
+
+    /// Whether `dir` was released while its lock was held (and forgets it).
+    fn was_released(&self, dir: &Path) -> bool {
+        self.released
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(dir)
     }
 
     /// Whether someone holds `dir`'s lock now (a mount of it in flight).
     fn held(&self, dir: &Path) -> bool {
         let lock = {
-            let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            let m = self.locks.lock().unwrap_or_else(|p| p.into_inner());
             match m.get(dir) {
                 Some(l) => l.clone(),
                 None => return false,
@@ -48,7 +61,8 @@ impl DirLocks {
     }
 
     /// Runs `f` holding `dir`'s lock, waiting for it at most `wait` (a mount of it in flight
-    /// through a hung daemon never lets go): after that, runs it anyway.
+    /// through a hung daemon never lets go): after that, runs it anyway, and the mount in
+    /// flight, if it lands, is undone by its thread (`was_released`).
     fn with<T>(&self, dir: &Path, wait: std::time::Duration, f: impl FnOnce() -> T) -> T {
         let lock = self.get(dir);
         let deadline = std::time::Instant::now() + wait;
@@ -63,6 +77,10 @@ impl DirLocks {
                     if std::time::Instant::now() >= deadline {
                         tracing::warn!(dir = %dir.display(),
                             "a mount of this layer is still in flight; going on without it");
+                        self.released
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(dir.to_path_buf());
                         return f();
                     }
                     std::thread::sleep(std::time::Duration::from_millis(5));
@@ -270,7 +288,11 @@ impl Service {
                     let lock = locks.get(&mount_dir);
                     let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
                     let _ = locked_tx.send(());
-                    if let Err(e) = mounter.mount(&wanted, &mount_dir) {
+                    let mounted = mounter.mount(&wanted, &mount_dir);
+                    if locks.was_released(&mount_dir) {
+                        // Removed while this mount was in flight (Remove stopped waiting).
+                        release_dir(&mount_dir, Some(&mounter));
+                    } else if let Err(e) = mounted {
                         tracing::warn!(layer = %wanted.layer, image = %wanted.image,
                             dir = %mount_dir.display(),
                             "mounting a lazy layer failed (a container start tries again): {e}");
@@ -1051,8 +1073,12 @@ mod tests {
         let ran = locks.with(dir, std::time::Duration::from_millis(50), || 7);
         assert_eq!(ran, 7);
         assert!(started.elapsed() >= std::time::Duration::from_millis(50));
+        // Released without the lock: the holder is told once.
+        assert!(locks.was_released(dir));
+        assert!(!locks.was_released(dir));
         drop(guard);
         assert!(!locks.held(dir));
         assert_eq!(locks.with(dir, std::time::Duration::from_secs(5), || 8), 8);
+        assert!(!locks.was_released(dir));
     }
 }
