@@ -19,6 +19,16 @@ pub trait BlobSource: Send + Sync {
     fn is_local(&self) -> bool {
         false
     }
+    /// How long one more request to the source costs before its bytes start (measured;
+    /// `None` when unknown or negligible, as for a local file).
+    fn request_latency(&self) -> Option<std::time::Duration> {
+        None
+    }
+    /// Bytes per second a large read from the source has been arriving at (measured; `None`
+    /// when unknown).
+    fn transfer_rate(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// A blob in a local file.

@@ -33,6 +33,41 @@ const READAHEAD_CHUNKS: usize = 3;
 /// A read of a small chunk at least this large is taken for sequential (see `read`).
 const SEQUENTIAL_READ: u64 = 64 << 10;
 
+/// The link a page fault's extra chunks are sized for until a large read has measured the real
+/// one (20 Mbit/s): at this rate they take no longer to arrive than the request they may save
+/// (see `latency_window`).
+const SLOW_LINK_BYTES_PER_SEC: u64 = 2_500_000;
+
+/// The most a page fault's range read carries beyond what it needs.
+const MAX_LATENCY_WINDOW: u64 = 4 << 20;
+
+/// The chunks of `after` (those following a read's chunks in the same file) that one range
+/// read carries with the read, for a source `latency` away at `rate` bytes per second: on a
+/// distant registry a request costs more than the bytes, so a page fault in an executable's
+/// small chunks takes the chunks after it, as many as the link moves in one `latency` (they
+/// cost no more time than the request they may save; the next faults of `exec` mostly land
+/// ahead). Nearby on a slow link (a few ms), none: every fault fetches only its own chunk.
+/// Stops at the first chunk that is not `missing`, so the read stays one range.
+fn latency_window(
+    after: &[Chunk],
+    latency: Duration,
+    rate: u64,
+    missing: impl Fn(&Chunk) -> bool,
+) -> Vec<Chunk> {
+    let budget = (latency.as_micros() as u64).saturating_mul(rate) / 1_000_000;
+    let budget = budget.min(MAX_LATENCY_WINDOW);
+    let mut bytes = 0u64;
+    let mut out = Vec::new();
+    for c in after {
+        bytes += u64::from(c.compressed_len);
+        if bytes > budget || !missing(c) {
+            break;
+        }
+        out.push(*c);
+    }
+    out
+}
+
 /// How long the kernel may cache entries and attributes: layers never change.
 const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -576,6 +611,17 @@ impl Shared {
         let needed = &chunks[first..last];
         let mut wanted = needed.to_vec();
         wanted.extend(self.neighbours(layer, blob.as_ref(), needed));
+        if let Some(latency) = blob.request_latency() {
+            let small = needed.iter().all(|c| c.uncompressed_len <= SMALL_CHUNK);
+            let cached = |c: &Chunk| self.cache.has(blob.as_ref(), &c.digest);
+            if chunks.len() > 1 && small && !needed.iter().all(cached) {
+                // Sized for a slow link until a large read has measured this one.
+                let rate = blob.transfer_rate().unwrap_or(SLOW_LINK_BYTES_PER_SEC);
+                let window = latency_window(&chunks[last..], latency, rate, |c| !cached(c));
+                tracing::debug!(?latency, rate, chunks = window.len(), "page fault window");
+                wanted.extend(window);
+            }
+        }
         let mut pieces = Vec::with_capacity(needed.len());
         for (c, data) in needed
             .iter()
@@ -1397,4 +1443,40 @@ pub fn mount_session(
     cfg.n_threads = Some(config.threads.max(1));
     cfg.clone_fd = true;
     fuser::Session::new(fs, mountpoint, &cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::Sha256Digest;
+
+    fn chunk(i: u64, clen: u32) -> Chunk {
+        Chunk::whole(
+            1000 + i * u64::from(clen),
+            clen,
+            32 << 10,
+            i * (32 << 10),
+            Sha256Digest::of(&i.to_le_bytes()),
+        )
+    }
+
+    #[test]
+    fn latency_windows_grow_with_the_price_of_a_request() {
+        let chunks: Vec<Chunk> = (0..400).map(|i| chunk(i, 16_000)).collect();
+        let all = |_: &Chunk| true;
+        let slow = SLOW_LINK_BYTES_PER_SEC;
+        let ms = Duration::from_millis;
+        // A registry a few ms away on a slow link: each fault fetches its own chunk only.
+        assert!(latency_window(&chunks, ms(3), slow, all).is_empty());
+        // 50 ms away: what 20 Mbit/s moves in 50 ms (125 kB), whole chunks.
+        assert_eq!(latency_window(&chunks, ms(50), slow, all).len(), 7);
+        // A fast link, measured: more for the same latency.
+        assert_eq!(latency_window(&chunks, ms(3), 100_000_000, all).len(), 18);
+        // Far away: capped at 4 MiB.
+        let far = latency_window(&chunks, Duration::from_secs(10), slow, all);
+        assert_eq!(far.len(), (MAX_LATENCY_WINDOW / 16_000) as usize);
+        // One range read: it stops at the first chunk that is cached already.
+        let gap = |c: &Chunk| c.file_offset != 3 * (32 << 10);
+        assert_eq!(latency_window(&chunks, ms(50), slow, gap).len(), 3);
+    }
 }

@@ -74,6 +74,65 @@ impl Registry {
         self.on_pull_endpoints(r, |ep| self.get_range_at(ep, r, digest, offset, len))
     }
 
+    /// How long a range read waits for its answer to start, on average over this client's
+    /// range reads so far (`None` before the first): the price of one more request.
+    pub fn range_latency(&self) -> Option<std::time::Duration> {
+        match self
+            .range_latency_us
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            0 => None,
+            us => Some(std::time::Duration::from_micros(us)),
+        }
+    }
+
+    /// How fast range read bodies of 64 KiB and more arrived, on average (`None` before the
+    /// first such read): smaller ones say more about buffers than about the link.
+    pub fn range_rate(&self) -> Option<u64> {
+        match self
+            .range_bytes_per_sec
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            0 => None,
+            r => Some(r),
+        }
+    }
+
+    fn note_range_rate(&self, len: u64, took: std::time::Duration) {
+        use std::sync::atomic::Ordering;
+        if len < 64 << 10 {
+            return;
+        }
+        let sample = (len as u128 * 1_000_000 / took.as_micros().max(1)) as u64;
+        let _ =
+            self.range_bytes_per_sec
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                    Some(
+                        if old == 0 {
+                            sample
+                        } else {
+                            (old * 3 + sample) / 4
+                        }
+                        .max(1),
+                    )
+                });
+    }
+
+    fn note_range_latency(&self, took: std::time::Duration) {
+        use std::sync::atomic::Ordering;
+        let sample = (took.as_micros() as u64).max(1);
+        // A moving average (weight 1/4 for the newest): one slow answer does not decide.
+        let _ = self
+            .range_latency_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                Some(if old == 0 {
+                    sample
+                } else {
+                    (old * 3 + sample) / 4
+                })
+            });
+    }
+
     fn get_range_at(
         &self,
         ep: &Endpoint,
@@ -119,6 +178,7 @@ impl Registry {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>> {
+        let sent = Instant::now();
         let cached = self
             .redirects
             .lock()
@@ -140,7 +200,11 @@ impl Registry {
                     if resp.status() == StatusCode::PARTIAL_CONTENT
                         || resp.status() == StatusCode::OK =>
                 {
-                    return read_range_body(resp, &target, offset, len);
+                    self.note_range_latency(sent.elapsed());
+                    let started = Instant::now();
+                    let body = read_range_body(resp, &target, offset, len)?;
+                    self.note_range_rate(len, started.elapsed());
+                    return Ok(body);
                 }
                 Ok(resp) => {
                     // Expired or revoked (401/403/404…): ask the registry again.
@@ -190,7 +254,13 @@ impl Registry {
             redirects.retain(|_, (_, when)| when.elapsed() < REDIRECT_TTL);
             redirects.insert(url.to_string(), (current.clone(), Instant::now()));
         }
-        read_range_body(resp, &current, offset, len)
+        if resp.status() == StatusCode::PARTIAL_CONTENT || resp.status() == StatusCode::OK {
+            self.note_range_latency(sent.elapsed());
+        }
+        let started = Instant::now();
+        let body = read_range_body(resp, &current, offset, len)?;
+        self.note_range_rate(len, started.elapsed());
+        Ok(body)
     }
 
     /// The size of a blob if the repository has it.
@@ -308,6 +378,12 @@ impl BlobSource for RegistryBlob {
             .get_range(&self.reference, &self.digest, offset, len)
             .map_err(std::io::Error::other)
     }
+    fn request_latency(&self) -> Option<std::time::Duration> {
+        self.registry.range_latency()
+    }
+    fn transfer_rate(&self) -> Option<u64> {
+        self.registry.range_rate()
+    }
 }
 
 #[cfg(test)]
@@ -316,6 +392,38 @@ mod tests {
     use super::super::testutil::{client, count, resp, serve};
     use super::*;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    #[test]
+    fn range_reads_measure_the_registrys_latency() {
+        let data: Arc<Vec<u8>> = Arc::new(vec![7u8; 4096]);
+        let (addr, _log) = {
+            let data = data.clone();
+            serve(move |req| {
+                if req.path == "/v2/" {
+                    return resp(200, vec![], b"{}");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(40));
+                resp(
+                    206,
+                    vec![("Content-Range", format!("bytes 0-99/{}", data.len()))],
+                    &data[..100],
+                )
+            })
+        };
+        let registry = client(CredentialStore::default());
+        assert_eq!(registry.range_latency(), None);
+        let r = Reference::parse(&format!("{addr}/test/repo:v1")).unwrap();
+        assert_eq!(
+            registry.get_range(&r, "sha256:0000", 0, 100).unwrap(),
+            data[..100]
+        );
+        let latency = registry.range_latency().unwrap();
+        assert!(
+            latency >= std::time::Duration::from_millis(40)
+                && latency < std::time::Duration::from_secs(5),
+            "{latency:?}"
+        );
+    }
 
     #[test]
     fn range_reads_reuse_the_redirect_target_without_credentials() {

@@ -136,6 +136,12 @@ pub struct Registry {
     endpoint_cache: Mutex<HashMap<String, Vec<Endpoint>>>,
     /// Where a blob's range reads were redirected to, and when: per (endpoint, repository, digest).
     redirects: Mutex<HashMap<String, (String, Instant)>>,
+    /// Time from sending a range read to its answer's headers, in microseconds: a moving
+    /// average over this client's range reads (0 before the first).
+    range_latency_us: std::sync::atomic::AtomicU64,
+    /// Bytes per second of range read bodies of 64 KiB and more: a moving average (0 before
+    /// the first).
+    range_bytes_per_sec: std::sync::atomic::AtomicU64,
 }
 
 /// Two agents with the same TLS settings: one following redirects, one returning them (range
@@ -202,6 +208,8 @@ impl Registry {
             tokens: Mutex::new(HashMap::new()),
             endpoint_cache: Mutex::new(HashMap::new()),
             redirects: Mutex::new(HashMap::new()),
+            range_latency_us: std::sync::atomic::AtomicU64::new(0),
+            range_bytes_per_sec: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
