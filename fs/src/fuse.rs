@@ -38,8 +38,9 @@ const SEQUENTIAL_READ: u64 = 64 << 10;
 /// (see `latency_window`).
 const SLOW_LINK_BYTES_PER_SEC: u64 = 2_500_000;
 
-/// The most a page fault's range read carries beyond what it needs.
-const MAX_LATENCY_WINDOW: u64 = 4 << 20;
+/// The most a page fault's range read carries beyond what it needs (with what it needs, under
+/// the 4 MiB a range read may carry, so it stays one request).
+const MAX_LATENCY_WINDOW: u64 = 3 << 20;
 
 /// The chunks of `after` (those following a read's chunks in the same file) that one range
 /// read carries with the read, for a source `latency` away at `rate` bytes per second: on a
@@ -1472,7 +1473,7 @@ mod tests {
         assert_eq!(latency_window(&chunks, ms(50), slow, all).len(), 7);
         // A fast link, measured: more for the same latency.
         assert_eq!(latency_window(&chunks, ms(3), 100_000_000, all).len(), 18);
-        // Far away: capped at 4 MiB.
+        // Far away: capped at 3 MiB.
         let far = latency_window(&chunks, Duration::from_secs(10), slow, all);
         assert_eq!(far.len(), (MAX_LATENCY_WINDOW / 16_000) as usize);
         // One range read: it stops at the first chunk that is cached already.

@@ -74,8 +74,9 @@ impl Registry {
         self.on_pull_endpoints(r, |ep| self.get_range_at(ep, r, digest, offset, len))
     }
 
-    /// How long a range read waits for its answer to start, on average over this client's
-    /// range reads so far (`None` before the first): the price of one more request.
+    /// How long a range read waits for its answer's headers, on average over this client's
+    /// range reads after its first (which also pays for connecting and signing in); `None`
+    /// before that: the price of one more request.
     pub fn range_latency(&self) -> Option<std::time::Duration> {
         match self
             .range_latency_us
@@ -86,15 +87,15 @@ impl Registry {
         }
     }
 
-    /// How fast range read bodies of 64 KiB and more arrived, on average (`None` before the
-    /// first such read): smaller ones say more about buffers than about the link.
+    /// How fast 206 answers of 64 KiB and more arrived, on average (`None` before the first
+    /// such read): smaller ones say more about buffers than about the link.
     pub fn range_rate(&self) -> Option<u64> {
         match self
-            .range_bytes_per_sec
+            .range_ns_per_kib
             .load(std::sync::atomic::Ordering::Relaxed)
         {
             0 => None,
-            r => Some(r),
+            ns => Some((1024u128 * 1_000_000_000 / u128::from(ns)).max(1) as u64),
         }
     }
 
@@ -103,23 +104,25 @@ impl Registry {
         if len < 64 << 10 {
             return;
         }
-        let sample = (len as u128 * 1_000_000 / took.as_micros().max(1)) as u64;
-        let _ =
-            self.range_bytes_per_sec
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
-                    Some(
-                        if old == 0 {
-                            sample
-                        } else {
-                            (old * 3 + sample) / 4
-                        }
-                        .max(1),
-                    )
-                });
+        let sample = (took.as_nanos() * 1024 / u128::from(len)).max(1) as u64;
+        // Averaged as time per byte, so one fast answer does not make the link look fast, and
+        // a sample may make it at most 4 times faster than it was.
+        let _ = self
+            .range_ns_per_kib
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                Some(if old == 0 {
+                    sample
+                } else {
+                    ((old * 3 + sample.max(old / 4)) / 4).max(1)
+                })
+            });
     }
 
     fn note_range_latency(&self, took: std::time::Duration) {
         use std::sync::atomic::Ordering;
+        if self.range_reads.fetch_add(1, Ordering::Relaxed) == 0 {
+            return;
+        }
         let sample = (took.as_micros() as u64).max(1);
         // A moving average (weight 1/4 for the newest): one slow answer does not decide.
         let _ = self
@@ -178,7 +181,7 @@ impl Registry {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>> {
-        let sent = Instant::now();
+        let mut sent = Instant::now();
         let cached = self
             .redirects
             .lock()
@@ -201,9 +204,12 @@ impl Registry {
                         || resp.status() == StatusCode::OK =>
                 {
                     self.note_range_latency(sent.elapsed());
+                    let partial = resp.status() == StatusCode::PARTIAL_CONTENT;
                     let started = Instant::now();
                     let body = read_range_body(resp, &target, offset, len)?;
-                    self.note_range_rate(len, started.elapsed());
+                    if partial {
+                        self.note_range_rate(len, started.elapsed());
+                    }
                     return Ok(body);
                 }
                 Ok(resp) => {
@@ -237,6 +243,7 @@ impl Registry {
             current = join_url(&current, &loc);
             // Never the registry's Authorization: the target is object storage or a CDN, and
             // the redirect URL carries its own authorization.
+            sent = Instant::now();
             resp = self.send_once(
                 &at.agents.manual,
                 at,
@@ -257,9 +264,13 @@ impl Registry {
         if resp.status() == StatusCode::PARTIAL_CONTENT || resp.status() == StatusCode::OK {
             self.note_range_latency(sent.elapsed());
         }
+        // A 200 skips to the offset inside the timed read: no rate from it.
+        let partial = resp.status() == StatusCode::PARTIAL_CONTENT;
         let started = Instant::now();
         let body = read_range_body(resp, &current, offset, len)?;
-        self.note_range_rate(len, started.elapsed());
+        if partial {
+            self.note_range_rate(len, started.elapsed());
+        }
         Ok(body)
     }
 
@@ -413,10 +424,12 @@ mod tests {
         let registry = client(CredentialStore::default());
         assert_eq!(registry.range_latency(), None);
         let r = Reference::parse(&format!("{addr}/test/repo:v1")).unwrap();
-        assert_eq!(
-            registry.get_range(&r, "sha256:0000", 0, 100).unwrap(),
-            data[..100]
-        );
+        for _ in 0..2 {
+            assert_eq!(
+                registry.get_range(&r, "sha256:0000", 0, 100).unwrap(),
+                data[..100]
+            );
+        }
         let latency = registry.range_latency().unwrap();
         assert!(
             latency >= std::time::Duration::from_millis(40)

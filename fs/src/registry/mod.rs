@@ -137,11 +137,13 @@ pub struct Registry {
     /// Where a blob's range reads were redirected to, and when: per (endpoint, repository, digest).
     redirects: Mutex<HashMap<String, (String, Instant)>>,
     /// Time from sending a range read to its answer's headers, in microseconds: a moving
-    /// average over this client's range reads (0 before the first).
+    /// average over this client's range reads after its first (0 before).
     range_latency_us: std::sync::atomic::AtomicU64,
-    /// Bytes per second of range read bodies of 64 KiB and more: a moving average (0 before
-    /// the first).
-    range_bytes_per_sec: std::sync::atomic::AtomicU64,
+    /// Range reads answered so far.
+    range_reads: std::sync::atomic::AtomicU64,
+    /// Nanoseconds per KiB of 206 bodies of 64 KiB and more: a moving average (0 before the
+    /// first).
+    range_ns_per_kib: std::sync::atomic::AtomicU64,
 }
 
 /// Two agents with the same TLS settings: one following redirects, one returning them (range
@@ -209,7 +211,8 @@ impl Registry {
             endpoint_cache: Mutex::new(HashMap::new()),
             redirects: Mutex::new(HashMap::new()),
             range_latency_us: std::sync::atomic::AtomicU64::new(0),
-            range_bytes_per_sec: std::sync::atomic::AtomicU64::new(0),
+            range_reads: std::sync::atomic::AtomicU64::new(0),
+            range_ns_per_kib: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
