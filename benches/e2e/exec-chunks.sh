@@ -18,6 +18,8 @@ set -euo pipefail
 work=${1:-/var/tmp/strata-execbench}
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 link="$repo/../shared/bench/shaped-link.sh"
+# shellcheck source=benches/e2e/registry.sh
+. "$repo/benches/e2e/registry.sh"
 [ -n "${SKIP_BUILD:-}" ] || (cd "$repo" && cargo build --release --bins -q)
 strata=${STRATA:-$repo/target/release/strata}
 sizes=${SIZES:-32K 16K 64K 0}
@@ -40,23 +42,11 @@ cleanup
 rm -rf "$work"; mkdir -p "$work/registry"
 python3 "$repo/benches/e2e/mkimage.py" "$work/src" > /dev/null
 
-registry() { # ADDR: docker-registry serving $work/registry/data at ADDR, its access log in $work/registry/log
-  cat > "$work/registry/config.yml" <<YML
-version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: false
-storage:
-  filesystem:
-    rootdirectory: $work/registry/data
-http:
-  addr: $1
-YML
-}
+# registry ADDR: the config serving $work/registry/data at ADDR.
+registry() { registry_config "$work/registry/config.yml" "$work/registry/data" "$1"; }
 
 # Convert each variant, pushed to a loopback registry over the same storage.
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 registry "127.0.0.1:$port"
 docker-registry serve "$work/registry/config.yml" > "$work/registry/convert.log" 2>&1 &
 reg_pid=$!

@@ -51,6 +51,8 @@ set -euo pipefail
 work=${1:-/var/tmp/strata-snapbench}
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 link="$repo/../shared/bench/shaped-link.sh"
+# shellcheck source=benches/e2e/registry.sh
+. "$repo/benches/e2e/registry.sh"
 cd "$repo"
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release --bins -q
 strata=${STRATA:-$repo/target/release/strata}
@@ -200,21 +202,8 @@ done
 
 echo "# converting and pushing (gzip as built, eStargz, strata) to a loopback registry" >&2
 mkdir -p "$work/registry"
-reg_config() { # ADDR LOG: a docker-registry config serving $work/registry/data at ADDR
-  cat > "$work/registry/$2.yml" <<YML
-version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: false
-storage:
-  filesystem:
-    rootdirectory: $work/registry/data
-http:
-  addr: $1
-YML
-}
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+reg_config() { registry_config "$work/registry/$2.yml" "$work/registry/data" "$1"; } # ADDR NAME
+port=$(free_port)
 loop_reg=127.0.0.1:$port
 start_loop_registry() {
   reg_config "$loop_reg" loopback

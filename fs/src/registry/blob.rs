@@ -100,22 +100,13 @@ impl Registry {
     }
 
     fn note_range_rate(&self, len: u64, took: std::time::Duration) {
-        use std::sync::atomic::Ordering;
         if len < 64 << 10 {
             return;
         }
         let sample = (took.as_nanos() * 1024 / u128::from(len)).max(1) as u64;
         // Averaged as time per byte, so one fast answer does not make the link look fast, and
         // a sample may make it at most 4 times faster than it was.
-        let _ = self
-            .range_ns_per_kib
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
-                Some(if old == 0 {
-                    sample
-                } else {
-                    ((old * 3 + sample.max(old / 4)) / 4).max(1)
-                })
-            });
+        moving_average(&self.range_ns_per_kib, |old| sample.max(old / 4));
     }
 
     fn note_range_latency(&self, took: std::time::Duration) {
@@ -124,16 +115,7 @@ impl Registry {
             return;
         }
         let sample = (took.as_micros() as u64).max(1);
-        // A moving average (weight 1/4 for the newest): one slow answer does not decide.
-        let _ = self
-            .range_latency_us
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
-                Some(if old == 0 {
-                    sample
-                } else {
-                    (old * 3 + sample) / 4
-                })
-            });
+        moving_average(&self.range_latency_us, |_| sample);
     }
 
     fn get_range_at(
@@ -294,6 +276,21 @@ impl Registry {
             _ => Err(status_error("HEAD", &url, &mut resp)),
         }
     }
+}
+
+/// Folds a sample into `cell`, a moving average that weighs the newest sample 1/4 (one odd
+/// answer does not decide); `sample(old)` gives it from the current average (0: none yet, and
+/// the sample is taken whole).
+fn moving_average(cell: &std::sync::atomic::AtomicU64, sample: impl Fn(u64) -> u64) {
+    use std::sync::atomic::Ordering;
+    let _ = cell.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+        let s = sample(old).max(1);
+        Some(if old == 0 {
+            s
+        } else {
+            ((old * 3 + s) / 4).max(1)
+        })
+    });
 }
 
 /// Reads `len` bytes at `offset` from the answer to a range request (a 200 is skipped into).
