@@ -13,6 +13,8 @@ work=${1:-/var/tmp/strata-coldstart}
 rate=${2:-100mbit}
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 link="$repo/../shared/bench/shaped-link.sh"
+# shellcheck source=benches/e2e/registry.sh
+. "$repo/benches/e2e/registry.sh"
 cd "$repo"
 cargo build --release --bins -q
 strata="$repo/target/release/strata"
@@ -75,18 +77,7 @@ echo "# converting, starting a registry behind a $rate link" >&2
 bash "$link" down "$ns" >/dev/null 2>&1 || true
 addr=$(bash "$link" up "$ns" "$rate")
 mkdir -p "$work/registry"
-cat > "$work/registry/config.yml" <<YML
-version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: false
-storage:
-  filesystem:
-    rootdirectory: $work/registry/data
-http:
-  addr: 0.0.0.0:5000
-YML
+registry_config "$work/registry/config.yml" "$work/registry/data" 0.0.0.0:5000
 bash "$link" exec "$ns" docker-registry serve "$work/registry/config.yml" > "$work/registry/access.log" 2>&1 &
 reg_pid=$!
 for _ in $(seq 100); do curl -sf "http://$addr:5000/v2/" >/dev/null && break; sleep 0.1; done
