@@ -67,6 +67,7 @@ repeat_full=${REPEAT_FULL:-1}
 ns='strata-snapbench'
 nft_table=strata_snapbench
 has() { case " $1 " in *" $2 "*) return 0 ;; *) return 1 ;; esac; }
+has_strata() { has "$snapshotters" strata || has "$snapshotters" strata-profile; }
 
 for tool in containerd ctr runc docker-registry skopeo nft bc curl; do
   command -v "$tool" >/dev/null || { echo "error: $tool missing (apt-get install containerd runc docker-registry skopeo nftables bc curl)" >&2; exit 1; }
@@ -75,7 +76,7 @@ if has "$snapshotters" stargz; then
   command -v ctr-remote >/dev/null || { echo "error: ctr-remote missing (apt-get install stargz-snapshotter)" >&2; exit 1; }
   [ -x "$stargz_bin/containerd-stargz-grpc" ] || bash "$repo/../shared/bench/stargz-snapshotter.sh" build "$stargz_bin" >&2
 fi
-if has "$snapshotters" strata; then
+if has_strata; then
   "$strata" rpull --help >/dev/null 2>&1 || {
     echo "error: $strata has no rpull; run with SNAPSHOTTERS='stargz overlayfs' to leave strata out" >&2; exit 1; }
 fi
@@ -160,7 +161,7 @@ start_snapshotter() { # NAME DIR: the proxy snapshotter NAME with its root (and 
       "$stargz_bin/containerd-stargz-grpc" --address "$run/z.sock" --root "$2" \
         --config "$work/stargz.toml" --log-level info > "$2.log" 2>&1 &
       sn_pid=$!; wait_sock "$run/z.sock" ;;
-    strata)
+    strata|strata-profile)
       # The node daemon runs before any pull, as under systemd (strata-daemon.service): it is
       # the snapshotter's half that owns mounts and caches, as containerd-stargz-grpc's own.
       mkdir -p "$2"; rm -f "$run/s.sock"
@@ -220,7 +221,7 @@ for img in $images; do
   r=$loop_reg/bench/$img
   if [ -n "$reuse" ]; then
     # strata's image is converted again: its converter is what changes between runs.
-    if has "$snapshotters" strata; then
+    if has_strata; then
       rm -rf "$work/convert-strata"
       "$strata" --root "$work/convert-strata" convert ${STRATA_CONVERT_ARGS:-} "oci:$work/src-$img:v1" "$r:strata" > /dev/null 2> "$work/convert-$img.log" ||
         { cat "$work/convert-$img.log" >&2; exit 1; }
@@ -233,11 +234,32 @@ for img in $images; do
     ctr-remote -a "$run/c.sock" image convert --oci --estargz "$r:gzip" "$r:esgz" > /dev/null
     ctr_ image push --plain-http "$r:esgz" > /dev/null
   fi
-  if has "$snapshotters" strata; then
+  if has_strata; then
     "$strata" --root "$work/convert-strata" convert ${STRATA_CONVERT_ARGS:-} "oci:$work/src-$img:v1" "$r:strata" > /dev/null 2> "$work/convert-$img.log" ||
       { cat "$work/convert-$img.log" >&2; exit 1; }
   fi
 done
+# strata-profile: the same strata image (same manifest digest) in a repository of its own, with
+# an access profile published next to it, recorded from the first command (/bin/true) on a lazy
+# mount with the snapshotter's readahead.
+record_profile() { # IMAGE
+  local r=$loop_reg/bench/$1:strata rec=$work/profile-$1 mnt
+  mnt=$run/profile-mnt
+  rm -rf "$rec"; mkdir -p "$mnt"
+  "$strata" --root "$rec" mount --no-prefetch --read-ahead-kb 16 --record-profile "$work/profile-$1.txt" \
+    "$r" "$mnt" > /dev/null
+  chroot "$mnt" /bin/true
+  "$strata" --root "$rec" umount "$mnt"
+  "$strata" --root "$rec" daemon --stop --forget > /dev/null 2>&1 || true
+  skopeo copy -q --preserve-digests --src-tls-verify=false --dest-tls-verify=false \
+    "docker://$r" "docker://$loop_reg/bench/$1-profiled:strata"
+  "$strata" push-profile "$work/profile-$1.txt" "$loop_reg/bench/$1-profiled:strata" > /dev/null
+  printf '  profile of %s: %d files, %d ranges\n' "$1" "$(wc -l < "$work/profile-$1.txt")" \
+    "$(cut -s -f2 "$work/profile-$1.txt" | tr ',' '\n' | grep -c . || true)" >&2
+}
+if has "$snapshotters" strata-profile; then
+  for img in $images; do record_profile "$img"; done
+fi
 stop_daemons; rm -rf "$work/convert-ctd"
 image_mb() { # REF: the compressed size of an image's layers, from its manifest
   curl -sf -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
@@ -251,7 +273,7 @@ image_mb() { # REF: the compressed size of an image's layers, from its manifest
   for img in $images; do
     es=n/a; st=n/a
     has "$snapshotters" stargz && es=$(image_mb "bench/$img:esgz")
-    has "$snapshotters" strata && st=$(image_mb "bench/$img:strata")
+    has_strata && st=$(image_mb "bench/$img:strata")
     # shellcheck disable=SC2086
     printf '| %s | %s | %s | %s | %d, %.1f MB |\n' "$img" "$(image_mb "bench/$img:gzip")" "$es" "$st" \
       "$(echo ${files[$img]} | wc -w)" "$(cd "$work" && python3 - "$work/src-$img" ${files[$img]} <<'PY'
@@ -294,11 +316,12 @@ log_bytes() { # GET response bytes in the registry's access log after line $1
 }
 
 measure() { # SNAPSHOTTER IMAGE WORKLOAD REP: one run from nothing; appends a line to results
-  local sn=$1 img=$2 wl=$3 ref d t0 secs bytes lbytes mark status=ok
+  local sn=$1 img=$2 wl=$3 ref d t0 t1= secs bytes lbytes mark pulled= status=ok
   d=$work/runs/$cur_link-$img-$sn-$wl-$4
   stop_daemons; rm -rf "$d"; mkdir -p "$d"
   case $sn in
     strata) ref=$reg/bench/$img:strata ;;
+    strata-profile) ref=$reg/bench/$img-profiled:strata ;;
     stargz) ref=$reg/bench/$img:esgz ;;
     overlayfs) ref=$reg/bench/$img:gzip ;;
   esac
@@ -311,21 +334,23 @@ measure() { # SNAPSHOTTER IMAGE WORKLOAD REP: one run from nothing; appends a li
   t0=$(now)
   case $sn in
     overlayfs)
-      ctr_ image pull --plain-http "$ref" > "$d/pull.log" 2>&1 &&
+      ctr_ image pull --plain-http "$ref" > "$d/pull.log" 2>&1 && t1=$(now) &&
         ctr_ run --rm --snapshotter overlayfs "$ref" bench "${cmd[@]}" > "$d/run.log" 2>&1 || status=FAIL ;;
     stargz)
-      ctr-remote -a "$run/c.sock" image rpull --plain-http --snapshotter stargz "$ref" > "$d/pull.log" 2>&1 &&
+      ctr-remote -a "$run/c.sock" image rpull --plain-http --snapshotter stargz "$ref" > "$d/pull.log" 2>&1 && t1=$(now) &&
         ctr_ run --rm --snapshotter stargz "$ref" bench "${cmd[@]}" > "$d/run.log" 2>&1 || status=FAIL ;;
-    strata)
-      "$strata" --root "$d/strata" rpull --address "$run/c.sock" --namespace default --snapshotter strata \
-        "$ref" > "$d/pull.log" 2>&1 &&
+    strata|strata-profile)
+      "$strata" --root "$d/$sn" rpull --address "$run/c.sock" --namespace default --snapshotter strata \
+        "$ref" > "$d/pull.log" 2>&1 && t1=$(now) &&
         ctr_ run --rm --snapshotter strata "$ref" bench "${cmd[@]}" > "$d/run.log" 2>&1 || status=FAIL ;;
   esac
   secs=$(since "$t0")
   bytes=$(( $(counter) - bytes )); lbytes=$(log_bytes "$mark")
+  echo "$t0 ${t1:-}" > "$d/times"
+  [ -z "$t1" ] || pulled=$(echo "$t1 - $t0" | bc)
   [ "$status" = ok ] || echo "  FAILED: see $d/*.log" >&2
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$cur_link" "$img" "$sn" "$wl" "$secs" "$bytes" "$lbytes" "$status" >> "$work/results.tsv"
-  printf '  %-8s %-5s %-9s %-6s %8.2f s %10.2f MB  %s\n' "$cur_link" "$img" "$sn" "$wl" "$secs" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$cur_link" "$img" "$sn" "$wl" "$secs" "$bytes" "$lbytes" "$status" "${pulled:-}" >> "$work/results.tsv"
+  printf '  %-8s %-5s %-9s %-6s %8.2f s (pull %5.2f s) %10.2f MB  %s\n' "$cur_link" "$img" "$sn" "$wl" "$secs" "${pulled:-0}" \
     "$(echo "$bytes / 1000000" | bc -l)" "$status" >&2
   if [ "$sn" = overlayfs ] && [ "$wl" = true ] && [ "$status" = ok ]; then
     # The floor every figure includes: `ctr run --rm /bin/true` of an image already unpacked.
@@ -361,7 +386,7 @@ for cur_link in $links; do
   fi
   for img in $images; do
     for rep in $(seq "$repeat"); do
-      for sn in overlayfs stargz strata; do
+      for sn in overlayfs stargz strata strata-profile; do
         has "$snapshotters" "$sn" || continue
         [ "$sn" != overlayfs ] || [ "$rep" -le "$repeat_full" ] || continue
         for wl in $workloads; do measure "$sn" "$img" "$wl" "$rep"; done
@@ -403,7 +428,7 @@ for cur_link in $links; do
   echo "| image | snapshotter | /bin/true: time to first command | read30: time | bytes fetched, /bin/true | bytes fetched, read30 | registry log, /bin/true / read30 |"
   echo "|---|---|---|---|---|---|---|"
   for img in $images; do
-    for sn in strata stargz overlayfs; do
+    for sn in strata strata-profile stargz overlayfs; do
       has "$snapshotters" "$sn" || continue
       printf '| %s | %s | %s | %s | %s | %s | %s / %s |\n' "$img" "$sn" \
         "$(sec "$(get "$cur_link" "$img" "$sn" true 5)")" "$(sec "$(get "$cur_link" "$img" "$sn" read30 5)")" \
@@ -415,18 +440,21 @@ for cur_link in $links; do
   printf '\nFloor (in every figure): `ctr run --rm /bin/true` of an image already unpacked (overlayfs, warm): %s.\n' \
     "$(for img in $images; do printf '%s %s; ' "$img" "$(sec "$(get "$cur_link" "$img" overlayfs warm 5)")"; done | sed 's/; $//')"
   echo
-  echo "| image | workload | time strata/stargz | time strata/overlayfs | bytes strata/stargz | bytes strata/overlayfs |"
-  echo "|---|---|---|---|---|---|"
+  echo "| image | workload | strata | time ÷ stargz | time ÷ overlayfs | bytes ÷ stargz | bytes ÷ overlayfs |"
+  echo "|---|---|---|---|---|---|---|"
   for img in $images; do
     for wl in $workloads; do
-      # Targets: time to first command (/bin/true) ≤ 0.6× stargz's on the large image, ≤ 0.7× on
-      # the small one; bytes fetched ≤ 0.6× stargz's.
-      t_sz=$(r_or_na "$(get "$cur_link" "$img" strata "$wl" 5)" "$(get "$cur_link" "$img" stargz "$wl" 5)")
-      if [ "$wl" = true ]; then t_sz=$(target "$t_sz" "$([ "$img" = small ] && echo 0.7 || echo 0.6)"); fi
-      printf '| %s | %s | %s | %s | %s | %s |\n' "$img" "$wl" "$t_sz" \
-        "$(r_or_na "$(get "$cur_link" "$img" strata "$wl" 5)" "$(get "$cur_link" "$img" overlayfs "$wl" 5)")" \
-        "$(target "$(r_or_na "$(get "$cur_link" "$img" strata "$wl" 6)" "$(get "$cur_link" "$img" stargz "$wl" 6)")" 0.6)" \
-        "$(r_or_na "$(get "$cur_link" "$img" strata "$wl" 6)" "$(get "$cur_link" "$img" overlayfs "$wl" 6)")"
+      for st in strata strata-profile; do
+        has "$snapshotters" "$st" || continue
+        # Targets: time to first command (/bin/true) ≤ 0.6× stargz's on the large image, ≤ 0.7×
+        # on the small one; bytes fetched ≤ 0.6× stargz's.
+        t_sz=$(r_or_na "$(get "$cur_link" "$img" "$st" "$wl" 5)" "$(get "$cur_link" "$img" stargz "$wl" 5)")
+        if [ "$wl" = true ]; then t_sz=$(target "$t_sz" "$([ "$img" = small ] && echo 0.7 || echo 0.6)"); fi
+        printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$img" "$wl" "$st" "$t_sz" \
+          "$(r_or_na "$(get "$cur_link" "$img" "$st" "$wl" 5)" "$(get "$cur_link" "$img" overlayfs "$wl" 5)")" \
+          "$(target "$(r_or_na "$(get "$cur_link" "$img" "$st" "$wl" 6)" "$(get "$cur_link" "$img" stargz "$wl" 6)")" 0.6)" \
+          "$(r_or_na "$(get "$cur_link" "$img" "$st" "$wl" 6)" "$(get "$cur_link" "$img" overlayfs "$wl" 6)")"
+      done
     done
   done
 done

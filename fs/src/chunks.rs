@@ -224,19 +224,37 @@ impl ChunkCache {
         }
     }
 
+    /// Those of `chunks` neither in memory nor being fetched.
+    fn neither_held_nor_coming(&self, chunks: &[Chunk]) -> Vec<Chunk> {
+        let inflight = self.pool.inflight.lock();
+        chunks
+            .iter()
+            .filter(|c| !inflight.contains_key(&c.digest) && !self.contains(&c.digest))
+            .copied()
+            .collect()
+    }
+
     /// Fetches chunks into the disk cache only (background prefetch: the memory cache is kept
     /// for what readers use).
     pub fn prefetch_to_disk(&self, src: &dyn BlobSource, chunks: &[Chunk]) {
-        let wanted: Vec<Chunk> = {
-            let inflight = self.pool.inflight.lock();
-            chunks
-                .iter()
-                .filter(|c| !inflight.contains_key(&c.digest) && !self.contains(&c.digest))
-                .copied()
-                .collect()
-        };
+        let wanted = self.neither_held_nor_coming(chunks);
         if !wanted.is_empty() && self.disk_for(src).is_some() {
             let _ = self.fetch_many(src, &wanted, false);
+        }
+    }
+
+    /// Warms the memory and disk caches with those of `chunks` not cached or being fetched, as
+    /// `prefetch` does, but reads only the chunks themselves (no gap between two is bridged, so
+    /// scattered chunks cost no bytes in between) with up to `parallel` range reads in flight.
+    /// For an access profile's chunks: a few pages here and there of each file.
+    pub fn prefetch_scattered(&self, src: &dyn BlobSource, chunks: &[Chunk], parallel: usize) {
+        let wanted = self.neither_held_nor_coming(chunks);
+        if !wanted.is_empty() {
+            let shape = Shape {
+                max_gap: 0,
+                parallel,
+            };
+            let _ = self.fetch_shaped(src, &wanted, true, shape);
         }
     }
 
@@ -271,6 +289,20 @@ impl ChunkCache {
         src: &dyn BlobSource,
         chunks: &[Chunk],
         memory: bool,
+    ) -> Vec<Result<Data, ChunkError>> {
+        let shape = Shape {
+            max_gap: MAX_GAP,
+            parallel: 1,
+        };
+        self.fetch_shaped(src, chunks, memory, shape)
+    }
+
+    fn fetch_shaped(
+        &self,
+        src: &dyn BlobSource,
+        chunks: &[Chunk],
+        memory: bool,
+        shape: Shape,
     ) -> Vec<Result<Data, ChunkError>> {
         let mut steps = Vec::with_capacity(chunks.len());
         for c in chunks {
@@ -321,8 +353,23 @@ impl ChunkCache {
             }
         }
         to_fetch.sort_by_key(|(c, _)| c.compressed_offset);
-        for run in runs(&to_fetch) {
-            self.fetch_run(src, run, disk, memory);
+        let runs = runs(&to_fetch, shape.max_gap);
+        if shape.parallel <= 1 || runs.len() <= 1 {
+            for run in runs {
+                self.fetch_run(src, run, disk, memory);
+            }
+        } else {
+            // Workers take the runs in order.
+            let next = AtomicUsize::new(0);
+            std::thread::scope(|scope| {
+                for _ in 0..shape.parallel.min(runs.len()) {
+                    scope.spawn(|| {
+                        while let Some(run) = runs.get(next.fetch_add(1, Ordering::Relaxed)) {
+                            self.fetch_run(src, run, disk, memory);
+                        }
+                    });
+                }
+            });
         }
         drop(guard);
         steps
@@ -410,8 +457,18 @@ impl Drop for LeadGuard<'_> {
     }
 }
 
-/// Splits chunks sorted by offset into runs that one range read can fetch.
-fn runs<T>(sorted: &[(Chunk, T)]) -> Vec<&[(Chunk, T)]> {
+/// How a fetch groups its chunks into range reads.
+#[derive(Clone, Copy)]
+struct Shape {
+    /// Largest gap between two chunks that one range read bridges.
+    max_gap: u64,
+    /// Range reads in flight at once.
+    parallel: usize,
+}
+
+/// Splits chunks sorted by offset into runs that one range read can fetch (bridging gaps of up
+/// to `max_gap` bytes).
+fn runs<T>(sorted: &[(Chunk, T)], max_gap: u64) -> Vec<&[(Chunk, T)]> {
     let mut out = Vec::new();
     let mut begin = 0;
     for i in 1..=sorted.len() {
@@ -421,7 +478,7 @@ fn runs<T>(sorted: &[(Chunk, T)]) -> Vec<&[(Chunk, T)]> {
             let prev_end = prev.compressed_offset + u64::from(prev.compressed_len);
             let run_start = sorted[begin].0.compressed_offset;
             cur.compressed_offset < prev_end
-                || cur.compressed_offset - prev_end > MAX_GAP
+                || cur.compressed_offset - prev_end > max_gap
                 || cur.compressed_offset + u64::from(cur.compressed_len) - run_start > MAX_RUN
         };
         if split {
@@ -451,9 +508,12 @@ mod tests {
             c(1 << 20, 100),
             c((1 << 20) + 100, 100),
         ];
-        let r = runs(&v);
+        let r = runs(&v, MAX_GAP);
         assert_eq!(r.iter().map(|r| r.len()).collect::<Vec<_>>(), vec![2, 2]);
         let big: Vec<_> = (0..10).map(|i| c(i * (1 << 20), 1 << 20)).collect();
-        assert!(runs(&big).iter().all(|r| r.len() <= 4));
+        assert!(runs(&big, MAX_GAP).iter().all(|r| r.len() <= 4));
+        // Without bridging, only touching chunks share a read.
+        let r = runs(&v, 0);
+        assert_eq!(r.iter().map(|r| r.len()).collect::<Vec<_>>(), vec![1, 1, 2]);
     }
 }

@@ -122,8 +122,10 @@ pub struct MountConfig {
     /// After mounting, fetch the rest of every remote layer into the disk cache in the
     /// background, yielding to readers.
     pub background_prefetch: bool,
-    /// Paths (in first-read order) whose chunks the background prefetch fetches first.
-    pub profile: Vec<Vec<u8>>,
+    /// An access profile ([`crate::profile`]): the chunks it names are fetched as soon as the
+    /// mount is up, before the rest of the background prefetch and without waiting for readers
+    /// to pause (they are what the workload is about to read).
+    pub profile: Vec<crate::profile::Line>,
     /// Record the order of first reads and write it here when unmounted.
     pub record_profile: Option<std::path::PathBuf>,
     /// Serve large files by FUSE passthrough from whole copies kept in this cache (see
@@ -179,6 +181,8 @@ struct Shared {
     sequences: Mutex<Vec<(u32, usize, u64)>>,
     /// The background prefetch has fetched every chunk of the remote layers.
     prefetched: std::sync::atomic::AtomicBool,
+    /// Chunks of remote layers the access profile named (fetched first), once known.
+    profile_chunks: std::sync::atomic::AtomicU64,
 }
 
 /// Runs of small-file reads tracked at once.
@@ -243,6 +247,13 @@ impl StatsHandle {
         self.0
             .upgrade()
             .is_some_and(|s| s.prefetched.load(Ordering::Relaxed))
+    }
+
+    /// Chunks of the mount's remote layers its access profile named (fetched first).
+    pub fn profile_chunks(&self) -> u64 {
+        self.0
+            .upgrade()
+            .map_or(0, |s| s.profile_chunks.load(Ordering::Relaxed))
     }
 
     /// Latency histograms of the FUSE operations served so far.
@@ -321,7 +332,7 @@ pub struct StrataFs {
     no_open: bool,
     no_opendir: bool,
     background_prefetch: bool,
-    profile: Vec<Vec<u8>>,
+    profile: Vec<crate::profile::Line>,
     recorder: Option<Recorder>,
     passthrough: Option<Arc<Passthrough>>,
     /// Files to write out whole for passthrough (inode, content key).
@@ -333,31 +344,27 @@ pub struct StrataFs {
     fetch_threads: usize,
 }
 
-/// Records the order in which files are first read (an access profile).
+/// Records the files first read, in order, and the ranges read of each (an access profile).
 struct Recorder {
     path: std::path::PathBuf,
-    seen: Mutex<(std::collections::HashSet<Ino>, Vec<Ino>)>,
+    seen: Mutex<crate::profile::Recording<Ino>>,
 }
 
 impl Recorder {
-    fn note(&self, ino: Ino) {
-        let mut g = self.seen.lock();
-        if g.0.insert(ino) {
-            g.1.push(ino);
-        }
+    fn note_read(&self, ino: Ino, offset: u64, size: u32, file_size: u64) {
+        self.seen
+            .lock()
+            .read(ino, offset, u64::from(size), file_size);
     }
 
-    /// Writes the recorded paths, one per line (bytes as they are in the image).
+    fn note_whole(&self, ino: Ino) {
+        self.seen.lock().whole(ino);
+    }
+
+    /// Writes the profile ([`crate::profile`]: paths as they are in the image, with ranges).
     fn save(&self, tree: &Tree) -> std::io::Result<()> {
-        let order = self.seen.lock().1.clone();
         let paths = tree.paths();
-        let mut out = Vec::new();
-        for ino in order {
-            if let Some(p) = paths.get(&ino) {
-                out.extend_from_slice(p);
-                out.push(b'\n');
-            }
-        }
+        let out = self.seen.lock().render(|ino| paths.get(&ino).cloned());
         // The daemon runs as root and the path is the client's: never write through a link
         // someone planted; a fresh private file, renamed over the target.
         let name = self
@@ -704,6 +711,7 @@ impl StrataFs {
                 neighbour_fetch: config.neighbour_fetch,
                 sequences: Mutex::new(Vec::new()),
                 prefetched: std::sync::atomic::AtomicBool::new(false),
+                profile_chunks: std::sync::atomic::AtomicU64::new(0),
                 tree,
                 blobs,
                 cache: ChunkCache::with_pool(pool, config.cache_local),
@@ -797,7 +805,7 @@ impl StrataFs {
     fn open_passthrough(&self, pt: &Passthrough, ino: Ino, n: &Node, reply: ReplyOpen) {
         // Reads of passthrough opens never reach the daemon: record the file at open.
         if let Some(r) = &self.recorder {
-            r.note(ino);
+            r.note_whole(ino);
         }
         let Some((_, chunks)) = self.shared.chunks(n) else {
             return reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
@@ -1061,7 +1069,7 @@ impl Filesystem for StrataFs {
             Err(e) => return reply.error(e.errno()),
         };
         if let Some(r) = &self.recorder {
-            r.note(ino.0);
+            r.note_read(ino.0, offset, size, n.size);
         }
         // A read whose chunks are all in memory is answered here; any other waits for its
         // fetch on a fetch thread, so this worker stays free for lookups and attributes.
@@ -1277,55 +1285,125 @@ fn dir_entries(ino: Ino, n: &Node, offset: u64) -> impl Iterator<Item = (u64, &[
         .map(|(i, (name, c))| (i as u64 + 1, name, c))
 }
 
-/// Fetches every chunk of the remote layers into the disk cache, in blob order and in
-/// coalesced batches, pausing while readers are waiting on fetches.
-fn start_background_prefetch(shared: std::sync::Weak<Shared>, profile: Vec<Vec<u8>>) {
+/// Chunks of one layer (its index in the mount's layers).
+type LayerChunks = (usize, Vec<Chunk>);
+
+/// The chunks of remote layers that a profile names, in the profile's order (each chunk once):
+/// the chunks of a ranged line that overlap its ranges, all chunks of a whole file.
+fn profile_chunks(
+    tree: &Tree,
+    blobs: &[Arc<dyn BlobSource>],
+    profile: &[crate::profile::Line],
+) -> Vec<LayerChunks> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out: Vec<LayerChunks> = Vec::new();
+    for line in profile {
+        // The line as a path first (a whole file); else the path and ranges it gives.
+        let (ino, ranges) = match tree.lookup_path(&line.text) {
+            Some(ino) => (ino, None),
+            None => match &line.ranged {
+                Some((path, ranges)) => match tree.lookup_path(path) {
+                    Some(ino) => (ino, Some(ranges)),
+                    None => continue,
+                },
+                None => continue,
+            },
+        };
+        let Some(d) = tree.get(ino).and_then(|n| n.data) else {
+            continue;
+        };
+        if blobs.get(d.layer as usize).is_none_or(|b| b.is_local()) {
+            continue;
+        }
+        let Some(e) = tree.data_entry(d) else {
+            continue;
+        };
+        let overlaps = |c: &Chunk| {
+            ranges.is_none_or(|rs| {
+                rs.iter().any(|&(off, len)| {
+                    c.file_offset < off.saturating_add(len) && c.file_end() > off
+                })
+            })
+        };
+        let chunks: Vec<Chunk> = e
+            .chunks
+            .iter()
+            .filter(|c| overlaps(c) && seen.insert(c.digest))
+            .copied()
+            .collect();
+        match out.last_mut() {
+            Some((layer, v)) if *layer == d.layer as usize => v.extend(chunks),
+            _ => out.push((d.layer as usize, chunks)),
+        }
+    }
+    out.retain(|(_, v)| !v.is_empty());
+    out
+}
+
+/// Fetches every chunk of the remote layers into the disk cache: first, at once, what the
+/// access profile names (into memory too, in small parallel range reads, in the profile's
+/// order); then the rest in blob order and in coalesced batches, pausing while readers are
+/// waiting on fetches.
+fn start_background_prefetch(shared: std::sync::Weak<Shared>, profile: Vec<crate::profile::Line>) {
     let _ = std::thread::Builder::new()
         .name("strata-prefetch".into())
         .spawn(move || {
-            let jobs: Vec<(usize, Vec<Chunk>)> = {
+            let (profiled, jobs): (Vec<LayerChunks>, Option<Vec<LayerChunks>>) = {
                 let Some(s) = shared.upgrade() else { return };
+                let profiled = profile_chunks(&s.tree, &s.blobs, &profile);
+                let named: usize = profiled.iter().map(|(_, v)| v.len()).sum();
+                s.profile_chunks.store(named as u64, Ordering::Relaxed);
                 if s.cache.disk().is_none() {
-                    return;
+                    // Without a disk cache only the profile is worth fetching (into memory).
+                    (profiled, None)
+                } else {
+                    let mut seen: std::collections::HashSet<_> = profiled
+                        .iter()
+                        .flat_map(|(_, v)| v.iter().map(|c| c.digest))
+                        .collect();
+                    let rest: Vec<(usize, Vec<Chunk>)> = s
+                        .tree
+                        .layers
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| s.blobs.get(*i).is_some_and(|b| !b.is_local()))
+                        .map(|(i, toc)| {
+                            let mut chunks: Vec<Chunk> = toc
+                                .entries
+                                .iter()
+                                .flat_map(|e| e.chunks.iter().copied())
+                                .filter(|c| seen.insert(c.digest))
+                                .collect();
+                            chunks.sort_by_key(|c| c.compressed_offset);
+                            (i, chunks)
+                        })
+                        .collect();
+                    (profiled, Some(rest))
                 }
-                let mut seen = std::collections::HashSet::new();
-                // The profile's files first, in the order they were read…
-                let mut jobs: Vec<(usize, Vec<Chunk>)> = profile
-                    .iter()
-                    .filter_map(|p| s.tree.get(s.tree.lookup_path(p)?)?.data)
-                    .filter(|d| s.blobs.get(d.layer as usize).is_some_and(|b| !b.is_local()))
-                    .filter_map(|d| {
-                        let e = s.tree.data_entry(d)?;
-                        let chunks: Vec<Chunk> = e
-                            .chunks
-                            .iter()
-                            .copied()
-                            .filter(|c| seen.insert(c.digest))
-                            .collect();
-                        Some((d.layer as usize, chunks))
-                    })
-                    .collect();
-                // …then everything else, in blob order.
-                let rest: Vec<(usize, Vec<Chunk>)> = s
-                    .tree
-                    .layers
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| s.blobs.get(*i).is_some_and(|b| !b.is_local()))
-                    .map(|(i, toc)| {
-                        let mut chunks: Vec<Chunk> = toc
-                            .entries
-                            .iter()
-                            .flat_map(|e| e.chunks.iter().copied())
-                            .filter(|c| seen.insert(c.digest))
-                            .collect();
-                        chunks.sort_by_key(|c| c.compressed_offset);
-                        (i, chunks)
-                    })
-                    .collect();
-                jobs.extend(rest);
-                jobs
             };
+            if !profiled.is_empty() {
+                let started = std::time::Instant::now();
+                let mut n = 0usize;
+                for (layer, chunks) in &profiled {
+                    let Some(s) = shared.upgrade() else { return };
+                    let Some(b) = s.blobs.get(*layer) else {
+                        continue;
+                    };
+                    // In the profile's order, a batch at a time, so a reader that catches up
+                    // waits on a small batch; each batch's chunks are fetched in parallel.
+                    for batch in chunks.chunks(PROFILE_BATCH_CHUNKS) {
+                        s.cache
+                            .prefetch_scattered(b.as_ref(), batch, PROFILE_PARALLEL);
+                        n += batch.len();
+                    }
+                }
+                tracing::info!(
+                    chunks = n,
+                    "profile prefetch done in {:.3}s",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            let Some(jobs) = jobs else { return };
             let started = std::time::Instant::now();
             let mut fetched = 0usize;
             for (layer, chunks) in jobs {
@@ -1368,6 +1446,10 @@ fn start_background_prefetch(shared: std::sync::Weak<Shared>, profile: Vec<Vec<u
             );
         });
 }
+
+/// Chunks of a profile fetched per step (in its order), and range reads in flight at once.
+const PROFILE_BATCH_CHUNKS: usize = 16;
+const PROFILE_PARALLEL: usize = 4;
 
 /// Compressed bytes per background prefetch request: small enough that a reader's fetch never
 /// waits long behind one on a slow link (100 Mbit/s: ~80 ms), large enough to amortise the
@@ -1479,5 +1561,68 @@ mod tests {
         // One range read: it stops at the first chunk that is cached already.
         let gap = |c: &Chunk| c.file_offset != 3 * (32 << 10);
         assert_eq!(latency_window(&chunks, ms(50), slow, gap).len(), 3);
+    }
+
+    struct Remote;
+    impl BlobSource for Remote {
+        fn size(&self) -> u64 {
+            u64::MAX
+        }
+        fn read_range(&self, _: u64, _: u64) -> std::io::Result<Vec<u8>> {
+            Err(std::io::Error::other("not in this test"))
+        }
+    }
+
+    #[test]
+    fn a_profile_names_the_chunks_its_ranges_touch() {
+        use crate::format::{Entry, EntryKind, Toc};
+        let file = |path: &str, first: u64, n: u64| {
+            let mut e = Entry::new(path.as_bytes().to_vec(), EntryKind::Regular);
+            e.chunks = (first..first + n)
+                .map(|i| {
+                    let mut c = chunk(i, 16_000);
+                    c.file_offset = (i - first) * (32 << 10);
+                    c
+                })
+                .collect();
+            e.size = n * (32 << 10);
+            e
+        };
+        let toc = Toc {
+            chunk_size: 32 << 10,
+            entries: vec![
+                Entry::new(b"bin".to_vec(), EntryKind::Directory),
+                file("bin/app", 0, 8),
+                file("bin/app\t0+1", 100, 2),
+                file("lib", 200, 3),
+            ],
+        };
+        let tree = Tree::build(vec![toc]).unwrap();
+        let blobs: Vec<Arc<dyn BlobSource>> = vec![Arc::new(Remote)];
+        let names = |text: &[u8]| -> Vec<u64> {
+            let lines = crate::profile::parse(text);
+            profile_chunks(&tree, &blobs, &lines)
+                .into_iter()
+                .flat_map(|(_, cs)| {
+                    cs.into_iter()
+                        .map(|c| (c.compressed_offset - 1000) / 16_000)
+                })
+                .collect()
+        };
+        // Ranges: the chunks they overlap (a range ending on a boundary stops there), in the
+        // profile's order, each chunk once.
+        assert_eq!(
+            names(b"bin/app\t40000+10,131072+32768\nlib\nbin/app\t0+1\n"),
+            vec![1, 4, 200, 201, 202, 100, 101]
+        );
+        // A line that names a file as it stands is that whole file.
+        assert_eq!(names(b"bin/app\t0+1\n"), vec![100, 101]);
+        // Paths that are not there, and a path with ranges that are not ranges, are skipped.
+        assert!(names(b"nope\nbin/nope\t0+1\nbin\n").is_empty());
+        // A local layer's files are not fetched.
+        let local: Vec<Arc<dyn BlobSource>> = vec![Arc::new(
+            crate::blob::LocalBlob::open(std::path::Path::new("/dev/null")).unwrap(),
+        )];
+        assert!(profile_chunks(&tree, &local, &crate::profile::parse(b"lib\n")).is_empty());
     }
 }

@@ -115,6 +115,15 @@ impl Layout {
         self.root.join("profiles")
     }
 
+    /// Where the access profile published for the image with this manifest digest is kept
+    /// (`None` for a digest that is not `ALGORITHM:HEX`).
+    pub fn profile_of(&self, manifest_digest: &str) -> Option<PathBuf> {
+        let (algorithm, hex) = manifest_digest.split_once(':')?;
+        let plain = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric());
+        (plain(algorithm) && plain(hex))
+            .then(|| self.profiles().join(format!("{algorithm}-{hex}.txt")))
+    }
+
     pub fn chunk_cache(&self) -> PathBuf {
         self.cache.join("packs")
     }

@@ -18,6 +18,7 @@ pub mod oci;
 pub mod opstats;
 pub mod packs;
 pub mod passthrough;
+pub mod profile;
 pub mod reference;
 pub mod registry;
 pub mod rfc3339;

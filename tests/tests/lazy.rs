@@ -51,6 +51,25 @@ fn big_image(tmp: &Path, root: &Path, name: &str) {
     );
 }
 
+/// The gzip image of one layer `l` (an OCI layout under `tmp/src`), converted into the store
+/// at `root` as `name`.
+fn one_layer_image(tmp: &Path, root: &Path, l: LayerBuilder, name: &str) {
+    let src = tmp.join("src");
+    write_oci_layout(
+        &src,
+        "v1",
+        &[Layer {
+            tar: l.finish().unwrap(),
+            compression: Compression::Gzip,
+        }],
+    )
+    .unwrap();
+    strata_ok(
+        root,
+        &["convert", &format!("oci:{}:v1", src.display()), name],
+    );
+}
+
 #[test]
 fn lazy_mount_reads_a_small_fraction_then_matches_the_source() {
     let tmp = scratch("lazy").unwrap();
@@ -413,6 +432,96 @@ fn recorded_profile_is_prefetched_first() {
     fs::remove_dir_all(&tmp).ok();
 }
 
+/// A profile recorded while a workload reads part of a file names the byte ranges it read; a
+/// fresh mount with that profile published fetches the chunk they fall in first, alone and at
+/// once (not the whole file, not after the prefetch's pause for readers).
+#[test]
+fn ranged_profiles_fetch_the_chunks_read_first() {
+    use std::io::{Read, Seek, SeekFrom};
+    let tmp = scratch("ranged-profile").unwrap();
+    let local = tmp.join("local");
+    // 4 MiB of noise with 2 MiB of zeros in the middle: the chunk that holds offset 2.5 MiB is
+    // all zeros (its frame is tiny), every other chunk holds noise.
+    let mut data = noise(7, 4 << 20);
+    data[3 << 19..7 << 19].fill(0);
+    let mut l = LayerBuilder::new();
+    l.file("big", 0o755, &data).unwrap();
+    one_layer_image(&tmp, &local, l, "test/ranged:v1");
+    let reg = TestRegistry::start(&tmp.join("registry"), None).unwrap();
+    let remote = format!("{}/test/ranged:v1", reg.addr);
+    strata_ok(&local, &["push", "test/ranged:v1", &remote]);
+
+    let profile = tmp.join("profile.txt");
+    let p = profile.display().to_string();
+    let m = Mounted::with_args(
+        &tmp.join("rec"),
+        &remote,
+        &tmp.join("mnt"),
+        &["--no-prefetch", "--record-profile", &p],
+    )
+    .unwrap();
+    let mut f = fs::File::open(m.dir.join("big")).unwrap();
+    f.seek(SeekFrom::Start(5 << 19)).unwrap();
+    let mut buf = [0u8; 100];
+    f.read_exact(&mut buf).unwrap();
+    assert_eq!(buf, [0u8; 100]);
+    drop(f);
+    m.unmount().unwrap();
+    let text = fs::read_to_string(&profile).unwrap();
+    let (path, ranges) = text
+        .trim_end()
+        .split_once('\t')
+        .unwrap_or_else(|| panic!("no ranges in {text:?}"));
+    assert_eq!(path, "big");
+    for r in ranges.split(',') {
+        let (off, len) = r.split_once('+').unwrap();
+        let (off, len): (u64, u64) = (off.parse().unwrap(), len.parse().unwrap());
+        assert!(
+            off <= 5 << 19 && off + len > 5 << 19 && off + len <= 7 << 19,
+            "range {r} is not what was read ({text:?})"
+        );
+    }
+
+    strata_ok(&local, &["push-profile", &p, &remote]);
+    let before = reg.log_lines().len();
+    let m = Mounted::with_args(&tmp.join("replay"), &remote, &tmp.join("mnt"), &[]).unwrap();
+    // Response sizes of the range reads since the mount began: the TOC's, then the prefetch's.
+    let ranged = || -> Vec<u64> {
+        reg.log_lines()[before..]
+            .iter()
+            .filter_map(|l| {
+                l.split_once("\" 206 ")?
+                    .1
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while ranged().len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no prefetch traffic: {:?}",
+            ranged()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let sizes = ranged();
+    // First after the TOC: the zeros chunk alone; then the rest, each with noise in it.
+    assert!(
+        sizes[1] < 4096,
+        "first prefetch read was {} bytes: {sizes:?}",
+        sizes[1]
+    );
+    assert!(sizes[2] >= 16 << 10, "{sizes:?}");
+    let read = fs::read(m.dir.join("big")).unwrap();
+    assert!(read == data, "the file read back differs");
+    m.unmount().unwrap();
+    fs::remove_dir_all(&tmp).ok();
+}
+
 /// Mirrors from a containerd-style `hosts.toml`: an image named after an unreachable upstream
 /// pulls and mounts lazily through the mirror listed for it.
 #[test]
@@ -421,24 +530,7 @@ fn hosts_toml_mirror_serves_pulls() {
     let local = tmp.join("local");
     let mut l = LayerBuilder::new();
     l.file("hello", 0o644, b"from the mirror\n").unwrap();
-    let src = tmp.join("src");
-    write_oci_layout(
-        &src,
-        "v1",
-        &[Layer {
-            tar: l.finish().unwrap(),
-            compression: Compression::Gzip,
-        }],
-    )
-    .unwrap();
-    strata_ok(
-        &local,
-        &[
-            "convert",
-            &format!("oci:{}:v1", src.display()),
-            "test/mirror:v1",
-        ],
-    );
+    one_layer_image(&tmp, &local, l, "test/mirror:v1");
     let mirror = TestRegistry::start(&tmp.join("registry"), None).unwrap();
     strata_ok(
         &local,

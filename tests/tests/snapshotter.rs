@@ -391,6 +391,72 @@ fn layout_layers(src: &Path) -> Vec<String> {
 
 /// Waits until the strata snapshotter has no snapshots in namespace `ns` and nothing is
 /// mounted under `root`.
+/// An access profile published for an image reaches the node with `strata rpull`, and each
+/// lazy layer's mount fetches what it names first: of the big file, only the chunk its range
+/// falls in; of busybox, all of it (a line without ranges).
+#[test]
+fn rpull_brings_the_published_profile_to_the_layer_mounts() {
+    let tmp = scratch("snapshotter-profile").unwrap();
+    let reg = TestRegistry::start(&tmp.join("registry"), None).unwrap();
+    let LazyImage { image, layers, .. } = lazy_image(&tmp, &reg.addr);
+    let profile = tmp.join("profile.txt");
+    let text = "opt/big.bin\t4194304+4096\nbin/busybox\n";
+    fs::write(&profile, text).unwrap();
+    let local = tmp.join("local");
+    strata_ok(
+        &local,
+        &["push-profile", &profile.to_string_lossy(), &image],
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_str(&strata_ok(&local, &["inspect", "lazy/app:v1"])).unwrap();
+    let digest = manifest["digest"].as_str().unwrap().replacen(':', "-", 1);
+
+    let run = tempfile::Builder::new()
+        .prefix("strata-ctd")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let snap_sock = run.path().join("s.sock");
+    let root = tmp.join("node");
+    let snap = snapshotter(&root, &snap_sock);
+    let ctd = Containerd::start(&tmp, run.path(), &snap_sock);
+    let sock = ctd.sock.to_string_lossy().to_string();
+    let out = strata_ok(&root, &["rpull", "--address", &sock, &image]);
+    assert!(out.contains("2 mounted lazily"), "{out}");
+    assert_eq!(
+        fs::read_to_string(root.join(format!("profiles/{digest}.txt"))).unwrap(),
+        text
+    );
+    // The layer mounts go on in the background: a container start waits for them.
+    let ran = ctd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "strata",
+        &image,
+        "p1",
+        "cat",
+        "/etc/os-release",
+    ]);
+    assert_eq!(ran, "NAME=\"strata test\"\nID=strata\n");
+    let named = |layer: &str| -> Option<u64> {
+        let here = format!("layer=\"{layer}\"");
+        strata_ok(&root, &["metrics"])
+            .lines()
+            .find(|l| l.starts_with("strata_mount_profile_chunks{") && l.contains(&here))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    let busybox_chunks = named(&layers[0]).unwrap_or(0);
+    assert!(busybox_chunks > 1, "busybox: {busybox_chunks} chunks named");
+    assert_eq!(named(&layers[1]), Some(1), "one chunk of the big file");
+
+    ctd.ctr(&["image", "rm", "--sync", &image]);
+    assert_all_gone(&ctd, "default", &root);
+    drop(ctd);
+    drop(snap);
+    stop_node_daemon(&root);
+    fs::remove_dir_all(&tmp).ok();
+}
+
 fn assert_all_gone(ctd: &Containerd, ns: &str, root: &Path) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

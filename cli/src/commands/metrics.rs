@@ -219,6 +219,13 @@ fn render(g: &GlobalArgs) -> anyhow::Result<String> {
                 0.0
             },
         );
+        add(
+            "strata_mount_profile_chunks",
+            "gauge",
+            "Chunks of the mount's remote layers that its access profile names (fetched first).",
+            &labels,
+            n("/profile_chunks"),
+        );
         for (source, key) in [
             ("memory", "/fetch/memory_hits"),
             ("disk", "/fetch/disk_hits"),

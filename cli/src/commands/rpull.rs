@@ -95,11 +95,33 @@ pub fn rpull(g: &GlobalArgs, a: RpullArgs) -> anyhow::Result<()> {
         };
         (pinned, None)
     };
-    let manifest_desc = match single {
-        Some(m) => strata_fs::transfer::pull_metadata_of(&store, &registry, &pinned, m),
-        None => strata_fs::transfer::pull_metadata(&store, &registry, &pinned, (&os, &arch)),
+    // The access profile published for the manifest, fetched beside the metadata: the
+    // snapshotter's layer mounts prefetch what it names as soon as they are up.
+    let manifest_digest = pinned.digest.clone().unwrap_or_default();
+    let (pulled, profile) = std::thread::scope(|scope| {
+        let profile = scope
+            .spawn(|| strata_fs::transfer::fetch_profile(&registry, &pinned, &manifest_digest));
+        let pulled = match single {
+            Some(m) => strata_fs::transfer::pull_metadata_of(&store, &registry, &pinned, m),
+            None => strata_fs::transfer::pull_metadata(&store, &registry, &pinned, (&os, &arch)),
+        };
+        (pulled, profile.join())
+    });
+    let manifest_desc = pulled.with_context(|| format!("pulling the metadata of {r}"))?;
+    match profile {
+        Ok(Ok(Some(text))) => {
+            match store.layout().profile_of(&manifest_desc.digest) {
+                Some(path) => store
+                    .write_file(&path, &text)
+                    .with_context(|| format!("storing the access profile of {r}"))?,
+                None => tracing::warn!(image = %r, "no place for the access profile"),
+            }
+            tracing::info!(image = %r, "the image has a published access profile");
+        }
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => tracing::warn!(image = %r, "cannot fetch the access profile: {e}"),
+        Err(_) => tracing::warn!(image = %r, "fetching the access profile panicked"),
     }
-    .with_context(|| format!("pulling the metadata of {r}"))?;
     tracing::info!(image = %r, "metadata pulled in {:.3}s", started.elapsed().as_secs_f64());
     let manifest_bytes = store.read_blob(&manifest_desc.digest)?;
     let manifest = store.manifest(&manifest_desc.digest)?;

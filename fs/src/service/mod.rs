@@ -511,15 +511,27 @@ impl MountService {
         .map_err(|e| ServiceError::Image(format!("merging the layers of {reference}: {e}")))?;
         let entries = tree.len() as u64;
         let t_tree = started.elapsed();
-        let profile = match &req.profile {
-            Some(p) => read_limited(p, MAX_PROFILE)
-                .map_err(|e| ServiceError::Io(format!("reading profile {}: {e}", p.display())))?
-                .split(|&b| b == b'\n')
-                .filter(|l| !l.is_empty())
-                .map(<[u8]>::to_vec)
-                .collect(),
-            None => Vec::new(),
-        };
+        let profile =
+            match &req.profile {
+                Some(p) => crate::profile::parse(&read_limited(p, MAX_PROFILE).map_err(|e| {
+                    ServiceError::Io(format!("reading profile {}: {e}", p.display()))
+                })?),
+                // The profile published for this manifest, when a pull (`strata rpull`, an earlier
+                // mount) fetched one.
+                None if req.prefetch => match store.layout().profile_of(&manifest) {
+                    Some(stored) => match read_limited(&stored, MAX_PROFILE) {
+                        Ok(text) => crate::profile::parse(&text),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                        Err(e) => {
+                            tracing::warn!(profile = %stored.display(),
+                                "cannot read the access profile: {e}");
+                            Vec::new()
+                        }
+                    },
+                    None => Vec::new(),
+                },
+                None => Vec::new(),
+            };
         let config = MountConfig {
             threads: req.threads.clamp(1, 64),
             memory_cache: self.inner.config.memory_cache,
@@ -702,10 +714,9 @@ impl MountService {
             // same tag is never used.
             match crate::transfer::fetch_profile(client, &r, &pulled.digest) {
                 Ok(Some(profile)) => {
-                    let path = store
-                        .layout()
-                        .profiles()
-                        .join(format!("{}.txt", pulled.digest.replacen(':', "-", 1)));
+                    let path = store.layout().profile_of(&pulled.digest).ok_or_else(|| {
+                        ServiceError::Image(format!("bad manifest digest {}", pulled.digest))
+                    })?;
                     store
                         .write_file(&path, &profile)
                         .map_err(|e| ServiceError::Io(e.to_string()))?;
@@ -1095,6 +1106,7 @@ fn mount_stats(l: &Live) -> serde_json::Value {
         "time_to_first_byte_ms": l.stats.first_source_read()
             .map(|t| t.saturating_duration_since(l.started).as_millis() as u64),
         "prefetched": l.stats.prefetched(),
+        "profile_chunks": l.stats.profile_chunks(),
         "uptime_s": l.started.elapsed().as_secs(),
         "fetch": fetch,
         "avg_fetch_latency_ms": if fetch.source_reads > 0 {
