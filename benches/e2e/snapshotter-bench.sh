@@ -8,7 +8,16 @@
 #              packages by shared/bench/stargz-snapshotter.sh), image from `ctr-remote image
 #              convert --oci --estargz` (gzip level 9, the default);
 #   overlayfs  `ctr image pull` (full pull + unpack) on containerd's built-in snapshotter, the
-#              published gzip image.
+#              published gzip image;
+#   strata-profile    strata with an access profile published next to the image (the same
+#              manifest, in a repository of its own), recorded from `/bin/true` on a lazy mount
+#              with the snapshotter's 16 KiB readahead (`strata mount --record-profile`, then
+#              `strata push-profile`): rpull fetches it, the layer mounts fetch the pages it
+#              names at once;
+#   stargz-optimized  its counterpart: `ctr-remote image optimize --oci --entrypoint
+#              '["/bin/true"]'` (runs /bin/true, puts the files it read first in their layer
+#              behind a prefetch landmark, which the snapshotter fetches when it mounts the layer).
+#   The profile variants are opt-in (SNAPSHOTTERS), as they need the workload in advance.
 #
 #   benches/e2e/snapshotter-bench.sh [WORKDIR]          (default /var/tmp/strata-snapbench)
 #
@@ -44,7 +53,8 @@
 # STRATA_CONVERT_ARGS and STRATA_SNAPSHOTTER_ARGS (extra flags of strata's convert and
 # snapshotter), STRATA=PATH (strata binary),
 # STARGZ_BIN=DIR (where containerd-stargz-grpc is, built there if missing; /var/tmp/stargz-bin),
-# SNAPSHOTTERS="strata stargz overlayfs", LINKS="shaped loopback", IMAGES="large small",
+# SNAPSHOTTERS="strata stargz overlayfs" (add strata-profile and stargz-optimized for the
+# profiled pair), LINKS="shaped loopback", IMAGES="large small",
 # WORKLOADS="true read30", RATE=100mbit, REPEAT=5 (runs per lazy figure, interleaved; medians
 # shown), REPEAT_FULL=1 (runs per overlayfs figure: a full pull varies little and takes long).
 set -euo pipefail
@@ -68,11 +78,12 @@ ns='strata-snapbench'
 nft_table=strata_snapbench
 has() { case " $1 " in *" $2 "*) return 0 ;; *) return 1 ;; esac; }
 has_strata() { has "$snapshotters" strata || has "$snapshotters" strata-profile; }
+has_stargz() { has "$snapshotters" stargz || has "$snapshotters" stargz-optimized; }
 
 for tool in containerd ctr runc docker-registry skopeo nft bc curl; do
   command -v "$tool" >/dev/null || { echo "error: $tool missing (apt-get install containerd runc docker-registry skopeo nftables bc curl)" >&2; exit 1; }
 done
-if has "$snapshotters" stargz; then
+if has_stargz; then
   command -v ctr-remote >/dev/null || { echo "error: ctr-remote missing (apt-get install stargz-snapshotter)" >&2; exit 1; }
   [ -x "$stargz_bin/containerd-stargz-grpc" ] || bash "$repo/../shared/bench/stargz-snapshotter.sh" build "$stargz_bin" >&2
 fi
@@ -156,7 +167,7 @@ TOML
 }
 start_snapshotter() { # NAME DIR: the proxy snapshotter NAME with its root (and caches) in DIR
   case $1 in
-    stargz)
+    stargz|stargz-optimized)
       mkdir -p "$2"; rm -f "$run/z.sock"
       "$stargz_bin/containerd-stargz-grpc" --address "$run/z.sock" --root "$2" \
         --config "$work/stargz.toml" --log-level info > "$2.log" 2>&1 &
@@ -214,12 +225,25 @@ start_loop_registry() {
   echo "error: registry did not start" >&2; exit 1
 }
 start_loop_registry
-if has "$snapshotters" stargz; then
+if has_stargz; then
   start_containerd "$work/convert-ctd"
 fi
+# stargz-optimized: eStargz optimised for the first command (`ctr-remote image optimize`, which
+# runs /bin/true in a container and puts the files it read first in their layers, behind a
+# prefetch landmark that the stargz snapshotter fetches when it mounts the layer): the
+# counterpart of strata-profile. Built once per WORKDIR (minutes: gzip level 9 on every layer).
+optimize_esgz() { # REF (without tag)
+  curl -sf -o /dev/null -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
+    "http://$loop_reg/v2/${1#*/}/manifests/esgz-opt" && return 0
+  ctr_ content fetch --plain-http "$1:gzip" > /dev/null
+  ctr-remote -a "$run/c.sock" image optimize --oci --entrypoint='["/bin/true"]' \
+    --record-out "$work/esgz-opt-${1##*/}.json" "$1:gzip" "$1:esgz-opt" > /dev/null
+  ctr_ image push --plain-http "$1:esgz-opt" > /dev/null
+}
 for img in $images; do
   r=$loop_reg/bench/$img
   if [ -n "$reuse" ]; then
+    if has "$snapshotters" stargz-optimized; then optimize_esgz "$r"; fi
     # strata's image is converted again: its converter is what changes between runs.
     if has_strata; then
       rm -rf "$work/convert-strata"
@@ -234,6 +258,7 @@ for img in $images; do
     ctr-remote -a "$run/c.sock" image convert --oci --estargz "$r:gzip" "$r:esgz" > /dev/null
     ctr_ image push --plain-http "$r:esgz" > /dev/null
   fi
+  if has "$snapshotters" stargz-optimized; then optimize_esgz "$r"; fi
   if has_strata; then
     "$strata" --root "$work/convert-strata" convert ${STRATA_CONVERT_ARGS:-} "oci:$work/src-$img:v1" "$r:strata" > /dev/null 2> "$work/convert-$img.log" ||
       { cat "$work/convert-$img.log" >&2; exit 1; }
@@ -268,14 +293,15 @@ image_mb() { # REF: the compressed size of an image's layers, from its manifest
     python3 -c 'import json,sys; m=json.load(sys.stdin); print("%d layers %.1f MB" % (len(m["layers"]), sum(l["size"] for l in m["layers"]) / 1e6))'
 }
 {
-  echo "| image | gzip (overlayfs) | eStargz (stargz) | strata | read30: files, bytes |"
-  echo "|---|---|---|---|---|"
+  echo "| image | gzip (overlayfs) | eStargz (stargz) | eStargz optimised | strata | read30: files, bytes |"
+  echo "|---|---|---|---|---|---|"
   for img in $images; do
-    es=n/a; st=n/a
+    es=n/a; eo=n/a; st=n/a
     has "$snapshotters" stargz && es=$(image_mb "bench/$img:esgz")
+    has "$snapshotters" stargz-optimized && eo=$(image_mb "bench/$img:esgz-opt")
     has_strata && st=$(image_mb "bench/$img:strata")
     # shellcheck disable=SC2086
-    printf '| %s | %s | %s | %s | %d, %.1f MB |\n' "$img" "$(image_mb "bench/$img:gzip")" "$es" "$st" \
+    printf '| %s | %s | %s | %s | %s | %d, %.1f MB |\n' "$img" "$(image_mb "bench/$img:gzip")" "$es" "$eo" "$st" \
       "$(echo ${files[$img]} | wc -w)" "$(cd "$work" && python3 - "$work/src-$img" ${files[$img]} <<'PY'
 import json, sys, tarfile
 out, want = sys.argv[1], set(p.lstrip("/") for p in sys.argv[2:])
@@ -323,6 +349,7 @@ measure() { # SNAPSHOTTER IMAGE WORKLOAD REP: one run from nothing; appends a li
     strata) ref=$reg/bench/$img:strata ;;
     strata-profile) ref=$reg/bench/$img-profiled:strata ;;
     stargz) ref=$reg/bench/$img:esgz ;;
+    stargz-optimized) ref=$reg/bench/$img:esgz-opt ;;
     overlayfs) ref=$reg/bench/$img:gzip ;;
   esac
   local cmd=(/bin/true)
@@ -336,11 +363,13 @@ measure() { # SNAPSHOTTER IMAGE WORKLOAD REP: one run from nothing; appends a li
     overlayfs)
       ctr_ image pull --plain-http "$ref" > "$d/pull.log" 2>&1 && t1=$(now) &&
         ctr_ run --rm --snapshotter overlayfs "$ref" bench "${cmd[@]}" > "$d/run.log" 2>&1 || status=FAIL ;;
-    stargz)
+    stargz|stargz-optimized)
       ctr-remote -a "$run/c.sock" image rpull --plain-http --snapshotter stargz "$ref" > "$d/pull.log" 2>&1 && t1=$(now) &&
         ctr_ run --rm --snapshotter stargz "$ref" bench "${cmd[@]}" > "$d/run.log" 2>&1 || status=FAIL ;;
     strata|strata-profile)
-      "$strata" --root "$d/$sn" rpull --address "$run/c.sock" --namespace default --snapshotter strata \
+      local profile=()
+      [ "$sn" = strata ] || profile=(--profile)
+      "$strata" --root "$d/$sn" rpull "${profile[@]}" --address "$run/c.sock" --namespace default --snapshotter strata \
         "$ref" > "$d/pull.log" 2>&1 && t1=$(now) &&
         ctr_ run --rm --snapshotter strata "$ref" bench "${cmd[@]}" > "$d/run.log" 2>&1 || status=FAIL ;;
   esac
@@ -386,7 +415,7 @@ for cur_link in $links; do
   fi
   for img in $images; do
     for rep in $(seq "$repeat"); do
-      for sn in overlayfs stargz strata strata-profile; do
+      for sn in overlayfs stargz stargz-optimized strata strata-profile; do
         has "$snapshotters" "$sn" || continue
         [ "$sn" != overlayfs ] || [ "$rep" -le "$repeat_full" ] || continue
         for wl in $workloads; do measure "$sn" "$img" "$wl" "$rep"; done
@@ -397,7 +426,7 @@ for cur_link in $links; do
   if [ "$cur_link" = shaped ]; then bash "$link" down "$ns" >/dev/null 2>&1; else nft delete table inet "$nft_table"; fi
 done
 
-get() { # LINK IMAGE SNAPSHOTTER WORKLOAD FIELD(5 secs, 6 bytes, 7 log bytes): the median over the
+get() { # LINK IMAGE SNAPSHOTTER WORKLOAD FIELD(5 secs, 6 bytes, 7 log bytes, 9 pull secs): the median over the
   # runs that succeeded; FAIL when every run failed, empty when none ran
   awk -F'\t' -v l="$1" -v i="$2" -v s="$3" -v w="$4" -v f="$5" \
     '$1 == l && $2 == i && $3 == s && $4 == w { n++; if ($8 == "ok") print $f } END { exit n > 0 ? 0 : 1 }' \
@@ -425,13 +454,13 @@ for cur_link in $links; do
   echo
   echo "Each figure is a fresh pull: pull + \`ctr run --rm\` of the workload as the first command (median of $repeat runs; overlayfs: of $repeat_full)."
   echo
-  echo "| image | snapshotter | /bin/true: time to first command | read30: time | bytes fetched, /bin/true | bytes fetched, read30 | registry log, /bin/true / read30 |"
+  echo "| image | snapshotter | /bin/true: time to first command (pull) | read30: time | bytes fetched, /bin/true | bytes fetched, read30 | registry log, /bin/true / read30 |"
   echo "|---|---|---|---|---|---|---|"
   for img in $images; do
-    for sn in strata strata-profile stargz overlayfs; do
+    for sn in strata strata-profile stargz stargz-optimized overlayfs; do
       has "$snapshotters" "$sn" || continue
       printf '| %s | %s | %s | %s | %s | %s | %s / %s |\n' "$img" "$sn" \
-        "$(sec "$(get "$cur_link" "$img" "$sn" true 5)")" "$(sec "$(get "$cur_link" "$img" "$sn" read30 5)")" \
+        "$(sec "$(get "$cur_link" "$img" "$sn" true 5)") ($(sec "$(get "$cur_link" "$img" "$sn" true 9)"))" "$(sec "$(get "$cur_link" "$img" "$sn" read30 5)")" \
         "$(mb "$(get "$cur_link" "$img" "$sn" true 6)")" "$(mb "$(get "$cur_link" "$img" "$sn" read30 6)")" \
         "$(mb "$(get "$cur_link" "$img" "$sn" true 7)")" "$(mb "$(get "$cur_link" "$img" "$sn" read30 7)")"
     done
@@ -440,20 +469,24 @@ for cur_link in $links; do
   printf '\nFloor (in every figure): `ctr run --rm /bin/true` of an image already unpacked (overlayfs, warm): %s.\n' \
     "$(for img in $images; do printf '%s %s; ' "$img" "$(sec "$(get "$cur_link" "$img" overlayfs warm 5)")"; done | sed 's/; $//')"
   echo
-  echo "| image | workload | strata | time ÷ stargz | time ÷ overlayfs | bytes ÷ stargz | bytes ÷ overlayfs |"
-  echo "|---|---|---|---|---|---|---|"
+  echo "| image | workload | strata | vs | time ratio | bytes ratio |"
+  echo "|---|---|---|---|---|---|"
   for img in $images; do
     for wl in $workloads; do
       for st in strata strata-profile; do
         has "$snapshotters" "$st" || continue
-        # Targets: time to first command (/bin/true) ≤ 0.6× stargz's on the large image, ≤ 0.7×
-        # on the small one; bytes fetched ≤ 0.6× stargz's.
-        t_sz=$(r_or_na "$(get "$cur_link" "$img" "$st" "$wl" 5)" "$(get "$cur_link" "$img" stargz "$wl" 5)")
-        if [ "$wl" = true ]; then t_sz=$(target "$t_sz" "$([ "$img" = small ] && echo 0.7 || echo 0.6)"); fi
-        printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$img" "$wl" "$st" "$t_sz" \
-          "$(r_or_na "$(get "$cur_link" "$img" "$st" "$wl" 5)" "$(get "$cur_link" "$img" overlayfs "$wl" 5)")" \
-          "$(target "$(r_or_na "$(get "$cur_link" "$img" "$st" "$wl" 6)" "$(get "$cur_link" "$img" stargz "$wl" 6)")" 0.6)" \
-          "$(r_or_na "$(get "$cur_link" "$img" "$st" "$wl" 6)" "$(get "$cur_link" "$img" overlayfs "$wl" 6)")"
+        for other in stargz stargz-optimized overlayfs; do
+          has "$snapshotters" "$other" || continue
+          t_r=$(r_or_na "$(get "$cur_link" "$img" "$st" "$wl" 5)" "$(get "$cur_link" "$img" "$other" "$wl" 5)")
+          b_r=$(r_or_na "$(get "$cur_link" "$img" "$st" "$wl" 6)" "$(get "$cur_link" "$img" "$other" "$wl" 6)")
+          if [ "$other" != overlayfs ]; then
+            # Targets against stargz: time to first command (/bin/true) ≤ 0.6× on the large
+            # image, ≤ 0.7× on the small one; bytes fetched ≤ 0.6×.
+            if [ "$wl" = true ]; then t_r=$(target "$t_r" "$([ "$img" = small ] && echo 0.7 || echo 0.6)"); fi
+            b_r=$(target "$b_r" 0.6)
+          fi
+          printf '| %s | %s | %s | %s | %s | %s |\n' "$img" "$wl" "$st" "$other" "$t_r" "$b_r"
+        done
       done
     done
   done

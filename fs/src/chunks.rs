@@ -224,6 +224,28 @@ impl ChunkCache {
         }
     }
 
+    /// Writes those of `chunks` held in memory to the disk cache (where the blob's chunks are
+    /// cached) unless it has them; answers how many it wrote.
+    pub fn spill_to_disk(&self, src: &dyn BlobSource, chunks: &[Chunk]) -> usize {
+        let Some(disk) = self.disk_for(src) else {
+            return 0;
+        };
+        let mut wrote = 0;
+        for c in chunks {
+            if disk.contains(&c.digest) {
+                continue;
+            }
+            let Some(data) = self.pool.lru.lock().map.peek(&c.digest).cloned() else {
+                continue;
+            };
+            match disk.put(&c.digest, &data) {
+                Ok(()) => wrote += 1,
+                Err(e) => tracing::warn!(chunk = %c.digest, "cannot write to the disk cache: {e}"),
+            }
+        }
+        wrote
+    }
+
     /// Those of `chunks` neither in memory nor being fetched.
     fn neither_held_nor_coming(&self, chunks: &[Chunk]) -> Vec<Chunk> {
         let inflight = self.pool.inflight.lock();
@@ -243,16 +265,20 @@ impl ChunkCache {
         }
     }
 
-    /// Warms the memory and disk caches with those of `chunks` not cached or being fetched, as
-    /// `prefetch` does, but reads only the chunks themselves (no gap between two is bridged, so
-    /// scattered chunks cost no bytes in between) with up to `parallel` range reads in flight.
-    /// For an access profile's chunks: a few pages here and there of each file.
+    /// Warms the memory cache with those of `chunks` not cached or being fetched, reading only
+    /// the chunks themselves (no gap between two is bridged, so scattered chunks cost no bytes
+    /// in between) with up to `parallel` range reads in flight. For an access profile's chunks,
+    /// a few pages here and there of each file, fetched while a container is being set up: they
+    /// are not written to the disk cache now (dirty pages there would slow every fsync on the
+    /// filesystem, containerd's and the snapshotter's among them); [`Self::spill_to_disk`]
+    /// writes them later.
     pub fn prefetch_scattered(&self, src: &dyn BlobSource, chunks: &[Chunk], parallel: usize) {
         let wanted = self.neither_held_nor_coming(chunks);
         if !wanted.is_empty() {
             let shape = Shape {
                 max_gap: 0,
                 parallel,
+                write_disk: false,
             };
             let _ = self.fetch_shaped(src, &wanted, true, shape);
         }
@@ -293,6 +319,7 @@ impl ChunkCache {
         let shape = Shape {
             max_gap: MAX_GAP,
             parallel: 1,
+            write_disk: true,
         };
         self.fetch_shaped(src, chunks, memory, shape)
     }
@@ -337,6 +364,7 @@ impl ChunkCache {
         // Fetch what this call leads: disk cache first, then coalesced reads of the blob.
         let mut to_fetch: Vec<(Chunk, Slot)> = Vec::new();
         let disk = self.disk_for(src);
+        let write_to = disk.filter(|_| shape.write_disk);
         for (c, step) in chunks.iter().zip(&steps) {
             if let Step::Lead(slot) = step {
                 if let Some(data) = disk.and_then(|d| d.get(&c.digest, c.uncompressed_len as usize))
@@ -356,7 +384,7 @@ impl ChunkCache {
         let runs = runs(&to_fetch, shape.max_gap);
         if shape.parallel <= 1 || runs.len() <= 1 {
             for run in runs {
-                self.fetch_run(src, run, disk, memory);
+                self.fetch_run(src, run, write_to, memory);
             }
         } else {
             // Workers take the runs in order.
@@ -365,7 +393,7 @@ impl ChunkCache {
                 for _ in 0..shape.parallel.min(runs.len()) {
                     scope.spawn(|| {
                         while let Some(run) = runs.get(next.fetch_add(1, Ordering::Relaxed)) {
-                            self.fetch_run(src, run, disk, memory);
+                            self.fetch_run(src, run, write_to, memory);
                         }
                     });
                 }
@@ -457,13 +485,15 @@ impl Drop for LeadGuard<'_> {
     }
 }
 
-/// How a fetch groups its chunks into range reads.
+/// How a fetch groups its chunks into range reads, and where fetched chunks go.
 #[derive(Clone, Copy)]
 struct Shape {
     /// Largest gap between two chunks that one range read bridges.
     max_gap: u64,
     /// Range reads in flight at once.
     parallel: usize,
+    /// Write fetched chunks to the disk cache (where the blob's chunks are cached at all).
+    write_disk: bool,
 }
 
 /// Splits chunks sorted by offset into runs that one range read can fetch (bridging gaps of up

@@ -1357,10 +1357,9 @@ fn start_background_prefetch(shared: std::sync::Weak<Shared>, profile: Vec<crate
                     // Without a disk cache only the profile is worth fetching (into memory).
                     (profiled, None)
                 } else {
-                    let mut seen: std::collections::HashSet<_> = profiled
-                        .iter()
-                        .flat_map(|(_, v)| v.iter().map(|c| c.digest))
-                        .collect();
+                    // The profile's chunks too: their fetch kept them in memory only, this
+                    // pass writes them to the disk cache (or fetches them, if evicted).
+                    let mut seen = std::collections::HashSet::new();
                     let rest: Vec<(usize, Vec<Chunk>)> = s
                         .tree
                         .layers
@@ -1424,6 +1423,12 @@ fn start_background_prefetch(shared: std::sync::Weak<Shared>, profile: Vec<crate
                             .copied()
                             .collect();
                         if let Some(b) = s.blobs.get(layer) {
+                            // Chunks in memory (the profile's, readers') go to disk from there.
+                            s.cache.spill_to_disk(b.as_ref(), &missing);
+                            let missing: Vec<Chunk> = missing
+                                .into_iter()
+                                .filter(|c| s.cache.disk().is_some_and(|d| !d.contains(&c.digest)))
+                                .collect();
                             fetched += missing.len();
                             s.cache.prefetch_to_disk(b.as_ref(), &missing);
                         }

@@ -88,9 +88,15 @@ impl OpenedImage {
         let below = if self.layers.is_empty() {
             None
         } else {
-            Some(Tree::build(
-                self.layers.into_iter().map(|l| l.toc).collect(),
-            )?)
+            // Only the directories the top layer lacks are looked up below: a tree of what
+            // decides those (a few entries of each layer) instead of every entry of every layer.
+            let wanted = crate::tree::missing_parents(&top.toc);
+            let tocs: Vec<_> = self.layers.into_iter().map(|l| l.toc).collect();
+            let skeletons: Option<Vec<_>> = tocs
+                .iter()
+                .map(|t| crate::tree::skeleton(t, &wanted))
+                .collect();
+            Some(Tree::build(skeletons.unwrap_or(tocs))?)
         };
         Ok((Tree::build_lower(top.toc, below.as_ref())?, vec![top.blob]))
     }

@@ -345,12 +345,20 @@ pub fn fetch_profile(
     manifest_digest: &str,
 ) -> Result<Option<Vec<u8>>, TransferError> {
     let repo = repo_at(r, None);
-    let mut found = registry
-        .referrers(&repo, manifest_digest, MEDIA_TYPE_PROFILE)?
-        .unwrap_or_default();
+    let tag = referrers_tag(manifest_digest);
+    // The referrers API and the tag schema side by side: a registry without the API (such as
+    // docker-registry 2.8) costs no extra round trip.
+    let (api, by_tag) = std::thread::scope(|s| {
+        let by_tag = s.spawn(|| registry.fetch_manifest(&repo, &tag));
+        let api = registry.referrers(&repo, manifest_digest, MEDIA_TYPE_PROFILE);
+        (api, by_tag.join())
+    });
+    let mut found = api?.unwrap_or_default();
     if found.is_empty() {
-        let tag = referrers_tag(manifest_digest);
-        match registry.fetch_manifest(&repo, &tag) {
+        let by_tag = by_tag.map_err(|_| {
+            TransferError::Invalid(format!("looking up {tag}: the lookup panicked"))
+        })?;
+        match by_tag {
             Ok(index) => {
                 let index: oci::Index = serde_json::from_slice(&index.bytes)
                     .map_err(|e| TransferError::Invalid(format!("referrers index {tag}: {e}")))?;

@@ -457,15 +457,71 @@ impl Tree {
 /// Whether some entry of `toc` (whiteouts included) has a parent directory the layer does not
 /// list itself.
 pub fn has_missing_parents(toc: &Toc) -> bool {
+    !missing_parents(toc).is_empty()
+}
+
+/// The directories a layer's entries need but the layer does not list, with every directory
+/// above them: the paths [`Tree::build_lower`] looks up in the layers below.
+pub fn missing_parents(toc: &Toc) -> std::collections::HashSet<Vec<u8>> {
     let dirs: std::collections::HashSet<&[u8]> = toc
         .entries
         .iter()
         .filter(|e| e.kind == EntryKind::Directory)
         .map(|e| e.path.as_slice())
         .collect();
-    toc.entries.iter().any(|e| {
+    let mut missing = std::collections::HashSet::new();
+    for e in &toc.entries {
         let (parent, _) = split(&e.path);
-        !parent.is_empty() && !dirs.contains(parent)
+        if parent.is_empty() || dirs.contains(parent) || missing.contains(parent) {
+            continue;
+        }
+        let mut p = parent;
+        while !p.is_empty() && missing.insert(p.to_vec()) {
+            p = split(p).0;
+        }
+    }
+    missing
+}
+
+/// What of a layer below decides the attributes of the directories in `wanted` (as
+/// [`missing_parents`] lists them) once merged: its entries at those paths, and the whiteouts
+/// and opaque markers in those directories (or the root) that may remove them. A tree built of
+/// these instead of whole layers answers the same for those paths, for a fraction of the work.
+/// `None` when the layer has a hard link at such a path (its target may be left out).
+pub fn skeleton(toc: &Toc, wanted: &std::collections::HashSet<Vec<u8>>) -> Option<Toc> {
+    let mut entries = Vec::new();
+    for e in &toc.entries {
+        let (dir, name) = split(&e.path);
+        let keep = if wanted.contains(e.path.as_slice()) {
+            if e.kind == EntryKind::Hardlink {
+                return None;
+            }
+            true
+        } else if dir.is_empty() || wanted.contains(dir) {
+            name == OPAQUE
+                || name.strip_prefix(WHITEOUT_PREFIX).is_some_and(|target| {
+                    let mut p = dir.to_vec();
+                    if !p.is_empty() {
+                        p.push(b'/');
+                    }
+                    p.extend_from_slice(target);
+                    wanted.contains(&p)
+                })
+        } else {
+            false
+        };
+        if keep {
+            let mut e = e.clone();
+            e.chunks = Vec::new();
+            if e.kind == EntryKind::Regular {
+                e.size = 0;
+            }
+            entries.push(e);
+        }
+    }
+    Some(Toc {
+        chunk_size: toc.chunk_size,
+        entries,
     })
 }
 
@@ -610,5 +666,93 @@ mod tests {
         assert_eq!(attrs(b"var"), (0o755, 7));
         assert_eq!(attrs(b"var/lib"), (0o755, 0));
         assert_eq!(attrs(b"new"), (0o755, 0));
+    }
+
+    #[test]
+    fn skeletons_of_the_layers_below_give_the_same_missing_parents() {
+        let with = |mut e: Entry, mode: u32, uid: u32| {
+            e.mode = mode;
+            e.uid = uid;
+            e
+        };
+        let l0 = toc(vec![
+            with(dir("usr"), 0o750, 1),
+            with(dir("usr/lib"), 0o700, 2),
+            file("usr/lib/a.so"),
+            with(dir("opt"), 0o711, 3),
+            with(dir("opt/gone"), 0o700, 4),
+            with(dir("srv"), 0o701, 5),
+            with(dir("srv/x"), 0o702, 6),
+            dir("var"),
+            file("var/log"),
+        ]);
+        let l1 = toc(vec![
+            // Unlisted parents of its own; a whiteout and an opaque marker on the wanted paths;
+            // a file where a wanted directory was.
+            file("usr/lib/b.so"),
+            file("opt/.wh.gone"),
+            file("srv/.wh..wh..opq"),
+            with(dir("srv/y"), 0o703, 7),
+            file(".wh.var"),
+            file("var"),
+            file("other/f"),
+        ]);
+        let top = toc(vec![
+            file("usr/lib/c.so"),
+            file("opt/gone/f"),
+            file("srv/x/f"),
+            file("srv/y/f"),
+            file("var/f2"),
+            dir("mine"),
+            file("mine/f"),
+        ]);
+        let wanted = missing_parents(&top);
+        let mut w: Vec<_> = wanted.iter().map(|p| String::from_utf8_lossy(p)).collect();
+        w.sort();
+        assert_eq!(
+            w,
+            ["opt", "opt/gone", "srv", "srv/x", "srv/y", "usr", "usr/lib", "var"]
+        );
+        let full = Tree::build(vec![l0.clone(), l1.clone()]).unwrap();
+        let skel = Tree::build(vec![
+            skeleton(&l0, &wanted).unwrap(),
+            skeleton(&l1, &wanted).unwrap(),
+        ])
+        .unwrap();
+        assert!(skel.len() < full.len());
+        let lower = |below: &Tree| -> Vec<_> {
+            let t = Tree::build_lower(top.clone(), Some(below)).unwrap();
+            let mut out: Vec<_> = [
+                "usr", "usr/lib", "opt", "opt/gone", "srv", "srv/x", "srv/y", "var",
+            ]
+            .iter()
+            .map(|p| {
+                let n = t.get(t.lookup_path(p.as_bytes()).unwrap()).unwrap();
+                (p.to_string(), n.kind, n.mode, n.uid)
+            })
+            .collect();
+            out.sort_by(|a, b| a.0.cmp(&b.0));
+            out
+        };
+        let got = lower(&skel);
+        assert_eq!(got, lower(&full));
+        // What the merge decides: the lower attributes where a directory is still there,
+        // plain directories where it was whited out, made opaque over, or replaced by a file.
+        let mode_uid = |p: &str| {
+            got.iter()
+                .find(|(q, ..)| q == p)
+                .map(|(_, _, m, u)| (*m, *u))
+                .unwrap()
+        };
+        assert_eq!(mode_uid("usr/lib"), (0o700, 2));
+        assert_eq!(mode_uid("srv"), (0o701, 5));
+        assert_eq!(mode_uid("srv/y"), (0o703, 7));
+        assert_eq!(mode_uid("opt/gone"), (0o755, 0));
+        assert_eq!(mode_uid("srv/x"), (0o755, 0));
+        assert_eq!(mode_uid("var"), (0o755, 0));
+        // A hard link on a wanted path: no skeleton (the whole layer is used).
+        let mut h = Entry::new(b"usr".to_vec(), EntryKind::Hardlink);
+        h.link = b"other".to_vec();
+        assert!(skeleton(&toc(vec![file("other"), h]), &wanted).is_none());
     }
 }

@@ -420,7 +420,7 @@ fn rpull_brings_the_published_profile_to_the_layer_mounts() {
     let snap = snapshotter(&root, &snap_sock);
     let ctd = Containerd::start(&tmp, run.path(), &snap_sock);
     let sock = ctd.sock.to_string_lossy().to_string();
-    let out = strata_ok(&root, &["rpull", "--address", &sock, &image]);
+    let out = strata_ok(&root, &["rpull", "--profile", "--address", &sock, &image]);
     assert!(out.contains("2 mounted lazily"), "{out}");
     assert_eq!(
         fs::read_to_string(root.join(format!("profiles/{digest}.txt"))).unwrap(),

@@ -51,6 +51,12 @@ pub struct RpullArgs {
     /// Platform to pick from an index (OS/ARCH).
     #[arg(long)]
     pub platform: Option<String>,
+    /// Also fetch the access profile published for the image (`strata push-profile`), looked
+    /// up through the registry's referrers API and referrers tag, and keep it with the image:
+    /// each lazy layer's mount then fetches what it names as soon as it is up. Off by default:
+    /// without it the registry sees only the manifest, config, TOCs and chunks.
+    #[arg(long)]
+    pub profile: bool,
     #[command(flatten)]
     pub registry: RegistryArgs,
 }
@@ -95,12 +101,14 @@ pub fn rpull(g: &GlobalArgs, a: RpullArgs) -> anyhow::Result<()> {
         };
         (pinned, None)
     };
-    // The access profile published for the manifest, fetched beside the metadata: the
-    // snapshotter's layer mounts prefetch what it names as soon as they are up.
+    // With --profile, the access profile published for the manifest, fetched beside the
+    // metadata: the snapshotter's layer mounts prefetch what it names as soon as they are up.
     let manifest_digest = pinned.digest.clone().unwrap_or_default();
     let (pulled, profile) = std::thread::scope(|scope| {
-        let profile = scope
-            .spawn(|| strata_fs::transfer::fetch_profile(&registry, &pinned, &manifest_digest));
+        let profile = scope.spawn(|| match a.profile {
+            true => strata_fs::transfer::fetch_profile(&registry, &pinned, &manifest_digest),
+            false => Ok(None),
+        });
         let pulled = match single {
             Some(m) => strata_fs::transfer::pull_metadata_of(&store, &registry, &pinned, m),
             None => strata_fs::transfer::pull_metadata(&store, &registry, &pinned, (&os, &arch)),
