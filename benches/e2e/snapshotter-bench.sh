@@ -237,7 +237,8 @@ optimize_esgz() { # REF (without tag)
     "http://$loop_reg/v2/${1#*/}/manifests/esgz-opt" && return 0
   ctr_ content fetch --plain-http "$1:gzip" > /dev/null
   ctr-remote -a "$run/c.sock" image optimize --oci --entrypoint='["/bin/true"]' \
-    --record-out "$work/esgz-opt-${1##*/}.json" "$1:gzip" "$1:esgz-opt" > /dev/null
+    --record-out "$work/esgz-opt-${1##*/}.json" "$1:gzip" "$1:esgz-opt" > "$work/esgz-opt-${1##*/}.log" 2>&1 ||
+    { cat "$work/esgz-opt-${1##*/}.log" >&2; exit 1; }
   ctr_ image push --plain-http "$1:esgz-opt" > /dev/null
 }
 for img in $images; do
