@@ -951,10 +951,15 @@ impl Filesystem for StrataFs {
         let _ = config.set_max_readahead(1 << 20);
         self.start_prefetcher();
         self.start_fetchers();
-        if self.background_prefetch {
-            // The workload's first reads come right after the mount: prefetch waits for them.
+        if self.background_prefetch || !self.profile.is_empty() {
+            // The workload's first reads come right after the mount: prefetch waits for them
+            // (the profile's part does not: it is what they are about to read).
             self.shared.cache.pool().note_demand();
-            start_background_prefetch(Arc::downgrade(&self.shared), self.profile.clone());
+            start_background_prefetch(
+                Arc::downgrade(&self.shared),
+                std::mem::take(&mut self.profile),
+                self.background_prefetch,
+            );
         }
         Ok(())
     }
@@ -1289,13 +1294,17 @@ fn dir_entries(ino: Ino, n: &Node, offset: u64) -> impl Iterator<Item = (u64, &[
 type LayerChunks = (usize, Vec<Chunk>);
 
 /// The chunks of remote layers that a profile names, in the profile's order (each chunk once):
-/// the chunks of a ranged line that overlap its ranges, all chunks of a whole file.
+/// the chunks of a ranged line that overlap its ranges, all chunks of a whole file. A profile
+/// may come from a registry: the work is bounded by the chunks it can name
+/// ([`MAX_PROFILE_VISITS`]), however its lines repeat.
 fn profile_chunks(
     tree: &Tree,
     blobs: &[Arc<dyn BlobSource>],
     profile: &[crate::profile::Line],
 ) -> Vec<LayerChunks> {
     let mut seen = std::collections::HashSet::new();
+    let mut whole = std::collections::HashSet::new();
+    let mut visits = 0usize;
     let mut out: Vec<LayerChunks> = Vec::new();
     for line in profile {
         // The line as a path first (a whole file); else the path and ranges it gives.
@@ -1309,6 +1318,9 @@ fn profile_chunks(
                 None => continue,
             },
         };
+        if whole.contains(&ino) {
+            continue;
+        }
         let Some(d) = tree.get(ino).and_then(|n| n.data) else {
             continue;
         };
@@ -1318,49 +1330,76 @@ fn profile_chunks(
         let Some(e) = tree.data_entry(d) else {
             continue;
         };
-        let overlaps = |c: &Chunk| {
-            ranges.is_none_or(|rs| {
-                rs.iter().any(|&(off, len)| {
-                    c.file_offset < off.saturating_add(len) && c.file_end() > off
-                })
-            })
+        let mut chunks: Vec<Chunk> = Vec::new();
+        let mut take = |c: &Chunk| {
+            visits += 1;
+            if seen.insert(c.digest) {
+                chunks.push(*c);
+            }
         };
-        let chunks: Vec<Chunk> = e
-            .chunks
-            .iter()
-            .filter(|c| overlaps(c) && seen.insert(c.digest))
-            .copied()
-            .collect();
+        match ranges {
+            None => {
+                whole.insert(ino);
+                e.chunks.iter().for_each(&mut take);
+            }
+            // Sorted and disjoint (as parsed): each range walks only the chunks it overlaps.
+            Some(ranges) => {
+                for &(off, len) in ranges {
+                    let end = off.saturating_add(len);
+                    let first = e.chunks.partition_point(|c| c.file_end() <= off);
+                    e.chunks[first..]
+                        .iter()
+                        .take_while(|c| c.file_offset < end)
+                        .for_each(&mut take);
+                }
+            }
+        }
         match out.last_mut() {
             Some((layer, v)) if *layer == d.layer as usize => v.extend(chunks),
             _ => out.push((d.layer as usize, chunks)),
+        }
+        if visits > MAX_PROFILE_VISITS {
+            tracing::warn!("the access profile names too many chunks; the rest of it is ignored");
+            break;
         }
     }
     out.retain(|(_, v)| !v.is_empty());
     out
 }
 
-/// Fetches every chunk of the remote layers into the disk cache: first, at once, what the
-/// access profile names (into memory too, in small parallel range reads, in the profile's
-/// order); then the rest in blob order and in coalesced batches, pausing while readers are
-/// waiting on fetches.
-fn start_background_prefetch(shared: std::sync::Weak<Shared>, profile: Vec<crate::profile::Line>) {
+/// Chunks a profile may make [`profile_chunks`] look at (a few GiB of 1 MiB chunks).
+const MAX_PROFILE_VISITS: usize = 1 << 22;
+
+/// Fetches what the access profile names, at once (into memory, in small parallel range reads,
+/// in the profile's order); then, with `rest`, every chunk of the remote layers into the disk
+/// cache, the profile's first (written from memory), then the others in blob order and in
+/// coalesced batches, pausing while readers are waiting on fetches.
+fn start_background_prefetch(
+    shared: std::sync::Weak<Shared>,
+    profile: Vec<crate::profile::Line>,
+    rest: bool,
+) {
     let _ = std::thread::Builder::new()
         .name("strata-prefetch".into())
         .spawn(move || {
             let (profiled, jobs): (Vec<LayerChunks>, Option<Vec<LayerChunks>>) = {
                 let Some(s) = shared.upgrade() else { return };
                 let profiled = profile_chunks(&s.tree, &s.blobs, &profile);
+                drop(profile);
                 let named: usize = profiled.iter().map(|(_, v)| v.len()).sum();
                 s.profile_chunks.store(named as u64, Ordering::Relaxed);
-                if s.cache.disk().is_none() {
+                if !rest || s.cache.disk().is_none() {
                     // Without a disk cache only the profile is worth fetching (into memory).
                     (profiled, None)
                 } else {
-                    // The profile's chunks too: their fetch kept them in memory only, this
+                    // The profile's chunks first: their fetch kept them in memory only, this
                     // pass writes them to the disk cache (or fetches them, if evicted).
-                    let mut seen = std::collections::HashSet::new();
-                    let rest: Vec<(usize, Vec<Chunk>)> = s
+                    let mut seen: std::collections::HashSet<_> = profiled
+                        .iter()
+                        .flat_map(|(_, v)| v.iter().map(|c| c.digest))
+                        .collect();
+                    let mut jobs = profiled.clone();
+                    let rest = s
                         .tree
                         .layers
                         .iter()
@@ -1375,22 +1414,23 @@ fn start_background_prefetch(shared: std::sync::Weak<Shared>, profile: Vec<crate
                                 .collect();
                             chunks.sort_by_key(|c| c.compressed_offset);
                             (i, chunks)
-                        })
-                        .collect();
-                    (profiled, Some(rest))
+                        });
+                    jobs.extend(rest);
+                    (profiled, Some(jobs))
                 }
             };
             if !profiled.is_empty() {
                 let started = std::time::Instant::now();
                 let mut n = 0usize;
                 for (layer, chunks) in &profiled {
-                    let Some(s) = shared.upgrade() else { return };
-                    let Some(b) = s.blobs.get(*layer) else {
-                        continue;
-                    };
                     // In the profile's order, a batch at a time, so a reader that catches up
-                    // waits on a small batch; each batch's chunks are fetched in parallel.
+                    // waits on a small batch; each batch's chunks are fetched in parallel. The
+                    // mount is held a batch at a time: an unmount ends this.
                     for batch in chunks.chunks(PROFILE_BATCH_CHUNKS) {
+                        let Some(s) = shared.upgrade() else { return };
+                        let Some(b) = s.blobs.get(*layer) else {
+                            break;
+                        };
                         s.cache
                             .prefetch_scattered(b.as_ref(), batch, PROFILE_PARALLEL);
                         n += batch.len();

@@ -21,6 +21,9 @@ use std::collections::HashMap;
 /// Ranges kept per file before the file counts as read whole (a random reader of a big file).
 pub const MAX_RANGES: usize = 1024;
 
+/// Lines of a profile read; the rest is ignored (a profile may come from a registry).
+pub const MAX_LINES: usize = 1 << 20;
+
 /// Byte ranges of a file: `(offset, length)`.
 pub type Ranges = Vec<(u64, u64)>;
 
@@ -33,10 +36,12 @@ pub struct Line {
     pub ranged: Option<(Vec<u8>, Ranges)>,
 }
 
-/// Parses a profile (empty lines skipped).
+/// Parses a profile (empty lines skipped, at most [`MAX_LINES`]). A line's ranges come out
+/// sorted and merged; more than [`MAX_RANGES`] of them stand for the whole file.
 pub fn parse(text: &[u8]) -> Vec<Line> {
     text.split(|&b| b == b'\n')
         .filter(|l| !l.is_empty())
+        .take(MAX_LINES)
         .map(|l| Line {
             text: l.to_vec(),
             ranged: l.iter().rposition(|&b| b == b'\t').and_then(|tab| {
@@ -48,14 +53,32 @@ pub fn parse(text: &[u8]) -> Vec<Line> {
 }
 
 fn parse_ranges(s: &str) -> Option<Ranges> {
-    s.split(',')
+    let number = |n: &str| {
+        (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| n.parse::<u64>().ok())
+            .flatten()
+    };
+    let mut spans: Vec<(u64, u64)> = s
+        .split(',')
         .map(|r| {
             let (off, len) = r.split_once('+')?;
-            let (off, len) = (off.parse::<u64>().ok()?, len.parse::<u64>().ok()?);
-            off.checked_add(len)?;
-            Some((off, len))
+            let (off, len) = (number(off)?, number(len)?);
+            Some((off, off.checked_add(len)?))
         })
-        .collect()
+        .collect::<Option<_>>()?;
+    spans.retain(|(start, end)| start < end);
+    spans.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
+    for (start, end) in spans {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    if merged.len() > MAX_RANGES {
+        return Some(vec![(0, u64::MAX)]);
+    }
+    Some(merged.into_iter().map(|(s, e)| (s, e - s)).collect())
 }
 
 /// What a workload read of one file.
@@ -203,8 +226,63 @@ mod tests {
         // A path holding a TAB: split at the last one.
         let p = parse(b"a\tb\t0+1\n");
         assert_eq!(p[0].ranged, Some((b"a\tb".to_vec(), vec![(0, 1)])));
-        // Overflowing ranges are not ranges.
+        // Overflowing ranges, signs and empty numbers are not ranges.
         assert_eq!(parse(b"a\t18446744073709551615+2\n")[0].ranged, None);
+        assert_eq!(parse(b"a\t0++5\n")[0].ranged, None);
+        assert_eq!(parse(b"a\t+5\n")[0].ranged, None);
+        // Sorted and merged, empty ones dropped; too many: the whole file.
+        assert_eq!(
+            parse(b"a\t100+10,0+10,5+10,200+0\n")[0].ranged,
+            Some((b"a".to_vec(), vec![(0, 15), (100, 10)]))
+        );
+        let many: Vec<String> = (0..=MAX_RANGES).map(|i| format!("{}+1", i * 10)).collect();
+        let line = format!("a\t{}\n", many.join(","));
+        assert_eq!(
+            parse(line.as_bytes())[0].ranged,
+            Some((b"a".to_vec(), vec![(0, u64::MAX)]))
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// Any bytes parse (a profile comes from a registry); ranges come out sorted, disjoint,
+        /// within bounds.
+        #[test]
+        fn any_bytes_parse(text in proptest::collection::vec(
+            proptest::prop_oneof![
+                proptest::prelude::Just(b'\t'), proptest::prelude::Just(b'\n'),
+                proptest::prelude::Just(b'+'), proptest::prelude::Just(b','),
+                b'0'..=b'9', proptest::prelude::any::<u8>()],
+            0..200))
+        {
+            for line in parse(&text) {
+                if let Some((_, ranges)) = line.ranged {
+                    for w in ranges.windows(2) {
+                        proptest::prop_assert!(w[0].0.saturating_add(w[0].1) < w[1].0);
+                    }
+                    for (off, len) in ranges {
+                        proptest::prop_assert!(len > 0 && off.checked_add(len).is_some());
+                    }
+                }
+            }
+        }
+
+        /// What the recorder writes parses back to the same spans.
+        #[test]
+        fn recordings_parse_back(reads in proptest::collection::vec((0u64..1 << 20, 1u64..1 << 16), 1..40)) {
+            let mut r = Recording::default();
+            for (off, len) in &reads {
+                r.read(1u64, *off, *len, u64::MAX);
+            }
+            let text = r.render(|_| Some(b"f".to_vec()));
+            let lines = parse(&text);
+            proptest::prop_assert_eq!(lines.len(), 1);
+            let Some(Reads::Spans(spans)) = r.reads.get(&1) else {
+                return Err(proptest::test_runner::TestCaseError::fail("not spans"));
+            };
+            let want: Ranges = spans.iter().map(|(s, e)| (*s, e - s)).collect();
+            proptest::prop_assert_eq!(lines[0].ranged.clone(), Some((b"f".to_vec(), want)));
+        }
     }
 
     #[test]

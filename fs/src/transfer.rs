@@ -353,7 +353,16 @@ pub fn fetch_profile(
         let api = registry.referrers(&repo, manifest_digest, MEDIA_TYPE_PROFILE);
         (api, by_tag.join())
     });
-    let mut found = api?.unwrap_or_default();
+    // A registry whose referrers API fails (some answer 400 or 405 rather than 404) may still
+    // have the tag.
+    let mut found = match api {
+        Ok(found) => found.unwrap_or_default(),
+        Err(e) if by_tag.as_ref().is_ok_and(|t| t.is_ok()) => {
+            tracing::debug!("referrers API of {repo}: {e}; using the referrers tag");
+            Vec::new()
+        }
+        Err(e) => return Err(e.into()),
+    };
     if found.is_empty() {
         let by_tag = by_tag.map_err(|_| {
             TransferError::Invalid(format!("looking up {tag}: the lookup panicked"))

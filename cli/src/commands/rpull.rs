@@ -116,19 +116,23 @@ pub fn rpull(g: &GlobalArgs, a: RpullArgs) -> anyhow::Result<()> {
         (pulled, profile.join())
     });
     let manifest_desc = pulled.with_context(|| format!("pulling the metadata of {r}"))?;
-    match profile {
-        Ok(Ok(Some(text))) => {
-            match store.layout().profile_of(&manifest_desc.digest) {
-                Some(path) => store
-                    .write_file(&path, &text)
-                    .with_context(|| format!("storing the access profile of {r}"))?,
-                None => tracing::warn!(image = %r, "no place for the access profile"),
+    let stored = store.layout().profile_of(&manifest_desc.digest);
+    match (profile, stored) {
+        (Ok(Ok(Some(text))), Some(path)) => match store.write_file(&path, &text) {
+            Ok(()) => tracing::info!(image = %r, "the image has a published access profile"),
+            Err(e) => tracing::warn!(image = %r, "cannot keep the access profile: {e}"),
+        },
+        // None published (any more): an older one kept for this manifest goes.
+        (Ok(Ok(None)), Some(path)) if a.profile => {
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(image = %r, "cannot remove the old access profile: {e}");
+                }
             }
-            tracing::info!(image = %r, "the image has a published access profile");
         }
-        Ok(Ok(None)) => {}
-        Ok(Err(e)) => tracing::warn!(image = %r, "cannot fetch the access profile: {e}"),
-        Err(_) => tracing::warn!(image = %r, "fetching the access profile panicked"),
+        (Ok(Err(e)), _) => tracing::warn!(image = %r, "cannot fetch the access profile: {e}"),
+        (Err(_), _) => tracing::warn!(image = %r, "fetching the access profile panicked"),
+        _ => {}
     }
     tracing::info!(image = %r, "metadata pulled in {:.3}s", started.elapsed().as_secs_f64());
     let manifest_bytes = store.read_blob(&manifest_desc.digest)?;

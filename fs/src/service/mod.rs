@@ -325,6 +325,10 @@ struct Inner {
     writable: Mutex<BTreeMap<PathBuf, writable::Writable>>,
     /// Mount points being mounted right now (so two requests cannot race for one).
     pending: Mutex<Vec<PathBuf>>,
+    /// One lock per image being pulled: the layer mounts of one image arrive together, and the
+    /// others wait for the first's pull (metadata and access profile) rather than find the
+    /// image half there.
+    pulls: Mutex<BTreeMap<String, Arc<Mutex<()>>>>,
     changed: Condvar,
     indexer: Option<Box<LayerIndexer>>,
     /// Requests being served (an idle daemon exits only when none are).
@@ -376,6 +380,7 @@ impl MountService {
                 mounts: Mutex::new(BTreeMap::new()),
                 writable: Mutex::new(BTreeMap::new()),
                 pending: Mutex::new(Vec::new()),
+                pulls: Mutex::new(BTreeMap::new()),
                 changed: Condvar::new(),
                 indexer,
                 busy: AtomicUsize::new(0),
@@ -687,6 +692,31 @@ impl MountService {
     ) -> Result<(), ServiceError> {
         let store = &self.inner.store;
         if store.resolve(&req.image).is_ok() {
+            return Ok(());
+        }
+        let lock = self
+            .inner
+            .pulls
+            .lock()
+            .entry(req.image.clone())
+            .or_default()
+            .clone();
+        let pulled = {
+            let _pulling = lock.lock();
+            self.pull_now(req, client)
+        };
+        let mut pulls = self.inner.pulls.lock();
+        if Arc::strong_count(&lock) <= 2 {
+            pulls.remove(&req.image);
+        }
+        pulled
+    }
+
+    /// [`Self::pull_if_missing`] with the image's pull lock held.
+    fn pull_now(&self, req: &mut MountRequest, client: &Arc<Registry>) -> Result<(), ServiceError> {
+        let store = &self.inner.store;
+        if store.resolve(&req.image).is_ok() {
+            // Pulled by the request this one waited for.
             return Ok(());
         }
         let r = Reference::parse(&req.image).map_err(|e| ServiceError::Image(e.to_string()))?;
