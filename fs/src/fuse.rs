@@ -1316,7 +1316,8 @@ mod tests {
     use super::*;
     use crate::format::Sha256Digest;
 
-    fn chunk(i: u64, clen: u32) -> Chunk {
+    /// A chunk of 32 KiB at file offset `i` × 32 KiB, `clen` bytes in the blob.
+    pub(super) fn chunk(i: u64, clen: u32) -> Chunk {
         Chunk::whole(
             1000 + i * u64::from(clen),
             clen,

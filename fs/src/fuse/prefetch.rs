@@ -235,17 +235,7 @@ const SENTINEL: Chunk = Chunk {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::Sha256Digest;
-
-    fn chunk(i: u64, clen: u32) -> Chunk {
-        Chunk::whole(
-            1000 + i * u64::from(clen),
-            clen,
-            32 << 10,
-            i * (32 << 10),
-            Sha256Digest::of(&i.to_le_bytes()),
-        )
-    }
+    use crate::fuse::tests::chunk;
 
     struct Remote;
     impl BlobSource for Remote {
