@@ -21,6 +21,9 @@ use std::collections::HashMap;
 /// Ranges kept per file before the file counts as read whole (a random reader of a big file).
 pub const MAX_RANGES: usize = 1024;
 
+/// Ranges of one line parsed before the line counts as the whole file, before merging.
+const RAW_RANGES: usize = 8 * MAX_RANGES;
+
 /// Lines of a profile read; the rest is ignored (a profile may come from a registry).
 pub const MAX_LINES: usize = 1 << 20;
 
@@ -58,17 +61,21 @@ fn parse_ranges(s: &str) -> Option<Ranges> {
             .then(|| n.parse::<u64>().ok())
             .flatten()
     };
-    let mut spans: Vec<(u64, u64)> = s
-        .split(',')
-        .map(|r| {
-            let (off, len) = r.split_once('+')?;
-            let (off, len) = (number(off)?, number(len)?);
-            Some((off, off.checked_add(len)?))
-        })
-        .collect::<Option<_>>()?;
-    spans.retain(|(start, end)| start < end);
+    let mut spans: Vec<(u64, u64)> = Vec::new();
+    for r in s.split(',') {
+        let (off, len) = r.split_once('+')?;
+        let (off, len) = (number(off)?, number(len)?);
+        let end = off.checked_add(len)?;
+        if spans.len() >= RAW_RANGES {
+            // Whatever else the line holds: the whole file (and no memory for the rest).
+            return Some(vec![(0, u64::MAX)]);
+        }
+        if off < end {
+            spans.push((off, end));
+        }
+    }
     spans.sort_unstable();
-    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
+    let mut merged: Vec<(u64, u64)> = Vec::new();
     for (start, end) in spans {
         match merged.last_mut() {
             Some(last) if start <= last.1 => last.1 = last.1.max(end),
@@ -237,6 +244,12 @@ mod tests {
         );
         let many: Vec<String> = (0..=MAX_RANGES).map(|i| format!("{}+1", i * 10)).collect();
         let line = format!("a\t{}\n", many.join(","));
+        assert_eq!(
+            parse(line.as_bytes())[0].ranged,
+            Some((b"a".to_vec(), vec![(0, u64::MAX)]))
+        );
+        // However they would merge, a line of very many ranges is not held in memory.
+        let line = format!("a\t{}\n", vec!["0+1"; RAW_RANGES + 1].join(","));
         assert_eq!(
             parse(line.as_bytes())[0].ranged,
             Some((b"a".to_vec(), vec![(0, u64::MAX)]))

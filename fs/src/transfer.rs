@@ -357,7 +357,13 @@ pub fn fetch_profile(
     // have the tag.
     let mut found = match api {
         Ok(found) => found.unwrap_or_default(),
-        Err(e) if by_tag.as_ref().is_ok_and(|t| t.is_ok()) => {
+        // The tag schema answers for a registry whose API fails (some answer 400 or 405
+        // rather than 404): with the tag, or with a 404 for it (no profile).
+        Err(e)
+            if by_tag.as_ref().is_ok_and(|t| {
+                matches!(t, Ok(_) | Err(RegistryError::Status { status: 404, .. }))
+            }) =>
+        {
             tracing::debug!("referrers API of {repo}: {e}; using the referrers tag");
             Vec::new()
         }

@@ -122,17 +122,12 @@ pub fn rpull(g: &GlobalArgs, a: RpullArgs) -> anyhow::Result<()> {
             Ok(()) => tracing::info!(image = %r, "the image has a published access profile"),
             Err(e) => tracing::warn!(image = %r, "cannot keep the access profile: {e}"),
         },
+        (Ok(Ok(Some(_))), None) => tracing::warn!(image = %r, "no place for the access profile"),
         // None published (any more): an older one kept for this manifest goes.
-        (Ok(Ok(None)), Some(path)) if a.profile => {
-            if let Err(e) = std::fs::remove_file(&path) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(image = %r, "cannot remove the old access profile: {e}");
-                }
-            }
-        }
+        (Ok(Ok(None)), Some(path)) if a.profile => strata_fs::service::remove_stale_profile(&path),
+        (Ok(Ok(None)), _) => {}
         (Ok(Err(e)), _) => tracing::warn!(image = %r, "cannot fetch the access profile: {e}"),
         (Err(_), _) => tracing::warn!(image = %r, "fetching the access profile panicked"),
-        _ => {}
     }
     tracing::info!(image = %r, "metadata pulled in {:.3}s", started.elapsed().as_secs_f64());
     let manifest_bytes = store.read_blob(&manifest_desc.digest)?;

@@ -691,16 +691,15 @@ impl MountService {
         client: &Arc<Registry>,
     ) -> Result<(), ServiceError> {
         let store = &self.inner.store;
-        if store.resolve(&req.image).is_ok() {
-            return Ok(());
-        }
-        let lock = self
-            .inner
-            .pulls
-            .lock()
-            .entry(req.image.clone())
-            .or_default()
-            .clone();
+        let lock = {
+            let mut pulls = self.inner.pulls.lock();
+            // In the store and not being pulled (a pull tags the image before it has fetched
+            // the profile): nothing to do.
+            if !pulls.contains_key(&req.image) && store.resolve(&req.image).is_ok() {
+                return Ok(());
+            }
+            pulls.entry(req.image.clone()).or_default().clone()
+        };
         let pulled = {
             let _pulling = lock.lock();
             self.pull_now(req, client)
@@ -742,19 +741,25 @@ impl MountService {
         if req.profile.is_none() && req.prefetch {
             // Profiles are bound to the manifest digest: one recorded for another build of the
             // same tag is never used.
-            match crate::transfer::fetch_profile(client, &r, &pulled.digest) {
-                Ok(Some(profile)) => {
-                    let path = store.layout().profile_of(&pulled.digest).ok_or_else(|| {
-                        ServiceError::Image(format!("bad manifest digest {}", pulled.digest))
-                    })?;
-                    store
-                        .write_file(&path, &profile)
-                        .map_err(|e| ServiceError::Io(e.to_string()))?;
-                    tracing::info!(image = %r, "using the published access profile");
-                    req.profile = Some(path);
+            let stored = store.layout().profile_of(&pulled.digest);
+            match (
+                crate::transfer::fetch_profile(client, &r, &pulled.digest),
+                stored,
+            ) {
+                (Ok(Some(profile)), Some(path)) => match store.write_file(&path, &profile) {
+                    Ok(()) => {
+                        tracing::info!(image = %r, "using the published access profile");
+                        req.profile = Some(path);
+                    }
+                    Err(e) => tracing::warn!(image = %r, "cannot keep the access profile: {e}"),
+                },
+                (Ok(Some(_)), None) => {
+                    tracing::warn!(image = %r, "no place for the access profile of {}", pulled.digest)
                 }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(image = %r, "cannot fetch the access profile: {e}"),
+                // None published (any more): an older one kept for this manifest goes.
+                (Ok(None), Some(path)) => remove_stale_profile(&path),
+                (Ok(None), None) => {}
+                (Err(e), _) => tracing::warn!(image = %r, "cannot fetch the access profile: {e}"),
             }
         }
         Ok(())
@@ -1153,6 +1158,15 @@ fn mount_stats(l: &Live) -> serde_json::Value {
 
 /// Largest access profile read (a path per line: millions of paths).
 const MAX_PROFILE: u64 = 256 << 20;
+
+/// Removes a stored access profile that its image no longer publishes.
+pub fn remove_stale_profile(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(profile = %path.display(), "cannot remove the old access profile: {e}");
+        }
+    }
+}
 
 /// Reads a regular file of at most `max` bytes.
 fn read_limited(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
