@@ -9,7 +9,7 @@ use std::path::Path;
 use strata_tests::image::{noise, scratch, write_oci_layout, Compression, Layer, LayerBuilder};
 use strata_tests::registry::TestRegistry;
 use strata_tests::snapshot::{diff, snapshot, SnapshotOptions};
-use strata_tests::util::{strata, strata_ok, strata_with, Mounted};
+use strata_tests::util::{convert_one_layer, strata, strata_ok, strata_with, Mounted};
 
 /// An image of about 100 MB of incompressible files plus small files, converted into `root`.
 fn big_image(tmp: &Path, root: &Path, name: &str) {
@@ -43,25 +43,6 @@ fn big_image(tmp: &Path, root: &Path, name: &str) {
                 compression: Compression::Gzip,
             },
         ],
-    )
-    .unwrap();
-    strata_ok(
-        root,
-        &["convert", &format!("oci:{}:v1", src.display()), name],
-    );
-}
-
-/// The gzip image of one layer `l` (an OCI layout under `tmp/src`), converted into the store
-/// at `root` as `name`.
-fn one_layer_image(tmp: &Path, root: &Path, l: LayerBuilder, name: &str) {
-    let src = tmp.join("src");
-    write_oci_layout(
-        &src,
-        "v1",
-        &[Layer {
-            tar: l.finish().unwrap(),
-            compression: Compression::Gzip,
-        }],
     )
     .unwrap();
     strata_ok(
@@ -199,23 +180,12 @@ fn basic_auth_login_push_and_lazy_mount() {
     let mut l = LayerBuilder::new();
     l.file("hello", 0o644, b"hello through basic auth\n")
         .unwrap();
-    let src = tmp.join("src");
-    write_oci_layout(
-        &src,
-        "v1",
-        &[Layer {
-            tar: l.finish().unwrap(),
-            compression: Compression::Gzip,
-        }],
-    )
-    .unwrap();
-    strata_ok(
+    convert_one_layer(
+        &tmp,
         &local,
-        &[
-            "convert",
-            &format!("oci:{}:v1", src.display()),
-            "test/auth:v1",
-        ],
+        l.finish().unwrap(),
+        Compression::Gzip,
+        "test/auth:v1",
     );
     let reg = TestRegistry::start(&tmp.join("registry"), Some(("tester", "s3cret"))).unwrap();
     let remote = format!("{}/test/auth:v1", reg.addr);
@@ -360,6 +330,28 @@ fn plain_oci_image_mounts_after_a_whole_fetch() {
     fs::remove_dir_all(&tmp).ok();
 }
 
+/// A registry under `tmp` serving the image `name` of the store at `local`, and its reference.
+fn serve(tmp: &Path, local: &Path, name: &str) -> (TestRegistry, String) {
+    let reg = TestRegistry::start(&tmp.join("registry"), None).unwrap();
+    let remote = format!("{}/{name}", reg.addr);
+    strata_ok(local, &["push", name, &remote]);
+    (reg, remote)
+}
+
+/// A lazy mount of `remote` (no prefetch) recording an access profile into `tmp/profile.txt`.
+fn recording(tmp: &Path, remote: &str) -> (std::path::PathBuf, Mounted) {
+    let profile = tmp.join("profile.txt");
+    let p = profile.display().to_string();
+    let m = Mounted::with_args(
+        &tmp.join("rec"),
+        remote,
+        &tmp.join("mnt"),
+        &["--no-prefetch", "--record-profile", &p],
+    )
+    .unwrap();
+    (profile, m)
+}
+
 /// `--record-profile` writes the order of first reads; a later mount with `--profile` prefetches
 /// those files first, before the rest of the image.
 #[test]
@@ -367,18 +359,9 @@ fn recorded_profile_is_prefetched_first() {
     let tmp = scratch("profile").unwrap();
     let local = tmp.join("local");
     big_image(&tmp, &local, "test/profile:v1");
-    let reg = TestRegistry::start(&tmp.join("registry"), None).unwrap();
-    let remote = format!("{}/test/profile:v1", reg.addr);
-    strata_ok(&local, &["push", "test/profile:v1", &remote]);
-    let profile = tmp.join("profile.txt");
+    let (reg, remote) = serve(&tmp, &local, "test/profile:v1");
+    let (profile, m) = recording(&tmp, &remote);
     let p = profile.display().to_string();
-    let m = Mounted::with_args(
-        &tmp.join("rec"),
-        &remote,
-        &tmp.join("mnt"),
-        &["--no-prefetch", "--record-profile", &p],
-    )
-    .unwrap();
     for f in ["etc/conf3", "blob/f010", "etc/conf3", "blob/f020"] {
         fs::read(m.dir.join(f)).unwrap();
     }
@@ -446,20 +429,16 @@ fn ranged_profiles_fetch_the_chunks_read_first() {
     data[3 << 19..7 << 19].fill(0);
     let mut l = LayerBuilder::new();
     l.file("big", 0o755, &data).unwrap();
-    one_layer_image(&tmp, &local, l, "test/ranged:v1");
-    let reg = TestRegistry::start(&tmp.join("registry"), None).unwrap();
-    let remote = format!("{}/test/ranged:v1", reg.addr);
-    strata_ok(&local, &["push", "test/ranged:v1", &remote]);
-
-    let profile = tmp.join("profile.txt");
+    convert_one_layer(
+        &tmp,
+        &local,
+        l.finish().unwrap(),
+        Compression::Gzip,
+        "test/ranged:v1",
+    );
+    let (reg, remote) = serve(&tmp, &local, "test/ranged:v1");
+    let (profile, m) = recording(&tmp, &remote);
     let p = profile.display().to_string();
-    let m = Mounted::with_args(
-        &tmp.join("rec"),
-        &remote,
-        &tmp.join("mnt"),
-        &["--no-prefetch", "--record-profile", &p],
-    )
-    .unwrap();
     let mut f = fs::File::open(m.dir.join("big")).unwrap();
     f.seek(SeekFrom::Start(5 << 19)).unwrap();
     let mut buf = [0u8; 100];
@@ -530,7 +509,13 @@ fn hosts_toml_mirror_serves_pulls() {
     let local = tmp.join("local");
     let mut l = LayerBuilder::new();
     l.file("hello", 0o644, b"from the mirror\n").unwrap();
-    one_layer_image(&tmp, &local, l, "test/mirror:v1");
+    convert_one_layer(
+        &tmp,
+        &local,
+        l.finish().unwrap(),
+        Compression::Gzip,
+        "test/mirror:v1",
+    );
     let mirror = TestRegistry::start(&tmp.join("registry"), None).unwrap();
     strata_ok(
         &local,

@@ -26,6 +26,17 @@ impl Drop for Daemon {
     }
 }
 
+/// A short directory under /tmp for containerd's state and the sockets (Unix socket paths
+/// must stay short), the snapshotter's socket in it, and the node's strata root under `tmp`.
+fn node_dirs(tmp: &Path) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let run = tempfile::Builder::new()
+        .prefix("strata-ctd")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let snap_sock = run.path().join("s.sock");
+    (run, snap_sock, tmp.join("node"))
+}
+
 fn wait_for_socket(p: &Path) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !p.exists() {
@@ -157,12 +168,7 @@ fn containerd_runs_containers_on_strata_snapshots() {
     let reg = TestRegistry::start(&tmp.join("registry"), None).unwrap();
     let image = busybox_image(&tmp, &reg.addr);
     // containerd's socket paths must stay short (unix socket limit): a directory under /tmp.
-    let run = tempfile::Builder::new()
-        .prefix("strata-ctd")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let snap_sock = run.path().join("s.sock");
-    let root = tmp.join("node");
+    let (run, snap_sock, root) = node_dirs(&tmp);
     let mut snap = snapshotter(&root, &snap_sock);
     let ctd = Containerd::start(&tmp, run.path(), &snap_sock);
     let ctr = |args: &[&str]| ctd.ctr(args);
@@ -409,12 +415,7 @@ fn rpull_brings_the_published_profile_to_the_layer_mounts() {
         serde_json::from_str(&strata_ok(&local, &["inspect", "lazy/app:v1"])).unwrap();
     let digest = manifest["digest"].as_str().unwrap().replacen(':', "-", 1);
 
-    let run = tempfile::Builder::new()
-        .prefix("strata-ctd")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let snap_sock = run.path().join("s.sock");
-    let root = tmp.join("node");
+    let (run, snap_sock, root) = node_dirs(&tmp);
     let snap = snapshotter(&root, &snap_sock);
     let ctd = Containerd::start(&tmp, run.path(), &snap_sock);
     let sock = ctd.sock.to_string_lossy().to_string();
@@ -499,12 +500,7 @@ fn the_cri_pulls_strata_images_lazily() {
     let reg = TestRegistry::start(&tmp.join("registry"), None).unwrap();
     let LazyImage { image, layers, src } = lazy_image(&tmp, &reg.addr);
     let plain = push_plain(&src, &reg.addr);
-    let run = tempfile::Builder::new()
-        .prefix("strata-ctd")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let snap_sock = run.path().join("s.sock");
-    let root = tmp.join("node");
+    let (run, snap_sock, root) = node_dirs(&tmp);
     let _snap = snapshotter_with(&root, &snap_sock, &["--no-prefetch"]);
     let ctd = Containerd::start_with(&tmp, run.path(), &snap_sock, CRI_CONFIG);
     ctd.assert_plugin_ok();
@@ -618,12 +614,8 @@ fn pull_secrets_passed_by_the_cri_reach_lazy_layers() {
     );
     let LazyImage { image, layers, .. } =
         lazy_image_env(&tmp, &reg.addr, &[("DOCKER_CONFIG", docker.as_path())]);
-    let run = tempfile::Builder::new()
-        .prefix("strata-ctd")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let (snap_sock, cri_sock) = (run.path().join("s.sock"), run.path().join("cri.sock"));
-    let root = tmp.join("node");
+    let (run, snap_sock, root) = node_dirs(&tmp);
+    let cri_sock = run.path().join("cri.sock");
     // The node itself has no credentials for the registry: only the kubelet's pull secret.
     let empty = tmp.join("no-docker-config");
     fs::create_dir_all(&empty).unwrap();
@@ -710,12 +702,7 @@ fn containerd_pulls_strata_images_lazily() {
     // The same image as published by anyone else (gzip, no TOC): the fallback path.
     let plain = push_plain(&src, &reg.addr);
 
-    let run = tempfile::Builder::new()
-        .prefix("strata-ctd")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let snap_sock = run.path().join("s.sock");
-    let root = tmp.join("node");
+    let (run, snap_sock, root) = node_dirs(&tmp);
     // No background prefetch: the registry log then shows exactly what containers read.
     let mut snap = snapshotter_with(&root, &snap_sock, &["--no-prefetch"]);
     let ctd = Containerd::start(&tmp, run.path(), &snap_sock);

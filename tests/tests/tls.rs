@@ -8,10 +8,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use strata_tests::image::{noise, scratch, write_oci_layout, Compression, Layer, LayerBuilder};
+use strata_tests::image::{noise, scratch, Compression, LayerBuilder};
 use strata_tests::registry::TestRegistry;
 use strata_tests::tls::{credential_helper, write_hosts_toml, Pki, TlsRegistry};
-use strata_tests::util::{strata, strata_ok, strata_with, Mounted};
+use strata_tests::util::{convert_one_layer, strata, strata_ok, strata_with, Mounted};
 
 /// A two-file image (one of them 4 MB, so a read of it is a range read) converted as `name`.
 fn image(tmp: &Path, root: &Path, name: &str) {
@@ -20,20 +20,7 @@ fn image(tmp: &Path, root: &Path, name: &str) {
         .unwrap()
         .file("big", 0o644, &noise(5, 4 << 20))
         .unwrap();
-    let src = tmp.join("src");
-    write_oci_layout(
-        &src,
-        "v1",
-        &[Layer {
-            tar: l.finish().unwrap(),
-            compression: Compression::Gzip,
-        }],
-    )
-    .unwrap();
-    strata_ok(
-        root,
-        &["convert", &format!("oci:{}:v1", src.display()), name],
-    );
+    convert_one_layer(tmp, root, l.finish().unwrap(), Compression::Gzip, name);
 }
 
 fn stderr(out: &Output) -> String {
