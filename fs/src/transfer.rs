@@ -63,6 +63,49 @@ pub fn pull_metadata(
     pull_layers(store, registry, r, resolved, false, false, &mut |_| {})
 }
 
+/// [`pull_metadata_of`] for a caller that uses each layer as soon as its TOC is here (`strata
+/// rpull`, which prepares the layers in containerd meanwhile): the config and manifest are
+/// stored and the image named before this returns, while the TOCs of its strata layers are
+/// fetched in parallel on threads of `scope`. `stored(i, result)` is called as layer `i`'s TOC
+/// is stored (or cannot be), from those threads, and before this returns for a layer that has
+/// no TOC to fetch (one already here, or a plain layer). A failure of this function itself
+/// leaves the calls for the TOCs in flight to come.
+pub fn pull_metadata_staged<'scope, 'env: 'scope>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    store: &'env Store,
+    registry: &'env Arc<Registry>,
+    r: &Reference,
+    resolved: crate::registry::Resolved,
+    stored: &'env (dyn Fn(usize, Result<(), String>) + Sync),
+) -> Result<Descriptor, TransferError> {
+    if oci::is_index(&resolved.media_type) {
+        return Err(TransferError::Invalid(format!(
+            "{r}: an image index where a manifest was expected"
+        )));
+    }
+    let source = repository_of(r);
+    for (i, d) in resolved.manifest.layers.iter().enumerate() {
+        if !is_strata_layer(d) || crate::image::has_toc(store, &d.digest) {
+            stored(i, Ok(()));
+            continue;
+        }
+        let src = RegistryBlob::new(registry.clone(), source.clone(), d.digest.clone(), d.size);
+        let d = d.clone();
+        scope.spawn(move || {
+            let result = open_layer_toc(store, &d, &src)
+                .map(|_| ())
+                .map_err(|e| format!("the TOC of layer {}: {e}", d.digest));
+            stored(i, result);
+        });
+    }
+    let config = &resolved.manifest.config;
+    if !store.has_blob(&config.digest) {
+        let bytes = registry.get_blob(r, &config.digest, 64 << 20)?;
+        store.put_blob(&bytes)?;
+    }
+    name_image(store, r, &resolved)
+}
+
 /// [`pull_metadata`] of a manifest the caller has fetched already (`resolved`, verified
 /// against its digest, of `r`'s repository): one request fewer.
 pub fn pull_metadata_of(
@@ -100,12 +143,7 @@ fn pull_layers(
         let (r, digest) = (r.clone(), manifest.config.digest.clone());
         std::thread::spawn(move || registry.get_blob(&r, &digest, 64 << 20))
     });
-    let source = Reference {
-        registry: r.registry.clone(),
-        repository: r.repository.clone(),
-        tag: None,
-        digest: None,
-    };
+    let source = repository_of(r);
     // TOCs of lazy layers, in parallel.
     let lazy: Vec<&Descriptor> = manifest
         .layers
@@ -167,6 +205,26 @@ fn pull_layers(
         w.commit(Some(&l.digest))?;
         progress(Progress::Done { moved: true });
     }
+    name_image(store, r, &resolved)
+}
+
+/// `r` without its tag or digest: where its blobs are.
+fn repository_of(r: &Reference) -> Reference {
+    Reference {
+        registry: r.registry.clone(),
+        repository: r.repository.clone(),
+        tag: None,
+        digest: None,
+    }
+}
+
+/// Stores `resolved`'s manifest and names the image `r` (with the repository it came from).
+fn name_image(
+    store: &Store,
+    r: &Reference,
+    resolved: &crate::registry::Resolved,
+) -> Result<Descriptor, TransferError> {
+    let source = repository_of(r);
     let digest = store.put_blob(&resolved.bytes)?;
     if digest != resolved.digest {
         return Err(TransferError::Invalid(format!(

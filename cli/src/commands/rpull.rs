@@ -13,13 +13,16 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use strata_fs::reference::Reference;
+use strata_fs::registry::{Registry, Resolved};
 use strata_snapshotter::api::containerd::types::Descriptor as CtrDescriptor;
 use strata_snapshotter::client::{Containerd, Prepared};
 use strata_snapshotter::remote;
+use tokio::sync::oneshot;
 
 use super::open_store;
 use super::registry::{platform, RegistryArgs};
@@ -70,20 +73,119 @@ pub fn rpull(g: &GlobalArgs, a: RpullArgs) -> anyhow::Result<()> {
     let store = open_store(g)?;
     let registry = a.registry.client()?;
     let (os, arch) = platform(a.platform.as_deref())?;
+    let nonce = format!(
+        "{}-{}",
+        std::process::id(),
+        started.elapsed().as_nanos() ^ now_nanos()
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    // containerd's connection and the pull's lease, taken while the registry answers.
+    let session = rt.spawn({
+        let (address, namespace) = (a.address.clone(), a.namespace.clone());
+        let lease = format!("strata-rpull-{nonce}");
+        async move {
+            let mut ctd = Containerd::connect(&address, &namespace)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            ctd.take_lease(&lease).await?;
+            anyhow::Ok(ctd)
+        }
+    });
+    // Each strata layer's TOC is fetched in the background; its layer is prepared once it
+    // (and every one below it) is stored, so that the snapshotter mounts it from here.
+    let toc_senders: TocSenders = Mutex::new(Vec::new());
+    let toc_stored = |i: usize, result: Result<(), String>| {
+        if let Some(Some(tx)) = toc_senders
+            .lock()
+            .ok()
+            .as_mut()
+            .and_then(|s| s.get_mut(i))
+            .map(Option::take)
+        {
+            let _ = tx.send(result);
+        }
+    };
+    std::thread::scope(|scope| {
+        let pulled = pull_metadata(
+            scope,
+            &a,
+            &r,
+            &store,
+            &registry,
+            (&os, &arch),
+            &toc_senders,
+            &toc_stored,
+        );
+        rt.block_on(async {
+            let session = session
+                .await
+                .map_err(|e| anyhow::anyhow!("connecting to containerd: {e}"))?;
+            let (pulled, mut ctd) = match (pulled, session) {
+                (Ok(p), Ok(ctd)) => (p, ctd),
+                (Err(e), Ok(mut ctd)) => {
+                    let _ = ctd.release_lease().await;
+                    return Err(e);
+                }
+                (Err(e), Err(_)) | (Ok(_), Err(e)) => return Err(e),
+            };
+            let result = unpack(&a, &r, &store, &registry, &mut ctd, pulled, &nonce, started).await;
+            let released = ctd.release_lease().await;
+            let counts = result?;
+            released?;
+            anyhow::Ok(counts)
+        })
+    })
+    .map(|(layers, lazy, unpacked)| {
+        let there = layers - lazy - unpacked;
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "{r}: {layers} layers, {lazy} mounted lazily, {unpacked} unpacked, \
+             {there} already there ({secs:.2}s)"
+        );
+    })
+}
+
+/// Per layer, where its TOC's fetch says it is stored (or cannot be).
+type TocSenders = Mutex<Vec<Option<oneshot::Sender<Result<(), String>>>>>;
+
+/// What [`pull_metadata`] leaves for the layers' preparation.
+struct Pulled {
+    manifest: strata_fs::oci::Descriptor,
+    /// The platform's index, if the reference named one, and the manifests it lists.
+    index: Option<(Resolved, Vec<String>)>,
+    /// Per layer: its TOC is stored (or cannot be).
+    tocs: Vec<oneshot::Receiver<Result<(), String>>>,
+}
+
+/// Fetches the manifest (the platform's, from an index), the config and, with `--profile`, the
+/// image's access profile into the store, and starts the TOCs' fetches on `scope`.
+#[allow(clippy::too_many_arguments)]
+fn pull_metadata<'scope, 'env: 'scope>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    a: &'env RpullArgs,
+    r: &Reference,
+    store: &'env strata_fs::store::Store,
+    registry: &'env Arc<Registry>,
+    (os, arch): (&str, &str),
+    toc_senders: &TocSenders,
+    toc_stored: &'env (dyn Fn(usize, Result<(), String>) + Sync),
+) -> anyhow::Result<Pulled> {
+    let started = Instant::now();
     // What the reference names as it is (an index stays the image's target, as containerd's
     // own pulls keep it), then the platform's manifest, pinned by digest.
     let top = registry
         .fetch_manifest(
-            &r,
+            r,
             r.digest.as_deref().or(r.tag.as_deref()).unwrap_or("latest"),
         )
         .with_context(|| format!("resolving {r}"))?;
-    // A manifest named directly is not fetched again below.
-    let single = (!strata_fs::oci::is_index(&top.media_type)).then(|| top.clone());
-    let (pinned, index) = if strata_fs::oci::is_index(&top.media_type) {
+    let (pinned, index, single) = if strata_fs::oci::is_index(&top.media_type) {
         let idx: strata_fs::oci::Index = serde_json::from_slice(&top.bytes)
             .with_context(|| format!("the image index of {r}"))?;
-        let d = strata_fs::oci::select_platform(&idx.manifests, &os, &arch)
+        let d = strata_fs::oci::select_platform(&idx.manifests, os, arch)
             .with_context(|| format!("{r} has no manifest for {os}/{arch}"))?;
         if strata_fs::oci::is_index(&d.media_type) {
             bail!("{r}: an index of indexes is not supported by rpull");
@@ -93,43 +195,87 @@ pub fn rpull(g: &GlobalArgs, a: RpullArgs) -> anyhow::Result<()> {
             ..r.clone()
         };
         let children: Vec<String> = idx.manifests.iter().map(|m| m.digest.clone()).collect();
-        (pinned, Some((top, children)))
+        (pinned, Some((top, children)), None)
     } else {
         let pinned = Reference {
             digest: Some(top.digest.clone()),
             ..r.clone()
         };
-        (pinned, None)
+        // A manifest named directly is not fetched again.
+        (pinned, None, Some(top))
     };
     // With --profile, the access profile published for the manifest, fetched beside the
     // metadata: the snapshotter's layer mounts prefetch what it names as soon as they are up.
     let manifest_digest = pinned.digest.clone().unwrap_or_default();
-    let (pulled, profile) = std::thread::scope(|scope| {
-        let profile = scope.spawn(|| match a.profile {
-            true => strata_fs::transfer::fetch_profile(&registry, &pinned, &manifest_digest),
-            false => Ok(None),
-        });
-        let pulled = match single {
-            Some(m) => strata_fs::transfer::pull_metadata_of(&store, &registry, &pinned, m),
-            None => strata_fs::transfer::pull_metadata(&store, &registry, &pinned, (&os, &arch)),
-        };
-        (pulled, profile.join())
+    let profile = a.profile.then(|| {
+        let (pinned, digest) = (pinned.clone(), manifest_digest.clone());
+        scope.spawn(move || strata_fs::transfer::fetch_profile(registry, &pinned, &digest))
     });
-    let manifest_desc = pulled.with_context(|| format!("pulling the metadata of {r}"))?;
+    let manifest = match single {
+        Some(m) => m,
+        None => registry
+            .fetch_manifest(&pinned, &manifest_digest)
+            .with_context(|| format!("fetching the manifest of {pinned}"))?,
+    };
+    let (tocs, senders): (Vec<_>, Vec<_>) = manifest
+        .manifest
+        .layers
+        .iter()
+        .map(|_| {
+            let (tx, rx) = oneshot::channel();
+            (rx, Some(tx))
+        })
+        .unzip();
+    if let Ok(mut s) = toc_senders.lock() {
+        *s = senders;
+    }
+    let manifest_desc = strata_fs::transfer::pull_metadata_staged(
+        scope, store, registry, &pinned, manifest, toc_stored,
+    )
+    .with_context(|| format!("pulling the metadata of {r}"))?;
     let stored = store.layout().profile_of(&manifest_desc.digest);
-    match (profile, stored) {
-        (Ok(Ok(Some(text))), Some(path)) => match store.write_file(&path, &text) {
+    match (profile.map(|p| p.join()), stored) {
+        (None, _) => {}
+        (Some(Ok(Ok(Some(text)))), Some(path)) => match store.write_file(&path, &text) {
             Ok(()) => tracing::info!(image = %r, "the image has a published access profile"),
             Err(e) => tracing::warn!(image = %r, "cannot keep the access profile: {e}"),
         },
-        (Ok(Ok(Some(_))), None) => tracing::warn!(image = %r, "no place for the access profile"),
+        (Some(Ok(Ok(Some(_)))), None) => {
+            tracing::warn!(image = %r, "no place for the access profile")
+        }
         // None published (any more): an older one kept for this manifest goes.
-        (Ok(Ok(None)), Some(path)) if a.profile => strata_fs::service::remove_stale_profile(&path),
-        (Ok(Ok(None)), _) => {}
-        (Ok(Err(e)), _) => tracing::warn!(image = %r, "cannot fetch the access profile: {e}"),
-        (Err(_), _) => tracing::warn!(image = %r, "fetching the access profile panicked"),
+        (Some(Ok(Ok(None))), Some(path)) => strata_fs::service::remove_stale_profile(&path),
+        (Some(Ok(Ok(None))), None) => {}
+        (Some(Ok(Err(e))), _) => tracing::warn!(image = %r, "cannot fetch the access profile: {e}"),
+        (Some(Err(_)), _) => tracing::warn!(image = %r, "fetching the access profile panicked"),
     }
-    tracing::info!(image = %r, "metadata pulled in {:.3}s", started.elapsed().as_secs_f64());
+    tracing::info!(image = %r, "manifest and config pulled in {:.3}s", started.elapsed().as_secs_f64());
+    Ok(Pulled {
+        manifest: manifest_desc,
+        index,
+        tocs,
+    })
+}
+
+/// Writes the image's content to containerd and prepares its layers there (lazily mounted by
+/// the strata snapshotter, else unpacked), then names the image; counts (layers, lazy,
+/// unpacked).
+#[allow(clippy::too_many_arguments)]
+async fn unpack(
+    a: &RpullArgs,
+    r: &Reference,
+    store: &strata_fs::store::Store,
+    registry: &Arc<Registry>,
+    ctd: &mut Containerd,
+    pulled: Pulled,
+    nonce: &str,
+    started: Instant,
+) -> anyhow::Result<(usize, usize, usize)> {
+    let Pulled {
+        manifest: manifest_desc,
+        index,
+        mut tocs,
+    } = pulled;
     let manifest_bytes = store.read_blob(&manifest_desc.digest)?;
     let manifest = store.manifest(&manifest_desc.digest)?;
     let config_bytes = store.read_blob(&manifest.config.digest)?;
@@ -162,20 +308,8 @@ pub fn rpull(g: &GlobalArgs, a: RpullArgs) -> anyhow::Result<()> {
         list
     };
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let (lazy, unpacked) = rt.block_on(async {
-        let mut ctd = Containerd::connect(&a.address, &a.namespace)
-            .await
-            .map_err(anyhow::Error::msg)?;
-        let nonce = format!(
-            "{}-{}",
-            std::process::id(),
-            started.elapsed().as_nanos() ^ now_nanos()
-        );
-        ctd.take_lease(&format!("strata-rpull-{nonce}")).await?;
-        let result = async {
+    {
+        {
             // Content (under the lease), labelled for the garbage collector, written while
             // the layers are prepared: only the image record needs it in place.
             let content = async {
@@ -223,6 +357,15 @@ pub fn rpull(g: &GlobalArgs, a: RpullArgs) -> anyhow::Result<()> {
                     let chain = &chains[i];
                     if ctd.snapshot_exists(&a.snapshotter, chain).await? {
                         continue;
+                    }
+                    // Its TOC and those below it are stored (awaited in order, so this waits
+                    // for its own).
+                    if let Some(toc) = tocs.get_mut(i) {
+                        match toc.await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => bail!("pulling the metadata of {r}: {e}"),
+                            Err(_) => bail!("pulling the metadata of {r}: a TOC's fetch ended without an answer"),
+                        }
                     }
                     let parent = if i == 0 {
                         String::new()
@@ -327,21 +470,9 @@ pub fn rpull(g: &GlobalArgs, a: RpullArgs) -> anyhow::Result<()> {
                 },
             };
             ctd.put_image(&name, target, HashMap::new()).await?;
-            anyhow::Ok((lazy, unpacked))
+            Ok((manifest.layers.len(), lazy, unpacked))
         }
-        .await;
-        let released = ctd.release_lease().await;
-        let counts = result?;
-        released?;
-        anyhow::Ok(counts)
-    })?;
-    println!(
-        "{name}: {} layers, {lazy} mounted lazily, {unpacked} unpacked, {} already there ({:.2}s)",
-        manifest.layers.len(),
-        manifest.layers.len() - lazy - unpacked,
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
+    }
 }
 
 fn now_nanos() -> u128 {
