@@ -189,6 +189,31 @@ impl Meta {
         labels: BTreeMap<String, String>,
         metacopy: bool,
     ) -> Result<Snapshot, MetaError> {
+        self.insert_new(key, parent, kind, labels, metacopy, None)
+    }
+
+    /// A new committed snapshot `name` on `parent` whose `fs/` is the lazy mount of `remote`
+    /// (made by the caller), its directories made: in one save, where preparing and
+    /// committing take two.
+    pub fn create_remote(
+        &mut self,
+        name: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+        remote: crate::remote::RemoteLayer,
+    ) -> Result<Snapshot, MetaError> {
+        self.insert_new(name, parent, Kind::Committed, labels, false, Some(remote))
+    }
+
+    fn insert_new(
+        &mut self,
+        key: &str,
+        parent: &str,
+        kind: Kind,
+        labels: BTreeMap<String, String>,
+        metacopy: bool,
+        remote: Option<crate::remote::RemoteLayer>,
+    ) -> Result<Snapshot, MetaError> {
         if key.is_empty() {
             return Err(MetaError::InvalidArgument(
                 "a snapshot key cannot be empty".into(),
@@ -218,7 +243,7 @@ impl Meta {
             labels,
             created: t,
             updated: t,
-            remote: None,
+            remote,
             metacopy,
         };
         let saved = self.transact(|db| {

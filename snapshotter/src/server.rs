@@ -232,55 +232,91 @@ impl Service {
         let Some(layers) = self.layers.clone() else {
             return Err("lazy layers are off".into());
         };
-        let dir = {
-            let mut meta = self.meta().map_err(|e| e.to_string())?;
-            match meta.find_committed(target, parent) {
-                Some(s) if s.remote.as_ref().is_none_or(|r| r.layer == layer.layer) => {
-                    return Ok(())
-                }
-                // Another image's layer claims this chain ID: containerd unpacks this one
-                // (and checks its diff ID) rather than share that one.
-                Some(_) => {
-                    return Err(format!(
-                        "a lazy snapshot of another layer already has chain ID {target}"
-                    ))
-                }
-                None => {}
-            }
-            let s = meta
-                .create(key, parent, Kind::Active, labels.clone(), false)
-                .map_err(|e| e.to_string())?;
-            meta.dir(s.id).join("fs")
-        };
-        let mount_dir = dir.clone();
-        let mounter = layers.clone();
-        let wanted = layer.clone();
-        let expected = target.to_string();
-        let locks = self.dir_locks.clone();
+        if self.has_remote(target, parent, &layer)? {
+            return Ok(());
+        }
         // Truly the layer containerd expects there: the chain ID of the image's diff IDs up to
-        // this layer must be the one containerd will look it up by.
-        let check_chain = move |m: &dyn LayerMounter, l: &RemoteLayer| {
-            let chain = m.chain_id(l)?;
-            if chain != expected {
-                return Err(format!(
-                    "the image's config gives this layer chain ID {chain}, containerd expects {expected}"
-                ));
+        // this layer must be the one containerd will look it up by. Checked once the image's
+        // metadata is on this node (so that a mount that fetches it first checks it after).
+        let check_chain = {
+            let expected = target.to_string();
+            move |m: &dyn LayerMounter, l: &RemoteLayer| {
+                let chain = m.chain_id(l)?;
+                if chain != expected {
+                    return Err(format!(
+                        "the image's config gives this layer chain ID {chain}, containerd expects {expected}"
+                    ));
+                }
+                Ok(())
             }
-            Ok(())
         };
-        let mounted = tokio::task::spawn_blocking(move || {
-            if !mounter.is_local(&wanted) {
-                // The mount fetches what it needs first: a registry that cannot be reached
-                // makes this an ordinary snapshot.
-                mounter.mount(&wanted, &mount_dir)?;
-                return check_chain(mounter.as_ref(), &wanted);
+        let local = {
+            let (mounter, wanted, check) = (layers.clone(), layer.clone(), check_chain.clone());
+            tokio::task::spawn_blocking(move || {
+                // Everything the mount reads is on this node (`strata rpull` put it there).
+                if !mounter.is_local(&wanted) {
+                    return Ok(false);
+                }
+                check(mounter.as_ref(), &wanted).map(|()| true)
+            })
+            .await
+            .map_err(|e| e.to_string())??
+        };
+        if local {
+            self.prepare_remote_in_background(parent, target, layer, labels, layers)
+                .await
+        } else {
+            self.prepare_remote_in_line(key, parent, target, layer, labels, layers, check_chain)
+                .await
+        }
+    }
+
+    /// Whether `target` on `parent` is mounted lazily already (an error if another image's
+    /// layer claims it).
+    fn has_remote(&self, target: &str, parent: &str, layer: &RemoteLayer) -> Result<bool, String> {
+        let meta = self.meta().map_err(|e| e.to_string())?;
+        match meta.find_committed(target, parent) {
+            Some(s) if s.remote.as_ref().is_none_or(|r| r.layer == layer.layer) => Ok(true),
+            // Another image's layer claims this chain ID: containerd unpacks this one (and
+            // checks its diff ID) rather than share that one.
+            Some(_) => Err(format!(
+                "a lazy snapshot of another layer already has chain ID {target}"
+            )),
+            None => Ok(false),
+        }
+    }
+
+    /// [`Self::prepare_remote`] of a layer whose metadata is all on this node: the committed
+    /// snapshot is recorded at once and the mount goes on in the background, holding the
+    /// directory's lock from before Prepare answers, so the layers of an image mount side by
+    /// side while containerd prepares the next ones. A container start (`ensure_lowers`) and
+    /// Remove wait for the lock; a mount that failed is tried again by the container start,
+    /// which reports it (as it is after a restart, for every lazy layer).
+    async fn prepare_remote_in_background(
+        &self,
+        parent: &str,
+        target: &str,
+        layer: RemoteLayer,
+        mut labels: BTreeMap<String, String>,
+        layers: Arc<dyn LayerMounter>,
+    ) -> Result<(), String> {
+        labels.insert(remote::LABEL_REMOTE.into(), "strata".into());
+        let name = remote::committed_name(target, parent);
+        let dir = {
+            if self.has_remote(target, parent, &layer)? {
+                return Ok(());
             }
-            // Everything the mount reads is on this node (`strata rpull` put it there): it
-            // goes on in the background, holding the directory's lock from before Prepare
-            // answers, so the layers of an image mount side by side while containerd prepares
-            // the next ones. A container start (`ensure_lowers`) and Remove wait for the lock;
-            // a mount that failed is tried again by the container start, which reports it.
-            check_chain(mounter.as_ref(), &wanted)?;
+            let mut meta = self.meta().map_err(|e| e.to_string())?;
+            match meta.create_remote(&name, parent, labels, layer.clone()) {
+                Ok(s) => meta.dir(s.id).join("fs"),
+                // Prepared meanwhile by another namespace's pull: that one is found.
+                Err(MetaError::AlreadyExists(_)) => return Ok(()),
+                Err(e) => return Err(e.to_string()),
+            }
+        };
+        let (mount_dir, locks, wanted) = (dir.clone(), self.dir_locks.clone(), layer.clone());
+        let mounter = layers.clone();
+        let started = tokio::task::spawn_blocking(move || {
             let (locked_tx, locked) = std::sync::mpsc::channel();
             std::thread::Builder::new()
                 .name("strata-layer-mount".into())
@@ -302,6 +338,55 @@ impl Service {
             locked
                 .recv()
                 .map_err(|_| "the layer's mount ended before it started".to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        match started {
+            Ok(()) => {
+                tracing::info!(target, layer = %layer.layer, image = %layer.image, "layer mounted lazily");
+                Ok(())
+            }
+            Err(e) => {
+                // Undo: the key is prepared again as an ordinary snapshot.
+                if let Ok(mut meta) = self.meta() {
+                    let _ = meta.remove(&name);
+                }
+                let locks = self.dir_locks.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    locks.with(&dir, REMOVE_WAIT, || release_dir(&dir, Some(&layers)))
+                })
+                .await;
+                Err(e)
+            }
+        }
+    }
+
+    /// [`Self::prepare_remote`] of a layer whose metadata the mount fetches first: prepared as
+    /// `key`, mounted before Prepare answers (a registry that cannot be reached makes this an
+    /// ordinary snapshot), then committed.
+    #[allow(clippy::too_many_arguments)]
+    async fn prepare_remote_in_line(
+        &self,
+        key: &str,
+        parent: &str,
+        target: &str,
+        layer: RemoteLayer,
+        labels: BTreeMap<String, String>,
+        layers: Arc<dyn LayerMounter>,
+        check_chain: impl Fn(&dyn LayerMounter, &RemoteLayer) -> Result<(), String> + Send + 'static,
+    ) -> Result<(), String> {
+        let dir = {
+            let mut meta = self.meta().map_err(|e| e.to_string())?;
+            let s = meta
+                .create(key, parent, Kind::Active, labels.clone(), false)
+                .map_err(|e| e.to_string())?;
+            meta.dir(s.id).join("fs")
+        };
+        let (mount_dir, mounter, wanted) = (dir.clone(), layers.clone(), layer.clone());
+        let mounted = tokio::task::spawn_blocking(move || {
+            mounter.mount(&wanted, &mount_dir)?;
+            check_chain(mounter.as_ref(), &wanted)
         })
         .await
         .map_err(|e| e.to_string())
@@ -330,7 +415,6 @@ impl Service {
                 }
                 let locks = self.dir_locks.clone();
                 let _ = tokio::task::spawn_blocking(move || {
-                    // After a background mount into it, if one started.
                     locks.with(&dir, REMOVE_WAIT, || release_dir(&dir, Some(&layers)))
                 })
                 .await;
