@@ -337,6 +337,21 @@ impl Store {
                 if let Some(rec) = images.iter().find(|i| &i.descriptor.digest == d) {
                     return Ok(rec.clone());
                 }
+            } else if r.tag.is_some() {
+                // A tag names the image pulled pinned by it (`repo:tag@digest`, as `rpull`
+                // keeps it), if just one.
+                let pinned: Vec<_> = images
+                    .iter()
+                    .filter(|i| {
+                        i.reference.digest.is_some()
+                            && i.reference.registry == r.registry
+                            && i.reference.repository == r.repository
+                            && i.reference.tag == r.tag
+                    })
+                    .collect();
+                if let [one] = pinned.as_slice() {
+                    return Ok((*one).clone());
+                }
             }
         }
         let hex = image.strip_prefix("sha256:").unwrap_or(image);
@@ -496,5 +511,25 @@ mod tests {
         assert_eq!(store.resolve(&d[7..19]).unwrap().reference, r);
         assert!(store.untag(&r).unwrap());
         assert!(store.resolve("app:v1").is_err());
+        // Pinned by its tag (as `rpull` names it): the tag alone finds it, while it is the
+        // only one so pinned.
+        let pinned = Reference::parse(&format!("app:v1@{d}")).unwrap();
+        store
+            .tag(
+                &pinned,
+                Descriptor::new(oci::MEDIA_TYPE_MANIFEST, d.clone(), 5),
+            )
+            .unwrap();
+        assert_eq!(store.resolve("app:v1").unwrap().reference, pinned);
+        assert!(store.resolve("app:v2").is_err());
+        let other = format!("sha256:{}", "1".repeat(64));
+        let pinned2 = Reference::parse(&format!("app:v1@{other}")).unwrap();
+        store
+            .tag(
+                &pinned2,
+                Descriptor::new(oci::MEDIA_TYPE_MANIFEST, other, 5),
+            )
+            .unwrap();
+        assert!(store.resolve("app:v1").is_err(), "two images pinned by v1");
     }
 }

@@ -63,40 +63,59 @@ pub fn pull_metadata(
     pull_layers(store, registry, r, resolved, false, false, &mut |_| {})
 }
 
-/// [`pull_metadata_of`] for a caller that uses each layer as soon as its TOC is here (`strata
-/// rpull`, which prepares the layers in containerd meanwhile): the config and manifest are
-/// stored and the image named before this returns, while the TOCs of its strata layers are
-/// fetched in parallel on threads of `scope`. `stored(i, result)` is called as layer `i`'s TOC
-/// is stored (or cannot be), from those threads, and before this returns for a layer that has
-/// no TOC to fetch (one already here, or a plain layer). A failure of this function itself
-/// leaves the calls for the TOCs in flight to come.
-pub fn pull_metadata_staged<'scope, 'env: 'scope>(
+/// [`pull_metadata`] of a manifest the caller has fetched already (`resolved`, verified against
+/// its digest, of `r`'s repository), for a caller that uses each layer as soon as its TOC is
+/// here (`strata rpull`, which prepares the layers in containerd meanwhile): the config and
+/// manifest are stored and the image named before this returns, while the TOCs of its strata
+/// layers are fetched in parallel on threads of `scope`. `stored` has one call per layer,
+/// made with whether its TOC is stored: from the fetching thread, or before this returns for a
+/// layer with no TOC to fetch (a plain layer, or one whose blob is here). A call that is never
+/// made (its thread could not start) is dropped.
+pub fn pull_metadata_staged<'scope, 'env: 'scope, F>(
     scope: &'scope std::thread::Scope<'scope, 'env>,
     store: &'env Store,
     registry: &'env Arc<Registry>,
     r: &Reference,
     resolved: crate::registry::Resolved,
-    stored: &'env (dyn Fn(usize, Result<(), String>) + Sync),
-) -> Result<Descriptor, TransferError> {
+    stored: Vec<F>,
+) -> Result<Descriptor, TransferError>
+where
+    F: FnOnce(Result<(), String>) + Send + 'scope,
+{
     if oci::is_index(&resolved.media_type) {
         return Err(TransferError::Invalid(format!(
             "{r}: an image index where a manifest was expected"
         )));
     }
+    if stored.len() != resolved.manifest.layers.len() {
+        return Err(TransferError::Invalid(format!(
+            "{} calls for the TOCs of {} layers",
+            stored.len(),
+            resolved.manifest.layers.len()
+        )));
+    }
     let source = repository_of(r);
-    for (i, d) in resolved.manifest.layers.iter().enumerate() {
-        if !is_strata_layer(d) || crate::image::has_toc(store, &d.digest) {
-            stored(i, Ok(()));
+    for (d, stored) in resolved.manifest.layers.iter().zip(stored) {
+        if !is_strata_layer(d) || store.has_blob(&d.digest) {
+            stored(Ok(()));
             continue;
         }
+        // From the TOC cache if it holds this TOC intact, else from the registry.
         let src = RegistryBlob::new(registry.clone(), source.clone(), d.digest.clone(), d.size);
         let d = d.clone();
-        scope.spawn(move || {
-            let result = open_layer_toc(store, &d, &src)
-                .map(|_| ())
-                .map_err(|e| format!("the TOC of layer {}: {e}", d.digest));
-            stored(i, result);
-        });
+        std::thread::Builder::new()
+            .name("strata-toc".into())
+            .spawn_scoped(scope, move || {
+                let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    open_layer_toc(store, &d, &src)
+                }));
+                stored(match opened {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(format!("the TOC of layer {}: {e}", d.digest)),
+                    Err(_) => Err(format!("fetching the TOC of layer {} panicked", d.digest)),
+                });
+            })
+            .map_err(|e| TransferError::Invalid(format!("starting a TOC's fetch: {e}")))?;
     }
     let config = &resolved.manifest.config;
     if !store.has_blob(&config.digest) {
@@ -104,22 +123,6 @@ pub fn pull_metadata_staged<'scope, 'env: 'scope>(
         store.put_blob(&bytes)?;
     }
     name_image(store, r, &resolved)
-}
-
-/// [`pull_metadata`] of a manifest the caller has fetched already (`resolved`, verified
-/// against its digest, of `r`'s repository): one request fewer.
-pub fn pull_metadata_of(
-    store: &Store,
-    registry: &Arc<Registry>,
-    r: &Reference,
-    resolved: crate::registry::Resolved,
-) -> Result<Descriptor, TransferError> {
-    if oci::is_index(&resolved.media_type) {
-        return Err(TransferError::Invalid(format!(
-            "{r}: an image index where a manifest was expected"
-        )));
-    }
-    pull_layers(store, registry, r, resolved, false, false, &mut |_| {})
 }
 
 fn pull_layers(

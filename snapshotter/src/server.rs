@@ -275,15 +275,7 @@ impl Service {
     /// layer claims it).
     fn has_remote(&self, target: &str, parent: &str, layer: &RemoteLayer) -> Result<bool, String> {
         let meta = self.meta().map_err(|e| e.to_string())?;
-        match meta.find_committed(target, parent) {
-            Some(s) if s.remote.as_ref().is_none_or(|r| r.layer == layer.layer) => Ok(true),
-            // Another image's layer claims this chain ID: containerd unpacks this one (and
-            // checks its diff ID) rather than share that one.
-            Some(_) => Err(format!(
-                "a lazy snapshot of another layer already has chain ID {target}"
-            )),
-            None => Ok(false),
-        }
+        remote_in(&meta, target, parent, layer)
     }
 
     /// [`Self::prepare_remote`] of a layer whose metadata is all on this node: the committed
@@ -303,16 +295,15 @@ impl Service {
         labels.insert(remote::LABEL_REMOTE.into(), "strata".into());
         let name = remote::committed_name(target, parent);
         let dir = {
-            if self.has_remote(target, parent, &layer)? {
+            let mut meta = self.meta().map_err(|e| e.to_string())?;
+            // Prepared meanwhile by another namespace's pull: that one is found.
+            if remote_in(&meta, target, parent, &layer)? {
                 return Ok(());
             }
-            let mut meta = self.meta().map_err(|e| e.to_string())?;
-            match meta.create_remote(&name, parent, labels, layer.clone()) {
-                Ok(s) => meta.dir(s.id).join("fs"),
-                // Prepared meanwhile by another namespace's pull: that one is found.
-                Err(MetaError::AlreadyExists(_)) => return Ok(()),
-                Err(e) => return Err(e.to_string()),
-            }
+            let s = meta
+                .create_remote(&name, parent, labels, layer.clone())
+                .map_err(|e| e.to_string())?;
+            meta.dir(s.id).join("fs")
         };
         let (mount_dir, locks, wanted) = (dir.clone(), self.dir_locks.clone(), layer.clone());
         let mounter = layers.clone();
@@ -324,7 +315,12 @@ impl Service {
                     let lock = locks.get(&mount_dir);
                     let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
                     let _ = locked_tx.send(());
-                    let mounted = mounter.mount(&wanted, &mount_dir);
+                    // Mounted already if a container start or a restart's restore took the
+                    // lock first (the record was there before it).
+                    let mounted = match layer_state(&mount_dir) {
+                        LayerState::Live => Ok(()),
+                        _ => mounter.mount(&wanted, &mount_dir),
+                    };
                     if locks.was_released(&mount_dir) {
                         // Removed while this mount was in flight (Remove stopped waiting).
                         release_dir(&mount_dir, Some(&mounter));
@@ -345,21 +341,13 @@ impl Service {
         match started {
             Ok(()) => {
                 tracing::info!(target, layer = %layer.layer, image = %layer.image, "layer mounted lazily");
-                Ok(())
             }
-            Err(e) => {
-                // Undo: the key is prepared again as an ordinary snapshot.
-                if let Ok(mut meta) = self.meta() {
-                    let _ = meta.remove(&name);
-                }
-                let locks = self.dir_locks.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    locks.with(&dir, REMOVE_WAIT, || release_dir(&dir, Some(&layers)))
-                })
-                .await;
-                Err(e)
-            }
+            // The record stays, as after a restart: the container start mounts the layer (others
+            // may have found the record already).
+            Err(e) => tracing::warn!(layer = %layer.layer, image = %layer.image,
+                dir = %dir.display(), "the layer's mount did not start (a container start will): {e}"),
         }
+        Ok(())
     }
 
     /// [`Self::prepare_remote`] of a layer whose metadata the mount fetches first: prepared as
@@ -605,6 +593,20 @@ fn metacopy_supported() -> bool {
         }
         param.exists()
     })
+}
+
+/// Whether `target` on `parent` is mounted lazily in `meta` (an error if another image's layer
+/// claims it).
+fn remote_in(meta: &Meta, target: &str, parent: &str, layer: &RemoteLayer) -> Result<bool, String> {
+    match meta.find_committed(target, parent) {
+        Some(s) if s.remote.as_ref().is_none_or(|r| r.layer == layer.layer) => Ok(true),
+        // Another image's layer claims this chain ID: containerd unpacks this one (and
+        // checks its diff ID) rather than share that one.
+        Some(_) => Err(format!(
+            "a lazy snapshot of another layer already has chain ID {target}"
+        )),
+        None => Ok(false),
+    }
 }
 
 /// Removes a snapshot's directory; a lazy layer mounted at its `fs/` is unmounted first (and
@@ -1094,8 +1096,14 @@ mod tests {
             answered.err().map(|s| s.code()),
             Some(tonic::Code::AlreadyExists)
         );
-        // Answered while the mount waits at the gate.
+        // Answered while the mount waits at the gate, the committed snapshot recorded (with no
+        // active one before it).
         assert_eq!(fake.fails.load(Ordering::SeqCst), 1);
+        {
+            let meta = svc.meta().unwrap();
+            assert!(meta.get("extract-0").is_err());
+            assert!(meta.find_committed(&chain, "").is_some());
+        }
         let start = {
             let svc = svc.clone();
             let parent = remote::committed_name(&chain, "");

@@ -460,6 +460,9 @@ fn rpull_brings_the_published_profile_to_the_layer_mounts() {
 
     ctd.ctr(&["image", "rm", "--sync", &image]);
     assert_all_gone(&ctd, "default", &root);
+    // The profile goes with the last of strata's names of the manifest.
+    strata_ok(&root, &["rmi", &image]);
+    assert!(!root.join(format!("profiles/{digest}.txt")).exists());
     drop(ctd);
     drop(snap);
     stop_node_daemon(&root);
@@ -920,6 +923,79 @@ fn containerd_pulls_strata_images_lazily() {
         .unwrap()
         .count();
     assert_eq!(dirs, 0, "snapshot directories left");
+    drop(ctd);
+    stop_node_daemon(&root);
+    fs::remove_dir_all(&tmp).ok();
+}
+
+/// A layer whose TOC the registry serves corrupt: `rpull` fails naming it, without hanging, and
+/// leaves nothing in containerd (no image, no lease, no snapshot).
+#[test]
+fn rpull_of_a_corrupt_toc_fails_and_leaves_nothing() {
+    let tmp = scratch("snapshotter-bad-toc").unwrap();
+    let reg_dir = tmp.join("registry");
+    let reg = TestRegistry::start(&reg_dir, None).unwrap();
+    let image = busybox_image(&tmp, &reg.addr);
+    // The layer's TOC where the manifest places it, one byte flipped in the registry's copy.
+    let local = tmp.join("local");
+    let json =
+        |p: &Path| -> serde_json::Value { serde_json::from_slice(&fs::read(p).unwrap()).unwrap() };
+    let blob = |root: &Path, d: &str| root.join("blobs/sha256").join(&d["sha256:".len()..]);
+    let index = json(&local.join("index.json"));
+    let manifest_digest = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let manifest = json(&blob(&local, &manifest_digest));
+    let layer = &manifest["layers"][0];
+    let digest = layer["digest"].as_str().unwrap();
+    let number =
+        |key: &str| -> u64 { layer["annotations"][key].as_str().unwrap().parse().unwrap() };
+    let (offset, size) = (
+        number("dev.strata.toc.offset"),
+        number("dev.strata.toc.size"),
+    );
+    let hex = &digest["sha256:".len()..];
+    let data = reg_dir.join(format!(
+        "data/docker/registry/v2/blobs/sha256/{}/{hex}/data",
+        &hex[..2]
+    ));
+    let mut bytes = fs::read(&data).unwrap();
+    bytes[(offset + size / 2) as usize] ^= 0xff;
+    fs::write(&data, bytes).unwrap();
+
+    let (run, snap_sock, root) = node_dirs(&tmp);
+    let _snap = snapshotter(&root, &snap_sock);
+    let ctd = Containerd::start(&tmp, run.path(), &snap_sock);
+    let mut rpull = Command::new(strata_bin())
+        .arg("--root")
+        .arg(&root)
+        .args(["rpull", "--address"])
+        .arg(&ctd.sock)
+        .arg(&image)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rpull.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = rpull.kill();
+            panic!("rpull hangs on a corrupt TOC");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = rpull.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("the TOC of layer {digest}")),
+        "{stderr}"
+    );
+    assert_eq!(ctd.ctr(&["images", "ls", "-q"]), "");
+    assert!(!ctd.ctr(&["leases", "ls"]).contains("strata-rpull"));
+    let snaps = ctd.ctr(&["snapshots", "--snapshotter", "strata", "ls"]);
+    assert_eq!(snaps.lines().count(), 1, "{snaps}");
     drop(ctd);
     stop_node_daemon(&root);
     fs::remove_dir_all(&tmp).ok();

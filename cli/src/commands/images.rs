@@ -203,6 +203,17 @@ pub fn rmi(g: &GlobalArgs, a: RmiArgs) -> anyhow::Result<()> {
             Ok(rec) => {
                 store.untag(&rec.reference)?;
                 println!("Untagged: {}", rec.reference);
+                // The access profile kept for its manifest goes with the last name of it.
+                let digest = &rec.descriptor.digest;
+                if !store
+                    .images()?
+                    .iter()
+                    .any(|i| &i.descriptor.digest == digest)
+                {
+                    if let Some(path) = store.layout().profile_of(digest) {
+                        strata_fs::service::remove_stale_profile(&path);
+                    }
+                }
             }
             Err(e) => {
                 eprintln!("strata: error: {e}");

@@ -6,14 +6,16 @@
 //! The manifest, config and TOCs go into strata's store (the snapshotter's daemon reads them
 //! there); the manifest and config also go into containerd's content store, labelled so its
 //! garbage collector keeps them and the snapshots with the image. Each layer is prepared with
-//! `containerd.io/snapshot.ref` (its chain ID) and the CRI's layer labels: the strata
-//! snapshotter mounts a strata layer lazily and answers `AlreadyExists`; any other layer (or
-//! another snapshotter) gets an ordinary snapshot, which this command fills the way containerd's
-//! unpacker does (the blob into the content store, then containerd's diff service applies it).
+//! `containerd.io/snapshot.ref` (its chain ID) and the CRI's layer labels as soon as its TOC
+//! and those below it are stored (the TOCs come in parallel, and containerd's lease is taken
+//! while the registry answers): the strata snapshotter mounts a strata layer lazily and answers
+//! `AlreadyExists`; any other layer (or another snapshotter) gets an ordinary snapshot, which
+//! this command fills the way containerd's unpacker does (the blob into the content store, then
+//! containerd's diff service applies it).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -78,6 +80,8 @@ pub fn rpull(g: &GlobalArgs, a: RpullArgs) -> anyhow::Result<()> {
         std::process::id(),
         started.elapsed().as_nanos() ^ now_nanos()
     );
+    // One worker: the session below makes progress on it while this thread waits for the
+    // registry outside the runtime.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -94,31 +98,8 @@ pub fn rpull(g: &GlobalArgs, a: RpullArgs) -> anyhow::Result<()> {
             anyhow::Ok(ctd)
         }
     });
-    // Each strata layer's TOC is fetched in the background; its layer is prepared once it
-    // (and every one below it) is stored, so that the snapshotter mounts it from here.
-    let toc_senders: TocSenders = Mutex::new(Vec::new());
-    let toc_stored = |i: usize, result: Result<(), String>| {
-        if let Some(Some(tx)) = toc_senders
-            .lock()
-            .ok()
-            .as_mut()
-            .and_then(|s| s.get_mut(i))
-            .map(Option::take)
-        {
-            let _ = tx.send(result);
-        }
-    };
     std::thread::scope(|scope| {
-        let pulled = pull_metadata(
-            scope,
-            &a,
-            &r,
-            &store,
-            &registry,
-            (&os, &arch),
-            &toc_senders,
-            &toc_stored,
-        );
+        let pulled = fetch_metadata(scope, &a, &r, &store, &registry, (&os, &arch));
         rt.block_on(async {
             let session = session
                 .await
@@ -148,30 +129,27 @@ pub fn rpull(g: &GlobalArgs, a: RpullArgs) -> anyhow::Result<()> {
     })
 }
 
-/// Per layer, where its TOC's fetch says it is stored (or cannot be).
-type TocSenders = Mutex<Vec<Option<oneshot::Sender<Result<(), String>>>>>;
-
-/// What [`pull_metadata`] leaves for the layers' preparation.
+/// What [`fetch_metadata`] leaves for the layers' preparation.
 struct Pulled {
     manifest: strata_fs::oci::Descriptor,
     /// The platform's index, if the reference named one, and the manifests it lists.
     index: Option<(Resolved, Vec<String>)>,
-    /// Per layer: its TOC is stored (or cannot be).
+    /// Per layer: its TOC is stored (or cannot be; a fetch that ended without saying so drops
+    /// its sender).
     tocs: Vec<oneshot::Receiver<Result<(), String>>>,
 }
 
 /// Fetches the manifest (the platform's, from an index), the config and, with `--profile`, the
-/// image's access profile into the store, and starts the TOCs' fetches on `scope`.
-#[allow(clippy::too_many_arguments)]
-fn pull_metadata<'scope, 'env: 'scope>(
+/// image's access profile into the store, and starts the TOCs' fetches on `scope`: each
+/// strata layer is prepared once its TOC and those below it are stored, so that the
+/// snapshotter mounts it from the store.
+fn fetch_metadata<'scope, 'env: 'scope>(
     scope: &'scope std::thread::Scope<'scope, 'env>,
     a: &'env RpullArgs,
     r: &Reference,
     store: &'env strata_fs::store::Store,
     registry: &'env Arc<Registry>,
     (os, arch): (&str, &str),
-    toc_senders: &TocSenders,
-    toc_stored: &'env (dyn Fn(usize, Result<(), String>) + Sync),
 ) -> anyhow::Result<Pulled> {
     let started = Instant::now();
     // What the reference names as it is (an index stays the image's target, as containerd's
@@ -209,7 +187,13 @@ fn pull_metadata<'scope, 'env: 'scope>(
     let manifest_digest = pinned.digest.clone().unwrap_or_default();
     let profile = a.profile.then(|| {
         let (pinned, digest) = (pinned.clone(), manifest_digest.clone());
-        scope.spawn(move || strata_fs::transfer::fetch_profile(registry, &pinned, &digest))
+        std::thread::Builder::new()
+            .name("strata-profile".into())
+            .spawn_scoped(scope, move || {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    strata_fs::transfer::fetch_profile(registry, &pinned, &digest)
+                }))
+            })
     });
     let manifest = match single {
         Some(m) => m,
@@ -217,24 +201,34 @@ fn pull_metadata<'scope, 'env: 'scope>(
             .fetch_manifest(&pinned, &manifest_digest)
             .with_context(|| format!("fetching the manifest of {pinned}"))?,
     };
-    let (tocs, senders): (Vec<_>, Vec<_>) = manifest
+    let (senders, tocs): (Vec<_>, Vec<_>) = manifest
         .manifest
         .layers
         .iter()
-        .map(|_| {
-            let (tx, rx) = oneshot::channel();
-            (rx, Some(tx))
-        })
+        .map(|_| oneshot::channel())
         .unzip();
-    if let Ok(mut s) = toc_senders.lock() {
-        *s = senders;
-    }
+    let stored = senders.into_iter().map(|tx| {
+        move |result| {
+            let _ = tx.send(result);
+        }
+    });
     let manifest_desc = strata_fs::transfer::pull_metadata_staged(
-        scope, store, registry, &pinned, manifest, toc_stored,
+        scope,
+        store,
+        registry,
+        &pinned,
+        manifest,
+        stored.collect(),
     )
     .with_context(|| format!("pulling the metadata of {r}"))?;
     let stored = store.layout().profile_of(&manifest_desc.digest);
-    match (profile.map(|p| p.join()), stored) {
+    let fetched = profile.map(|p| match p {
+        Ok(thread) => thread.join().unwrap_or_else(Err),
+        Err(e) => Ok(Err(strata_fs::transfer::TransferError::Invalid(format!(
+            "starting its fetch: {e}"
+        )))),
+    });
+    match (fetched, stored) {
         (None, _) => {}
         (Some(Ok(Ok(Some(text)))), Some(path)) => match store.write_file(&path, &text) {
             Ok(()) => tracing::info!(image = %r, "the image has a published access profile"),
@@ -274,8 +268,9 @@ async fn unpack(
     let Pulled {
         manifest: manifest_desc,
         index,
-        mut tocs,
+        tocs,
     } = pulled;
+    let (mut tocs, mut awaited) = (tocs.into_iter(), 0);
     let manifest_bytes = store.read_blob(&manifest_desc.digest)?;
     let manifest = store.manifest(&manifest_desc.digest)?;
     let config_bytes = store.read_blob(&manifest.config.digest)?;
@@ -308,171 +303,169 @@ async fn unpack(
         list
     };
 
-    {
-        {
-            // Content (under the lease), labelled for the garbage collector, written while
-            // the layers are prepared: only the image record needs it in place.
-            let content = async {
-                let mut config_labels = BTreeMap::from([(source_label.clone(), source.clone())]);
-                if let Some(top) = chains.last() {
-                    config_labels.insert(
-                        format!("containerd.io/gc.ref.snapshot.{}", a.snapshotter),
-                        top.clone(),
+    // Content (under the lease), labelled for the garbage collector, written while
+    // the layers are prepared: only the image record needs it in place.
+    let content = async {
+        let mut config_labels = BTreeMap::from([(source_label.clone(), source.clone())]);
+        if let Some(top) = chains.last() {
+            config_labels.insert(
+                format!("containerd.io/gc.ref.snapshot.{}", a.snapshotter),
+                top.clone(),
+            );
+        }
+        ctd.write_content(
+            &manifest.config.digest,
+            config_bytes.len() as u64,
+            Box::new(std::io::Cursor::new(config_bytes.clone())),
+            &config_labels,
+        )
+        .await?;
+        let mut manifest_labels = BTreeMap::from([
+            (source_label.clone(), source.clone()),
+            (
+                "containerd.io/gc.ref.content.config".to_string(),
+                manifest.config.digest.clone(),
+            ),
+        ]);
+        for (i, l) in manifest.layers.iter().enumerate() {
+            manifest_labels.insert(
+                format!("containerd.io/gc.ref.content.l.{i}"),
+                l.digest.clone(),
+            );
+        }
+        ctd.write_content(
+            &manifest_desc.digest,
+            manifest_bytes.len() as u64,
+            Box::new(std::io::Cursor::new(manifest_bytes.clone())),
+            &manifest_labels,
+        )
+        .await?;
+        tracing::info!("content written at {:.3}s", started.elapsed().as_secs_f64());
+        anyhow::Ok(())
+    };
+    // The layers, bottom up.
+    let layers = async {
+        let (mut lazy, mut unpacked) = (0usize, 0usize);
+        for (i, l) in manifest.layers.iter().enumerate() {
+            let chain = &chains[i];
+            if ctd.snapshot_exists(&a.snapshotter, chain).await? {
+                continue;
+            }
+            // Its TOC and those below it are stored.
+            while awaited <= i {
+                let stored = match tocs.next() {
+                    Some(toc) => toc.await,
+                    None => Ok(Ok(())),
+                };
+                match stored {
+                    Ok(Ok(())) => awaited += 1,
+                    Ok(Err(e)) => bail!("pulling the metadata of {r}: {e}"),
+                    Err(_) => bail!("pulling the metadata of {r}: a TOC's fetch ended unanswered"),
+                }
+            }
+            let parent = if i == 0 {
+                String::new()
+            } else {
+                chains[i - 1].clone()
+            };
+            let labels = BTreeMap::from([
+                (remote::LABEL_TARGET.to_string(), chain.clone()),
+                (remote::LABEL_IMAGE_REF.to_string(), name.clone()),
+                (
+                    remote::LABEL_MANIFEST.to_string(),
+                    manifest_desc.digest.clone(),
+                ),
+                (remote::LABEL_LAYER.to_string(), l.digest.clone()),
+                (remote::LABEL_IMAGE_LAYERS.to_string(), image_layers(i)),
+            ]);
+            let key = format!("extract-{nonce}-{i} {chain}");
+            let mounts = match ctd.prepare(&a.snapshotter, &key, &parent, &labels).await? {
+                Prepared::AlreadyExists => {
+                    tracing::info!(layer = %l.digest, "mounted lazily at {:.3}s",
+                    started.elapsed().as_secs_f64());
+                    lazy += 1;
+                    continue;
+                }
+                Prepared::Mounts(m) => m,
+            };
+            let unpack = async {
+                let layer_labels = BTreeMap::from([(source_label.clone(), source.clone())]);
+                let reader = {
+                    let registry = registry.clone();
+                    let (r, d) = (r.clone(), l.digest.clone());
+                    tokio::task::spawn_blocking(move || registry.open_blob(&r, &d)).await??
+                };
+                ctd.write_content(&l.digest, l.size, reader, &layer_labels)
+                    .await?;
+                let desc = CtrDescriptor {
+                    media_type: l.media_type.clone(),
+                    digest: l.digest.clone(),
+                    size: l.size as i64,
+                    annotations: HashMap::new(),
+                };
+                let applied = ctd.apply(desc, mounts).await?;
+                if applied.digest != diff_ids[i] {
+                    bail!(
+                        "layer {} unpacked to {}, but the config says {}",
+                        l.digest,
+                        applied.digest,
+                        diff_ids[i]
                     );
                 }
-                ctd.write_content(
-                    &manifest.config.digest,
-                    config_bytes.len() as u64,
-                    Box::new(std::io::Cursor::new(config_bytes.clone())),
-                    &config_labels,
+                ctd.label_content(
+                    &l.digest,
+                    &BTreeMap::from([(
+                        "containerd.io/uncompressed".to_string(),
+                        applied.digest.clone(),
+                    )]),
                 )
                 .await?;
-                let mut manifest_labels = BTreeMap::from([
-                    (source_label.clone(), source.clone()),
-                    (
-                        "containerd.io/gc.ref.content.config".to_string(),
-                        manifest.config.digest.clone(),
-                    ),
-                ]);
-                for (i, l) in manifest.layers.iter().enumerate() {
-                    manifest_labels.insert(
-                        format!("containerd.io/gc.ref.content.l.{i}"),
-                        l.digest.clone(),
-                    );
-                }
-                ctd.write_content(
-                    &manifest_desc.digest,
-                    manifest_bytes.len() as u64,
-                    Box::new(std::io::Cursor::new(manifest_bytes.clone())),
-                    &manifest_labels,
-                )
-                .await?;
-                tracing::info!("content written at {:.3}s", started.elapsed().as_secs_f64());
+                let commit_labels =
+                    BTreeMap::from([(remote::LABEL_TARGET.to_string(), chain.clone())]);
+                ctd.commit(&a.snapshotter, chain, &key, &commit_labels)
+                    .await?;
                 anyhow::Ok(())
             };
-            // The layers, bottom up.
-            let layers = async {
-                let (mut lazy, mut unpacked) = (0usize, 0usize);
-                for (i, l) in manifest.layers.iter().enumerate() {
-                    let chain = &chains[i];
-                    if ctd.snapshot_exists(&a.snapshotter, chain).await? {
-                        continue;
-                    }
-                    // Its TOC and those below it are stored (awaited in order, so this waits
-                    // for its own).
-                    if let Some(toc) = tocs.get_mut(i) {
-                        match toc.await {
-                            Ok(Ok(())) => {}
-                            Ok(Err(e)) => bail!("pulling the metadata of {r}: {e}"),
-                            Err(_) => bail!("pulling the metadata of {r}: a TOC's fetch ended without an answer"),
-                        }
-                    }
-                    let parent = if i == 0 {
-                        String::new()
-                    } else {
-                        chains[i - 1].clone()
-                    };
-                    let labels = BTreeMap::from([
-                        (remote::LABEL_TARGET.to_string(), chain.clone()),
-                        (remote::LABEL_IMAGE_REF.to_string(), name.clone()),
-                        (
-                            remote::LABEL_MANIFEST.to_string(),
-                            manifest_desc.digest.clone(),
-                        ),
-                        (remote::LABEL_LAYER.to_string(), l.digest.clone()),
-                        (remote::LABEL_IMAGE_LAYERS.to_string(), image_layers(i)),
-                    ]);
-                    let key = format!("extract-{nonce}-{i} {chain}");
-                    let mounts = match ctd.prepare(&a.snapshotter, &key, &parent, &labels).await? {
-                        Prepared::AlreadyExists => {
-                            tracing::info!(layer = %l.digest, "mounted lazily at {:.3}s",
-                            started.elapsed().as_secs_f64());
-                            lazy += 1;
-                            continue;
-                        }
-                        Prepared::Mounts(m) => m,
-                    };
-                    let unpack = async {
-                        let layer_labels = BTreeMap::from([(source_label.clone(), source.clone())]);
-                        let reader = {
-                            let registry = registry.clone();
-                            let (r, d) = (r.clone(), l.digest.clone());
-                            tokio::task::spawn_blocking(move || registry.open_blob(&r, &d))
-                                .await??
-                        };
-                        ctd.write_content(&l.digest, l.size, reader, &layer_labels)
-                            .await?;
-                        let desc = CtrDescriptor {
-                            media_type: l.media_type.clone(),
-                            digest: l.digest.clone(),
-                            size: l.size as i64,
-                            annotations: HashMap::new(),
-                        };
-                        let applied = ctd.apply(desc, mounts).await?;
-                        if applied.digest != diff_ids[i] {
-                            bail!(
-                                "layer {} unpacked to {}, but the config says {}",
-                                l.digest,
-                                applied.digest,
-                                diff_ids[i]
-                            );
-                        }
-                        ctd.label_content(
-                            &l.digest,
-                            &BTreeMap::from([(
-                                "containerd.io/uncompressed".to_string(),
-                                applied.digest.clone(),
-                            )]),
-                        )
-                        .await?;
-                        let commit_labels =
-                            BTreeMap::from([(remote::LABEL_TARGET.to_string(), chain.clone())]);
-                        ctd.commit(&a.snapshotter, chain, &key, &commit_labels)
-                            .await?;
-                        anyhow::Ok(())
-                    };
-                    if let Err(e) = unpack.await {
-                        let _ = ctd.remove_snapshot(&a.snapshotter, &key).await;
-                        return Err(e.context(format!("unpacking layer {} of {name}", l.digest)));
-                    }
-                    unpacked += 1;
-                }
-                anyhow::Ok((lazy, unpacked))
-            };
-            // A failure of either drops the other mid-call: what it left (content, a prepared
-            // snapshot) is under the lease and goes with it; no image names any of it yet.
-            let ((), (lazy, unpacked)) = tokio::try_join!(content, layers)?;
-            let target = match &index {
-                Some((idx, children)) => {
-                    let mut labels = BTreeMap::from([(source_label.clone(), source.clone())]);
-                    for (i, c) in children.iter().enumerate() {
-                        labels.insert(format!("containerd.io/gc.ref.content.m.{i}"), c.clone());
-                    }
-                    ctd.write_content(
-                        &idx.digest,
-                        idx.bytes.len() as u64,
-                        Box::new(std::io::Cursor::new(idx.bytes.clone())),
-                        &labels,
-                    )
-                    .await?;
-                    CtrDescriptor {
-                        media_type: idx.media_type.clone(),
-                        digest: idx.digest.clone(),
-                        size: idx.bytes.len() as i64,
-                        annotations: HashMap::new(),
-                    }
-                }
-                None => CtrDescriptor {
-                    media_type: manifest_desc.media_type.clone(),
-                    digest: manifest_desc.digest.clone(),
-                    size: manifest_desc.size as i64,
-                    annotations: HashMap::new(),
-                },
-            };
-            ctd.put_image(&name, target, HashMap::new()).await?;
-            Ok((manifest.layers.len(), lazy, unpacked))
+            if let Err(e) = unpack.await {
+                let _ = ctd.remove_snapshot(&a.snapshotter, &key).await;
+                return Err(e.context(format!("unpacking layer {} of {name}", l.digest)));
+            }
+            unpacked += 1;
         }
-    }
+        anyhow::Ok((lazy, unpacked))
+    };
+    // A failure of either drops the other mid-call: what it left (content, a prepared
+    // snapshot) is under the lease and goes with it; no image names any of it yet.
+    let ((), (lazy, unpacked)) = tokio::try_join!(content, layers)?;
+    let target = match &index {
+        Some((idx, children)) => {
+            let mut labels = BTreeMap::from([(source_label.clone(), source.clone())]);
+            for (i, c) in children.iter().enumerate() {
+                labels.insert(format!("containerd.io/gc.ref.content.m.{i}"), c.clone());
+            }
+            ctd.write_content(
+                &idx.digest,
+                idx.bytes.len() as u64,
+                Box::new(std::io::Cursor::new(idx.bytes.clone())),
+                &labels,
+            )
+            .await?;
+            CtrDescriptor {
+                media_type: idx.media_type.clone(),
+                digest: idx.digest.clone(),
+                size: idx.bytes.len() as i64,
+                annotations: HashMap::new(),
+            }
+        }
+        None => CtrDescriptor {
+            media_type: manifest_desc.media_type.clone(),
+            digest: manifest_desc.digest.clone(),
+            size: manifest_desc.size as i64,
+            annotations: HashMap::new(),
+        },
+    };
+    ctd.put_image(&name, target, HashMap::new()).await?;
+    Ok((manifest.layers.len(), lazy, unpacked))
 }
 
 fn now_nanos() -> u128 {
