@@ -201,7 +201,8 @@ pub fn open_layer_toc_limited(
     let (frame, footer) = read_toc_frame(src, &d.digest, &hint)?;
     let toc = parse_toc_frame(&frame, &footer, &d.digest, &hint)?;
     if !src.is_local() {
-        store.write_file(&cache, &frame)?;
+        // Verified whenever it is read (above): a torn copy is fetched again.
+        store.write_file_unsynced(&cache, &frame)?;
     }
     Ok(toc)
 }

@@ -226,6 +226,22 @@ impl Store {
         self.write_atomic(dest, data)
     }
 
+    /// [`Self::write_file`] without the fsyncs, for a file that only matters while the machine
+    /// is up, or that its reader verifies (a TOC in the cache, a mount's record): a process
+    /// that dies leaves it whole or absent; a machine that dies may leave it empty or torn,
+    /// which its reader drops. A pull then waits on no disk flush for it.
+    pub fn write_file_unsynced(&self, dest: &Path, data: &[u8]) -> Result<()> {
+        if let Some(parent) = dest.parent() {
+            create_private_dir(parent)?;
+        }
+        let (mut f, tmp) = tempfile_in(&self.root.join("tmp"))?;
+        let res = f.write_all(data).and_then(|()| fs::rename(&tmp, dest));
+        if res.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        res.map_err(io_err(dest))
+    }
+
     fn write_atomic(&self, dest: &Path, data: &[u8]) -> Result<()> {
         let (mut f, tmp) = tempfile_in(&self.root.join("tmp"))?;
         let res = (|| {

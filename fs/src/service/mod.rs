@@ -562,10 +562,12 @@ impl MountService {
         let record = store.mounts_dir().join(format!("{id}.json"));
         // Recorded before the kernel mount: a crash from here on leaves a record the next
         // daemon restores (detaching a dead mount) or drops; a mount that fails removes it.
+        // Not synced: a read-only mount does not outlive the machine, and a record torn by
+        // the machine's crash is dropped as unreadable.
         let body = serde_json::json!({"request": req.recorded(), "info": {"id": id, "mountpoint": mountpoint}});
         if req.internal {
             // Its owner's record restores it.
-        } else if let Err(e) = store.write_file(&record, body.to_string().as_bytes()) {
+        } else if let Err(e) = store.write_file_unsynced(&record, body.to_string().as_bytes()) {
             tracing::warn!(mountpoint = %mountpoint.display(),
                 "cannot record the mount (it will not be restored after a restart): {e}");
         }
@@ -672,7 +674,8 @@ impl MountService {
         let body = serde_json::json!({"request": live.request.recorded(), "info": info});
         if live.request.internal {
             // Not recorded.
-        } else if let Err(e) = store.write_file(&live.record, body.to_string().as_bytes()) {
+        } else if let Err(e) = store.write_file_unsynced(&live.record, body.to_string().as_bytes())
+        {
             tracing::warn!(mountpoint = %mountpoint.display(), "cannot update the mount record: {e}");
         }
         tracing::info!(image = %reference, mountpoint = %mountpoint.display(), entries,
