@@ -159,10 +159,20 @@ fn toc_cache_path(store: &Store, layer_digest: &str) -> Result<PathBuf, StoreErr
     Ok(store.root().join("tocs").join(name))
 }
 
-/// Whether a layer's TOC is on this node (the whole blob, or its TOC in the TOC cache): opening
-/// the layer then needs no request.
-pub fn has_toc(store: &Store, layer_digest: &str) -> bool {
-    store.has_blob(layer_digest) || toc_cache_path(store, layer_digest).is_ok_and(|p| p.is_file())
+/// Whether a layer's TOC is on this node (the whole blob, or its TOC in the TOC cache, of the
+/// size the descriptor gives): opening the layer then needs no request. A cached TOC a crash
+/// left empty or short does not count; its content is verified when it is opened.
+pub fn has_toc(store: &Store, d: &Descriptor) -> bool {
+    if store.has_blob(&d.digest) {
+        return true;
+    }
+    let Ok(Some((_, size))) = toc_hint(d).map(|h| h.location) else {
+        return false;
+    };
+    toc_cache_path(store, &d.digest)
+        .ok()
+        .and_then(|p| std::fs::metadata(p).ok())
+        .is_some_and(|m| m.is_file() && m.len() == size)
 }
 
 /// Opens one layer's TOC: from the local TOC cache, else read from `src` (and cached; a lazily

@@ -342,7 +342,8 @@ impl Store {
             .collect())
     }
 
-    /// Finds an image by reference, or by (a unique prefix of) its manifest digest.
+    /// Finds an image by reference, or by (a unique prefix of) its manifest digest; `repo:tag`
+    /// also finds the image last named `repo:tag@digest` (as `strata rpull` names images).
     pub fn resolve(&self, image: &str) -> Result<ImageRecord> {
         let images = self.images()?;
         if let Ok(r) = Reference::parse(image) {
@@ -354,19 +355,15 @@ impl Store {
                     return Ok(rec.clone());
                 }
             } else if r.tag.is_some() {
-                // A tag names the image pulled pinned by it (`repo:tag@digest`, as `rpull`
-                // keeps it), if just one.
-                let pinned: Vec<_> = images
-                    .iter()
-                    .filter(|i| {
-                        i.reference.digest.is_some()
-                            && i.reference.registry == r.registry
-                            && i.reference.repository == r.repository
-                            && i.reference.tag == r.tag
-                    })
-                    .collect();
-                if let [one] = pinned.as_slice() {
-                    return Ok((*one).clone());
+                // A tag names the image last pulled pinned by it (`repo:tag@digest`, as `rpull`
+                // keeps every manifest the tag named, for the lazy layers mounted from them).
+                if let Some(rec) = images.iter().rev().find(|i| {
+                    i.reference.digest.is_some()
+                        && i.reference.registry == r.registry
+                        && i.reference.repository == r.repository
+                        && i.reference.tag == r.tag
+                }) {
+                    return Ok(rec.clone());
                 }
             }
         }
@@ -527,8 +524,8 @@ mod tests {
         assert_eq!(store.resolve(&d[7..19]).unwrap().reference, r);
         assert!(store.untag(&r).unwrap());
         assert!(store.resolve("app:v1").is_err());
-        // Pinned by its tag (as `rpull` names it): the tag alone finds it, while it is the
-        // only one so pinned.
+        // Pinned by its tag (as `rpull` names it): the tag alone finds it, and the last one so
+        // pinned once the tag has moved.
         let pinned = Reference::parse(&format!("app:v1@{d}")).unwrap();
         store
             .tag(
@@ -546,6 +543,6 @@ mod tests {
                 Descriptor::new(oci::MEDIA_TYPE_MANIFEST, other, 5),
             )
             .unwrap();
-        assert!(store.resolve("app:v1").is_err(), "two images pinned by v1");
+        assert_eq!(store.resolve("app:v1").unwrap().reference, pinned2);
     }
 }

@@ -35,6 +35,8 @@ pub enum TransferError {
     Store(#[from] crate::store::StoreError),
     #[error("{0}")]
     Invalid(String),
+    #[error("starting a thread: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
 /// Pulls `r` into the store. Strata layers stay in the registry (only their TOCs are fetched,
@@ -87,6 +89,7 @@ where
             "{r}: an image index where a manifest was expected"
         )));
     }
+    refuse_too_many_layers(&resolved.manifest)?;
     if stored.len() != resolved.manifest.layers.len() {
         return Err(TransferError::Invalid(format!(
             "{} calls for the TOCs of {} layers",
@@ -115,7 +118,7 @@ where
                     Err(_) => Err(format!("fetching the TOC of layer {} panicked", d.digest)),
                 });
             })
-            .map_err(|e| TransferError::Invalid(format!("starting a TOC's fetch: {e}")))?;
+            .map_err(TransferError::Thread)?;
     }
     let config = &resolved.manifest.config;
     if !store.has_blob(&config.digest) {
@@ -135,6 +138,7 @@ fn pull_layers(
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<Descriptor, TransferError> {
     let manifest = &resolved.manifest;
+    refuse_too_many_layers(manifest)?;
     progress(Progress::Blob {
         what: "config",
         digest: &manifest.config.digest,
@@ -209,6 +213,15 @@ fn pull_layers(
         progress(Progress::Done { moved: true });
     }
     name_image(store, r, &resolved)
+}
+
+/// A manifest of more layers than an image may have is refused before anything is fetched
+/// for them (a TOC's fetch takes a thread).
+fn refuse_too_many_layers(m: &oci::Manifest) -> Result<(), TransferError> {
+    match m.layers.len() {
+        n if n > crate::image::MAX_LAYERS => Err(ImageError::TooManyLayers(n).into()),
+        _ => Ok(()),
+    }
 }
 
 /// `r` without its tag or digest: where its blobs are.

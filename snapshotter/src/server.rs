@@ -92,6 +92,8 @@ impl DirLocks {
 
 /// How long Remove waits for a lazy layer's mount in flight before it goes on.
 const REMOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a layer's mount that failed waits for a restarted daemon restoring it.
+const RESTORE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long a container start waits for its lazy layers to answer (a hung daemon never
 /// answers: FUSE requests have no timeout).
@@ -167,7 +169,7 @@ impl Service {
             if !exists {
                 continue;
             }
-            if let Err(e) = ensure_layer(&dir, &layer, layers.as_ref()) {
+            if let Err(e) = ensure_layer(&dir, &layer, layers.as_ref(), RESTORE_WAIT) {
                 tracing::error!(snapshot = %key, layer = %layer.layer, "{e}");
             }
         }
@@ -204,7 +206,7 @@ impl Service {
                 };
                 let lock = locks.get(dir);
                 let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
-                ensure_layer(dir, layer, layers.as_ref())?;
+                ensure_layer(dir, layer, layers.as_ref(), RESTORE_WAIT)?;
             }
             Ok(())
         });
@@ -317,10 +319,13 @@ impl Service {
                     let _ = locked_tx.send(());
                     // Mounted already if a container start or a restart's restore took the
                     // lock first (the record was there before it).
-                    let mounted = match layer_state(&mount_dir) {
-                        LayerState::Live => Ok(()),
-                        _ => mounter.mount(&wanted, &mount_dir),
-                    };
+                    // (No wait for a daemon restoring it: the container start tries again.)
+                    let mounted = ensure_layer(
+                        &mount_dir,
+                        &wanted,
+                        mounter.as_ref(),
+                        std::time::Duration::ZERO,
+                    );
                     if locks.was_released(&mount_dir) {
                         // Removed while this mount was in flight (Remove stopped waiting).
                         release_dir(&mount_dir, Some(&mounter));
@@ -538,7 +543,12 @@ fn layer_state(dir: &Path) -> LayerState {
 
 /// Mounts `layer` at `dir` unless it is mounted and answering; a dead mount there (its daemon
 /// was killed) is detached first. Callers hold `dir`'s lock.
-fn ensure_layer(dir: &Path, layer: &RemoteLayer, mounter: &dyn LayerMounter) -> Result<(), String> {
+fn ensure_layer(
+    dir: &Path,
+    layer: &RemoteLayer,
+    mounter: &dyn LayerMounter,
+    restore_wait: std::time::Duration,
+) -> Result<(), String> {
     let failed = |why: String| {
         format!(
             "lazy layer {} of {} at {}: {why}",
@@ -564,7 +574,7 @@ fn ensure_layer(dir: &Path, layer: &RemoteLayer, mounter: &dyn LayerMounter) -> 
         Ok(()) => Ok(()),
         Err(e) => {
             // A restarted daemon restoring its record of this mount meanwhile: wait for it.
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            let deadline = std::time::Instant::now() + restore_wait;
             while std::time::Instant::now() < deadline {
                 if layer_state(dir) == LayerState::Live {
                     return Ok(());

@@ -967,7 +967,7 @@ fn rpull_of_a_corrupt_toc_fails_and_leaves_nothing() {
     let (run, snap_sock, root) = node_dirs(&tmp);
     let _snap = snapshotter(&root, &snap_sock);
     let ctd = Containerd::start(&tmp, run.path(), &snap_sock);
-    let mut rpull = Command::new(strata_bin())
+    let rpull = Command::new(strata_bin())
         .arg("--root")
         .arg(&root)
         .args(["rpull", "--address"])
@@ -977,15 +977,14 @@ fn rpull_of_a_corrupt_toc_fails_and_leaves_nothing() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while rpull.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = rpull.kill();
-            panic!("rpull hangs on a corrupt TOC");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = rpull.wait_with_output().unwrap();
+    let pid = nix::unistd::Pid::from_raw(rpull.id() as i32);
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(rpull.wait_with_output()));
+    let Ok(out) = finished.recv_timeout(Duration::from_secs(60)) else {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        panic!("rpull hangs on a corrupt TOC");
+    };
+    let out = out.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(

@@ -205,14 +205,11 @@ pub fn rmi(g: &GlobalArgs, a: RmiArgs) -> anyhow::Result<()> {
                 println!("Untagged: {}", rec.reference);
                 // The access profile kept for its manifest goes with the last name of it.
                 let digest = &rec.descriptor.digest;
-                if !store
-                    .images()?
-                    .iter()
-                    .any(|i| &i.descriptor.digest == digest)
-                {
-                    if let Some(path) = store.layout().profile_of(digest) {
-                        strata_fs::service::remove_stale_profile(&path);
-                    }
+                let named = store
+                    .images()
+                    .map(|all| all.iter().any(|i| &i.descriptor.digest == digest));
+                if let (Ok(false), Some(path)) = (named, store.layout().profile_of(digest)) {
+                    strata_fs::service::remove_stale_profile(&path);
                 }
             }
             Err(e) => {

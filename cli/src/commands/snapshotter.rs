@@ -119,7 +119,7 @@ impl LayerMounter for DaemonLayers {
         // from the layers below) are strata layers whose TOCs are here.
         manifest.layers[..=at]
             .iter()
-            .all(|l| is_strata_layer(l) && has_toc(&store, &l.digest))
+            .all(|l| is_strata_layer(l) && has_toc(&store, l))
     }
 
     fn unmount(&self, dir: &Path) -> Result<(), String> {

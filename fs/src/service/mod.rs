@@ -562,12 +562,10 @@ impl MountService {
         let record = store.mounts_dir().join(format!("{id}.json"));
         // Recorded before the kernel mount: a crash from here on leaves a record the next
         // daemon restores (detaching a dead mount) or drops; a mount that fails removes it.
-        // Not synced: a read-only mount does not outlive the machine, and a record torn by
-        // the machine's crash is dropped as unreadable.
         let body = serde_json::json!({"request": req.recorded(), "info": {"id": id, "mountpoint": mountpoint}});
         if req.internal {
             // Its owner's record restores it.
-        } else if let Err(e) = store.write_file_unsynced(&record, body.to_string().as_bytes()) {
+        } else if let Err(e) = write_record(store, &req, &record, body.to_string().as_bytes()) {
             tracing::warn!(mountpoint = %mountpoint.display(),
                 "cannot record the mount (it will not be restored after a restart): {e}");
         }
@@ -674,8 +672,12 @@ impl MountService {
         let body = serde_json::json!({"request": live.request.recorded(), "info": info});
         if live.request.internal {
             // Not recorded.
-        } else if let Err(e) = store.write_file_unsynced(&live.record, body.to_string().as_bytes())
-        {
+        } else if let Err(e) = write_record(
+            store,
+            &live.request,
+            &live.record,
+            body.to_string().as_bytes(),
+        ) {
             tracing::warn!(mountpoint = %mountpoint.display(), "cannot update the mount record: {e}");
         }
         tracing::info!(image = %reference, mountpoint = %mountpoint.display(), entries,
@@ -1168,6 +1170,23 @@ pub fn remove_stale_profile(path: &Path) {
         if e.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!(profile = %path.display(), "cannot remove the old access profile: {e}");
         }
+    }
+}
+
+/// Writes a mount's record. That of a containerd layer (`req.layer`) is not synced: the
+/// snapshotter's own (synced) metadata mounts the layer again after the machine's crash, which
+/// may leave this record empty or torn (dropped as unreadable), and a container start waits on
+/// no disk flush for it. Every other mount is restored from its record alone.
+fn write_record(
+    store: &crate::store::Store,
+    req: &MountRequest,
+    path: &Path,
+    body: &[u8],
+) -> Result<(), crate::store::StoreError> {
+    if req.layer.is_some() {
+        store.write_file_unsynced(path, body)
+    } else {
+        store.write_file(path, body)
     }
 }
 
