@@ -185,14 +185,7 @@ impl Registry {
                     if resp.status() == StatusCode::PARTIAL_CONTENT
                         || resp.status() == StatusCode::OK =>
                 {
-                    self.note_range_latency(sent.elapsed());
-                    let partial = resp.status() == StatusCode::PARTIAL_CONTENT;
-                    let started = Instant::now();
-                    let body = read_range_body(resp, &target, offset, len)?;
-                    if partial {
-                        self.note_range_rate(len, started.elapsed());
-                    }
-                    return Ok(body);
+                    return self.read_timed_range(resp, &target, offset, len, sent);
                 }
                 Ok(resp) => {
                     // Expired or revoked (401/403/404…): ask the registry again.
@@ -244,12 +237,26 @@ impl Registry {
             redirects.insert(url.to_string(), (current.clone(), Instant::now()));
         }
         if resp.status() == StatusCode::PARTIAL_CONTENT || resp.status() == StatusCode::OK {
-            self.note_range_latency(sent.elapsed());
+            return self.read_timed_range(resp, &current, offset, len, sent);
         }
-        // A 200 skips to the offset inside the timed read: no rate from it.
+        read_range_body(resp, &current, offset, len)
+    }
+
+    /// Reads a range answer (206, or a 200 from a server that ignores Range) of the request
+    /// sent at `sent`, noting how long its headers took and, for a 206, the rate of its body
+    /// (a 200 skips to the offset inside the read: no rate from it).
+    fn read_timed_range(
+        &self,
+        resp: Response<ureq::Body>,
+        url: &str,
+        offset: u64,
+        len: u64,
+        sent: Instant,
+    ) -> Result<Vec<u8>> {
+        self.note_range_latency(sent.elapsed());
         let partial = resp.status() == StatusCode::PARTIAL_CONTENT;
         let started = Instant::now();
-        let body = read_range_body(resp, &current, offset, len)?;
+        let body = read_range_body(resp, url, offset, len)?;
         if partial {
             self.note_range_rate(len, started.elapsed());
         }
